@@ -1,0 +1,349 @@
+"""Configuration: one TOML file, ``TRANSCRIBED_<SECTION>__<KEY>`` overrides, secrets from files.
+
+Lookup when no path is given (SPEC "Command line"): ``$TRANSCRIBED_CONFIG``, then
+``$XDG_CONFIG_HOME/transcribed/config.toml``, then ``/etc/transcribed/config.toml``; with none,
+built-in defaults. Unknown keys are errors. Every problem becomes one line naming the key
+(``sinks.alerts.url: …``) and, where there is one, the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from daemon.errors import ConfigError
+
+ENV_PREFIX: Final = "TRANSCRIBED_"
+DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
+MASK: Final = "********"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AudioConfig(_Section):
+    """``[audio]``: where sound comes from."""
+
+    source: Literal["microphone", "file"] = Field("microphone", description="audio source")
+    device: str = Field("", description="'' = default; else an index or a name substring")
+    path: str = Field("", description="WAV file for source = 'file'")
+    sample_rate: int = Field(16000, ge=8000, le=48000, description="rate sent to the engine")
+    chunk_ms: int = Field(100, ge=50, le=1000, description="chunk length in milliseconds")
+    stall_seconds: float = Field(
+        5.0, gt=0, description="no audio for this long means the device stalled and is reopened"
+    )
+
+
+class TranscriberConfig(_Section):
+    """``[transcriber]``: which engine turns audio into text."""
+
+    engine: Literal["assemblyai", "local", "auto"] = Field(
+        "auto", description="'auto' = assemblyai when a key is configured, else local"
+    )
+
+
+class AssemblyAIConfig(_Section):
+    """``[assemblyai]``: the Universal Streaming v3 service."""
+
+    api_key: SecretStr = Field(SecretStr(""), description="API key (prefer api_key_file)")
+    api_key_file: str = Field("", description="file holding the API key")
+    streaming_url: str = "wss://streaming.assemblyai.com/v3/ws"
+    token_url: str = "https://streaming.assemblyai.com/v3/token"
+    token_expires_in: int = Field(60, ge=1, le=600)
+    max_session_seconds: int = Field(10800, ge=10, le=10800)
+    speech_model: str = "universal-streaming-english"
+    format_turns: bool = True
+    end_of_turn_confidence_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    min_turn_silence: int = Field(400, ge=0)
+    max_turn_silence: int = Field(1280, ge=0)
+    keyterms: list[str] = Field(default_factory=list, max_length=100)
+    language_detection: bool = False
+    connect_timeout: float = Field(10.0, gt=0, description="handshake and Begin timeout, seconds")
+    terminate_timeout: float = Field(10.0, gt=0, description="Terminate → Termination, seconds")
+
+    @field_validator("streaming_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value
+
+    @field_validator("token_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("keyterms")
+    @classmethod
+    def _keyterm_length(cls, value: list[str]) -> list[str]:
+        for term in value:
+            if not term.strip() or len(term) > 50:
+                raise ValueError(f"each term must be 1..50 characters (got {term!r})")
+        return value
+
+
+class LocalConfig(_Section):
+    """``[local]``: the embedded offline engine (extra ``local``)."""
+
+    model: str = Field("", description="'' = bundled tiny.en; else a CTranslate2 Whisper dir")
+    compute_type: str = "int8"
+    beam_size: int = Field(5, ge=1, le=10)
+    language: str = "en"
+    threads: int = Field(0, ge=0, description="0 = all cores")
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    end_silence_ms: int = Field(600, ge=100, le=5000)
+    max_turn_seconds: float = Field(30, ge=1, le=120)
+    partials: bool = Field(False, description="transcribe the growing turn for live views")
+
+
+class ReconnectConfig(_Section):
+    """``[reconnect]``: backoff and the audio held while disconnected."""
+
+    initial_delay: float = Field(0.5, gt=0)
+    max_delay: float = Field(30.0, gt=0)
+    backlog_seconds: float = Field(120, ge=0)
+
+
+class LogConfig(_Section):
+    """``[log]``: structured log output."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+    transcripts: bool = Field(True, description="false keeps transcript text out of logs")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class HttpConfig(_Section):
+    """``[http]``: the local live view, health and metrics."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8765"
+    token: SecretStr = SecretStr("")
+
+
+class StateConfig(_Section):
+    """``[state]``: where durable queues live."""
+
+    dir: str = Field("", description="default $STATE_DIRECTORY, else $XDG_STATE_HOME/transcribed")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Sink tables stay raw: each sink type validates its own."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    audio: AudioConfig = AudioConfig()
+    transcriber: TranscriberConfig = TranscriberConfig()
+    assemblyai: AssemblyAIConfig = AssemblyAIConfig()
+    local: LocalConfig = LocalConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
+    state: StateConfig = StateConfig()
+    sinks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    _toml_path: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment beats the TOML file, which beats the defaults."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_path))
+        return tuple(sources)
+
+    # -- derived values -------------------------------------------------------------------
+
+    def effective_sinks(self) -> dict[str, dict[str, Any]]:
+        """The sink tables in force: the configured ones, or a console sink when there are none."""
+        return dict(self.sinks) if self.sinks else {k: dict(v) for k, v in DEFAULT_SINKS.items()}
+
+    def engine_name(self) -> Literal["assemblyai", "local"]:
+        """Resolve ``engine = "auto"``: the cloud when a key is configured, else local."""
+        if self.transcriber.engine != "auto":
+            return self.transcriber.engine
+        return "assemblyai" if self.assemblyai.api_key.get_secret_value() else "local"
+
+    def state_path(self) -> Path:
+        """Directory for durable state (created by whoever writes there)."""
+        if self.state.dir:
+            return Path(self.state.dir).expanduser()
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "transcribed"
+
+
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """Return the config file to use, or ``None`` for built-in defaults.
+
+    An explicitly named file (``--config`` or ``$TRANSCRIBED_CONFIG``) must exist.
+    """
+    env = os.environ if env is None else env
+    named = explicit or env.get("TRANSCRIBED_CONFIG")
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        return path
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    for candidate in (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Load and validate everything except sink tables (see ``daemon.dispatch.build_sinks``).
+
+    Raises:
+        ConfigError: with one line per problem, each naming the key (and file).
+    """
+    where = f"{path}: " if path else ""
+    if path is not None:
+        _check_toml(path)
+    try:
+        Settings._toml_path = path
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError([where + line for line in validation_lines(exc)]) from None
+    finally:
+        Settings._toml_path = None
+    return _resolve_secrets(settings, where, os.environ)
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+
+
+def read_secret_file(path: str, key: str) -> str:
+    """Read a secret from a file (trailing newline stripped); errors name the key, not the value."""
+    try:
+        value = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"{key}: {path} is empty")
+    return value
+
+
+def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> Settings:
+    """Fill ``assemblyai.api_key`` from ``api_key_file`` or ``$CREDENTIALS_DIRECTORY``."""
+    section = settings.assemblyai
+    if section.api_key.get_secret_value():
+        return settings
+    key: str | None = None
+    if section.api_key_file:
+        try:
+            key = read_secret_file(section.api_key_file, "assemblyai.api_key_file")
+        except ConfigError as exc:
+            raise ConfigError([where + p for p in exc.problems]) from None
+    elif env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
+        if candidate.is_file():
+            key = read_secret_file(str(candidate), "assemblyai.api_key (credential)")
+    if key is None:
+        return settings
+    new_section = section.model_copy(update={"api_key": SecretStr(key)})
+    return settings.model_copy(update={"assemblyai": new_section})
+
+
+def validation_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    """Turn a pydantic error into ``dotted.key: message`` lines, never echoing input values."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(part) for part in error["loc"])
+        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{key}: {message}")
+    return lines
+
+
+def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The effective config as plain data with every secret replaced by ``MASK``."""
+    data = settings.model_dump(mode="python")
+    data["sinks"] = {name: dict(table) for name, table in sinks.items()}
+    return _mask(data)
+
+
+_SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, SecretStr):
+        return MASK if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {k: _mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if key == "secret":
+            return [MASK for _ in value]
+        return [_mask(v) for v in value]
+    if key in _SECRET_KEYS and value:
+        return MASK
+    if key == "headers" and isinstance(value, dict):
+        return {k: MASK for k in value}
+    return value
+
+
+def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
+    """Every secret string in the config, for the log masker."""
+    found = [settings.assemblyai.api_key.get_secret_value(), settings.http.token.get_secret_value()]
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and key in _SECRET_KEYS:
+            found.append(value)
+
+    walk(dict(sinks))
+    return [s for s in found if s]

@@ -1,0 +1,240 @@
+"""The dispatcher: one queue and one worker per sink, so a slow sink stalls nothing.
+
+``dispatch()`` is synchronous and never blocks the caller: it appends the record to every sink's
+queue (in memory, or the on-disk outbox for durable sinks) and returns. Each worker delivers its
+queue in order, retrying transient failures with jittered backoff (logged once per state change,
+not per attempt) and moving records that fail permanently to a dead-letter file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from pydantic import ValidationError
+
+from daemon.config import validation_lines
+from daemon.errors import ConfigError, PermanentSinkError, SinkError
+from daemon.events import TurnRecord
+from daemon.plugins import PluginHost, Sink, SinkConfig, SinkContext, SinkType
+
+log = structlog.get_logger("daemon.dispatch")
+
+
+@dataclass
+class Delivery:
+    """A record taken from a queue; ``key`` lets a durable queue delete it once delivered."""
+
+    record: TurnRecord
+    key: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class SinkQueue(Protocol):
+    """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
+
+    def put(self, record: TurnRecord) -> None: ...
+
+    async def get(self) -> Delivery | None: ...
+
+    def ack(self, delivery: Delivery) -> None: ...
+
+    def depth(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryQueue:
+    """An in-memory queue for local sinks (file, console). Unbounded: turns are never dropped."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._closed = False
+
+    def put(self, record: TurnRecord) -> None:
+        """Append a record."""
+        self._queue.put_nowait(Delivery(record))
+
+    async def get(self) -> Delivery | None:
+        """Next record, or ``None`` when closed and drained."""
+        if self._closed and self._queue.empty():
+            return None
+        return await self._queue.get()
+
+    def ack(self, delivery: Delivery) -> None:
+        """Nothing to do: the record left the queue on ``get``."""
+
+    def depth(self) -> int:
+        """Records waiting."""
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        """Let ``get`` return ``None`` once the queue is empty."""
+        self._closed = True
+        self._queue.put_nowait(None)
+
+
+@dataclass
+class SinkStats:
+    """Counters a sink worker keeps (for the status line and metrics)."""
+
+    delivered: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    latencies: list[float] = field(default_factory=list)
+    last_error: str = ""
+
+
+@dataclass
+class SinkRunner:
+    """A configured sink instance with its queue."""
+
+    name: str
+    sink_type: SinkType
+    config: SinkConfig
+    sink: Sink
+    queue: SinkQueue
+    stats: SinkStats = field(default_factory=SinkStats)
+
+
+def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[SinkType, SinkConfig]]:
+    """Validate every sink table with its type's model. Problems name ``sinks.<name>.<key>``."""
+    known = host.sink_types()
+    problems: list[str] = []
+    result: dict[str, tuple[SinkType, SinkConfig]] = {}
+    for name, table in tables.items():
+        if not isinstance(table, Mapping):
+            problems.append(f"sinks.{name}: must be a table")
+            continue
+        type_name = table.get("type")
+        if type_name not in known:
+            choices = ", ".join(sorted(known))
+            got = "missing" if type_name is None else f"unknown type {type_name!r}"
+            problems.append(f"sinks.{name}.type: {got} (known types: {choices})")
+            continue
+        sink_type = known[type_name]
+        try:
+            config = sink_type.config_model.model_validate(dict(table))
+        except ValidationError as exc:
+            problems.extend(validation_lines(exc, prefix=f"sinks.{name}"))
+            continue
+        except ConfigError as exc:
+            problems.extend(f"sinks.{name}.{p}" for p in exc.problems)
+            continue
+        if config.enabled:
+            result[name] = (sink_type, config)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+class Dispatcher:
+    """Fans each record out to every sink's queue and runs one delivery worker per sink."""
+
+    def __init__(self, runners: list[SinkRunner], *, dead_letter_dir: Path) -> None:
+        self.runners = {r.name: r for r in runners}
+        self._dead_letter_dir = dead_letter_dir
+        self._workers: dict[str, asyncio.Task[None]] = {}
+
+    def dispatch(self, record: TurnRecord) -> None:
+        """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake."""
+        for runner in self.runners.values():
+            try:
+                runner.queue.put(record)
+            except Exception:  # supervision boundary: one sink's queue must not hurt others
+                log.exception("sink.enqueue_failed", sink=runner.name, record_id=record.id)
+
+    def start(self, group: asyncio.TaskGroup) -> None:
+        """Start one worker per sink inside the caller's task group."""
+        for runner in self.runners.values():
+            self._workers[runner.name] = group.create_task(
+                self._work(runner), name=f"sink:{runner.name}"
+            )
+
+    async def close(self, timeout: float) -> None:
+        """Stop accepting work, deliver what is queued for up to ``timeout`` s, then stop."""
+        for runner in self.runners.values():
+            runner.queue.close()
+        workers = [w for w in self._workers.values() if not w.done()]
+        if not workers:
+            return
+        _done, pending = await asyncio.wait(workers, timeout=timeout)
+        for task in pending:
+            name = task.get_name().removeprefix("sink:")
+            log.warning(
+                "sink.flush_timeout", sink=name, queued=self.runners[name].queue.depth(),
+                timeout_s=timeout,
+            )
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _work(self, runner: SinkRunner) -> None:
+        with structlog.contextvars.bound_contextvars(sink=runner.name):
+            try:
+                async with runner.sink:
+                    while (delivery := await runner.queue.get()) is not None:
+                        await self._deliver(runner, delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # supervision boundary: a broken sink never reaches capture
+                log.exception("sink.crashed", sink_type=runner.sink_type.name)
+
+    async def _deliver(self, runner: SinkRunner, delivery: Delivery) -> None:
+        """Deliver one record, retrying transient failures; dead-letter permanent ones."""
+        retry_max_s = getattr(runner.config, "retry_max_s", None)
+        first_failure: float | None = None
+        delay = 0.2
+        while True:
+            try:
+                await runner.sink.send(delivery.record)
+            except asyncio.CancelledError:
+                raise
+            except PermanentSinkError as exc:
+                self._dead_letter(runner, delivery, str(exc))
+                break
+            except Exception as exc:  # supervision boundary: classify, then back off
+                reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    runner.stats.last_error = reason
+                    log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
+                                retrying=True)
+                if retry_max_s is not None and now - first_failure >= retry_max_s:
+                    self._dead_letter(runner, delivery, f"gave up after {retry_max_s:g} s: {reason}")
+                    break
+                runner.stats.failed += 1
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
+                continue
+            if first_failure is not None:
+                log.info("sink.recovered", record_id=delivery.record.id,
+                         outage_s=round(time.monotonic() - first_failure, 3))
+            runner.stats.delivered += 1
+            latency = time.monotonic() - delivery.enqueued_at
+            runner.stats.latencies.append(latency)
+            if len(runner.stats.latencies) > 4096:
+                del runner.stats.latencies[:2048]
+            break
+        runner.queue.ack(delivery)
+
+    def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> None:
+        """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``."""
+        runner.stats.dead_lettered += 1
+        path = self._dead_letter_dir / f"{runner.name}.jsonl"
+        log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
+        line = json.dumps({"sink": runner.name, "error": reason, "record": delivery.record.to_dict()})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        except OSError as exc:
+            log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)

@@ -1,0 +1,66 @@
+"""The daemon's exception tree.
+
+Everything above the I/O boundary sees only these::
+
+    DaemonError
+    ├── ConfigError        bad configuration: exit 78 (EX_CONFIG)
+    ├── AuthError          the service rejected our credentials twice: exit 77 (EX_NOPERM)
+    ├── AudioError         the audio source could not be opened or read
+    ├── StreamError        the streaming service failed in a way retrying will not fix
+    ├── EngineError        the local engine could not be loaded
+    └── SinkError          a sink could not deliver a record
+        └── PermanentSinkError   retrying will not help (a 4xx, a bad topic)
+
+Each carries a one-line, human message that names what is wrong and where, and never a secret.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+EX_OK: Final = 0
+EX_FAILURE: Final = 1
+EX_NOPERM: Final = 77
+EX_CONFIG: Final = 78
+
+
+class DaemonError(Exception):
+    """Root of every error the daemon raises on purpose."""
+
+    exit_code: int = EX_FAILURE
+
+
+class ConfigError(DaemonError):
+    """The configuration is invalid; ``problems`` holds one readable line per problem."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class AuthError(DaemonError):
+    """The transcription service rejected our credentials, even with a fresh token."""
+
+    exit_code = EX_NOPERM
+
+
+class AudioError(DaemonError):
+    """The audio source could not be opened or read."""
+
+
+class StreamError(DaemonError):
+    """The streaming service failed in a way that retrying will not fix."""
+
+
+class EngineError(DaemonError):
+    """The local transcription engine could not be loaded or run."""
+
+
+class SinkError(DaemonError):
+    """A sink failed to deliver a record; retrying may help."""
+
+
+class PermanentSinkError(SinkError):
+    """A sink failed to deliver a record and retrying will not help."""

@@ -1,0 +1,1 @@
+"""Built-in sinks of transcribed (file, console, webhook, mqtt), registered explicitly."""
