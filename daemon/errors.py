@@ -59,7 +59,15 @@ class EngineError(DaemonError):
 
 
 class SinkError(DaemonError):
-    """A sink failed to deliver a record; retrying may help."""
+    """A sink failed to deliver a record; retrying may help.
+
+    ``retry_after`` is the delay in seconds the destination asked for (an HTTP ``Retry-After``),
+    or ``None`` to let the dispatcher choose its own backoff.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentSinkError(SinkError):
