@@ -22,17 +22,22 @@ class AudioSource(Protocol):
     chunk_ms: int
 
     @property
-    def dropped_chunks(self) -> int: ...
+    def dropped_chunks(self) -> int:
+        """Chunks lost because the consumer fell behind."""
 
-    async def __aenter__(self) -> Self: ...
+    async def __aenter__(self) -> Self:
+        """Open the device or file."""
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None: ...
+    ) -> None:
+        """Close the device or file."""
 
-    def chunks(self) -> AsyncIterator[AudioChunk]: ...
+    def chunks(self) -> AsyncIterator[AudioChunk]:
+        """Yield chunks until the input ends or ``stop()`` is called."""
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Ask ``chunks()`` to end soon (safe to call from a signal handler)."""

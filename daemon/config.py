@@ -218,7 +218,8 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
             raise ConfigError(f"{path}: config file not found")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    for candidate in (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml")):
+    candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return None
@@ -304,7 +305,8 @@ def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> d
     """The effective config as plain data with every secret replaced by ``MASK``."""
     data = settings.model_dump(mode="python")
     data["sinks"] = {name: dict(table) for name, table in sinks.items()}
-    return _mask(data)
+    masked: dict[str, Any] = _mask(data)
+    return masked
 
 
 _SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
@@ -347,3 +349,25 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
 
     walk(dict(sinks))
     return [s for s in found if s]
+
+
+def check_semantics(settings: Settings) -> list[str]:
+    """Cross-key problems that field validation cannot see (one line each)."""
+    problems = []
+    audio = settings.audio
+    if audio.source == "file":
+        if not audio.path:
+            problems.append("audio.path: required when audio.source = 'file'")
+        elif not Path(audio.path).expanduser().is_file():
+            problems.append(f"audio.path: no such file: {audio.path}")
+    elif audio.path:
+        problems.append("audio.path: only used when audio.source = 'file'")
+    has_key = bool(settings.assemblyai.api_key.get_secret_value())
+    if settings.transcriber.engine == "assemblyai" and not has_key:
+        problems.append(
+            "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
+            "(set api_key, api_key_file or the assemblyai_api_key credential)"
+        )
+    if settings.reconnect.initial_delay > settings.reconnect.max_delay:
+        problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
+    return problems

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from daemon.config import validation_lines
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
-from daemon.plugins import PluginHost, Sink, SinkConfig, SinkContext, SinkType
+from daemon.plugins import PluginHost, Sink, SinkConfig, SinkType
 
 log = structlog.get_logger("daemon.dispatch")
 
@@ -40,15 +40,20 @@ class Delivery:
 class SinkQueue(Protocol):
     """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
 
-    def put(self, record: TurnRecord) -> None: ...
+    def put(self, record: TurnRecord) -> None:
+        """Append a record; must not block."""
 
-    async def get(self) -> Delivery | None: ...
+    async def get(self) -> Delivery | None:
+        """The oldest undelivered record, or ``None`` once closed and empty."""
 
-    def ack(self, delivery: Delivery) -> None: ...
+    def ack(self, delivery: Delivery) -> None:
+        """The record was delivered (or dead-lettered): forget it."""
 
-    def depth(self) -> int: ...
+    def depth(self) -> int:
+        """Records waiting."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """No more ``put``; ``get`` returns ``None`` once drained."""
 
 
 class MemoryQueue:
@@ -104,7 +109,9 @@ class SinkRunner:
     stats: SinkStats = field(default_factory=SinkStats)
 
 
-def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[SinkType, SinkConfig]]:
+def validate_sinks(
+    host: PluginHost, tables: Mapping[str, Mapping[str, Any]]
+) -> dict[str, tuple[SinkType, SinkConfig]]:
     """Validate every sink table with its type's model. Problems name ``sinks.<name>.<key>``."""
     known = host.sink_types()
     problems: list[str] = []
@@ -158,19 +165,21 @@ class Dispatcher:
                 self._work(runner), name=f"sink:{runner.name}"
             )
 
-    async def close(self, timeout: float) -> None:
-        """Stop accepting work, deliver what is queued for up to ``timeout`` s, then stop."""
+    async def close(self, flush_s: float) -> None:
+        """Stop accepting work, deliver what is queued for up to ``flush_s``, then stop."""
         for runner in self.runners.values():
             runner.queue.close()
         workers = [w for w in self._workers.values() if not w.done()]
         if not workers:
             return
-        _done, pending = await asyncio.wait(workers, timeout=timeout)
+        _done, pending = await asyncio.wait(workers, timeout=flush_s)
         for task in pending:
             name = task.get_name().removeprefix("sink:")
             log.warning(
-                "sink.flush_timeout", sink=name, queued=self.runners[name].queue.depth(),
-                timeout_s=timeout,
+                "sink.flush_timeout",
+                sink=name,
+                queued=self.runners[name].queue.depth(),
+                timeout_s=flush_s,
             )
             task.cancel()
         if pending:
@@ -206,18 +215,26 @@ class Dispatcher:
                 if first_failure is None:
                     first_failure = now
                     runner.stats.last_error = reason
-                    log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
-                                retrying=True)
+                    log.warning(
+                        "sink.send_failed",
+                        record_id=delivery.record.id,
+                        error=reason,
+                        retrying=True,
+                    )
                 if retry_max_s is not None and now - first_failure >= retry_max_s:
-                    self._dead_letter(runner, delivery, f"gave up after {retry_max_s:g} s: {reason}")
+                    gave_up = f"gave up after {retry_max_s:g} s: {reason}"
+                    self._dead_letter(runner, delivery, gave_up)
                     break
                 runner.stats.failed += 1
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
                 continue
             if first_failure is not None:
-                log.info("sink.recovered", record_id=delivery.record.id,
-                         outage_s=round(time.monotonic() - first_failure, 3))
+                log.info(
+                    "sink.recovered",
+                    record_id=delivery.record.id,
+                    outage_s=round(time.monotonic() - first_failure, 3),
+                )
             runner.stats.delivered += 1
             latency = time.monotonic() - delivery.enqueued_at
             runner.stats.latencies.append(latency)
@@ -231,7 +248,8 @@ class Dispatcher:
         runner.stats.dead_lettered += 1
         path = self._dead_letter_dir / f"{runner.name}.jsonl"
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
-        line = json.dumps({"sink": runner.name, "error": reason, "record": delivery.record.to_dict()})
+        entry = {"sink": runner.name, "error": reason, "record": delivery.record.to_dict()}
+        line = json.dumps(entry, ensure_ascii=False)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as handle:

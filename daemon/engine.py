@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from daemon.events import AudioChunk, EngineName, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import (
+    AudioChunk,
+    EngineName,
+    PartialTurn,
+    SessionInfo,
+    SessionSummary,
+    TurnRecord,
+)
 
 
 class EngineListener(Protocol):
@@ -32,6 +39,9 @@ class Engine(Protocol):
     Fatal problems raise ``AuthError``/``ConfigError``/``StreamError``/``EngineError``.
     """
 
-    name: EngineName
+    @property
+    def name(self) -> EngineName:
+        """``"assemblyai"`` or ``"local"``."""
 
-    async def run(self, chunks: AsyncIterator[AudioChunk], listener: EngineListener) -> None: ...
+    async def run(self, chunks: AsyncIterator[AudioChunk], listener: EngineListener) -> None:
+        """Transcribe ``chunks`` until they end; report through ``listener``."""

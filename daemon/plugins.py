@@ -55,16 +55,19 @@ class Sink(Protocol):
     flushes and closes.
     """
 
-    async def __aenter__(self) -> Self: ...
+    async def __aenter__(self) -> Self:
+        """Prepare; must not fail just because a remote end is down."""
 
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None: ...
+    ) -> None:
+        """Flush and close."""
 
-    async def send(self, record: TurnRecord) -> None: ...
+    async def send(self, record: TurnRecord) -> None:
+        """Deliver one record or raise ``SinkError``/``PermanentSinkError``."""
 
 
 SinkFactory = Callable[[str, Any, SinkContext], Sink]

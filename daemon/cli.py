@@ -1,0 +1,69 @@
+"""Command line: argument parsing, exit codes, and nothing else.
+
+Heavy modules are imported inside the commands so ``transcribed --version`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from daemon import __version__
+
+EX_OK: Final = 0
+EX_FAILURE: Final = 1
+EX_CONFIG: Final = 78
+
+_DESCRIPTION: Final = """\
+Always-on speech to text: captures the microphone (or a WAV file), transcribes it with
+AssemblyAI Universal Streaming v3 or the embedded offline engine, and hands every finished
+turn to the configured sinks (file, console, webhook, MQTT, third-party).
+
+Config lookup without --config: $TRANSCRIBED_CONFIG, $XDG_CONFIG_HOME/transcribed/config.toml,
+/etc/transcribed/config.toml, else built-in defaults. Any key can be overridden with
+TRANSCRIBED_<SECTION>__<KEY>, e.g. TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE.
+
+Exit codes: 0 done, 1 unexpected failure, 77 credentials rejected, 78 configuration error."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transcribed",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"transcribed {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    config_help = "config file (default: see lookup order above)"
+    run = commands.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
+    run.add_argument("--config", metavar="PATH", help=config_help)
+    check = commands.add_parser(
+        "check-config", help="validate the config and print it with secrets masked (exit 0 or 78)"
+    )
+    check.add_argument("--config", metavar="PATH", help=config_help)
+    commands.add_parser("devices", help="list audio input devices")
+    sinks = commands.add_parser(
+        "test-sinks", help="send one synthetic turn through every configured sink and report"
+    )
+    sinks.add_argument("--config", metavar="PATH", help=config_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``transcribed`` console script."""
+    args = _parser().parse_args(argv)
+    from daemon import commands
+
+    handlers = {
+        "run": commands.run,
+        "check-config": commands.check_config,
+        "devices": commands.devices,
+        "test-sinks": commands.test_sinks,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

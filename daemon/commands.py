@@ -1,0 +1,191 @@
+"""The command implementations behind ``cli.py``: each returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.config import (
+    MASK,
+    Settings,
+    check_semantics,
+    find_config,
+    load_settings,
+    masked_dict,
+    secret_values,
+)
+from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
+from daemon.events import TurnRecord, Word
+
+log = structlog.get_logger("daemon.cli")
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+    path = find_config(getattr(args, "config", None))
+    settings = load_settings(path)
+    problems = check_semantics(settings)
+    if problems:
+        where = f"{path}: " if path else ""
+        raise ConfigError([where + p for p in problems])
+    return settings, path
+
+
+def _config_failed(exc: ConfigError) -> int:
+    for problem in exc.problems:
+        print(f"transcribed: config error: {problem}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def _find_daemon_error(exc: BaseException) -> DaemonError | None:
+    if isinstance(exc, DaemonError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_daemon_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """``transcribed run``."""
+    from daemon import app, logs
+
+    try:
+        settings, path = _settings(args)
+    except ConfigError as exc:
+        return _config_failed(exc)
+    masker = logs.configure(
+        level=settings.log.level,
+        fmt=settings.log.format,
+        transcripts=settings.log.transcripts,
+        secrets=secret_values(settings, settings.sinks),
+    )
+    log.info("config.loaded", path=str(path) if path else "built-in defaults")
+    try:
+        return asyncio.run(app.run(settings, masker))
+    except BaseException as exc:  # the outermost boundary: classify and pick the exit code
+        error = _find_daemon_error(exc)
+        if isinstance(error, ConfigError):
+            for problem in error.problems:
+                log.error("config.invalid", problem=problem)
+            return _config_failed(error)
+        if error is not None:
+            log.error(
+                "daemon.failed",
+                error=str(error),
+                kind=type(error).__name__,
+                exit_code=error.exit_code,
+            )
+            print(f"transcribed: {error}", file=sys.stderr)
+            return error.exit_code
+        if isinstance(exc, KeyboardInterrupt):
+            return EX_OK
+        log.exception("daemon.crashed")
+        return EX_FAILURE
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """``transcribed check-config``: validate everything, print the effective config masked."""
+    import tomli_w
+
+    from daemon.dispatch import validate_sinks
+    from daemon.plugins import load_plugins
+
+    try:
+        settings, path = _settings(args)
+        validated = validate_sinks(load_plugins(), settings.effective_sinks())
+    except ConfigError as exc:
+        return _config_failed(exc)
+    sinks = {name: config.model_dump(mode="python") for name, (_t, config) in validated.items()}
+    data = masked_dict(settings, sinks)
+    print(
+        f"# transcribed {settings.engine_name()} engine; config: "
+        f"{path if path else 'built-in defaults'}"
+    )
+    print(tomli_w.dumps(_tomlable(data)), end="")
+    return EX_OK
+
+
+def _tomlable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tomlable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_tomlable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def devices(_args: argparse.Namespace) -> int:
+    """``transcribed devices``: list audio inputs."""
+    from daemon.audio import format_devices, list_devices
+
+    try:
+        found = list_devices()
+    except DaemonError as exc:
+        print(f"transcribed: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    print(format_devices(found))
+    return EX_OK
+
+
+def test_sinks(args: argparse.Namespace) -> int:
+    """``transcribed test-sinks``: one synthetic turn through every sink, reported per sink."""
+    from daemon.dispatch import validate_sinks
+    from daemon.plugins import SinkContext, load_plugins
+
+    try:
+        settings, _path = _settings(args)
+        validated = validate_sinks(load_plugins(), settings.effective_sinks())
+    except ConfigError as exc:
+        return _config_failed(exc)
+    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path())
+    record = synthetic_turn(context.host)
+    failures = 0
+    for name, (sink_type, config) in validated.items():
+        sink = sink_type.factory(name, config, context)
+        error = asyncio.run(_try_send(sink, record))
+        failures += error is not None
+        print(f"{name} ({sink_type.name}): {'delivered' if error is None else 'FAILED: ' + error}")
+    return EX_OK if failures == 0 else EX_FAILURE
+
+
+async def _try_send(sink: Any, record: TurnRecord, limit_s: float = 15.0) -> str | None:
+    try:
+        async with asyncio.timeout(limit_s):
+            async with sink:
+                await sink.send(record)
+    except TimeoutError:
+        return f"no answer within {limit_s:g} s"
+    except Exception as exc:  # report any sink failure as a line, never a traceback
+        return str(exc).replace(MASK, "***") or type(exc).__name__
+    return None
+
+
+def synthetic_turn(host: str) -> TurnRecord:
+    """The record ``test-sinks`` sends: clearly marked as a test."""
+    now = datetime.now(UTC)
+    text = "This is a test turn from transcribed."
+    words = tuple(Word(w, i * 300, i * 300 + 250, 1.0) for i, w in enumerate(text.split()))
+    return TurnRecord(
+        session_id=f"test-{uuid.uuid4()}",
+        turn_order=0,
+        transcript=text,
+        started_at=now - timedelta(seconds=2),
+        ended_at=now,
+        end_of_turn_confidence=1.0,
+        words=words,
+        language_code="en",
+        engine="local",
+        source="test",
+        host=host,
+    )

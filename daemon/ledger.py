@@ -1,0 +1,169 @@
+"""The audio ledger: audio not yet covered by a finished turn, kept for the next session.
+
+Positions are absolute sample indexes since the daemon started (``start`` of the first chunk is 0),
+so a word's time in any session maps back to the exact audio and its wall-clock capture time.
+The ledger is bounded by ``backlog_seconds``: beyond it the oldest audio is dropped and counted.
+
+A ``Timeline`` belongs to one session and maps that session's audio offsets (what word times are
+relative to) back to ledger positions and wall-clock times, across gaps and skipped silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from daemon.events import AudioChunk
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A run of audio at absolute sample ``start``, captured at wall time ``captured_at``."""
+
+    start: int
+    pcm: bytes
+    captured_at: float
+
+    @property
+    def samples(self) -> int:
+        """Number of samples."""
+        return len(self.pcm) // 2
+
+    @property
+    def end(self) -> int:
+        """Absolute index one past the last sample."""
+        return self.start + self.samples
+
+
+class Ledger:
+    """Holds audio from the end of the last finished turn to now (bounded)."""
+
+    def __init__(self, sample_rate: int, backlog_seconds: float) -> None:
+        self.sample_rate = sample_rate
+        self._max_samples = int(backlog_seconds * sample_rate)
+        self._pieces: deque[Piece] = deque()
+        self._next = 0  # absolute index of the next appended sample
+        self._covered = 0  # audio before this is covered by finished turns
+        self._changed = asyncio.Event()
+        self.eof = False
+        self.dropped_samples = 0  # total audio dropped because the backlog was full
+
+    # -- writer side ----------------------------------------------------------------------
+
+    def append(self, chunk: AudioChunk) -> None:
+        """Add a captured chunk; drop the oldest audio beyond the backlog bound."""
+        piece = Piece(self._next, chunk.pcm, chunk.captured_at)
+        self._pieces.append(piece)
+        self._next = piece.end
+        while self._pieces and self._next - self._pieces[0].start > self._max_samples:
+            gone = self._pieces.popleft()
+            self.dropped_samples += gone.samples
+            self._covered = max(self._covered, gone.end)
+        self._changed.set()
+
+    def finish(self) -> None:
+        """No more audio will come (end of file, or shutdown)."""
+        self.eof = True
+        self._changed.set()
+
+    def cover(self, position: int) -> None:
+        """Audio before ``position`` is covered by finished turns (or known silence): forget it."""
+        if position <= self._covered:
+            return
+        self._covered = position
+        while self._pieces and self._pieces[0].end <= position:
+            self._pieces.popleft()
+        if self._pieces and self._pieces[0].start < position:
+            head = self._pieces[0]
+            cut = (position - head.start) * 2
+            offset_s = (position - head.start) / self.sample_rate
+            self._pieces[0] = Piece(position, head.pcm[cut:], head.captured_at + offset_s)
+
+    # -- reader side ----------------------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """Absolute position of the oldest audio held (where a new session starts)."""
+        return self._pieces[0].start if self._pieces else self._next
+
+    @property
+    def end(self) -> int:
+        """Absolute position one past the newest audio."""
+        return self._next
+
+    def seconds_held(self) -> float:
+        """How much audio is held."""
+        return (self._next - self.head) / self.sample_rate
+
+    def read(self, position: int, max_samples: int) -> Piece | None:
+        """Up to ``max_samples`` of audio at ``position`` (or the oldest held after it)."""
+        if not self._pieces or position >= self._next:
+            return None
+        position = max(position, self._pieces[0].start)
+        index = bisect.bisect_right(self._pieces, position, key=lambda p: p.start) - 1
+        piece = self._pieces[index]
+        skip = position - piece.start
+        take = min(piece.samples - skip, max_samples)
+        return Piece(
+            position,
+            piece.pcm[skip * 2 : (skip + take) * 2],
+            piece.captured_at + skip / self.sample_rate,
+        )
+
+    def capture_time(self, position: int) -> float | None:
+        """Wall-clock capture time of the sample at ``position``, if still held."""
+        piece = self.read(position, 1)
+        return piece.captured_at if piece and piece.start == position else None
+
+    async def wait_beyond(self, position: int) -> None:
+        """Wait until audio exists at ``position`` or the input has ended."""
+        while position >= self._next and not self.eof:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def rms(pcm: bytes) -> float:
+    """Root-mean-square level of 16-bit PCM."""
+    if len(pcm) < 2:
+        return 0.0
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+    return float(np.sqrt(np.mean(samples * samples)))
+
+
+@dataclass
+class Timeline:
+    """Maps one session's audio offsets to ledger positions and wall-clock times."""
+
+    sample_rate: int
+    _session_starts: list[int] = field(default_factory=list)  # session sample of each piece
+    _pieces: list[Piece] = field(default_factory=list)
+    sent_samples: int = 0
+
+    def add(self, piece: Piece) -> None:
+        """Record that ``piece`` was sent as the session's next audio."""
+        self._session_starts.append(self.sent_samples)
+        self._pieces.append(piece)
+        self.sent_samples += piece.samples
+
+    @property
+    def sent_seconds(self) -> float:
+        """Audio sent in this session."""
+        return self.sent_samples / self.sample_rate
+
+    def locate(self, session_ms: int) -> tuple[int, float] | None:
+        """(absolute position, wall-clock time) of a session offset, or None before any audio."""
+        if not self._pieces:
+            return None
+        sample = max(0, session_ms * self.sample_rate // 1000)
+        index = max(0, bisect.bisect_right(self._session_starts, sample) - 1)
+        piece = self._pieces[index]
+        within = min(sample - self._session_starts[index], piece.samples)
+        return piece.start + within, piece.captured_at + within / self.sample_rate
+
+    def last_position(self) -> int | None:
+        """Absolute position one past the last sent audio."""
+        return self._pieces[-1].end if self._pieces else None

@@ -1,0 +1,149 @@
+"""structlog setup: JSON lines off a TTY, readable console lines on one, secrets always masked.
+
+Logs go to stderr (journald stores them under systemd); stdout is left to the console sink, so
+``transcribed run | jq`` sees turns only. Standard-library loggers (websockets, httpx, aiomqtt)
+are routed through the same processors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from typing import Any, Final, Literal, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+MASK: Final = "********"
+_TOKEN_IN_URL: Final = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
+_TRANSCRIPT_KEYS: Final = frozenset({"transcript", "text", "words", "partial"})
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class SecretMasker:
+    """A processor that replaces every known secret (and URL tokens) in an event with ``MASK``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        """Start masking these values too (e.g. a freshly minted temporary token)."""
+        fresh = {s for s in secrets if s and len(s) >= 4}
+        if fresh - self._secrets:
+            self._secrets |= fresh
+            ordered = sorted(self._secrets, key=len, reverse=True)
+            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+
+    def mask(self, text: str) -> str:
+        """Return ``text`` with secrets and URL token parameters masked."""
+        if self._pattern is not None:
+            text = self._pattern.sub(MASK, text)
+        return _TOKEN_IN_URL.sub(rf"\g<1>{MASK}", text)
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.mask(value)
+        if isinstance(value, dict):
+            return {k: self._walk(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._walk(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.mask(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(self, _logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+        """Structlog processor entry point."""
+        for key, value in event_dict.items():
+            if key == "exc_info":
+                continue
+            event_dict[key] = self._walk(value)
+        return event_dict
+
+
+def _mask_rendered(masker: SecretMasker) -> Processor:
+    """Mask the final rendered line too (tracebacks are rendered late)."""
+
+    def process(_logger: WrappedLogger, _name: str, event: Any) -> Any:
+        return masker.mask(event) if isinstance(event, str) else event
+
+    return process
+
+
+def _drop_transcripts(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    for key in _TRANSCRIPT_KEYS & event_dict.keys():
+        event_dict[key] = "[hidden]"
+    return event_dict
+
+
+def configure(
+    *,
+    level: str = "info",
+    fmt: Literal["json", "console", "auto"] = "auto",
+    transcripts: bool = True,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> SecretMasker:
+    """Configure structlog and the stdlib bridge once, from ``cli.py``. Returns the masker."""
+    stream = stream or sys.stderr
+    masker = SecretMasker(secrets)
+    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not transcripts:
+        shared.append(_drop_transcripts)
+    shared.append(masker)
+    renderer: Processor = (
+        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
+    )
+    tail: list[Processor] = (
+        [renderer] if use_console else [structlog.processors.format_exc_info, renderer]
+    )
+    structlog.configure(
+        processors=[*shared, *tail, _mask_rendered(masker)],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    _bridge_stdlib(shared, renderer, use_console, stream, _LEVELS[level], masker)
+    return masker
+
+
+def _bridge_stdlib(
+    shared: list[Processor],
+    renderer: Processor,
+    use_console: bool,
+    stream: TextIO,
+    level: int,
+    masker: SecretMasker,
+) -> None:
+    pre_chain: list[Processor] = [structlog.stdlib.ExtraAdder(), *shared]
+    if not use_console:
+        pre_chain.append(structlog.processors.format_exc_info)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+            _mask_rendered(masker),
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Library chatter (websockets frames, httpx requests) only when asked for debug.
+    root.setLevel(level if level <= logging.DEBUG else logging.WARNING)

@@ -1,0 +1,119 @@
+"""The ``file`` sink: one JSON line per turn, fsynced, with optional size rotation.
+
+Writes run in a worker thread so the event loop never blocks on the disk. A line torn by a crash
+(no trailing newline) is closed off on open, so the next record always starts on its own line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from pydantic import Field, field_validator
+
+from daemon.errors import SinkError
+from daemon.events import TurnRecord
+from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+
+
+class FileSinkConfig(SinkConfig):
+    """``type = "file"``."""
+
+    path: str = Field("~/transcripts/turns.jsonl", description="JSONL file to append to")
+    rotate_bytes: int = Field(0, ge=0, description="rotate before exceeding this; 0 = never")
+    keep: int = Field(5, ge=0, le=1000, description="rotated files kept (turns.jsonl.1 …)")
+    fsync: bool = Field(True, description="fsync after every record")
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a file")
+        return value
+
+
+class FileSink:
+    """Appends records to a JSONL file."""
+
+    def __init__(self, name: str, config: FileSinkConfig, context: SinkContext) -> None:
+        self.name = name
+        self.config = config
+        self.path = Path(config.path).expanduser()
+        self._handle: IO[bytes] | None = None
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self._open)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self._close)
+
+    async def send(self, record: TurnRecord) -> None:
+        """Append one line (and fsync); rotate first if the line would overflow the file."""
+        line = (record.to_json() + "\n").encode("utf-8")
+        try:
+            await asyncio.to_thread(self._write, line)
+        except OSError as exc:
+            self._close()
+            raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("ab")
+            if handle.tell() > 0:
+                with self.path.open("rb") as reader:
+                    reader.seek(-1, os.SEEK_END)
+                    if reader.read(1) != b"\n":
+                        handle.write(b"\n")
+            self._handle = handle
+        except OSError as exc:
+            raise SinkError(f"cannot open {self.path}: {exc.strerror or exc}") from None
+
+    def _write(self, line: bytes) -> None:
+        if self._handle is None:
+            self._open()
+        assert self._handle is not None
+        limit = self.config.rotate_bytes
+        if limit and self._handle.tell() > 0 and self._handle.tell() + len(line) > limit:
+            self._rotate()
+            assert self._handle is not None
+        self._handle.write(line)
+        self._handle.flush()
+        if self.config.fsync:
+            os.fsync(self._handle.fileno())
+
+    def _rotate(self) -> None:
+        self._close()
+        keep = self.config.keep
+        if keep == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            Path(f"{self.path}.{keep}").unlink(missing_ok=True)
+            for index in range(keep - 1, 0, -1):
+                older = Path(f"{self.path}.{index}")
+                if older.exists():
+                    older.rename(f"{self.path}.{index + 1}")
+            self.path.rename(f"{self.path}.1")
+        self._open()
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            finally:
+                self._handle = None
+
+
+@hookimpl
+def transcribed_sink_types() -> list[SinkType]:
+    """Provide the ``file`` sink type."""
+    return [SinkType("file", FileSinkConfig, FileSink)]
