@@ -1,11 +1,221 @@
-"""Built-in webhook sink (placeholder until the network-sinks work lands)."""
+"""Built-in webhook sink: POSTs each turn as a signed Standard Webhooks event (httpx).
+
+Body: ``{"type": "turn.completed", "timestamp": <ended_at>, "data": <record>}``. Headers:
+``webhook-id`` (the record id, stable across retries), ``webhook-timestamp`` (Unix seconds of this
+attempt) and ``webhook-signature`` (``v1,<base64 HMAC-SHA256>``, one per configured secret,
+space-separated, so receivers can rotate secrets).
+
+Failures are classified here, at the I/O boundary: timeouts, connection errors, 408, 429 and 5xx
+raise ``SinkError`` (with ``retry_after`` from a ``Retry-After`` header); any other non-2xx raises
+``PermanentSinkError``. Neither message carries a secret, a header value or the URL's path.
+"""
 
 from __future__ import annotations
 
-from daemon.plugins import SinkType, hookimpl
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Final, Self
+
+import httpx
+import structlog
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from daemon.config import read_secret_file
+from daemon.errors import PermanentSinkError, SinkError
+from daemon.events import TurnRecord, iso_utc
+from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+
+log = structlog.get_logger("plugins.webhook")
+
+EVENT_TYPE: Final = "turn.completed"
+SECRET_PREFIX: Final = "whsec_"
+USER_AGENT: Final = "transcribed-webhook/1"
+_TRANSIENT_STATUS: Final = frozenset({408, 425, 429})
+_RETRY_AFTER_MAX_S: Final = 3600.0
+
+
+class WebhookConfig(SinkConfig):
+    """``type = "webhook"``: POST each turn to ``url``."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    url: str = Field(description="http:// or https:// endpoint")
+    secret: tuple[SecretStr, ...] = Field(
+        default=(), description="Standard Webhooks secret(s) whsec_…; a list or space-separated"
+    )
+    secret_file: str = Field(default="", description="file holding the secret(s)")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    timeout_s: float = Field(default=10.0, gt=0, description="per-request timeout, seconds")
+    retry_max_s: float | None = Field(
+        default=None, gt=0, description="dead-letter a turn after retrying this long; unset = never"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("secret_file"):
+            return data
+        if data.get("secret"):
+            raise ValueError("set either secret or secret_file, not both")
+        return {**data, "secret": read_secret_file(str(data["secret_file"]), "secret_file")}
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = httpx.URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for number, secret in enumerate(value, start=1):
+            _secret_key(secret, number)
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _own_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower().startswith("webhook-") or name.lower() == "content-type":
+                raise ValueError(f"header {name!r} is set by the sink and cannot be overridden")
+        return value
+
+
+def _secret_key(secret: SecretStr, number: int) -> bytes:
+    """Decode ``whsec_<base64>`` into the HMAC key; errors name the secret by position only."""
+    text = secret.get_secret_value()
+    if not text.startswith(SECRET_PREFIX):
+        raise ValueError(f"secret #{number} must start with {SECRET_PREFIX!r}")
+    try:
+        key = base64.b64decode(text.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"secret #{number} is not valid base64 after {SECRET_PREFIX!r}") from None
+    if not key:
+        raise ValueError(f"secret #{number} is empty")
+    return key
+
+
+def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value: ``v1,<sig>`` per key, space-separated."""
+    content = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+        for key in keys
+    )
+
+
+def event_body(record: TurnRecord) -> bytes:
+    """The JSON body for one turn (identical on every attempt)."""
+    event = {"type": EVENT_TYPE, "timestamp": iso_utc(record.ended_at), "data": record.to_dict()}
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds, capped at 1 h."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
+
+
+class WebhookSink:
+    """Delivers turns to one webhook endpoint.
+
+    Args:
+        name: the sink's instance name (for messages).
+        config: its validated table.
+        client: a shared ``httpx.AsyncClient``; when ``None`` the sink opens and closes its own.
+    """
+
+    def __init__(self, name: str, config: WebhookConfig,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.name = name
+        self.config = config
+        self._keys = [_secret_key(s, n) for n, s in enumerate(config.secret, start=1)]
+        self._client = client
+        self._owns_client = client is None
+        url = httpx.URL(config.url)
+        self._where = f"{url.scheme}://{url.netloc.decode()}"  # never the path: it may be a secret
+
+    async def __aenter__(self) -> Self:
+        """Open an HTTP client unless one was injected."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(headers={"user-agent": USER_AGENT})
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        """Close the client if this sink opened it."""
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def send(self, record: TurnRecord) -> None:
+        """POST one turn; raise ``SinkError`` (transient) or ``PermanentSinkError``."""
+        if self._client is None:
+            raise SinkError(f"webhook sink {self.name!r} is not open")
+        body = event_body(record)
+        try:
+            async with asyncio.timeout(self.config.timeout_s):  # total, not per read
+                response = await self._client.post(
+                    self.config.url, content=body, headers=self._headers(record.id, body),
+                    timeout=self.config.timeout_s,
+                )
+        except (httpx.TimeoutException, TimeoutError):
+            raise SinkError(
+                f"webhook {self._where} timed out after {self.config.timeout_s:g} s"
+            ) from None
+        except httpx.TransportError as exc:
+            raise SinkError(f"webhook {self._where} unreachable: {type(exc).__name__}") from None
+        self._check(response)
+
+    def _headers(self, msg_id: str, body: bytes) -> dict[str, str]:
+        timestamp = int(time.time())
+        headers = {**self.config.headers, "content-type": "application/json",
+                   "webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+        if self._keys:
+            headers["webhook-signature"] = sign(self._keys, msg_id, timestamp, body)
+        return headers
+
+    def _check(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        message = f"webhook {self._where} answered {status} {response.reason_phrase}".rstrip()
+        if status >= 500 or status in _TRANSIENT_STATUS:
+            delay = retry_after_s(response.headers.get("retry-after"))
+            raise SinkError(message, retry_after=delay)
+        raise PermanentSinkError(message)
+
+
+def _factory(name: str, config: Any, context: SinkContext) -> WebhookSink:
+    client = context.extra.get("http_client")
+    return WebhookSink(name, config, client if isinstance(client, httpx.AsyncClient) else None)
 
 
 @hookimpl
 def transcribed_sink_types() -> list[SinkType]:
-    """No webhook sink yet."""
-    return []
+    """Provide the ``webhook`` sink type (durable: queued in the outbox)."""
+    return [SinkType("webhook", WebhookConfig, _factory, durable=True)]

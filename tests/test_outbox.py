@@ -1,0 +1,220 @@
+"""The durable outbox: order, persistence across restarts and kill -9, bounds, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.events import TurnRecord, Word
+from daemon.outbox import Outbox, OutboxError
+from daemon.plugins import SinkConfig, SinkType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_turn(order: int, session: str = "sess") -> TurnRecord:
+    """A small finished turn."""
+    now = datetime(2026, 11, 23, 23, 10, 1, 120000, tzinfo=UTC)
+    return TurnRecord(session, order, f"turn number {order}.", now, now, 0.9,
+                      (Word("turn", 0, 200, 0.98),), None, "assemblyai", "test", "testhost")
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    yield box
+    box.close()
+
+
+class TestQueue:
+    async def test_fifo_per_sink(self, outbox: Outbox) -> None:
+        """Records come back in order per sink, and sinks do not see each other's records."""
+        a, b = outbox.queue("a"), outbox.queue("b")
+        for i in range(3):
+            a.put(make_turn(i))
+        b.put(make_turn(9))
+        got = []
+        for _ in range(3):
+            delivery = await a.get()
+            assert delivery is not None
+            got.append(delivery.record)
+            a.ack(delivery)
+        assert [r.turn_order for r in got] == [0, 1, 2]
+        assert got[0] == make_turn(0)
+        assert (a.depth(), b.depth()) == (0, 1)
+
+    async def test_get_waits_for_put(self, outbox: Outbox) -> None:
+        """An empty queue's get() wakes up when a record is put."""
+        queue = outbox.queue("a")
+        waiter = asyncio.create_task(queue.get())
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        queue.put(make_turn(1))
+        async with asyncio.timeout(2):
+            delivery = await waiter
+        assert delivery is not None
+        assert delivery.record.id == "sess:1"
+
+    async def test_close_drains_then_ends(self, outbox: Outbox) -> None:
+        """After close(), get() hands out what is queued and then returns None."""
+        queue = outbox.queue("a")
+        queue.put(make_turn(1))
+        queue.close()
+        first = await queue.get()
+        assert first is not None
+        assert first.record.turn_order == 1
+        assert await queue.get() is None
+
+    async def test_unacked_and_queued_survive_reopen(self, tmp_path: Path) -> None:
+        """Records not acked before close are handed out again, in order, after reopening."""
+        path = tmp_path / "outbox.sqlite3"
+        box = Outbox(path)
+        queue = box.queue("hook")
+        for i in range(4):
+            queue.put(make_turn(i))
+        first = await queue.get()
+        assert first is not None
+        queue.ack(first)
+        await queue.get()  # handed out, never acked: the "crash" happens mid-delivery
+        box.close()
+        box = Outbox(path)
+        try:
+            queue = box.queue("hook")
+            assert queue.depth() == 3
+            orders = []
+            for _ in range(3):
+                delivery = await queue.get()
+                assert delivery is not None
+                orders.append(delivery.record.turn_order)
+                queue.ack(delivery)
+            assert orders == [1, 2, 3]
+            queue.put(make_turn(4))
+            delivery = await queue.get()
+            assert delivery is not None
+            assert delivery.record.turn_order == 4
+        finally:
+            box.close()
+
+
+CHILD = """
+import sys
+from datetime import UTC, datetime
+from collections.abc import Iterator
+from pathlib import Path
+from daemon.events import TurnRecord
+from daemon.outbox import Outbox
+box = Outbox(Path(sys.argv[1]))
+queue = box.queue("hook")
+now = datetime.now(UTC)
+i = 0
+while True:
+    queue.put(TurnRecord("kill", i, "x" * 2000, now, now, 0.9, (), None, "local", "test", "h"))
+    print(i, file=sys.stderr, flush=True)
+    i += 1
+"""
+
+
+def run_and_kill(script: str, *args: str, lines: int) -> list[int]:
+    """Run ``script`` in a child Python, read ``lines`` integers from its stderr, kill -9 it."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert child.stderr is not None
+    seen: list[int] = []
+    try:
+        for line in child.stderr:
+            if line.strip().isdigit():
+                seen.append(int(line))
+                if len(seen) == lines:
+                    break
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stderr.close()
+    assert len(seen) == lines, "the child died before acknowledging enough records"
+    return seen
+
+
+class TestCrash:
+    async def test_kill_9_keeps_every_acknowledged_record(self, tmp_path: Path) -> None:
+        """After kill -9 of a writer, every record whose put() returned is there, untorn."""
+        path = tmp_path / "outbox.sqlite3"
+        acknowledged = run_and_kill(CHILD, str(path), lines=200)
+        box = Outbox(path)
+        try:
+            queue = box.queue("hook")
+            assert queue.depth() >= 200
+            queue.close()
+            stored = []
+            while (delivery := await queue.get()) is not None:
+                assert delivery.record.transcript == "x" * 2000
+                stored.append(delivery.record.turn_order)
+            assert stored[:200] == acknowledged
+            assert stored == list(range(len(stored)))
+        finally:
+            box.close()
+
+
+class NullSink:
+    """A sink that accepts everything (only its queue matters here)."""
+
+    async def __aenter__(self) -> NullSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(self, record: TurnRecord) -> None:
+        return None
+
+
+class TestErrors:
+    def test_full_outbox_is_a_clear_logged_error(self, tmp_path: Path) -> None:
+        """A full sink queue refuses the record with an error naming the file, sink and turn."""
+        box = Outbox(tmp_path / "outbox.sqlite3", max_records=2)
+        try:
+            queue = box.queue("hook")
+            queue.put(make_turn(1))
+            queue.put(make_turn(2))
+            with pytest.raises(OutboxError, match=r"outbox is full for sink 'hook'.*sess:3"):
+                queue.put(make_turn(3))
+            runner = SinkRunner("hook", SinkType("null", SinkConfig, lambda *_: NullSink()),
+                                SinkConfig(type="null"), NullSink(), queue)
+            dispatcher = Dispatcher([runner], dead_letter_dir=tmp_path / "dead")
+            with capture_logs() as logs:
+                dispatcher.dispatch(make_turn(4))
+            assert [e["event"] for e in logs] == ["sink.enqueue_failed"]
+            assert box.queue("other").depth() == 0
+        finally:
+            box.close()
+
+    def test_corrupt_database_names_the_path(self, tmp_path: Path) -> None:
+        """A file that is not an SQLite database gives one line naming it."""
+        path = tmp_path / "outbox.sqlite3"
+        path.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(OutboxError) as info:
+            Outbox(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: outbox database is unreadable")
+        assert "\n" not in message
+
+    def test_second_process_is_refused(self, tmp_path: Path) -> None:
+        """Opening an outbox that is already open fails instead of delivering twice."""
+        path = tmp_path / "outbox.sqlite3"
+        box = Outbox(path)
+        try:
+            with pytest.raises(OutboxError, match="in use by another"):
+                Outbox(path)
+        finally:
+            box.close()
+        Outbox(path).close()
