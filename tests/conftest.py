@@ -1,0 +1,36 @@
+"""Shared fixtures. Fixture modules of their own live beside this file (servers, vmic, broker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+REPO = Path(__file__).resolve().parents[1]
+SPEECH_DIR = REPO / "tests" / "data" / "speech"
+TRANSCRIPTS: dict[str, str] = json.loads((SPEECH_DIR / "transcripts.json").read_text())
+TRANSCRIBED = [sys.executable, "-m", "daemon"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Tests never read the user's config or state, nor leak TRANSCRIBED_* settings."""
+    for key in list(os.environ):
+        if key.startswith("TRANSCRIBED_") or key in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def speech_dir() -> Path:
+    """The directory of test speech WAVs (with ``transcripts.json``)."""
+    return SPEECH_DIR

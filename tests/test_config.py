@@ -1,0 +1,145 @@
+"""Configuration: lookup, precedence, secrets, and errors that name the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from daemon.config import find_config, load_settings, masked_dict, secret_values
+from daemon.dispatch import validate_sinks
+from daemon.errors import ConfigError
+from daemon.plugins import load_plugins
+from tests.conftest import REPO, TRANSCRIBED
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+class TestLookup:
+    def test_defaults_without_any_file(self) -> None:
+        """With no config anywhere: microphone, engine auto (local without a key), console sink."""
+        assert find_config(None) is None
+        settings = load_settings(None)
+        assert settings.audio.source == "microphone"
+        assert settings.engine_name() == "local"
+        assert settings.effective_sinks() == {"console": {"type": "console"}}
+
+    def test_lookup_order(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """$TRANSCRIBED_CONFIG beats $XDG_CONFIG_HOME/transcribed/config.toml."""
+        xdg = write(Path(os.environ["XDG_CONFIG_HOME"]) / "transcribed" / "config.toml", "")
+        assert find_config(None) == xdg
+        named = write(tmp_path / "named.toml", "")
+        monkeypatch.setenv("TRANSCRIBED_CONFIG", str(named))
+        assert find_config(None) == named
+        assert find_config(str(xdg)) == xdg
+
+    def test_missing_named_file(self, tmp_path: Path) -> None:
+        """A config file named explicitly must exist."""
+        with pytest.raises(ConfigError, match="config file not found"):
+            find_config(str(tmp_path / "nope.toml"))
+
+
+class TestValues:
+    def test_env_overrides_toml(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """TRANSCRIBED_<SECTION>__<KEY> beats the file, including inside sink tables."""
+        path = write(tmp_path / "c.toml", '[log]\nlevel = "info"\n[sinks.j]\ntype = "file"\n'
+                     'path = "/tmp/a.jsonl"\n')
+        monkeypatch.setenv("TRANSCRIBED_LOG__LEVEL", "DEBUG")
+        monkeypatch.setenv("TRANSCRIBED_SINKS__J__FSYNC", "false")
+        settings = load_settings(path)
+        assert settings.log.level == "debug"
+        sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
+        assert sinks["j"][1].model_dump()["fsync"] is False
+
+    def test_api_key_file_and_credentials(self, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """The key comes from api_key_file, else from $CREDENTIALS_DIRECTORY."""
+        key_file = write(tmp_path / "key", "file-key-123\n")
+        path = write(tmp_path / "c.toml", f'[assemblyai]\napi_key_file = "{key_file}"\n')
+        assert load_settings(path).assemblyai.api_key.get_secret_value() == "file-key-123"
+        creds = tmp_path / "creds"
+        write(creds / "assemblyai_api_key", "cred-key-456")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+        settings = load_settings(None)
+        assert settings.assemblyai.api_key.get_secret_value() == "cred-key-456"
+        assert settings.engine_name() == "assemblyai"
+
+    def test_secrets_masked(self, tmp_path: Path) -> None:
+        """The effective config never shows a secret; the masker learns every one."""
+        path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "k-secret-1"\n'
+                     '[http]\ntoken = "t-secret-2"\n')
+        settings = load_settings(path)
+        text = repr(masked_dict(settings, {}))
+        assert "k-secret-1" not in text and "t-secret-2" not in text
+        assert set(secret_values(settings, {})) == {"k-secret-1", "t-secret-2"}
+
+
+class TestErrors:
+    def test_every_problem_named(self, tmp_path: Path) -> None:
+        """Each bad key gives its own line naming file and key."""
+        path = write(tmp_path / "c.toml", "[audio]\nbogus = 1\nchunk_ms = 20\n"
+                     "[assemblyai]\ntoken_expires_in = 900\n[nosuch]\nx = 1\n")
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        lines = info.value.problems
+        assert f"{path}: audio.bogus: unknown key" in lines
+        assert any(line.startswith(f"{path}: audio.chunk_ms:") for line in lines)
+        assert any(line.startswith(f"{path}: assemblyai.token_expires_in:") for line in lines)
+        assert f"{path}: nosuch: unknown key" in lines
+
+    def test_invalid_toml(self, tmp_path: Path) -> None:
+        """A syntax error names the file and the position."""
+        path = write(tmp_path / "c.toml", "[audio\n")
+        with pytest.raises(ConfigError, match=r"c\.toml: invalid TOML: .*line 1"):
+            load_settings(path)
+
+    def test_unknown_sink_type_lists_known(self) -> None:
+        """An unknown sink type names the sink and lists the known types."""
+        with pytest.raises(ConfigError) as info:
+            validate_sinks(load_plugins(entry_points=False),
+                           {"alerts": {"type": "carrier-pigeon"}, "j": {"type": "file", "x": 1}})
+        assert any(p.startswith("sinks.alerts.type: unknown type 'carrier-pigeon' (known types:")
+                   and "file" in p for p in info.value.problems)
+        assert "sinks.j.x: unknown key" in info.value.problems
+
+
+class TestCheckConfigCommand:
+    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*TRANSCRIBED, *args], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, **(env or {})}, timeout=60, check=False)
+
+    def test_valid_config_printed_masked(self, tmp_path: Path) -> None:
+        """check-config exits 0 and prints the effective config with secrets masked."""
+        path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
+                     '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n')
+        result = self.run("check-config", "--config", str(path))
+        assert result.returncode == 0, result.stderr
+        assert "sk-live-abcdef" not in result.stdout + result.stderr
+        assert 'api_key = "********"' in result.stdout
+        assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
+
+    def test_invalid_config_exit_78(self, tmp_path: Path) -> None:
+        """check-config exits 78 with one readable line per problem and no secret."""
+        path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
+                     'token_expires_in = 0\n[sinks.alerts]\ntype = "file"\npath = ""\n')
+        result = self.run("check-config", "--config", str(path))
+        assert result.returncode == 78
+        lines = result.stderr.strip().splitlines()
+        assert any("assemblyai.token_expires_in" in line for line in lines)
+        assert "sk-live-abcdef" not in result.stdout + result.stderr
+        path.write_text('[sinks.alerts]\ntype = "file"\npath = ""\n')
+        result = self.run("check-config", "--config", str(path))
+        assert result.returncode == 78
+        assert "sinks.alerts.path: Value error, must name a file" in result.stderr
+
+    def test_version_is_fast_to_import(self) -> None:
+        """--version prints the version without importing the daemon's heavy modules."""
+        result = self.run("--version")
+        assert result.returncode == 0
+        assert result.stdout.startswith("transcribed ")

@@ -1,0 +1,104 @@
+"""Parsing the v3 wire format, old and new forms; URL building; close-code classification."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from pydantic import SecretStr
+
+from daemon.config import AssemblyAIConfig
+from daemon.protocol import (
+    Begin,
+    CloseKind,
+    ProtocolError,
+    ServerError,
+    ServerWarning,
+    Termination,
+    Turn,
+    Unknown,
+    classify_close,
+    parse_message,
+    streaming_url,
+)
+
+
+class TestParse:
+    def test_begin_int_and_iso(self) -> None:
+        """expires_at is accepted as Unix seconds or as an ISO-8601 string."""
+        a = parse_message('{"type":"Begin","id":"s1","expires_at":1759796682}')
+        b = parse_message('{"type":"Begin","id":"s1","expires_at":"2025-10-07T00:24:42Z"}')
+        assert isinstance(a, Begin) and isinstance(b, Begin)
+        assert a.expires_at == b.expires_at == datetime(2025, 10, 7, 0, 24, 42, tzinfo=UTC)
+
+    def test_turn(self) -> None:
+        """A Turn with words parses into typed fields."""
+        frame = {"type": "Turn", "turn_order": 2, "end_of_turn": True, "turn_is_formatted": True,
+                 "transcript": "Hi.", "end_of_turn_confidence": 0.9, "language_code": "en",
+                 "words": [{"text": "Hi.", "start": 10, "end": 200, "confidence": 0.8,
+                            "word_is_final": True}]}
+        turn = parse_message(json.dumps(frame))
+        assert isinstance(turn, Turn)
+        assert (turn.turn_order, turn.words[0].end, turn.language_code) == (2, 200, "en")
+
+    def test_termination_floats(self) -> None:
+        """Termination figures may be floats."""
+        msg = parse_message('{"type":"Termination","audio_duration_seconds":7.5,'
+                            '"session_duration_seconds":8}')
+        assert msg == Termination(7.5, 8.0)
+
+    def test_errors_typed_and_legacy(self) -> None:
+        """Typed Error frames and legacy untyped {"error": …} frames are both errors."""
+        assert parse_message('{"type":"Error","error_code":3006,"error":"bad"}') == \
+            ServerError(3006, "bad")
+        assert parse_message('{"error":"Model deprecated"}') == ServerError(None, "Model deprecated")
+        assert parse_message('{"type":"Warning","warning_code":7,"warning":"slow"}') == \
+            ServerWarning(7, "slow")
+
+    def test_unknown_type_is_not_an_error(self) -> None:
+        """New message types are returned as Unknown, to be ignored."""
+        assert parse_message('{"type":"Heartbeat","realtime_factor":1.0}') == Unknown("Heartbeat")
+
+    @pytest.mark.parametrize("frame", ["garbage", "[1,2]", '{"type":"Turn"}', '{"x":1}',
+                                       '{"type":"Begin"}', b"\xff\xfe"])
+    def test_garbage_raises_protocol_error(self, frame: str | bytes) -> None:
+        """Malformed frames raise ProtocolError (the caller logs and survives)."""
+        with pytest.raises(ProtocolError):
+            parse_message(frame)
+
+
+class TestUrl:
+    def test_all_parameters_in_query(self) -> None:
+        """Every setting is in the query; keyterms are one JSON array; the key is absent."""
+        config = AssemblyAIConfig(api_key=SecretStr("raw-key"), keyterms=["Ada", "Linux"],
+                                  language_detection=True, streaming_url="ws://127.0.0.1:9/v3/ws")
+        url = streaming_url(config, sample_rate=16000, token="tok")
+        query = parse_qs(urlsplit(url).query)
+        assert query["keyterms_prompt"] == ['["Ada", "Linux"]']
+        assert query["speech_model"] == ["universal-streaming-english"]
+        assert query["format_turns"] == ["true"] and query["token"] == ["tok"]
+        assert query["sample_rate"] == ["16000"] and query["encoding"] == ["pcm_s16le"]
+        assert "raw-key" not in url
+
+
+class TestClassify:
+    @pytest.mark.parametrize(("code", "reason", "kind"), [
+        (1000, "", CloseKind.NORMAL),
+        (1006, "", CloseKind.TRANSIENT),
+        (1011, "", CloseKind.TRANSIENT),
+        (1008, "Unauthorized Connection: Missing Authorization header", CloseKind.AUTH),
+        (1008, "Unauthorized Connection: Too many concurrent sessions", CloseKind.RATE),
+        (3005, "Session Cancelled: An error occurred", CloseKind.TRANSIENT),
+        (3005, "Session Expired: Maximum session duration exceeded", CloseKind.EXPIRED),
+        (3006, "Invalid JSON", CloseKind.CONFIG),
+        (3007, "Input duration violation: 20 ms", CloseKind.CLIENT_BUG),
+        (3008, "Session Expired", CloseKind.EXPIRED),
+        (3009, "Too many concurrent sessions", CloseKind.RATE),
+        (4001, "Not Authorized", CloseKind.AUTH),
+        (None, "", CloseKind.TRANSIENT),
+    ])
+    def test_codes(self, code: int | None, reason: str, kind: CloseKind) -> None:
+        """Close codes (and pre-2026 reason texts) map to the documented action."""
+        assert classify_close(code, reason) is kind
