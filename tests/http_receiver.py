@@ -81,7 +81,9 @@ class HttpReceiver:
         self._loop = asyncio.get_running_loop()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.receiver = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -93,6 +95,11 @@ class HttpReceiver:
         """Queue replies for the next requests (after these, 200)."""
         with self._lock:
             self._script.extend(replies)
+
+    def clear_script(self) -> None:
+        """Forget replies not yet used: every request gets 200 from now on."""
+        with self._lock:
+            self._script.clear()
 
     async def next(self, within: float = 5.0) -> Received:
         """The next request received (waits up to ``within`` s)."""

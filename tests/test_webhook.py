@@ -1,0 +1,293 @@
+"""The webhook sink against a real local HTTP server, through the real dispatcher and outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from standardwebhooks import Webhook
+from structlog.testing import capture_logs
+
+from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
+from daemon.errors import ConfigError, PermanentSinkError, SinkError
+from daemon.outbox import Outbox
+from daemon.plugins import load_plugins
+from plugins.webhook import WebhookConfig, WebhookSink, retry_after_s
+from plugins.webhook import transcribed_sink_types as webhook_types
+from tests.http_receiver import HttpReceiver, Reply
+from tests.test_outbox import make_turn, run_and_kill
+
+SECRET = "whsec_" + base64.b64encode(b"first secret key for tests 0123").decode()
+SECRET2 = "whsec_" + base64.b64encode(b"second secret key for rotation!!").decode()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[HttpReceiver]:
+    async with HttpReceiver() as server:
+        yield server
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    yield box
+    box.close()
+
+
+def config(url: str, **extra: Any) -> WebhookConfig:
+    """A validated webhook config."""
+    return WebhookConfig.model_validate({"type": "webhook", "url": url, **extra})
+
+
+def runner(name: str, cfg: WebhookConfig, outbox: Outbox) -> SinkRunner:
+    """A dispatcher runner for a webhook sink with a durable queue."""
+    sink_type = webhook_types()[0]
+    return SinkRunner(name, sink_type, cfg, WebhookSink(name, cfg), outbox.queue(name))
+
+
+def delivered(receiver: HttpReceiver) -> list[str]:
+    """Record ids the receiver accepted with a 2xx, in arrival order."""
+    return [r.headers["webhook-id"] for r in receiver.received if 200 <= r.status < 300]
+
+
+async def wait_delivered(receiver: HttpReceiver, count: int, within: float = 10) -> None:
+    """Wait until ``count`` requests were answered 2xx."""
+    async with asyncio.timeout(within):
+        while len(delivered(receiver)) < count:
+            await receiver.next(within)
+
+
+class TestSigning:
+    async def test_signed_body_verifies_with_each_secret(self, receiver: HttpReceiver) -> None:
+        """The body and headers follow Standard Webhooks and verify with every rotated secret."""
+        cfg = config(receiver.url + "/hook", secret=f"{SECRET} {SECRET2}",
+                     headers={"X-Team": "voice"})
+        record = make_turn(3)
+        async with WebhookSink("hook", cfg) as sink:
+            await sink.send(record)
+        request = await receiver.next()
+        assert request.path == "/hook"
+        assert request.headers["webhook-id"] == record.id
+        assert request.headers["x-team"] == "voice"
+        assert request.headers["content-type"] == "application/json"
+        assert len(request.headers["webhook-signature"].split(" ")) == 2
+        for secret in (SECRET, SECRET2):
+            payload = Webhook(secret).verify(request.body, request.headers)
+            assert payload == {"type": "turn.completed", "timestamp": "2026-11-23T23:10:01.120Z",
+                               "data": record.to_dict()}
+
+    async def test_secret_file_and_list(self, tmp_path: Path, receiver: HttpReceiver) -> None:
+        """Secrets load from a file (with a trailing newline) or a list."""
+        secret_file = tmp_path / "secret"
+        secret_file.write_text(SECRET + "\n")
+        for cfg in (config(receiver.url, secret_file=str(secret_file)),
+                    config(receiver.url, secret=[SECRET2, SECRET])):
+            async with WebhookSink("hook", cfg) as sink:
+                await sink.send(make_turn(1))
+            request = await receiver.next()
+            Webhook(SECRET).verify(request.body, request.headers)
+
+
+class TestConfig:
+    @pytest.mark.parametrize(
+        ("table", "expected"),
+        [
+            ({"url": "ftp://x"}, "sinks.hook.url: Value error, must be an http:// or https://"),
+            ({"url": "http://x", "secret": "nope"}, "secret #1 must start with 'whsec_'"),
+            ({"url": "http://x", "secret": "whsec_!!!"}, "secret #1 is not valid base64"),
+            ({"url": "http://x", "secret": SECRET, "secret_file": "/x"}, "not both"),
+            ({"url": "http://x", "secret_file": "/nonexistent/s"},
+             "sinks.hook.secret_file: cannot read /nonexistent/s"),
+            ({"url": "http://x", "headers": {"Webhook-Id": "1"}}, "cannot be overridden"),
+            ({"url": "http://x", "timeout_s": 0}, "sinks.hook.timeout_s: Input should be greater"),
+            ({"url": "http://x", "retries": 3}, "sinks.hook.retries: unknown key"),
+        ],
+    )
+    def test_bad_tables_give_one_clear_line(self, table: dict[str, Any], expected: str) -> None:
+        """Each bad key gives a one-line error naming it, without echoing the secret."""
+        host = load_plugins(entry_points=False)
+        with pytest.raises(ConfigError) as info:
+            validate_sinks(host, {"hook": {"type": "webhook", **table}})
+        assert expected in str(info.value)
+        assert "!!!" not in str(info.value)
+        assert SECRET not in str(info.value)
+
+
+class TestClassification:
+    async def test_status_codes_and_retry_after(self, receiver: HttpReceiver) -> None:
+        """5xx and 429 are transient (429 carries Retry-After); other 4xx are permanent."""
+        receiver.script(Reply(503), Reply(429, {"Retry-After": "2"}), Reply(400), Reply(301))
+        async with WebhookSink("hook", config(receiver.url)) as sink:
+            with pytest.raises(SinkError, match="answered 503") as transient:
+                await sink.send(make_turn(1))
+            assert not isinstance(transient.value, PermanentSinkError)
+            with pytest.raises(SinkError, match="answered 429") as limited:
+                await sink.send(make_turn(1))
+            assert limited.value.retry_after == 2.0
+            with pytest.raises(PermanentSinkError, match="answered 400"):
+                await sink.send(make_turn(1))
+            with pytest.raises(PermanentSinkError, match="answered 301"):
+                await sink.send(make_turn(1))
+
+    async def test_unreachable_and_timeout_are_transient(self, receiver: HttpReceiver) -> None:
+        """A refused connection or a hung server raises a transient error naming only the host."""
+        receiver.script(Reply(hang=True))
+        cfg = config(receiver.url + "/secret-path", timeout_s=0.3)
+        async with WebhookSink("hook", cfg) as sink:
+            with pytest.raises(SinkError, match=r"timed out after 0.3 s") as hung:
+                await sink.send(make_turn(1))
+        assert "secret-path" not in str(hung.value)
+        async with WebhookSink("hook", config("http://127.0.0.1:9/x")) as sink:
+            with pytest.raises(SinkError, match="unreachable: ConnectError"):
+                await sink.send(make_turn(1))
+
+    def test_retry_after_forms(self) -> None:
+        """Retry-After parses seconds and HTTP dates, and is capped."""
+        assert retry_after_s("7") == 7.0
+        assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+        assert retry_after_s("999999") == 3600.0
+        assert retry_after_s("soon") is None
+
+
+class TestDelivery:
+    async def test_503_then_200_delivers_each_once_in_order(
+        self, tmp_path: Path, receiver: HttpReceiver, outbox: Outbox
+    ) -> None:
+        """Turns queued while the webhook answers 503 are each delivered once, in order."""
+        receiver.script(Reply(503), Reply(503), Reply(502))
+        dispatcher = Dispatcher([runner("hook", config(receiver.url, secret=SECRET), outbox)],
+                                dead_letter_dir=tmp_path / "dead")
+        with capture_logs() as logs:
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for i in range(5):
+                    dispatcher.dispatch(make_turn(i))
+                await wait_delivered(receiver, 5)
+                await dispatcher.close(flush_s=5)
+        assert delivered(receiver) == [f"sess:{i}" for i in range(5)]
+        assert outbox.depth("hook") == 0
+        events = [e["event"] for e in logs]
+        assert events.count("sink.send_failed") == 1
+        assert events.count("sink.recovered") == 1
+        for request in receiver.received:
+            Webhook(SECRET).verify(request.body, request.headers)
+
+    async def test_400_goes_to_dead_letter(
+        self, tmp_path: Path, receiver: HttpReceiver, outbox: Outbox
+    ) -> None:
+        """A permanent 4xx moves the turn to the dead-letter file and delivery moves on."""
+        receiver.script(Reply(400))
+        dispatcher = Dispatcher([runner("hook", config(receiver.url), outbox)],
+                                dead_letter_dir=tmp_path / "dead")
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(make_turn(1))
+            dispatcher.dispatch(make_turn(2))
+            await wait_delivered(receiver, 1)
+            await dispatcher.close(flush_s=5)
+        assert delivered(receiver) == ["sess:2"]
+        lines = (tmp_path / "dead" / "hook.jsonl").read_text().splitlines()
+        assert len(lines) == 1
+        dead = json.loads(lines[0])
+        assert dead["record"]["id"] == "sess:1"
+        assert "answered 400" in dead["error"]
+        assert outbox.depth("hook") == 0
+
+    async def test_hanging_sink_delays_no_other_sink(
+        self, tmp_path: Path, receiver: HttpReceiver, outbox: Outbox
+    ) -> None:
+        """While one webhook hangs, another sink still gets every turn promptly."""
+        receiver.script(Reply(hang=True))
+        async with HttpReceiver() as healthy:
+            dispatcher = Dispatcher(
+                [runner("stuck", config(receiver.url, timeout_s=300), outbox),
+                 runner("fine", config(healthy.url), outbox)],
+                dead_letter_dir=tmp_path / "dead",
+            )
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for i in range(3):
+                    dispatcher.dispatch(make_turn(i))
+                await receiver.next()  # the stuck sink's request is hanging now
+                await wait_delivered(healthy, 3, within=2)
+                await dispatcher.close(flush_s=0.2)
+        assert delivered(healthy) == ["sess:0", "sess:1", "sess:2"]
+        assert outbox.depth("stuck") == 3  # kept on disk for the next run
+
+    async def test_secrets_never_logged(
+        self, tmp_path: Path, receiver: HttpReceiver, outbox: Outbox
+    ) -> None:
+        """Failure logs carry neither the secret, the header values nor the URL path."""
+        receiver.script(Reply(500), Reply(403))
+        cfg = config(receiver.url + "/tok3n-path", secret=SECRET,
+                     headers={"Authorization": "Bearer hunter2"})
+        dispatcher = Dispatcher([runner("hook", cfg, outbox)], dead_letter_dir=tmp_path / "dead")
+        with capture_logs() as logs:
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                dispatcher.dispatch(make_turn(1))
+                await receiver.next()
+                await receiver.next()
+                await dispatcher.close(flush_s=5)
+        text = repr(logs) + (tmp_path / "dead" / "hook.jsonl").read_text()
+        assert "answered 403" in text
+        for secret in (SECRET, SECRET.removeprefix("whsec_"), "hunter2", "tok3n"):
+            assert secret not in text
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.outbox import Outbox
+from plugins.webhook import WebhookConfig, WebhookSink, transcribed_sink_types
+from tests.test_outbox import make_turn
+
+async def main() -> None:
+    box = Outbox(Path(sys.argv[1]))
+    cfg = WebhookConfig.model_validate({"type": "webhook", "url": sys.argv[2]})
+    sink = WebhookSink("hook", cfg)
+    runner = SinkRunner("hook", transcribed_sink_types()[0], cfg, sink, box.queue("hook"))
+    dispatcher = Dispatcher([runner], dead_letter_dir=Path(sys.argv[1]).parent / "dead")
+    async with asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        for i in range(1000):
+            dispatcher.dispatch(make_turn(i))
+            print(i, file=sys.stderr, flush=True)
+            await asyncio.sleep(0.001)
+
+asyncio.run(main())
+"""
+
+
+class TestCrash:
+    async def test_kill_9_while_down_then_restart_delivers_all(
+        self, tmp_path: Path, receiver: HttpReceiver
+    ) -> None:
+        """Turns dispatched before a kill -9 during an outage are all delivered after a restart."""
+        receiver.script(*[Reply(503)] * 1000)
+        path = tmp_path / "outbox.sqlite3"
+        acknowledged = await asyncio.to_thread(
+            run_and_kill, CHILD, str(path), receiver.url, lines=30
+        )
+        assert delivered(receiver) == []
+        receiver.clear_script()  # the webhook is back up
+        box = Outbox(path)
+        try:
+            dispatcher = Dispatcher([runner("hook", config(receiver.url), box)],
+                                    dead_letter_dir=tmp_path / "dead")
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                await wait_delivered(receiver, len(acknowledged))
+                await dispatcher.close(flush_s=5)
+            ids = delivered(receiver)
+            assert ids[: len(acknowledged)] == [f"sess:{i}" for i in acknowledged]
+            assert len(set(ids)) == len(ids)
+            assert box.depth("hook") == 0
+        finally:
+            box.close()
