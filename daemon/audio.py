@@ -1,0 +1,436 @@
+"""Audio sources: the microphone (pyaudio in callback mode) and WAV files, plus device listing.
+
+Both implement :class:`daemon.audio_base.AudioSource`: they yield exact ``chunk_ms`` chunks of
+16-bit mono PCM at ``sample_rate``, whatever the device or file delivers (any rate, width or
+channel count is downmixed, resampled with soxr and re-chunked: see :mod:`daemon.pcm`).
+Device listing and selection live in :mod:`daemon.devices` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import pyaudio
+import structlog
+
+from daemon.devices import (
+    DeviceInfo,
+    format_devices,
+    input_devices,
+    list_devices,
+    new_pyaudio,
+    resolve_device,
+)
+from daemon.errors import AudioError
+from daemon.events import AudioChunk, SourceName
+from daemon.pcm import Converter, PcmFormat, Rechunker, WavReader, open_wav
+
+__all__ = [
+    "CaptureBridge",
+    "DeviceInfo",
+    "MicrophoneSource",
+    "PcmFormat",
+    "WavFileSource",
+    "format_devices",
+    "list_devices",
+    "resolve_device",
+]
+
+log = structlog.get_logger("daemon.audio")
+
+_READ_SECONDS: Final = 1.0  # WAV decode block
+_DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
+
+
+class WavFileSource:
+    """Streams a WAV file as exact chunks, at real-time pace or as fast as it is consumed.
+
+    Args:
+        path: any PCM (8/16/24/32-bit) or float WAV, any rate and channel count.
+        sample_rate: output rate in Hz.
+        chunk_ms: output chunk length; the last chunk is padded with silence to full length.
+        realtime: deliver each chunk when it would have been captured live.
+        clock: wall clock (POSIX seconds) used for ``captured_at``.
+    """
+
+    name: SourceName = "file"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        sample_rate: int = 16000,
+        chunk_ms: int = 100,
+        realtime: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.sample_rate = sample_rate
+        self.chunk_ms = chunk_ms
+        self.realtime = realtime
+        self._clock = clock
+        self._reader: WavReader | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def dropped_chunks(self) -> int:
+        """Always 0: a file is read no faster than it is consumed."""
+        return 0
+
+    @property
+    def duration(self) -> float:
+        """Length of the file's audio in seconds (after ``__aenter__``)."""
+        reader = self._require_open()
+        return reader.frames / reader.fmt.rate
+
+    async def __aenter__(self) -> Self:
+        self._reader = await asyncio.to_thread(open_wav, self.path)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.to_thread(reader.close)
+
+    def stop(self) -> None:
+        """End ``chunks()`` promptly (at most one chunk later)."""
+        self._stopped.set()
+
+    async def chunks(self) -> AsyncIterator[AudioChunk]:
+        """Yield the file's audio as exact chunks, then end."""
+        loop = asyncio.get_running_loop()
+        start_wall, start_loop = self._clock(), loop.time()
+        emitted = 0
+        async for chunk in self._converted(start_wall):
+            if self.realtime and not await self._wait_until(
+                start_loop + (emitted + 1) * self.chunk_ms / 1000
+            ):
+                return
+            if self._stopped.is_set():
+                return
+            yield chunk
+            emitted += 1
+
+    async def _converted(self, start_wall: float) -> AsyncIterator[AudioChunk]:
+        """Decode, convert and re-chunk the file block by block, off the event loop."""
+        reader = self._require_open()
+        converter = Converter(reader.fmt, self.sample_rate)
+        rechunker = Rechunker(self.sample_rate, self.chunk_ms)
+        block, produced = max(1, int(reader.fmt.rate * _READ_SECONDS)), 0
+        while not self._stopped.is_set():
+            data = await asyncio.to_thread(reader.read, block)
+            last = len(data) < block * reader.fmt.width * reader.fmt.channels
+            pcm = await asyncio.to_thread(converter.convert, data, last=last)
+            for chunk in rechunker.push(pcm, start_wall + produced / self.sample_rate):
+                yield chunk
+            produced += len(pcm) // 2
+            if last:
+                break
+        tail = rechunker.flush()
+        if tail is not None and not self._stopped.is_set():
+            yield tail
+
+    async def _wait_until(self, deadline: float) -> bool:
+        """Sleep until ``deadline`` (loop time); return False if stopped meanwhile."""
+        delay = deadline - asyncio.get_running_loop().time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopped.wait()
+        return not self._stopped.is_set()
+
+    def _require_open(self) -> WavReader:
+        if self._reader is None:
+            raise AudioError(f"audio file {self.path}: source used outside 'async with'")
+        return self._reader
+
+
+# --------------------------------------------------------------------------- microphone
+
+
+def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
+    """Wall-clock time of a callback buffer's first sample.
+
+    PortAudio's ADC time is on its own clock, so only its age relative to ``current_time`` is
+    used; without a usable ADC time, assume the buffer just filled up.
+    """
+    now = time.time()
+    adc = time_info.get("input_buffer_adc_time", 0.0)
+    current = time_info.get("current_time", 0.0)
+    if adc > 0 and current > 0 and 0 <= current - adc < 10:
+        return now - (current - adc)
+    return now - frames / rate
+
+
+class CaptureBridge:
+    """Carries PortAudio callback buffers into the event loop: bounded, drop-oldest, counted.
+
+    :meth:`on_audio` is the pyaudio stream callback. It runs on PortAudio's thread and only
+    schedules :meth:`_offer` on the loop, which converts, re-chunks and queues the audio.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fmt: PcmFormat,
+        *,
+        sample_rate: int,
+        chunk_ms: int,
+        queue_chunks: int,
+        label: str = "microphone",
+    ) -> None:
+        self._loop = loop
+        self._sample_rate, self._chunk_ms, self._label = sample_rate, chunk_ms, label
+        self._queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue(queue_chunks)
+        self.dropped = 0
+        self._unlogged, self._last_log = 0, -math.inf
+        self._ended = False
+        self._error: AudioError | None = None
+        self.retune(fmt)
+
+    def retune(self, fmt: PcmFormat) -> None:
+        """Start a new continuous stream in ``fmt`` (after a device reopen)."""
+        self._fmt = fmt
+        self._converter = Converter(fmt, self._sample_rate)
+        self._rechunker = Rechunker(self._sample_rate, self._chunk_ms)
+
+    def on_audio(
+        self, data: bytes | None, frames: int, time_info: Mapping[str, float], status: int
+    ) -> tuple[None, int]:
+        """The PortAudio callback: stamp the buffer and hand it to the loop, nothing else."""
+        captured_at = _capture_time(time_info, frames, self._fmt.rate)
+        try:
+            self._loop.call_soon_threadsafe(self._offer, data or b"", captured_at)
+        except RuntimeError:  # the loop has closed: end the stream instead of raising in C
+            return None, pyaudio.paComplete
+        return None, pyaudio.paContinue
+
+    def _offer(self, data: bytes, captured_at: float) -> None:
+        """On the loop: convert, re-chunk and queue, dropping the oldest chunk when full."""
+        if self._ended:
+            return
+        for chunk in self._rechunker.push(self._converter.convert(data), captured_at):
+            if self._queue.full():
+                self._queue.get_nowait()
+                self._count_drop()
+            self._queue.put_nowait(chunk)
+
+    def _count_drop(self) -> None:
+        self.dropped += 1
+        self._unlogged += 1
+        if time.monotonic() - self._last_log >= _DROP_LOG_INTERVAL:
+            self.log_drops()
+
+    def log_drops(self) -> None:
+        """Log drops not yet reported (rate-limited while dropping; call once more at the end)."""
+        if self._unlogged:
+            log.warning(
+                "audio.chunks_dropped",
+                source=self._label,
+                dropped=self._unlogged,
+                total_dropped=self.dropped,
+                queue_chunks=self._queue.maxsize,
+            )
+            self._unlogged, self._last_log = 0, time.monotonic()
+
+    def finish(self, error: AudioError | None = None) -> None:
+        """End the stream: the consumer drains what is queued, then ends (or gets ``error``)."""
+        if self._ended:
+            return
+        self._ended, self._error = True, error
+        if not self._queue.full():
+            self._queue.put_nowait(None)  # wakes a consumer blocked in get()
+        self.log_drops()
+
+    async def get(self, stall_seconds: float) -> AudioChunk | None:
+        """Next chunk, or None once finished and drained.
+
+        Raises:
+            AudioError: no audio arrived for ``stall_seconds``, or the stream failed.
+        """
+        while not (self._ended and self._queue.empty()):
+            try:
+                async with asyncio.timeout(stall_seconds):
+                    item = await self._queue.get()
+            except TimeoutError:
+                raise AudioError(
+                    f"{self._label}: no audio for {stall_seconds:g} s (device stalled or gone)"
+                ) from None
+            if item is not None:
+                return item
+        if self._error is not None:
+            raise self._error
+        return None
+
+
+class MicrophoneSource:
+    """Captures a PortAudio input device in callback mode as exact chunks.
+
+    Args:
+        device: '' = the default input; an integer string = a device index; else a
+            case-insensitive substring of the device name.
+        sample_rate: output rate; the device is opened at it when supported, else at its
+            default rate and resampled (streaming, seamless across chunks).
+        chunk_ms: output chunk length.
+        queue_chunks: chunks held for a slow consumer before the oldest are dropped.
+        stall_seconds: no audio for this long raises :class:`AudioError` from ``chunks()``.
+    """
+
+    name: SourceName = "microphone"
+
+    def __init__(
+        self,
+        device: str = "",
+        *,
+        sample_rate: int = 16000,
+        chunk_ms: int = 100,
+        queue_chunks: int = 50,
+        stall_seconds: float = 5.0,
+    ) -> None:
+        self.device = device
+        self.sample_rate = sample_rate
+        self.chunk_ms = chunk_ms
+        self.queue_chunks = queue_chunks
+        self.stall_seconds = stall_seconds
+        self.device_info: DeviceInfo | None = None
+        self.capture_format: PcmFormat | None = None
+        self._pa: pyaudio.PyAudio | None = None
+        self._stream: pyaudio.Stream | None = None
+        self._bridge: CaptureBridge | None = None
+
+    @property
+    def dropped_chunks(self) -> int:
+        """Chunks dropped because the consumer fell behind."""
+        return self._bridge.dropped if self._bridge is not None else 0
+
+    async def __aenter__(self) -> Self:
+        self._pa = await asyncio.to_thread(new_pyaudio)
+        try:
+            await self._open()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    def stop(self) -> None:
+        """End ``chunks()`` once what is already queued has been consumed."""
+        if self._bridge is not None:
+            self._bridge.finish()
+
+    async def chunks(self) -> AsyncIterator[AudioChunk]:
+        """Yield chunks until ``stop()``; capture failures raise :class:`AudioError`."""
+        if self._bridge is None:
+            raise AudioError(f"microphone {self.device!r}: source used outside 'async with'")
+        while (chunk := await self._bridge.get(self.stall_seconds)) is not None:
+            yield chunk
+
+    async def reopen(self) -> None:
+        """Close and reopen the device, keeping the queue and counters (for reconnects)."""
+        await self._close_stream()
+        await self._open()
+
+    async def _open(self) -> None:
+        pa = self._pa
+        assert pa is not None  # set by __aenter__
+        info, fmt = await asyncio.to_thread(self._choose, pa)
+        if self._bridge is None:
+            self._bridge = CaptureBridge(
+                asyncio.get_running_loop(),
+                fmt,
+                sample_rate=self.sample_rate,
+                chunk_ms=self.chunk_ms,
+                queue_chunks=self.queue_chunks,
+                label=f"microphone {info.name!r}",
+            )
+        else:
+            self._bridge.retune(fmt)
+        self._stream = await asyncio.to_thread(self._open_stream, pa, info, fmt, self._bridge)
+        self.device_info, self.capture_format = info, fmt
+        log.info(
+            "audio.device_opened",
+            device=info.name,
+            index=info.index,
+            capture_rate=fmt.rate,
+            channels=fmt.channels,
+            sample_rate=self.sample_rate,
+        )
+
+    def _choose(self, pa: pyaudio.PyAudio) -> tuple[DeviceInfo, PcmFormat]:
+        """Blocking: resolve the device and a 16-bit format it supports."""
+        info = resolve_device(input_devices(pa), self.device)
+        for rate in dict.fromkeys((self.sample_rate, info.default_sample_rate)):
+            for channels in dict.fromkeys((1, min(2, info.max_input_channels))):
+                with contextlib.suppress(ValueError):
+                    if pa.is_format_supported(
+                        rate,
+                        input_device=info.index,
+                        input_channels=channels,
+                        input_format=pyaudio.paInt16,
+                    ):
+                        return info, PcmFormat(rate, channels, 2)
+        raise AudioError(
+            f"microphone {info.name!r} (device {info.index}): no 16-bit input at "
+            f"{self.sample_rate} Hz or {info.default_sample_rate} Hz"
+        )
+
+    def _open_stream(
+        self, pa: pyaudio.PyAudio, info: DeviceInfo, fmt: PcmFormat, bridge: CaptureBridge
+    ) -> pyaudio.Stream:
+        """Blocking: open and start the callback-mode input stream."""
+        try:
+            return pa.open(
+                rate=fmt.rate,
+                channels=fmt.channels,
+                format=pyaudio.paInt16,
+                input=True,
+                input_device_index=info.index,
+                frames_per_buffer=fmt.rate * self.chunk_ms // 1000,
+                stream_callback=bridge.on_audio,
+            )
+        except OSError as exc:
+            raise AudioError(
+                f"microphone {info.name!r} (device {info.index}): cannot open at "
+                f"{fmt.rate} Hz ({exc})"
+            ) from None
+
+    async def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await asyncio.to_thread(_stop_stream, stream)
+
+    async def _close(self) -> None:
+        await self._close_stream()
+        if self._bridge is not None:
+            self._bridge.finish()
+        pa, self._pa = self._pa, None
+        if pa is not None:
+            await asyncio.to_thread(pa.terminate)
+
+
+def _stop_stream(stream: pyaudio.Stream) -> None:
+    """Blocking: stop and close a stream, ignoring a device that is already gone."""
+    with contextlib.suppress(OSError):
+        stream.stop_stream()
+    with contextlib.suppress(OSError):
+        stream.close()

@@ -1,0 +1,129 @@
+"""Audio input devices as PortAudio sees them: listing, the ``devices`` table, selection."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyaudio
+
+from daemon.errors import AudioError
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """One audio input device as PortAudio reports it."""
+
+    index: int
+    name: str
+    default_sample_rate: int
+    max_input_channels: int
+    is_default: bool
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Point fd 2 at /dev/null for a moment: PortAudio/ALSA/JACK print probing noise there."""
+    with _stderr_lock:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to protect
+            yield
+            return
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def new_pyaudio() -> pyaudio.PyAudio:
+    """Initialise PortAudio (blocking, ~100 ms) without its stderr noise."""
+    with stderr_silenced():
+        return pyaudio.PyAudio()
+
+
+def input_devices(pa: pyaudio.PyAudio) -> list[DeviceInfo]:
+    """Enumerate the input devices of an initialised PortAudio."""
+    try:
+        default = int(pa.get_default_input_device_info()["index"])
+    except OSError:
+        default = -1
+    devices = []
+    for index in range(pa.get_device_count()):
+        info = pa.get_device_info_by_index(index)
+        if int(info["maxInputChannels"]) > 0:
+            devices.append(
+                DeviceInfo(
+                    index=index,
+                    name=str(info["name"]),
+                    default_sample_rate=round(float(info["defaultSampleRate"])),
+                    max_input_channels=int(info["maxInputChannels"]),
+                    is_default=index == default,
+                )
+            )
+    return devices
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Return the audio input devices (blocking: call it via ``asyncio.to_thread`` in a loop)."""
+    pa = new_pyaudio()
+    try:
+        return input_devices(pa)
+    finally:
+        pa.terminate()
+
+
+def format_devices(devices: list[DeviceInfo]) -> str:
+    """Render devices as the table ``transcribed devices`` prints (``*`` marks the default)."""
+    if not devices:
+        return "no audio input devices found"
+    width = max(4, *(len(d.name) for d in devices))
+    lines = [f"{'INDEX':>5}  {'NAME':<{width}}  {'RATE':>6}  {'CHANNELS':>8}  DEFAULT"]
+    for d in devices:
+        mark = "*" if d.is_default else ""
+        lines.append(
+            f"{d.index:>5}  {d.name:<{width}}  {d.default_sample_rate:>6}  "
+            f"{d.max_input_channels:>8}  {mark}"
+        )
+    return "\n".join(lines)
+
+
+def _describe(devices: list[DeviceInfo]) -> str:
+    """One-line list of input devices for error messages."""
+    return ", ".join(f"{d.index} {d.name!r}" for d in devices) or "none"
+
+
+def resolve_device(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
+    """Pick a device per SPEC: '' = default, an integer = index, else a name substring.
+
+    Raises:
+        AudioError: nothing matches; the message lists the available input devices.
+    """
+    spec = spec.strip()
+    if not spec:
+        found = next((d for d in devices if d.is_default), None)
+        problem = "no default audio input device"
+    elif spec.isdigit():
+        found = next((d for d in devices if d.index == int(spec)), None)
+        problem = f"audio device {spec} not found or not an input"
+    else:
+        needle = spec.casefold()
+        found = next((d for d in devices if d.name.casefold() == needle), None) or next(
+            (d for d in devices if needle in d.name.casefold()), None
+        )
+        problem = f"no audio input device matches {spec!r}"
+    if found is None:
+        raise AudioError(f"{problem}; available input devices: {_describe(devices)}")
+    return found
