@@ -21,7 +21,14 @@ from typing import Any, Final, Literal, Self
 
 import aiomqtt
 import structlog
-from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from daemon.config import read_secret_file
 from daemon.errors import SinkError
@@ -90,8 +97,6 @@ class MqttConfig(SinkConfig):
     def _consistent(self) -> Self:
         if self.password.get_secret_value() and not self.username:
             raise ValueError("a password needs a username")
-        if self.ca_file and not self.tls:
-            raise ValueError("ca_file is set but tls = false")
         return self
 
     @field_validator("topic")
@@ -106,7 +111,9 @@ class MqttConfig(SinkConfig):
 
     @field_validator("ca_file")
     @classmethod
-    def _loadable_ca(cls, value: str) -> str:
+    def _loadable_ca(cls, value: str, info: ValidationInfo) -> str:
+        if value and not info.data.get("tls"):
+            raise ValueError("ca_file is set but tls = false")
         if value:
             _tls_context(value)
         return value
