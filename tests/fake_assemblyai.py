@@ -219,7 +219,7 @@ class SessionParams:
         if params.encoding not in ("pcm_s16le", "pcm_mulaw"):
             raise _InputError(f"Invalid 'encoding': {params.encoding!r}")
         if "keyterms_prompt" in query:
-            params.keyterms_prompt = _keyterms(query["keyterms_prompt"])
+            params.keyterms_prompt = _keyterms_query(query["keyterms_prompt"])
         _apply_turn_settings(params.turns, one)
         if "language_detection" in one:
             params.turns.language_detection = _boolean(one, "language_detection")
@@ -245,19 +245,25 @@ def _boolean(values: Mapping[str, Any], name: str) -> bool:
     raise _InputError(f"Invalid '{name}': {value!r} is not true or false")
 
 
-def _keyterms(raw: list[str] | Any) -> list[str]:
-    if isinstance(raw, list) and raw and isinstance(raw[0], str):
-        if len(raw) != 1:
-            raise _InputError("Invalid 'keyterms_prompt': Value error, Invalid JSON array")
-        try:
-            raw = json.loads(raw[0])
-        except json.JSONDecodeError:
-            raise _InputError(
-                "Invalid 'keyterms_prompt': Value error, Invalid JSON array"
-            ) from None
-    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw) or len(raw) > 100:
+def _keyterms(value: Any) -> list[str]:
+    """Validate a decoded keyterms list (≤100 strings)."""
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(t, str) for t in value)
+        or len(value) > 100
+    ):
         raise _InputError("Invalid 'keyterms_prompt': Value error, Invalid JSON array")
-    return list(raw)
+    return list(value)
+
+
+def _keyterms_query(values: list[str]) -> list[str]:
+    """Decode ``keyterms_prompt`` from the query: exactly one JSON array parameter."""
+    if len(values) != 1:
+        raise _InputError("Invalid 'keyterms_prompt': Value error, Invalid JSON array")
+    try:
+        return _keyterms(json.loads(values[0]))
+    except json.JSONDecodeError:
+        raise _InputError("Invalid 'keyterms_prompt': Value error, Invalid JSON array") from None
 
 
 def _apply_turn_settings(turns: TurnSettings, values: Mapping[str, Any]) -> None:

@@ -45,6 +45,7 @@ class TurnBuilder:
         self.turn_order = 0
         self._words: list[int] = []
         self._utterance = -1
+        self._tail_shown = -1
 
     def feed(self, samples: Int16Array) -> list[dict[str, Any]]:
         """Take received samples; return the messages they cause, in order."""
@@ -56,8 +57,10 @@ class TurnBuilder:
                 messages += self.end_turn()
             self._utterance = utterance
             self._words.append(word_id)
-        if new:
-            messages.append(self._partial())
+        tail = self._tail()
+        if new or (tail is not None and tail != self._tail_shown):
+            messages.append(self._partial(tail))
+            self._tail_shown = -1 if tail is None else tail
         if self._turn_is_over():
             messages += self.end_turn()
         return messages
@@ -77,6 +80,7 @@ class TurnBuilder:
         self.turn_order += 1
         self._words = []
         self._utterance = -1
+        self._tail_shown = -1
         return messages
 
     def _turn_is_over(self) -> bool:
@@ -99,17 +103,18 @@ class TurnBuilder:
             "word_is_final": final,
         }
 
-    def _tail(self) -> list[dict[str, Any]]:
-        """The next, partly received word of the utterance, as a non-final word."""
+    def _tail(self) -> int | None:
+        """The next word of the utterance if it is partly (≥ 30 %) but not fully received."""
+        if not self._words:
+            return None
         following = [w for w in self.index.utterance_words[self._utterance] if w > self._words[-1]]
         if not following or following[0] in self.hearing.heard:
-            return []
-        if self.hearing.coverage(following[0]) < _TAIL_FRACTION:
-            return []
-        return [self._word(following[0], formatted=False, final=False)]
+            return None
+        return following[0] if self.hearing.coverage(following[0]) >= _TAIL_FRACTION else None
 
-    def _partial(self) -> dict[str, Any]:
+    def _partial(self, tail: int | None) -> dict[str, Any]:
         words = [self._word(w, formatted=False, final=True) for w in self._words]
+        pending = [] if tail is None else [self._word(tail, formatted=False, final=False)]
         return {
             "type": "Turn",
             "turn_order": self.turn_order,
@@ -118,7 +123,7 @@ class TurnBuilder:
             "transcript": " ".join(w["text"] for w in words),
             "end_of_turn_confidence": PARTIAL_CONFIDENCE,
             "utterance": "",
-            "words": words + self._tail(),
+            "words": words + pending,
         }
 
     def _final(self, *, formatted: bool) -> dict[str, Any]:
