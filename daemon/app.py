@@ -119,7 +119,8 @@ def build_source(settings: Settings) -> AudioSource:
         return WavFileSource(
             Path(audio.path).expanduser(), sample_rate=audio.sample_rate, chunk_ms=audio.chunk_ms
         )
-    return MicrophoneSource(audio.device, sample_rate=audio.sample_rate, chunk_ms=audio.chunk_ms)
+    return MicrophoneSource(audio.device, sample_rate=audio.sample_rate, chunk_ms=audio.chunk_ms,
+                            stall_seconds=audio.stall_seconds)
 
 
 def build_engine(

@@ -110,7 +110,8 @@ class TestErrors:
 
 
 class TestCheckConfigCommand:
-    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*TRANSCRIBED, *args], capture_output=True, text=True, cwd=REPO,
                               env={**os.environ, **(env or {})}, timeout=60, check=False)
 

@@ -53,7 +53,8 @@ class TestParse:
         """Typed Error frames and legacy untyped {"error": …} frames are both errors."""
         assert parse_message('{"type":"Error","error_code":3006,"error":"bad"}') == \
             ServerError(3006, "bad")
-        assert parse_message('{"error":"Model deprecated"}') == ServerError(None, "Model deprecated")
+        legacy = parse_message('{"error":"Model deprecated"}')
+        assert legacy == ServerError(None, "Model deprecated")
         assert parse_message('{"type":"Warning","warning_code":7,"warning":"slow"}') == \
             ServerWarning(7, "slow")
 

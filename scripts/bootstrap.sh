@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent setup for a Debian/Ubuntu machine: apt packages, a virtualenv in .venv, and the
+# project with its pinned dependencies. Safe to run again; does nothing that is already done.
+#   scripts/bootstrap.sh            runtime + offline engine
+#   scripts/bootstrap.sh --dev      also test/lint tools and the packages the tests need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0; [[ "${1:-}" == "--dev" ]] && DEV=1
+
+APT=(python3 python3-venv python3-dev gcc portaudio19-dev)
+# the test suite's real parts: PulseAudio virtual microphone, mosquitto, systemd-analyze
+[[ $DEV == 1 ]] && APT+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto systemd openssl)
+
+missing=()
+for pkg in "${APT[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+  echo "bootstrap: installing apt packages: ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "bootstrap: transcribed needs Python >= 3.11 (found $("$PY" --version 2>&1))" >&2; exit 1
+fi
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+EXTRAS="local"; [[ $DEV == 1 ]] && EXTRAS="local,dev"
+stamp=".venv/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)-$EXTRAS"
+if [[ ! -e "$stamp" ]]; then
+  echo "bootstrap: installing Python packages into .venv ($EXTRAS)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[$EXTRAS]"
+  rm -f .venv/.installed-* && touch "$stamp"
+fi

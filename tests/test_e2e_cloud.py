@@ -1,0 +1,123 @@
+"""End to end: the real ``transcribed run`` streaming WAV files to the fake v3 service."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SPEECH_DIR, TRANSCRIPTS
+from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
+from tests.fake_assemblyai import FakeAssemblyAI
+from tests.fake_assemblyai_speech import load_speech_references
+
+S1, S2 = "espeak-s1.wav", "espeak-s2.wav"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAssemblyAI]:
+    async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1, S2)) as server:
+        yield server
+
+
+class TestHappyPath:
+    async def test_wav_to_file_sink(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """A WAV file: one formatted record per turn, 100 ms chunks at real time, exit 0."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config))
+        assert result.code == 0, result.stderr
+        turns = read_turns(tmp_path / "turns.jsonl")
+        assert [t["transcript"] for t in turns] == [TRANSCRIPTS[S1]]
+        record = turns[0]
+        assert record["id"] == f"{record['session_id']}:{record['turn_order']}"
+        assert record["engine"] == "assemblyai" and record["source"] == "file"
+        assert record["words"][0]["start_ms"] == 0 and record["started_at"] < record["ended_at"]
+        session = fake.sessions[0]
+        durations = [f.duration_ms for f in session.frames]
+        assert all(d == 100 for d in durations[:-1]) and 50 <= durations[-1] <= 100
+        assert session.close_code == 1000 and session.closed_by != "abort"
+        assert "Terminate" in "".join(session.texts)
+
+    async def test_credentials_stay_private(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """The API key goes only to the token endpoint, never to the socket or any output."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config))
+        assert result.code == 0
+        assert all(r.headers.get("authorization") == fake.api_key for r in fake.token_requests)
+        session = fake.sessions[0]
+        assert fake.api_key not in str(session.query) + str(session.headers)
+        token = session.query["token"][0]
+        for text in (result.stdout, result.stderr):
+            assert fake.api_key not in text and token not in text
+        params = session.params
+        assert params is not None and params.speech_model == "universal-streaming-english"
+
+
+class TestFailures:
+    async def test_rejected_key_exits_77(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """A key the token endpoint rejects: one retry, then exit 77 naming what to fix."""
+        fake.faults.key_revoked = True
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20)
+        assert result.code == 77
+        assert "assemblyai.api_key" in result.stderr
+        assert fake.api_key not in result.stderr + result.stdout
+        assert len(fake.token_requests) == 2
+
+    async def test_socket_1008_twice_exits_77(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """Sessions closed 1008 twice: one retry with a fresh token, then exit 77."""
+        fake.faults.reject_handshake = [1008, 1008]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20)
+        assert result.code == 77
+        tokens = [s.query["token"][0] for s in fake.sessions]
+        assert len(tokens) == 2 and tokens[0] != tokens[1]
+
+    async def test_settings_rejected_exits_78(self, fake: FakeAssemblyAI,
+                                              tmp_path: Path) -> None:
+        """A 3006 from the service is a configuration error: exit 78 with its message."""
+        fake.faults.error_after_audio_ms(300, code=3006,
+                                         message="User Input Validation Error: bad sample_rate")
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20)
+        assert result.code == 78
+        assert "bad sample_rate" in result.stderr
+
+    async def test_garbage_frame_survived(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """A frame of garbage from the server is logged and the turn still arrives."""
+        fake.faults.send_garbage("non_json", after_audio_ms=500)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config))
+        assert result.code == 0, result.stderr
+        assert result.events("session.bad_frame")
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
+    async def test_drop_mid_turn_loses_nothing(self, fake: FakeAssemblyAI,
+                                               tmp_path: Path) -> None:
+        """An abrupt TCP drop mid-turn: reconnect, replay, the turn arrives once, whole."""
+        fake.faults.drop_after_audio_ms(1500)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config))
+        assert result.code == 0, result.stderr
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+        assert len(fake.sessions) == 2 and fake.sessions[0].closed_by == "abort"
+
+
+async def test_sigterm_mid_turn_delivers(fake: FakeAssemblyAI, tmp_path: Path) -> None:
+    """SIGTERM mid-turn: capture stops, Terminate, the turn so far is delivered, exit 0."""
+    config = cloud_config(tmp_path, fake, SPEECH_DIR / S2)
+    daemon = await Daemon.start("run", "--config", str(config))
+    session = await asyncio.wait_for(fake.wait_for_session(0), 15)
+    await asyncio.wait_for(session.wait_for(lambda s: s.audio_ms >= 2500), 15)
+    daemon.signal(signal.SIGTERM)
+    result = await daemon.finish(15)
+    assert result.code == 0, result.stderr
+    turns = read_turns(tmp_path / "turns.jsonl")
+    assert len(turns) == 1
+    heard = turns[0]["transcript"].rstrip(".").split()
+    assert 3 <= len(heard) < len(TRANSCRIPTS[S2].split())
+    assert TRANSCRIPTS[S2].startswith(" ".join(heard))
+    assert "Terminate" in "".join(session.texts)

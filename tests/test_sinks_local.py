@@ -1,0 +1,184 @@
+"""The file and console sinks, the dispatcher's isolation, and third-party sinks by entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pytest
+
+from daemon.commands import synthetic_turn
+from daemon.dispatch import Dispatcher, MemoryQueue, SinkRunner
+from daemon.errors import PermanentSinkError, SinkError
+from daemon.events import TurnRecord
+from daemon.plugins import SinkConfig, SinkContext, SinkType, load_plugins
+from plugins.console import ConsoleSink, ConsoleSinkConfig
+from plugins.file import FileSink, FileSinkConfig
+from tests.conftest import REPO, TRANSCRIBED
+
+CONTEXT = SinkContext(host="h", state_dir=Path("/nonexistent"))
+
+
+def record(order: int, text: str = "hello") -> TurnRecord:
+    base = synthetic_turn("h")
+    return TurnRecord(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
+                         "session_id": "s", "turn_order": order, "transcript": text})
+
+
+class TestFileSink:
+    async def test_jsonl_per_spec(self, tmp_path: Path) -> None:
+        """Each record is one JSON line with the SPEC's fields, in order."""
+        path = tmp_path / "deep" / "turns.jsonl"
+        async with FileSink("j", FileSinkConfig(type="file", path=str(path)), CONTEXT) as sink:
+            for i in range(3):
+                await sink.send(record(i, f"turn {i}"))
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [line["id"] for line in lines] == ["s:0", "s:1", "s:2"]
+        assert list(lines[0]) == ["id", "session_id", "turn_order", "transcript", "started_at",
+                                  "ended_at", "end_of_turn_confidence", "words",
+                                  "language_code", "engine", "source", "host"]
+        assert lines[0]["started_at"].endswith("Z")
+
+    async def test_rotation_keeps_n(self, tmp_path: Path) -> None:
+        """With rotate_bytes the file rotates to .1, .2 … and only `keep` are kept."""
+        path = tmp_path / "t.jsonl"
+        config = FileSinkConfig(type="file", path=str(path), rotate_bytes=700, keep=2, fsync=False)
+        async with FileSink("j", config, CONTEXT) as sink:
+            for i in range(12):
+                await sink.send(record(i))
+        rotated = sorted(p.name for p in tmp_path.iterdir())
+        assert rotated == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
+        assert all(p.stat().st_size <= 700 for p in tmp_path.iterdir())
+        ids = [json.loads(x)["id"] for p in ("t.jsonl.2", "t.jsonl.1", "t.jsonl")
+               for x in (tmp_path / p).read_text().splitlines()]
+        assert ids == [f"s:{i}" for i in range(12 - len(ids), 12)]
+
+    async def test_torn_line_closed_off(self, tmp_path: Path) -> None:
+        """A line torn by a crash does not swallow the next record."""
+        path = tmp_path / "t.jsonl"
+        path.write_text('{"id": "torn')
+        async with FileSink("j", FileSinkConfig(type="file", path=str(path)), CONTEXT) as sink:
+            await sink.send(record(1))
+        assert json.loads(path.read_text().splitlines()[1])["id"] == "s:1"
+
+    async def test_unwritable_is_sink_error(self, tmp_path: Path) -> None:
+        """A path that cannot be written raises SinkError naming it."""
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        sink = FileSink("j", FileSinkConfig(type="file", path=str(blocker / "x.jsonl")), CONTEXT)
+        with pytest.raises(SinkError, match=r"x\.jsonl"):
+            await sink.send(record(0))
+
+
+async def test_console_text_and_json() -> None:
+    """The console sink writes a text line or a JSON line."""
+    out = io.StringIO()
+    async with ConsoleSink("c", ConsoleSinkConfig(type="console"), CONTEXT, out) as sink:
+        await sink.send(record(0, "Hello there."))
+    async with ConsoleSink("c", ConsoleSinkConfig(type="console", format="json"), CONTEXT,
+                           out) as sink:
+        await sink.send(record(1))
+    text, line = out.getvalue().splitlines()
+    assert text.endswith("] Hello there.")
+    assert json.loads(line)["id"] == "s:1"
+
+
+class ScriptedSink:
+    """A sink whose behaviour each test scripts: fail, hang, or record."""
+
+    def __init__(self, failures: list[Exception] | None = None, hang: bool = False) -> None:
+        self.failures = failures or []
+        self.hang = hang
+        self.got: list[str] = []
+        self.arrived = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        return None
+
+    async def send(self, record: TurnRecord) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.failures:
+            raise self.failures.pop(0)
+        self.got.append(record.id)
+        self.arrived.set()
+
+
+def runner(name: str, sink: ScriptedSink) -> SinkRunner:
+    sink_type = SinkType("scripted", SinkConfig, lambda *_: sink)
+    return SinkRunner(name, sink_type, SinkConfig(type="scripted"), sink, MemoryQueue())
+
+
+class TestDispatcher:
+    async def test_hung_sink_stalls_nothing(self, tmp_path: Path) -> None:
+        """A sink that never answers delays no other sink."""
+        hung, fine = ScriptedSink(hang=True), ScriptedSink()
+        dispatcher = Dispatcher([runner("hung", hung), runner("fine", fine)],
+                                dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(record(0))
+            async with asyncio.timeout(2):
+                await fine.arrived.wait()
+            await dispatcher.close(0.1)
+        assert fine.got == ["s:0"]
+
+    async def test_transient_retried_in_order(self, tmp_path: Path) -> None:
+        """Transient failures are retried; records still arrive once each, in order."""
+        sink = ScriptedSink([SinkError("down"), SinkError("still down")])
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            for i in range(3):
+                dispatcher.dispatch(record(i))
+            await dispatcher.close(10)
+        assert sink.got == ["s:0", "s:1", "s:2"]
+
+    async def test_permanent_dead_lettered(self, tmp_path: Path) -> None:
+        """A permanent failure moves the record to the dead-letter file and goes on."""
+        sink = ScriptedSink([PermanentSinkError("400 bad request")])
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(record(0))
+            dispatcher.dispatch(record(1))
+            await dispatcher.close(10)
+        assert sink.got == ["s:1"]
+        dead = json.loads((tmp_path / "s.jsonl").read_text())
+        assert dead["record"]["id"] == "s:0" and "400" in dead["error"]
+
+
+class TestPlugins:
+    def test_builtins_pass_check_pending(self) -> None:
+        """Built-in plugins register cleanly and provide the file and console types."""
+        host = load_plugins(entry_points=False)
+        assert {"file", "console"} <= set(host.sink_types())
+
+    def test_entry_point_sink(self, tmp_path: Path) -> None:
+        """A third-party sink installed under `transcribed.sinks` is found and used."""
+        dist = tmp_path / "site" / "transcribed_example_sink-0.1.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: transcribed-example-sink\n"
+                                       "Version: 0.1\n")
+        (dist / "entry_points.txt").write_text(
+            "[transcribed.sinks]\nexample = transcribed_example_sink\n")
+        out = tmp_path / "example.txt"
+        config = tmp_path / "c.toml"
+        config.write_text(f'[sinks.mine]\ntype = "example"\npath = "{out}"\n')
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path / "site"), str(REPO / "tests" / "example_sink"), str(REPO)])}
+        result = subprocess.run([*TRANSCRIBED, "test-sinks", "--config", str(config)],
+                                capture_output=True, text=True, env=env, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        assert "mine (example): delivered" in result.stdout
+        assert "This is a test turn from transcribed." in out.read_text()
