@@ -206,6 +206,10 @@ class MqttSink:
                     log.warning("mqtt.disconnected" if was_connected else "mqtt.connect_failed",
                                 sink=self.name, broker=self._where, error=self._last_error)
                 failing = True
+            except Exception:  # supervision boundary: the connection task must never die
+                log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
+                self._last_error = "internal error (see log)"
+                failing = True
             finally:
                 self._connected.clear()
                 self._client = None
