@@ -26,6 +26,7 @@ from daemon.audio import (
     list_devices,
     resolve_device,
 )
+from daemon.audio_base import AudioSource
 from daemon.errors import AudioError
 from daemon.events import AudioChunk
 from tests.conftest import SPEECH_DIR
@@ -110,6 +111,13 @@ def speech_pcm() -> Int16s:
 
 
 # ----------------------------------------------------------------------------- WAV files
+
+
+def test_sources_implement_the_protocol(tmp_path: Path) -> None:
+    """Both sources satisfy AudioSource (checked by mypy) and name themselves for turn records."""
+    sources: list[AudioSource] = [WavFileSource(tmp_path / "x.wav"), MicrophoneSource()]
+    assert [s.name for s in sources] == ["file", "microphone"]
+    assert [s.dropped_chunks for s in sources] == [0, 0]
 
 
 class TestWavConversion:
@@ -450,6 +458,15 @@ class TestMicrophone:
             mic.stop()
             rest = [chunk async for chunk in chunks]
         assert len(rest) < 50
+
+    async def test_reopen_keeps_the_chunk_stream(self, mic_env: VirtualMic) -> None:
+        """reopen() swaps the device stream under a running iterator, which keeps yielding."""
+        async with MicrophoneSource() as mic, asyncio.timeout(5):
+            chunks = mic.chunks()
+            await anext(chunks)
+            await mic.reopen()
+            after = [await anext(chunks) for _ in range(3)]
+        assert {len(c.pcm) for c in after} == {CHUNK_BYTES}
 
     async def test_other_rate_and_chunk_length(self, mic_env: VirtualMic) -> None:
         """A different output rate and chunk length are honoured exactly."""
