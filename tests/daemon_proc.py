@@ -106,7 +106,8 @@ class Daemon:
         except TimeoutError:
             self.process.kill()
             out, err = await self.process.communicate()
-            raise AssertionError(f"daemon did not exit within {limit_s} s:\n{err.decode()}") from None
+            message = f"daemon did not exit within {limit_s} s:\n{err.decode()}"
+            raise AssertionError(message) from None
         assert self.process.returncode is not None
         return Finished(self.process.returncode, out.decode(), err.decode())
 
