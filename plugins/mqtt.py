@@ -244,6 +244,8 @@ class MqttSink:
 def _describe(exc: aiomqtt.MqttError) -> str:
     """One line about a connection failure, with a hint when credentials were refused."""
     text = str(exc) or type(exc).__name__
+    if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
+        text = f"{text}: {exc.__cause__}"
     code = getattr(exc.rc, "value", exc.rc) if isinstance(exc, aiomqtt.MqttCodeError) else None
     if code in _AUTH_REFUSED:
         return f"broker refused the connection ({text}): check username and password"

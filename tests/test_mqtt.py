@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
@@ -22,8 +23,12 @@ from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
+from plugins.webhook import WebhookConfig, WebhookSink
+from plugins.webhook import transcribed_sink_types as webhook_types
+from tests.http_receiver import HttpReceiver, Reply
 from tests.mosquitto import Mosquitto, Subscriber, make_certs
 from tests.test_outbox import ROOT, make_turn
+from tests.test_webhook import SECRET, delivered, wait_delivered
 
 HOST = "testhost"
 
@@ -120,6 +125,42 @@ class TestDelivery:
             await dispatcher.close(flush_s=5)
         assert seen == [f"sess:{i}" for i in range(15)]
         assert outbox.depth("bus") == 0
+
+
+class TestBothSinks:
+    async def test_webhook_503s_and_broker_restart(
+        self, tmp_path: Path, broker: Mosquitto, outbox: Outbox
+    ) -> None:
+        """With a webhook answering 503 at first and a broker restart, both get every turn."""
+        async with HttpReceiver() as receiver:
+            receiver.script(Reply(503), Reply(503), Reply(503))
+            hook_cfg = WebhookConfig.model_validate(
+                {"type": "webhook", "url": receiver.url, "secret": SECRET}
+            )
+            hook = SinkRunner("hook", webhook_types()[0], hook_cfg,
+                              WebhookSink("hook", hook_cfg), outbox.queue("hook"))
+            dispatcher = Dispatcher([runner(config(broker), outbox), hook],
+                                    dead_letter_dir=tmp_path / "dead")
+            seen: list[str] = []
+            async with Subscriber(broker, "transcribed/+/turn") as subscriber, \
+                    asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for i in range(5):
+                    dispatcher.dispatch(make_turn(i))
+                await collect_ids(subscriber, seen, 3)
+                await asyncio.to_thread(broker.stop)
+                for i in range(5, 10):
+                    dispatcher.dispatch(make_turn(i))
+                await asyncio.to_thread(broker.start)
+                await collect_ids(subscriber, seen, 10, within=20)
+                await wait_delivered(receiver, 10)
+                await dispatcher.close(flush_s=5)
+        expected = [f"sess:{i}" for i in range(10)]
+        assert seen == expected
+        assert delivered(receiver) == expected
+        for request in receiver.received:
+            Webhook(SECRET).verify(request.body, request.headers)
+        assert outbox.sinks() == {}
 
 
 class TestAvailability:
