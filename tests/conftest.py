@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from tests.vmic import VirtualMic
+
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_DIR = REPO / "tests" / "data" / "speech"
 TRANSCRIPTS: dict[str, str] = json.loads((SPEECH_DIR / "transcripts.json").read_text())
@@ -28,6 +30,13 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def vmic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualMic]:
+    """A private PulseAudio acting as the default microphone, for the whole session."""
+    with VirtualMic.running(tmp_path_factory.mktemp("vmic")) as mic:
+        yield mic
 
 
 @pytest.fixture

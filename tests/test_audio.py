@@ -372,13 +372,6 @@ class TestDeviceSelection:
 # ----------------------------------------------------------------------------- virtual mic
 
 
-@pytest.fixture(scope="session")
-def vmic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VirtualMic]:
-    """A private PulseAudio acting as the default microphone, for the whole session."""
-    with VirtualMic.running(tmp_path_factory.mktemp("vmic")) as mic:
-        yield mic
-
-
 @pytest.fixture
 def mic_env(vmic: VirtualMic) -> Iterator[VirtualMic]:
     """The virtual mic, with this process's PortAudio pointed at it."""

@@ -13,6 +13,7 @@ from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
+from tests.vmic import VirtualMic
 
 S1, S2 = "espeak-s1.wav", "espeak-s2.wav"
 
@@ -121,3 +122,18 @@ async def test_sigterm_mid_turn_delivers(fake: FakeAssemblyAI, tmp_path: Path) -
     assert 3 <= len(heard) < len(TRANSCRIPTS[S2].split())
     assert TRANSCRIPTS[S2].startswith(" ".join(heard))
     assert "Terminate" in "".join(session.texts)
+
+
+async def test_virtual_microphone(fake: FakeAssemblyAI, vmic: VirtualMic, tmp_path: Path) -> None:
+    """Speech played into the (virtual) default microphone lands in the JSONL file."""
+    config = cloud_config(tmp_path, fake, None)
+    daemon = await Daemon.start("run", "--config", str(config), env=vmic.env())
+    session = await asyncio.wait_for(fake.wait_for_session(0), 15)
+    await asyncio.wait_for(session.wait_begun(), 15)
+    await vmic.play(SPEECH_DIR / S1)
+    await asyncio.wait_for(session.wait_for(lambda s: bool(s.finals(formatted=True))), 15)
+    daemon.signal(signal.SIGTERM)
+    result = await daemon.finish(15)
+    assert result.code == 0, result.stderr
+    assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+    assert read_turns(tmp_path / "turns.jsonl")[0]["source"] == "microphone"
