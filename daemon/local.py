@@ -7,9 +7,10 @@ Pipeline, all on the event loop except the recogniser:
 
 1. Each chunk goes through :class:`~daemon.vad.SileroStream` (~0.1 ms per 32 ms frame) and the
    :class:`~daemon.vad.Endpointer`.
-2. When the speaker has paused for 200 ms the turn's audio is handed to a single worker thread
-   *speculatively*; if the pause reaches ``end_silence_ms`` the result is committed (so the
-   recogniser's ~0.4 s overlaps the silence wait), if speech resumes it is discarded.
+2. When a live speaker has paused for 100 ms the turn's audio goes to a single worker thread
+   *speculatively*: if the pause reaches ``end_silence_ms`` the result is committed (so the
+   recogniser's ~0.45 s overlaps the silence wait); if speech resumes it is discarded. A backlog
+   (audio captured > 1 s ago, e.g. a file fed fast) is not speculated on: its end is ms away.
 3. Finished turns are reported in order by one emitter task.
 
 ``end_of_turn_confidence`` is the VAD's certainty that the speaker stopped: one minus the mean
@@ -73,6 +74,8 @@ HALLUCINATIONS: Final = frozenset(
 WEAK_HALLUCINATIONS: Final = frozenset({"thank you", "thanks", "bye", "so", "okay"})
 _PARTIAL_EVERY_S: Final = 1.0
 _SURE_SPEECH: Final = 0.8
+_PAD_MS: Final = 100  # silence kept after the last speech chunk; speculation starts then
+_LIVE_S: Final = 1.0  # speculate only on live audio: in a backlog the turn's end is only ms away
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,23 +144,23 @@ def load_model(config: LocalConfig) -> LocalModel:
     except (RuntimeError, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(f"local.model: cannot load {path}: {first}") from exc
-    vad_session = SileroStream.load_session()
+    model = LocalModel(whisper, SileroStream.load_session(), path)
+    recognise(model, config, np.zeros(VAD_RATE, dtype=np.float32), final=True)  # warm-up: ~1 s
     log.info(
         "local.model_loaded", path=str(path), compute_type=config.compute_type, threads=threads
     )
-    return LocalModel(whisper, vad_session, path)
+    return model
 
 
 def recognise(
     model: LocalModel, config: LocalConfig, audio: Samples, *, final: bool
 ) -> _Recognition:
-    """Transcribe one turn (blocking). Partials (``final=False``) use greedy search, no words."""
+    """Transcribe one turn (blocking). Partials (``final=False``): greedy, no words."""
     segments, info = model.whisper.transcribe(
         audio,
         language=config.language or None,
         beam_size=config.beam_size if final else 1,
         word_timestamps=final,
-        without_timestamps=not final,
         condition_on_previous_text=False,
         vad_filter=False,
         temperature=0.0,
@@ -273,6 +276,7 @@ class _Session:
             threshold=cfg.vad_threshold,
             end_silence_ms=cfg.end_silence_ms,
             max_turn_ms=round(cfg.max_turn_seconds * 1000),
+            pad_ms=_PAD_MS,
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-asr")
         self.finals: asyncio.Queue[tuple[TurnEnded, asyncio.Future[_Recognition]] | None]
@@ -351,7 +355,8 @@ class _Session:
         for event in events:
             if isinstance(event, TurnPaused):
                 self._drop_candidate()
-                self.candidate = (event.audio.key, self._submit(event.audio, final=True))
+                if _is_live(event.audio):
+                    self.candidate = (event.audio.key, self._submit(event.audio, final=True))
             elif isinstance(event, TurnResumed):
                 self._drop_candidate()
             else:
@@ -430,6 +435,11 @@ class _Session:
             )
             self.turns += 1
             self.listener.turn(record)
+
+
+def _is_live(audio: TurnAudio) -> bool:
+    last = audio.pieces[-1]
+    return abs(time.time() - (last.captured_at + last.duration)) < _LIVE_S
 
 
 def _recognise_job(
