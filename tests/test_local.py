@@ -1,0 +1,323 @@
+"""The embedded offline engine: the real tiny.en model and silero VAD on real speech WAVs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+
+pytest.importorskip("faster_whisper", reason="the local engine needs the 'local' extra")
+
+from daemon.config import LocalConfig
+from daemon.errors import EngineError
+from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.local import LocalEngine, LocalModel, is_noise, load_model
+from daemon.vad import Endpointer, Piece, TurnEnded, TurnPaused, TurnResumed
+
+T0 = 1_800_000_000.0  # captured_at of the first chunk: far from "now", so never live
+NUMBERS = dict(enumerate("zero one two three four five six seven eight nine ten".split()))
+SENTENCES = [f"espeak-s{i}.wav" for i in range(1, 6)]
+
+
+def normalise(text: str) -> str:
+    text = re.sub(r"\d+", lambda m: NUMBERS.get(int(m.group()), m.group()), text.lower())
+    return " ".join(re.sub(r"[^\w ]+", " ", text.replace("'", "")).split())
+
+
+def wer(reference: str | list[str], hypothesis: str | list[str]) -> float:
+    if isinstance(reference, str):
+        return float(jiwer.wer(normalise(reference), normalise(str(hypothesis))))
+    return float(jiwer.wer([normalise(r) for r in reference], [normalise(h) for h in hypothesis]))
+
+
+def read_pcm(path: Path) -> tuple[bytes, int]:
+    with wave.open(str(path)) as wav:
+        return wav.readframes(wav.getnframes()), wav.getframerate()
+
+
+async def chunks_of(
+    pcm: bytes,
+    rate: int = 16000,
+    *,
+    pause_at: float | None = None,
+    until: asyncio.Event | None = None,
+) -> AsyncIterator[AudioChunk]:
+    """Yield 100 ms chunks as fast as consumed; optionally wait for ``until`` at ``pause_at`` s."""
+    size = rate // 10 * 2
+    for index, start in enumerate(range(0, len(pcm), size)):
+        if until is not None and pause_at is not None and index * 0.1 >= pause_at:
+            async with asyncio.timeout(10):
+                await until.wait()
+            until = None
+        await asyncio.sleep(0)  # a real source awaits its queue between chunks
+        yield AudioChunk(pcm[start : start + size], T0 + index * 0.1, rate)
+
+
+class Listener:
+    """Records what the engine reports."""
+
+    def __init__(self) -> None:
+        self.turns: list[TurnRecord] = []
+        self.turn_times: list[float] = []
+        self.partials: list[PartialTurn] = []
+        self.started: list[SessionInfo] = []
+        self.ended: list[SessionSummary] = []
+        self.partial_seen = asyncio.Event()
+
+    def turn(self, record: TurnRecord) -> None:
+        self.turns.append(record)
+        self.turn_times.append(time.monotonic())
+
+    def partial(self, partial: PartialTurn) -> None:
+        self.partials.append(partial)
+        self.partial_seen.set()
+
+    def session_started(self, session: SessionInfo) -> None:
+        self.started.append(session)
+
+    def session_ended(self, summary: SessionSummary) -> None:
+        self.ended.append(summary)
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalModel:
+    return load_model(LocalConfig.model_validate({}))
+
+
+@pytest.fixture
+def transcripts(speech_dir: Path) -> dict[str, str]:
+    return dict(json.loads((speech_dir / "transcripts.json").read_text()))
+
+
+async def transcribe(
+    model: LocalModel,
+    source: AsyncIterator[AudioChunk],
+    listener: Listener | None = None,
+    **settings: object,
+) -> Listener:
+    listener = listener or Listener()
+    engine = LocalEngine(
+        LocalConfig.model_validate(settings),
+        sample_rate=16000,
+        source_name="test",
+        host="testhost",
+        model=model,
+    )
+    async with asyncio.timeout(60):
+        await engine.run(source, listener)
+    return listener
+
+
+class TestTranscription:
+    async def test_five_sentences_give_five_turns_in_order(
+        self, model: LocalModel, speech_dir: Path, transcripts: dict[str, str]
+    ) -> None:
+        """Five spoken sentences become five records, in order, matching the text (WER ≤ 5 %)."""
+        pcm, _ = read_pcm(speech_dir / "espeak-five-sentences.wav")
+        heard = await transcribe(model, chunks_of(pcm))
+        assert [t.turn_order for t in heard.turns] == [0, 1, 2, 3, 4]
+        assert wer([transcripts[s] for s in SENTENCES], [t.transcript for t in heard.turns]) <= 0.05
+        (session,) = heard.started
+        assert {t.session_id for t in heard.turns} == {session.session_id}
+        assert heard.ended[0].turns == 5 and heard.ended[0].reason == "end_of_input"
+        assert all(
+            (t.engine, t.source, t.host, t.language_code) == ("local", "test", "testhost", "en")
+            for t in heard.turns
+        )
+
+    async def test_turn_times_increase_within_the_file(
+        self, model: LocalModel, speech_dir: Path
+    ) -> None:
+        """Turn and word times are wall-clock from captured_at, increasing and inside the file."""
+        pcm, _ = read_pcm(speech_dir / "espeak-five-sentences.wav")
+        heard = await transcribe(model, chunks_of(pcm))
+        end_of_file = T0 + len(pcm) / 2 / 16000
+        previous_end = T0
+        for turn in heard.turns:
+            start, end = turn.started_at.timestamp(), turn.ended_at.timestamp()
+            assert previous_end <= start < end <= end_of_file + 0.01
+            previous_end = end
+            assert 0 <= turn.end_of_turn_confidence <= 1
+            assert turn.words[0].start_ms == 0
+            assert all(0 <= w.start_ms <= w.end_ms <= (end - start) * 1000 + 1 for w in turn.words)
+            assert all(0 <= w.confidence <= 1 for w in turn.words)
+
+    async def test_beckett_is_transcribed(
+        self, model: LocalModel, speech_dir: Path, transcripts: dict[str, str]
+    ) -> None:
+        """A human reading (with pauses) is transcribed."""
+        pcm, _ = read_pcm(speech_dir / "beckett.wav")
+        heard = await transcribe(model, chunks_of(pcm))
+        assert heard.turns
+        assert wer(transcripts["beckett.wav"], " ".join(t.transcript for t in heard.turns)) <= 0.1
+
+    async def test_other_sample_rates_are_resampled(
+        self, model: LocalModel, speech_dir: Path, transcripts: dict[str, str]
+    ) -> None:
+        """48 kHz chunks are resampled to 16 kHz before the VAD and the recogniser."""
+        import soxr
+
+        pcm, _ = read_pcm(speech_dir / "espeak-s2.wav")
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+        upsampled = (soxr.resample(samples, 16000, 48000) * 32767).astype("<i2").tobytes()
+        heard = await transcribe(model, chunks_of(upsampled, 48000))
+        assert wer(transcripts["espeak-s2.wav"], " ".join(t.transcript for t in heard.turns)) <= 0.1
+
+
+class TestNoSpeech:
+    async def test_silence_gives_no_turns(self, model: LocalModel) -> None:
+        """Five seconds of digital silence give a session with no turns."""
+        heard = await transcribe(model, chunks_of(bytes(16000 * 2 * 5)))
+        assert heard.turns == [] and heard.ended[0].turns == 0 and len(heard.started) == 1
+
+    async def test_noise_gives_no_turns(self, model: LocalModel) -> None:
+        """Five seconds of white and low-frequency noise give no turns."""
+        rng = np.random.default_rng(7)
+        white = rng.normal(0, 0.1, 16000 * 3)
+        hum = 0.3 * np.sin(2 * np.pi * 50 * np.arange(16000 * 2) / 16000)
+        noise = np.clip(np.concatenate([white, hum]), -1, 1)
+        heard = await transcribe(model, chunks_of((noise * 32767).astype("<i2").tobytes()))
+        assert heard.turns == []
+
+    def test_known_hallucinations_are_noise(self) -> None:
+        """Empty text, annotations and Whisper's stock phrases on noise count as no speech."""
+        assert is_noise("", 0.99) and is_noise(" [Music] ", 0.99) and is_noise("(upbeat music)", 1)
+        assert is_noise("Thanks for watching!", 0.99) and is_noise("you", 0.99)
+        assert is_noise("Thank you.", 0.6) and not is_noise("Thank you.", 0.95)
+        assert not is_noise("Hello there.", 0.6)
+
+
+class TestEngineBehaviour:
+    async def test_max_turn_seconds_cuts_a_long_turn(
+        self, model: LocalModel, speech_dir: Path
+    ) -> None:
+        """A 5 s sentence with max_turn_seconds = 2 is cut into turns of at most 2 s."""
+        pcm, _ = read_pcm(speech_dir / "espeak-s2.wav")
+        heard = await transcribe(model, chunks_of(pcm), max_turn_seconds=2)
+        assert len(heard.turns) >= 2
+        for turn in heard.turns:
+            assert (turn.ended_at - turn.started_at).total_seconds() <= 2.0
+        assert "schedule" in normalise(heard.turns[0].transcript)
+
+    async def test_event_loop_keeps_running_during_transcription(
+        self, model: LocalModel, speech_dir: Path
+    ) -> None:
+        """Recognition runs in a worker thread: a ticker on the loop keeps ticking meanwhile."""
+        pcm, _ = read_pcm(speech_dir / "espeak-s2.wav")
+        ticks: list[float] = []
+        fed = asyncio.Event()
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)  # measuring loop lag, not synchronising
+
+        async def source() -> AsyncIterator[AudioChunk]:
+            async for chunk in chunks_of(pcm):
+                yield chunk
+            fed.set()
+
+        task = asyncio.create_task(ticker())
+        try:
+            heard = await transcribe(model, source())
+        finally:
+            task.cancel()
+        assert fed.is_set() and len(heard.turns) == 1
+        during = [t for t in ticks if t <= heard.turn_times[0]]
+        assert len(during) >= 10
+        assert max(np.diff(during)) < 0.2
+
+    async def test_partials_report_the_growing_turn(
+        self, model: LocalModel, speech_dir: Path
+    ) -> None:
+        """With partials on, the unfinished turn's text is reported before its final record."""
+        pcm, _ = read_pcm(speech_dir / "espeak-s2.wav")
+        listener = Listener()
+        source = chunks_of(pcm, pause_at=2.5, until=listener.partial_seen)
+        heard = await transcribe(model, source, listener, partials=True)
+        first = heard.partials[0]
+        assert first.turn_order == 0 and first.engine == "local"
+        assert "please" in normalise(first.transcript)
+        assert len(heard.turns) == 1 and first.session_id == heard.turns[0].session_id
+
+    async def test_missing_model_path_is_named(self, tmp_path: Path) -> None:
+        """A model path that does not exist gives an EngineError naming it, before any session."""
+        missing = tmp_path / "no-such-model"
+        listener = Listener()
+        engine = LocalEngine(
+            LocalConfig.model_validate({"model": str(missing)}),
+            sample_rate=16000,
+            source_name="test",
+            host="h",
+        )
+        with pytest.raises(EngineError, match=re.escape(str(missing))):
+            await engine.run(chunks_of(b""), listener)
+        assert listener.started == []
+
+    async def test_directory_without_a_model_is_refused(self, tmp_path: Path) -> None:
+        """A directory that holds no CTranslate2 model names the missing files."""
+        engine = LocalEngine(
+            LocalConfig.model_validate({"model": str(tmp_path)}),
+            sample_rate=16000,
+            source_name="test",
+            host="h",
+        )
+        with pytest.raises(EngineError, match=r"missing model\.bin, config\.json, tokenizer\.json"):
+            await engine.load()
+
+
+def pieces(*probs: float) -> list[Piece]:
+    return [Piece(np.zeros(1600, np.float32), T0 + i * 0.1, p) for i, p in enumerate(probs)]
+
+
+class TestEndpointer:
+    def endpointer(self, **overrides: int) -> Endpointer:
+        settings = {"end_silence_ms": 600, "max_turn_ms": 30000, "pad_ms": 100} | overrides
+        return Endpointer(threshold=0.5, **settings)
+
+    def test_pause_resume_and_end(self) -> None:
+        """A pause is announced, withdrawn when speech resumes, and the turn ends after 600 ms."""
+        cut = self.endpointer()
+        probs = [0.0] * 5 + [0.9] * 5 + [0.1] * 2 + [0.9] * 3 + [0.1] * 6
+        events = [(i, e) for i, p in enumerate(pieces(*probs)) for e in cut.push(p)]
+        kinds = [(i, type(e).__name__) for i, e in events]
+        assert kinds == [
+            (10, "TurnPaused"),
+            (12, "TurnResumed"),
+            (15, "TurnPaused"),
+            (20, "TurnEnded"),
+        ]
+        paused, ended = events[2][1], events[3][1]
+        assert isinstance(paused, TurnPaused) and isinstance(ended, TurnEnded)
+        assert ended.audio.key == paused.audio.key  # the speculative audio is what is committed
+        assert len(ended.audio.pieces) == 3 + 5 + 2 + 3 + 1  # pre-roll, speech, pause, speech, pad
+        assert ended.audio.speech_start == pytest.approx(0.3)
+        assert ended.reason == "silence" and ended.confidence == pytest.approx(0.9)
+        assert ended.speech_ended_at == pytest.approx(T0 + 1.5)
+        assert cut.flush() == []
+
+    def test_max_length_cuts_without_overlap(self) -> None:
+        """Continuous speech is cut every max_turn_ms; every chunk lands in exactly one turn."""
+        cut = self.endpointer(max_turn_ms=1000)
+        events = [e for p in pieces(*[0.9] * 25) for e in cut.push(p)] + cut.flush()
+        assert all(isinstance(e, TurnEnded) for e in events)
+        ends = [e for e in events if isinstance(e, TurnEnded)]
+        assert [e.reason for e in ends] == ["max_length", "max_length", "end_of_input"]
+        assert [len(e.audio.pieces) for e in ends] == [10, 10, 5]
+
+    def test_blips_are_not_turns(self) -> None:
+        """A single 100 ms chunk of 'speech' is too short to be a turn, even at end of input."""
+        cut = self.endpointer()
+        assert [e for p in pieces(0.0, 0.9, 0.1, 0.1) for e in cut.push(p)] == []
+        assert cut.flush() == []
+        cut = self.endpointer()
+        events = [e for p in pieces(0.0, 0.9, *[0.1] * 7) for e in cut.push(p)]
+        assert not any(isinstance(e, (TurnPaused, TurnResumed, TurnEnded)) for e in events)
