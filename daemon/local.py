@@ -25,6 +25,8 @@ one of :data:`HALLUCINATIONS` (what Whisper invents on noise), or one of
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import re
 import time
@@ -158,7 +160,7 @@ def recognise(
     """Transcribe one turn (blocking). Partials (``final=False``): greedy, no words."""
     segments, info = model.whisper.transcribe(
         audio,
-        language=config.language or None,
+        language=_language(config),
         beam_size=config.beam_size if final else 1,
         word_timestamps=final,
         condition_on_previous_text=False,
@@ -171,8 +173,12 @@ def recognise(
         texts.append(segment.text.strip())
         for w in segment.words or ():
             words.append(_RawWord(w.word.strip(), w.start, w.end, float(w.probability)))
-    language = config.language or getattr(info, "language", None)
+    language = _language(config) or getattr(info, "language", None)
     return _Recognition(" ".join(t for t in texts if t), tuple(words), language)
+
+
+def _language(config: LocalConfig) -> str | None:
+    return None if config.language in ("", "auto") else config.language
 
 
 def is_noise(text: str, speech_prob: float) -> bool:
@@ -291,43 +297,43 @@ class _Session:
         self.resampler: Any = None
 
     async def run(self, chunks: AsyncIterator[AudioChunk]) -> None:
-        started = time.monotonic()
-        self.listener.session_started(
-            SessionInfo(self.id, "local", extra={"model": str(self.model.path)})
-        )
-        reason = "error"
+        started, reason = time.monotonic(), "error"
+        info = SessionInfo(self.id, "local", extra={"model": str(self.model.path)})
+        self.listener.session_started(info)
+        emitter = asyncio.create_task(self._emit())
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._emit())
-                try:
-                    async for chunk in chunks:
-                        self._feed(chunk)
-                    self._handle(self.endpointer.flush())
-                finally:
-                    self.finals.put_nowait(None)
+            try:
+                async for chunk in chunks:
+                    self._feed(chunk)
+                    if emitter.done():  # recognition failed: stop here, raise below
+                        break
+            except Exception:
+                with contextlib.suppress(Exception):  # deliver what was heard, then re-raise
+                    await self._drain(emitter)
+                raise
+            await self._drain(emitter)
             reason = "end_of_input"
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
         finally:
+            emitter.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
-            summary = SessionSummary(
-                self.id,
-                "local",
-                round(time.monotonic() - started, 3),
-                round(self.audio_s, 3),
-                self.turns,
-                reason,
-            )
-            log.info(
-                "local.session_ended",
-                session_id=self.id,
-                turns=self.turns,
-                audio_s=summary.audio_s,
-                duration_s=summary.duration_s,
-                reason=reason,
-            )
-            self.listener.session_ended(summary)
+            self._end(time.monotonic() - started, reason)
+
+    async def _drain(self, emitter: asyncio.Task[None]) -> None:
+        if not emitter.done():
+            self._handle(self.endpointer.flush())
+            self.finals.put_nowait(None)
+        await emitter
+
+    def _end(self, duration_s: float, reason: str) -> None:
+        summary = SessionSummary(
+            self.id, "local", round(duration_s, 3), round(self.audio_s, 3), self.turns, reason
+        )
+        log.info("local.session_ended", session_id=self.id, turns=self.turns, reason=reason,
+                 audio_s=summary.audio_s, duration_s=summary.duration_s)  # fmt: skip
+        self.listener.session_ended(summary)
 
     def _feed(self, chunk: AudioChunk) -> None:
         samples = self._samples(chunk)
@@ -382,9 +388,8 @@ class _Session:
     def _submit(self, audio: TurnAudio, *, final: bool) -> asyncio.Future[_Recognition]:
         loop = asyncio.get_running_loop()
         self.busy += 1
-        future = loop.run_in_executor(
-            self.executor, _recognise_job, self.model, self.cfg, audio.samples(), final
-        )
+        job = functools.partial(recognise, self.model, self.cfg, audio.samples(), final=final)
+        future = loop.run_in_executor(self.executor, job)
         future.add_done_callback(self._job_done)
         return future
 
@@ -440,19 +445,3 @@ class _Session:
 def _is_live(audio: TurnAudio) -> bool:
     last = audio.pieces[-1]
     return abs(time.time() - (last.captured_at + last.duration)) < _LIVE_S
-
-
-def _recognise_job(
-    model: LocalModel, config: LocalConfig, audio: Samples, final: bool
-) -> _Recognition:
-    return recognise(model, config, audio, final=final)
-
-
-__all__ = [
-    "LocalEngine",
-    "LocalModel",
-    "build_record",
-    "is_noise",
-    "load_model",
-    "resolve_model_path",
-]

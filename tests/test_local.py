@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("faster_whisper", reason="the local engine needs the 'local' extra")
 
 from daemon.config import LocalConfig
-from daemon.errors import EngineError
+from daemon.errors import AudioError, EngineError
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.local import LocalEngine, LocalModel, is_noise, load_model
 from daemon.vad import Endpointer, Piece, TurnEnded, TurnPaused, TurnResumed
@@ -247,6 +247,24 @@ class TestEngineBehaviour:
         assert first.turn_order == 0 and first.engine == "local"
         assert "please" in normalise(first.transcript)
         assert len(heard.turns) == 1 and first.session_id == heard.turns[0].session_id
+
+    async def test_source_failure_delivers_what_was_heard_then_raises(
+        self, model: LocalModel, speech_dir: Path
+    ) -> None:
+        """If the audio source fails, finished and open turns are still reported, then it raises."""
+        pcm, _ = read_pcm(speech_dir / "espeak-five-sentences.wav")
+
+        async def failing() -> AsyncIterator[AudioChunk]:
+            async for chunk in chunks_of(pcm[: 16000 * 2 * 8]):  # sentence 2 is still going
+                yield chunk
+            raise AudioError("audio.device: the microphone went away")
+
+        listener = Listener()
+        with pytest.raises(AudioError, match="went away"):
+            await transcribe(model, failing(), listener)
+        assert len(listener.turns) == 2
+        assert "please schedule" in normalise(listener.turns[1].transcript)
+        assert listener.ended[0].reason == "error"
 
     async def test_missing_model_path_is_named(self, tmp_path: Path) -> None:
         """A model path that does not exist gives an EngineError naming it, before any session."""
