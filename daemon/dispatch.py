@@ -12,7 +12,8 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,9 +24,12 @@ from pydantic import ValidationError
 from daemon.config import validation_lines
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
+from daemon.health import Heartbeat
 from daemon.plugins import PluginHost, Sink, SinkConfig, SinkType
 
 log = structlog.get_logger("daemon.dispatch")
+
+SEND_LIMIT_S = 120.0  # one send attempt running longer than this means the sink is stuck
 
 
 @dataclass
@@ -60,30 +64,47 @@ class MemoryQueue:
     """An in-memory queue for local sinks (file, console). Unbounded: turns are never dropped."""
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._items: deque[Delivery] = deque()
+        self._ready = asyncio.Event()
         self._closed = False
 
     def put(self, record: TurnRecord) -> None:
         """Append a record."""
-        self._queue.put_nowait(Delivery(record))
+        self._items.append(Delivery(record))
+        self._ready.set()
 
     async def get(self) -> Delivery | None:
-        """Next record, or ``None`` when closed and drained."""
-        if self._closed and self._queue.empty():
-            return None
-        return await self._queue.get()
+        """Next record, or ``None`` when closed and drained. Cancelling loses nothing."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
 
     def ack(self, delivery: Delivery) -> None:
         """Nothing to do: the record left the queue on ``get``."""
 
     def depth(self) -> int:
         """Records waiting."""
-        return self._queue.qsize()
+        return len(self._items)
 
     def close(self) -> None:
         """Let ``get`` return ``None`` once the queue is empty."""
         self._closed = True
-        self._queue.put_nowait(None)
+        self._ready.set()
+
+    def take_all(self) -> list[Delivery]:
+        """Remove and return everything waiting (to hand it to a rebuilt sink)."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def push_front(self, deliveries: list[Delivery]) -> None:
+        """Put ``deliveries`` back at the head, in order (records handed back by a retired sink)."""
+        self._items.extendleft(reversed(deliveries))
+        if deliveries:
+            self._ready.set()
 
 
 @dataclass
@@ -107,6 +128,12 @@ class SinkRunner:
     sink: Sink
     queue: SinkQueue
     stats: SinkStats = field(default_factory=SinkStats)
+    heartbeat: Heartbeat = field(init=False)
+    retiring: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    abandoned: Delivery | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.heartbeat = Heartbeat(f"sink {self.name}")
 
 
 def validate_sinks(
@@ -143,12 +170,19 @@ def validate_sinks(
 
 
 class Dispatcher:
-    """Fans each record out to every sink's queue and runs one delivery worker per sink."""
+    """Fans each record out to every sink's queue and runs one delivery worker per sink.
+
+    Sinks can be added, removed and replaced while running (a config reload) without losing a
+    queued record: a removed sink's worker drains its queue and ends; a replaced one stops after
+    its current send (or mid-backoff) and hands what it holds to its successor.
+    """
 
     def __init__(self, runners: list[SinkRunner], *, dead_letter_dir: Path) -> None:
         self.runners = {r.name: r for r in runners}
         self._dead_letter_dir = dead_letter_dir
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._leaving: dict[asyncio.Task[None], SinkRunner] = {}
+        self._group: asyncio.TaskGroup | None = None
 
     def dispatch(self, record: TurnRecord) -> None:
         """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake."""
@@ -160,25 +194,85 @@ class Dispatcher:
 
     def start(self, group: asyncio.TaskGroup) -> None:
         """Start one worker per sink inside the caller's task group."""
+        self._group = group
         for runner in self.runners.values():
-            self._workers[runner.name] = group.create_task(
-                self._work(runner), name=f"sink:{runner.name}"
-            )
+            self._start(runner)
+
+    def heartbeats(self) -> Iterator[Heartbeat]:
+        """The heartbeat of every worker still running (current and leaving sinks)."""
+        for runner in [*self.runners.values(), *self._leaving.values()]:
+            yield runner.heartbeat
+
+    def queued(self) -> int:
+        """Records waiting across all sinks."""
+        return sum(r.queue.depth() for r in self.runners.values())
+
+    def add(self, runner: SinkRunner) -> None:
+        """Start delivering to a new sink (it receives records dispatched from now on)."""
+        if runner.name in self.runners:
+            raise ValueError(f"sink {runner.name!r} already running")
+        self.runners[runner.name] = runner
+        self._start(runner)
+
+    def remove(self, name: str) -> None:
+        """Stop sending new records to ``name``; its worker delivers what is queued, then ends."""
+        runner = self.runners.pop(name)
+        runner.queue.close()
+        task = self._workers.pop(name, None)
+        if task is not None and not task.done():
+            self._leaving[task] = runner
+            task.add_done_callback(self._left)
+
+    async def replace(self, runner: SinkRunner) -> None:
+        """Swap in a rebuilt sink of the same name; queued and in-flight records carry over.
+
+        New records go to the new queue at once. The old worker finishes the send in progress
+        (a backoff wait is cut short), then its undelivered records move to the head of the new
+        in-memory queue (a durable queue keeps them on disk: the new queue reads them again).
+        """
+        old = self.runners[runner.name]
+        self.runners[runner.name] = runner
+        task = self._workers.pop(runner.name, None)
+        old.retiring.set()
+        if task is not None and not task.done():
+            self._leaving[task] = old
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._leaving.pop(task, None)
+        if isinstance(old.queue, MemoryQueue) and isinstance(runner.queue, MemoryQueue):
+            handed = [old.abandoned] if old.abandoned is not None else []
+            runner.queue.push_front(handed + old.queue.take_all())
+        self._start(runner)
+
+    def _start(self, runner: SinkRunner) -> None:
+        if self._group is None:
+            return  # not started yet: start() picks it up
+        self._workers[runner.name] = self._group.create_task(
+            self._work(runner), name=f"sink:{runner.name}"
+        )
+
+    def _left(self, task: asyncio.Task[None]) -> None:
+        runner = self._leaving.pop(task, None)
+        if runner is not None:
+            log.info("sink.removed", sink=runner.name, undelivered=runner.queue.depth())
 
     async def close(self, flush_s: float) -> None:
         """Stop accepting work, deliver what is queued for up to ``flush_s``, then stop."""
         for runner in self.runners.values():
             runner.queue.close()
-        workers = [w for w in self._workers.values() if not w.done()]
+        tasks = {**{t: r for r in self.runners.values() if (t := self._workers.get(r.name))},
+                 **self._leaving}
+        workers = [t for t in tasks if not t.done()]
         if not workers:
             return
         _done, pending = await asyncio.wait(workers, timeout=flush_s)
         for task in pending:
-            name = task.get_name().removeprefix("sink:")
+            runner = tasks[task]
             log.warning(
                 "sink.flush_timeout",
-                sink=name,
-                queued=self.runners[name].queue.depth(),
+                sink=runner.name,
+                queued=runner.queue.depth(),
                 timeout_s=flush_s,
             )
             task.cancel()
@@ -189,19 +283,54 @@ class Dispatcher:
         with structlog.contextvars.bound_contextvars(sink=runner.name):
             try:
                 async with runner.sink:
-                    while (delivery := await runner.queue.get()) is not None:
-                        await self._deliver(runner, delivery)
+                    while (delivery := await self._next(runner)) is not None:
+                        if not await self._deliver(runner, delivery):
+                            runner.abandoned = delivery
+                            break
             except asyncio.CancelledError:
                 raise
             except Exception:  # supervision boundary: a broken sink never reaches capture
                 log.exception("sink.crashed", sink_type=runner.sink_type.name)
+            finally:
+                runner.heartbeat.idle()
 
-    async def _deliver(self, runner: SinkRunner, delivery: Delivery) -> None:
-        """Deliver one record, retrying transient failures; dead-letter permanent ones."""
+    async def _next(self, runner: SinkRunner) -> Delivery | None:
+        """The next record, or ``None`` when the queue is closed and drained or the sink retires."""
+        runner.heartbeat.idle()
+        if runner.retiring.is_set():
+            return None
+        getter = asyncio.ensure_future(runner.queue.get())
+        retired = asyncio.ensure_future(runner.retiring.wait())
+        try:
+            await asyncio.wait((getter, retired), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            retired.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter.cancelled():
+            return None
+        return getter.result()  # a record that raced the retirement is still delivered
+
+    async def _backoff(self, runner: SinkRunner, delay: float) -> bool:
+        """Wait ``delay`` before a retry; False if the sink retired meanwhile."""
+        runner.heartbeat.beat(delay + SEND_LIMIT_S)
+        try:
+            async with asyncio.timeout(delay):
+                await runner.retiring.wait()
+        except TimeoutError:
+            return True
+        return False
+
+    async def _deliver(self, runner: SinkRunner, delivery: Delivery) -> bool:
+        """Deliver one record, retrying transient failures; dead-letter permanent ones.
+
+        Returns False, leaving the record unacknowledged, when the sink retires mid-backoff.
+        """
         retry_max_s = getattr(runner.config, "retry_max_s", None)
         first_failure: float | None = None
         delay = 0.2
         while True:
+            runner.heartbeat.beat(SEND_LIMIT_S)
             try:
                 await runner.sink.send(delivery.record)
             except asyncio.CancelledError:
@@ -226,7 +355,8 @@ class Dispatcher:
                     self._dead_letter(runner, delivery, gave_up)
                     break
                 runner.stats.failed += 1
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                if not await self._backoff(runner, delay * (0.5 + random.random())):
+                    return False
                 delay = min(delay * 2, 30.0)
                 continue
             if first_failure is not None:
@@ -242,6 +372,7 @@ class Dispatcher:
                 del runner.stats.latencies[:2048]
             break
         runner.queue.ack(delivery)
+        return True
 
     def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> None:
         """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``."""
