@@ -52,12 +52,25 @@ class TurnAssembler:
         self._held: dict[int, tuple[Turn, float]] = {}
         self.open_turn: int | None = None  # turn_order of an unfinished turn with words
         self.emitted = 0
+        self._sealed: set[int] | None = None  # after a rollover: the turns still ours
+
+    @property
+    def holding(self) -> bool:
+        """An ended turn waits for its formatted final."""
+        return bool(self._held)
+
+    def seal(self) -> None:
+        """Rollover: keep only turns that have ended; the next session redoes the others."""
+        self._sealed = self._done | set(self._held)
+        self.open_turn = None
 
     def handle(self, turn: Turn) -> None:
         """Process one ``Turn`` message."""
         self.expire()
         if turn.turn_order in self._done:
             return  # a late duplicate: already delivered
+        if self._sealed is not None and turn.turn_order not in self._sealed:
+            return  # after a rollover the next session transcribes it again
         for order in [o for o in self._held if o < turn.turn_order]:
             self._release(order)  # a newer turn means the older one is complete
         if not turn.end_of_turn:

@@ -1,0 +1,315 @@
+"""One v3 websocket session: a paced audio sender and a message reader.
+
+The sender replays the ledger from a start position, then follows live audio. It never lets the
+session's audio run ahead of the time since its first send (the service closes 3007 otherwise),
+and while it is behind live it skips silence outside a hangover around speech, to catch up.
+
+``switch_over`` ends a session for a rollover: at a turn boundary (no open turn, silence) or at a
+hard deadline, the sender stops and sends ``Terminate``; finals of turns that had not ended by
+then are discarded, because the next session replays their audio from the ledger's head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import structlog
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from daemon.engine import EngineListener
+from daemon.events import SessionInfo, SessionSummary
+from daemon.ledger import Piece, Timeline, rms
+from daemon.protocol import (
+    TERMINATE,
+    Begin,
+    CloseKind,
+    ProtocolError,
+    ServerError,
+    ServerWarning,
+    Termination,
+    Turn,
+    Unknown,
+    classify_close,
+    parse_message,
+)
+from daemon.turns import TurnAssembler
+
+if TYPE_CHECKING:
+    from daemon.stream import AssemblyAIEngine
+
+log = structlog.get_logger("daemon.session")
+
+HEALTHY_AFTER_S: Final = 5.0        # a session this old counts as healthy: backoff resets
+SILENCE_RMS: Final = 200.0          # below this a chunk counts as silence (about -44 dBFS)
+CATCH_UP_AFTER_S: Final = 0.5       # skip silence while this far behind live
+HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
+COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
+
+
+@dataclass
+class Outcome:
+    """How a session ended."""
+
+    kind: CloseKind
+    reason: str
+    began: bool = False
+    healthy: bool = False
+    finished: bool = False           # Termination received after the input ended
+
+
+def close_of(exc: ConnectionClosed) -> tuple[int | None, str]:
+    """The close code and reason the peer sent, if any."""
+    frame = exc.rcvd
+    return (frame.code, frame.reason) if frame is not None else (None, "connection lost")
+
+
+class StreamSession:
+    """One websocket session, from ``Begin`` to close."""
+
+    def __init__(self, engine: AssemblyAIEngine, ws: ClientConnection, begin: Begin,
+                 listener: EngineListener) -> None:
+        self.engine = engine
+        self.ws = ws
+        self.begin = begin
+        self.listener = listener
+        self.timeline = Timeline(engine.sample_rate)
+        self.began_at = time.monotonic()
+        self.began_wall = time.time()
+        self.error: ServerError | None = None
+        self.terminating = False
+        self.terminate_sent = 0.0
+        self.rolled_over = False
+        self._first_send: float | None = None
+        self._switch_deadline: float | None = None
+        self._switched = asyncio.Event()
+        self._skipped = 0
+        self.assembler = TurnAssembler(
+            begin.id, self.timeline, format_turns=engine.config.format_turns,
+            source=engine.source, host=engine.host, emit=listener.turn,
+            partial=listener.partial, cover=self._cover,
+        )
+        self.log = log.bind(session_id=begin.id)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self, start: int) -> Outcome:
+        """Stream from ledger position ``start`` until the session ends; return how it ended."""
+        ledger = self.engine.ledger
+        behind = (ledger.end - start) / ledger.sample_rate
+        self.log.info("session.began", expires_at=str(self.begin.expires_at),
+                      model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2))
+        self.listener.session_started(SessionInfo(self.begin.id, "assemblyai",
+                                                  self.begin.expires_at))
+        outcome = Outcome(CloseKind.TRANSIENT, "session ended", began=True)
+        try:
+            async with asyncio.TaskGroup() as group:
+                sender = group.create_task(self._send(start), name="session-send")
+                outcome = await self._receive()
+                sender.cancel()
+        finally:
+            self._switched.set()
+            self.assembler.flush()
+            await self.ws.close()
+            self._summarise(outcome)
+        outcome.healthy = time.monotonic() - self.began_at >= HEALTHY_AFTER_S
+        return outcome
+
+    async def switch_over(self, deadline: float) -> None:
+        """Stop sending at the next turn boundary (or at ``deadline``) and ``Terminate``."""
+        self._switch_deadline = deadline
+        await self._switched.wait()
+
+    async def abandon(self) -> None:
+        """Close a session that was opened but is not needed after all."""
+        await self.ws.close()
+
+    def _cover(self, position: int) -> None:
+        if not self.rolled_over:            # the next session owns the ledger after a switch
+            self.engine.ledger.cover(position)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _send(self, start: int) -> None:
+        self.engine.senders += 1
+        try:
+            await self._send_from(start)
+            self.terminating = True
+            self.terminate_sent = time.monotonic()
+            await self.ws.send(TERMINATE)
+        except ConnectionClosed:
+            return                              # the reader reports why
+        finally:
+            self.engine.senders -= 1
+            self._switched.set()
+
+    async def _send_from(self, position: int) -> None:
+        ledger = self.engine.ledger
+        catching_up = (ledger.end - position) / ledger.sample_rate >= CATCH_UP_AFTER_S
+        while True:
+            await ledger.wait_beyond(position)
+            piece = self._next_piece(position)
+            if piece is None:
+                return                          # the input ended and everything is sent
+            if self._should_switch(piece):
+                self.rolled_over = True
+                self.assembler.seal()
+                self.log.info("session.switched", at_boundary=self._is_boundary(piece))
+                return
+            position = piece.end
+            if self._skippable(piece):
+                self._skipped += piece.samples
+                continue
+            await self._pace()
+            await self.ws.send(piece.pcm)
+            self.timeline.add(piece)
+            if catching_up and ledger.end - position < self.engine.chunk_samples:
+                catching_up = False
+                self._report_caught_up()
+
+    def _report_caught_up(self) -> None:
+        assert self._first_send is not None
+        self.log.info("stream.caught_up", catch_up_s=round(time.monotonic() - self._first_send, 2),
+                      silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2))
+
+    def _next_piece(self, position: int) -> Piece | None:
+        """The next chunk to send: whole chunks, never under 50 ms (merged or padded)."""
+        ledger = self.engine.ledger
+        piece = ledger.read(position, self.engine.chunk_samples)
+        if piece is None:
+            return None
+        minimum = self.engine.sample_rate // 20
+        while piece.samples < minimum:
+            more = ledger.read(piece.end, self.engine.chunk_samples - piece.samples)
+            if more is None or more.start != piece.end:
+                pad = bytes(2 * (minimum - piece.samples))
+                return Piece(piece.start, piece.pcm + pad, piece.captured_at)
+            piece = Piece(piece.start, piece.pcm + more.pcm, piece.captured_at)
+        return piece
+
+    def _should_switch(self, piece: Piece) -> bool:
+        if self._switch_deadline is None:
+            return False
+        return time.monotonic() >= self._switch_deadline or self._is_boundary(piece)
+
+    def _is_boundary(self, piece: Piece) -> bool:
+        """No turn is open and both the last sent and the next chunk are silent."""
+        if self.assembler.open_turn is not None or self.assembler.holding:
+            return False
+        last = self.engine.ledger.read(max(self.engine.ledger.head, piece.start - piece.samples),
+                                       piece.samples)
+        return rms(piece.pcm) < SILENCE_RMS and (last is None or rms(last.pcm) < SILENCE_RMS)
+
+    def _skippable(self, piece: Piece) -> bool:
+        """While behind live, skip silence that is not within the hangover of speech."""
+        ledger = self.engine.ledger
+        behind = (ledger.end - piece.end) / ledger.sample_rate
+        if behind < CATCH_UP_AFTER_S or self.assembler.open_turn is not None:
+            return False
+        span = ledger.sample_rate * HANGOVER_MS // 1000
+        stop = piece.end + span
+        position = max(ledger.head, piece.start - span)
+        while position < stop:
+            part = ledger.read(position, stop - position)
+            if part is None:
+                break
+            if rms(part.pcm) >= SILENCE_RMS:
+                return False
+            position = part.end
+        return position >= stop
+
+    async def _pace(self) -> None:
+        """Never let the session's audio run ahead of the time since its first send."""
+        now = time.monotonic()
+        if self._first_send is None:
+            self._first_send = now
+        ahead = self.timeline.sent_seconds - (now - self._first_send)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def _receive(self) -> Outcome:
+        while True:
+            try:
+                async with asyncio.timeout(self._recv_timeout()):
+                    frame = await self.ws.recv()
+            except TimeoutError:
+                if self.terminating:
+                    self.log.warning("session.termination_timeout",
+                                     timeout_s=self.engine.config.terminate_timeout)
+                    return self._terminated("no Termination")
+                self._tick()
+                continue
+            except ConnectionClosed as exc:
+                return self._closed(exc)
+            outcome = self._handle(frame)
+            if outcome is not None:
+                return outcome
+
+    def _recv_timeout(self) -> float:
+        if self.terminating:
+            waited = time.monotonic() - self.terminate_sent
+            return max(0.05, self.engine.config.terminate_timeout - waited)
+        return 1.0
+
+    def _tick(self) -> None:
+        """Once a second without frames: release late finals, forget covered silence."""
+        self.assembler.expire()
+        if self.assembler.open_turn is None:
+            sent_ms = self.timeline.sent_samples * 1000 // self.engine.sample_rate
+            located = self.timeline.locate(sent_ms - COVER_LOOKBACK_MS)
+            if located is not None and sent_ms > COVER_LOOKBACK_MS:
+                self._cover(located[0])
+
+    def _handle(self, frame: str | bytes) -> Outcome | None:
+        try:
+            message = parse_message(frame)
+        except ProtocolError as exc:
+            self.log.warning("session.bad_frame", error=str(exc))
+            return None
+        if isinstance(message, Turn):
+            self.assembler.handle(message)
+            if self.assembler.open_turn is None:
+                self._tick()
+        elif isinstance(message, Termination):
+            self.assembler.flush()
+            if self.terminating:
+                return self._terminated("terminated")
+            return Outcome(CloseKind.EXPIRED, "terminated by the service", began=True)
+        elif isinstance(message, ServerError):
+            self.error = message
+            self.log.warning("session.error", code=message.code, error=message.message)
+        elif isinstance(message, ServerWarning):
+            self.log.warning("session.warning", code=message.code, warning=message.message)
+        elif isinstance(message, Unknown):
+            self.log.debug("session.message_ignored", type=message.type)
+        return None
+
+    def _terminated(self, reason: str) -> Outcome:
+        if self.rolled_over:
+            return Outcome(CloseKind.NORMAL, "rolled over", began=True)
+        return Outcome(CloseKind.NORMAL, reason, began=True, finished=self.engine.ledger.eof)
+
+    def _closed(self, exc: ConnectionClosed) -> Outcome:
+        code, reason = close_of(exc)
+        if self.error is not None:
+            code = self.error.code if self.error.code is not None else code
+            reason = self.error.message or reason
+        kind = classify_close(code, reason)
+        if kind is CloseKind.NORMAL and not self.terminating:
+            kind = CloseKind.TRANSIENT
+        return Outcome(kind, f"{code} {reason}".strip(), began=True)
+
+    def _summarise(self, outcome: Outcome) -> None:
+        duration = time.monotonic() - self.began_at
+        summary = SessionSummary(self.begin.id, "assemblyai", round(duration, 3),
+                                 round(self.timeline.sent_seconds, 3), self.assembler.emitted,
+                                 outcome.reason)
+        self.log.info("session.ended", duration_s=summary.duration_s, audio_s=summary.audio_s,
+                      turns=summary.turns, reconnects=self.engine.reconnects,
+                      reason=outcome.reason)
+        self.listener.session_ended(summary)
