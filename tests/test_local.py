@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -265,6 +266,25 @@ class TestEngineBehaviour:
         assert len(listener.turns) == 2
         assert "please schedule" in normalise(listener.turns[1].transcript)
         assert listener.ended[0].reason == "error"
+
+    async def test_no_network_is_touched(self, speech_dir: Path) -> None:
+        """Loading the model and transcribing resolve no host and open no connection."""
+        seen: list[str] = []
+        watching = [True]
+
+        def audit(event: str, args: tuple[object, ...]) -> None:
+            if watching[0] and event in ("socket.connect", "socket.getaddrinfo"):
+                seen.append(f"{event} {args!r}")
+
+        sys.addaudithook(audit)  # process-wide and permanent, hence the switch
+        try:
+            fresh = await asyncio.to_thread(load_model, LocalConfig.model_validate({}))
+            pcm, _ = read_pcm(speech_dir / "espeak-s3.wav")
+            heard = await transcribe(fresh, chunks_of(pcm))
+        finally:
+            watching[0] = False
+        assert len(heard.turns) == 1
+        assert seen == []
 
     async def test_missing_model_path_is_named(self, tmp_path: Path) -> None:
         """A model path that does not exist gives an EngineError naming it, before any session."""
