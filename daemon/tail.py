@@ -1,0 +1,172 @@
+r"""``transcribed tail``: the live view in a terminal, or the raw event feed as JSON lines.
+
+On a terminal the partial turn is one line rewritten in place (``\r`` + clear line) and each
+finished turn is committed as a line with its start time; state changes get a dim line of their
+own. Off a terminal, finished turns go to stdout and state lines to stderr. ``--json`` prints
+every feed event as one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from typing import Any, Final, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
+
+from daemon.errors import EX_FAILURE, EX_OK
+from daemon.events import parse_iso_utc
+
+CLEAR: Final = "\r\x1b[2K"
+DIM: Final = "\x1b[2m"
+RESET: Final = "\x1b[0m"
+OPEN_TIMEOUT_S: Final = 5.0
+
+
+class TailError(Exception):
+    """A one-line reason the feed could not be followed."""
+
+
+def tail_main(url: str, token: str, json_lines: bool) -> int:
+    """Follow the daemon's feed at ``url`` until Ctrl-C (0) or a failure (1, one line)."""
+    screen = Screen(sys.stdout, sys.stderr, json_lines=json_lines)
+    try:
+        asyncio.run(follow(url, token, screen))
+    except KeyboardInterrupt:
+        screen.finish()
+        return EX_OK
+    except TailError as exc:
+        screen.finish()
+        print(f"transcribed tail: {exc}", file=sys.stderr)
+        return EX_FAILURE
+    except BrokenPipeError:
+        return EX_OK
+    screen.finish()
+    return EX_OK
+
+
+def feed_of(url: str) -> str:
+    """``http://host:port`` (or a ``ws://…/events`` URL) → the feed's ``ws://`` URL."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise TailError(f"not a daemon URL: {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/events"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+async def follow(url: str, token: str, screen: Screen) -> None:
+    """Connect and render events until the daemon goes away."""
+    feed = feed_of(url)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        async with connect(feed, additional_headers=headers, open_timeout=OPEN_TIMEOUT_S,
+                           compression=None, max_size=2**22) as ws:
+            async for message in ws:
+                screen.event(json.loads(message))
+    except InvalidStatus as exc:
+        code = exc.response.status_code
+        if code == 401:
+            raise TailError(f"the daemon at {feed} refused the token (check http.token)") from None
+        raise TailError(f"the daemon at {feed} answered HTTP {code}") from None
+    except ConnectionClosedError as exc:
+        raise TailError(f"the feed at {feed} closed: {exc}") from None
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise TailError(f"cannot reach the daemon at {feed}: {reason} "
+                        "(is `transcribed run` running with http.enabled?)") from None
+    screen.note("the daemon stopped")
+
+
+class Screen:
+    """Renders feed events on a terminal, as plain lines, or as JSON lines."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, json_lines: bool) -> None:
+        self._out = out
+        self._err = err
+        self._json = json_lines
+        self._tty = out.isatty() and not json_lines
+        self._color = self._tty and "NO_COLOR" not in os.environ
+        self._partial = ""
+        self._connection: str | None = None
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Render one feed event."""
+        if self._json:
+            self._write(json.dumps(event, ensure_ascii=False) + "\n")
+            return
+        kind = event.get("type")
+        if kind == "partial":
+            self._show_partial(str(event.get("transcript", "")))
+        elif kind == "turn":
+            self._commit(event)
+        elif kind == "state":
+            self._state(event)
+        elif kind == "session" and event.get("event") == "ended":
+            self._show_partial("")
+
+    def note(self, text: str) -> None:
+        """A status line (dim on a terminal, stderr otherwise)."""
+        if self._json:
+            return
+        if not self._tty:
+            print(f"transcribed tail: {text}", file=self._err, flush=True)
+            return
+        line = f"{DIM}· {text}{RESET}" if self._color else f"· {text}"
+        self._write(CLEAR + line + "\n" + self._partial_line())
+
+    def finish(self) -> None:
+        """Leave the terminal on a fresh line."""
+        if self._tty and self._partial:
+            self._partial = ""
+            self._write("\n")
+
+    def _state(self, event: dict[str, Any]) -> None:
+        connection = str(event.get("connection"))
+        if connection == self._connection:
+            return
+        self._connection = connection
+        details = [str(event.get("engine") or "")]
+        if event.get("session_id"):
+            details.append(f"session {str(event['session_id'])[:12]}")
+        if connection != "live" and event.get("backlog_s"):
+            details.append(f"backlog {event['backlog_s']} s")
+        self.note(" ".join([connection, "—", ", ".join(d for d in details if d)]))
+
+    def _show_partial(self, text: str) -> None:
+        self._partial = text
+        if self._tty:
+            self._write(CLEAR + self._partial_line())
+
+    def _commit(self, turn: dict[str, Any]) -> None:
+        self._partial = ""
+        when = _clock(str(turn.get("started_at", "")))
+        stamp = f"{DIM}{when}{RESET}" if self._color else when
+        line = f"{stamp} {turn.get('transcript', '')}\n"
+        self._write(CLEAR + line if self._tty else line)
+
+    def _partial_line(self) -> str:
+        if not self._partial:
+            return ""
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        text = self._partial
+        if len(text) + 9 > width:  # keep the newest words: the line must never wrap
+            text = "…" + text[-(width - 10):]
+        line = f"{'':8} {text}"
+        return f"{DIM}{line}{RESET}" if self._color else line
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+
+def _clock(iso: str) -> str:
+    try:
+        return parse_iso_utc(iso).astimezone().strftime("%H:%M:%S")
+    except ValueError:
+        return "--:--:--"

@@ -1,0 +1,282 @@
+"""The local live view server: ``/``, ``/events``, ``/healthz`` and ``/metrics`` on one port.
+
+It is the ``websockets`` server itself: ``process_request`` answers the plain HTTP endpoints and
+lets ``/events`` go on to a WebSocket handshake; no web framework, no per-connection compression.
+It binds to loopback unless a token is configured. Without a token, requests must name a
+loopback ``Host`` (a DNS-rebinding page cannot read it) and the feed refuses cross-origin
+browsers. With a token, every endpoint wants ``Authorization: Bearer <token>`` or
+``?token=<token>``, compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from importlib import resources
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from daemon.config import HttpConfig
+from daemon.errors import ConfigError
+from daemon.live import LiveHub
+from daemon.metrics import MetricsRenderer, StatusSnapshot, health
+
+log = structlog.get_logger("daemon.web")
+
+PAGE_CSP: Final = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+POLL_S: Final = 1.0  # how often backlog and audio flow are refreshed into the state event
+
+# websockets logs each request line at debug level, query (token) included: keep it quiet.
+_WS_LOGGER: Final = logging.getLogger("daemon.web.websockets")
+_WS_LOGGER.setLevel(logging.WARNING)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[::1]:8765`` for IPv6); errors name ``http.listen``."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"http.listen: expected HOST:PORT, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ConfigError(f"http.listen: missing host in {listen!r} (use 127.0.0.1:PORT)")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) names this machine's loopback."""
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http(config: HttpConfig) -> list[str]:
+    """Config problems of ``[http]``, one line each (for ``check-config`` and startup)."""
+    if not config.enabled:
+        return []
+    try:
+        host, _port = parse_listen(config.listen)
+    except ConfigError as exc:
+        return exc.problems
+    if not is_loopback(host) and not config.token.get_secret_value():
+        return [f"http.listen: {config.listen} is not a loopback address; set http.token "
+                "to serve beyond this machine"]
+    return []
+
+
+def feed_url(listen: str) -> str:
+    """The WebSocket URL ``transcribed tail`` connects to for a ``listen`` value."""
+    host, port = parse_listen(listen)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{port}/events"
+
+
+def _page() -> bytes:
+    return (resources.files("daemon") / "assets" / "live.html").read_bytes()
+
+
+class LiveServer:
+    """Serves the live view, the event feed, health and metrics; an async context manager."""
+
+    def __init__(
+        self,
+        hub: LiveHub,
+        status: Callable[[], StatusSnapshot],
+        *,
+        listen: str = "127.0.0.1:8765",
+        token: str = "",
+        stale_s: float = 5.0,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self._host, self._port = parse_listen(listen)
+        if not is_loopback(self._host) and not token:
+            raise ConfigError(check_http(HttpConfig(listen=listen))[0])
+        self._hub = hub
+        self._status = status
+        self._token = token.encode()
+        self._stale_s = stale_s
+        self._poll_s = poll_s
+        self._metrics = MetricsRenderer()
+        self._page = _page()
+        self._server: Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: HttpConfig, hub: LiveHub,
+                    status: Callable[[], StatusSnapshot], *, stale_s: float) -> LiveServer:
+        """Build from ``[http]``; ``stale_s`` is how long without audio is unhealthy."""
+        return cls(hub, status, listen=config.listen, token=config.token.get_secret_value(),
+                   stale_s=stale_s)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None, "server not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` of the running server."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._server = await serve(
+                self._feed, self._host, self._port, process_request=self._route,
+                compression=None, max_size=4096, max_queue=4, logger=_WS_LOGGER,
+                server_header=None,
+            )
+        except OSError as exc:
+            raise ConfigError(f"http.listen: cannot listen on {self._host}:{self._port}: "
+                              f"{exc.strerror}") from None
+        self._ticker = asyncio.create_task(self._tick(), name="live-ticker")
+        log.info("http.listening", url=self.url, token=bool(self._token))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._hub.state("stopped", session_id=None)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        log.info("http.stopped")
+
+    # -- the feed --------------------------------------------------------------------------
+
+    async def _feed(self, conn: ServerConnection) -> None:
+        """Send the replay, then every event, until the client leaves or falls behind."""
+        sub = self._hub.subscribe(on_drop=conn.transport.abort)
+        watcher = asyncio.create_task(self._close_on_exit(conn, sub.close))
+        try:
+            while (text := await sub.next()) is not None:
+                await conn.send(text)
+        except ConnectionClosed:
+            pass
+        finally:
+            watcher.cancel()
+            self._hub.unsubscribe(sub)
+
+    @staticmethod
+    async def _close_on_exit(conn: ServerConnection, close: Callable[[], None]) -> None:
+        await conn.wait_closed()
+        close()
+
+    async def _tick(self) -> None:
+        """Refresh backlog and audio flow in the state event (it only goes out on change)."""
+        while True:
+            try:
+                snap = self._status()
+                flowing = snap.audio_age_s is not None and snap.audio_age_s <= self._stale_s
+                self._hub.state(backlog_s=snap.backlog_seconds, audio=flowing)
+            except Exception:  # supervision boundary: the view must not take the daemon down
+                log.exception("http.status_failed")
+            await asyncio.sleep(self._poll_s)
+
+    # -- plain HTTP ------------------------------------------------------------------------
+
+    def _route(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Answer plain HTTP; return ``None`` to let ``/events`` upgrade to a WebSocket."""
+        url = urlsplit(request.path)
+        if request.method != "GET":
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n", allow="GET")
+        if not self._token and not is_loopback(_host_name(request.headers.get("Host", ""))):
+            return _text(HTTPStatus.FORBIDDEN, "Host must name a loopback address\n")
+        if not self._authorised(request, url.query):
+            return _text(HTTPStatus.UNAUTHORIZED, "token required\n",
+                         **{"WWW-Authenticate": 'Bearer realm="transcribed"'})
+        if url.path == "/events":
+            return self._upgrade_check(request)
+        if url.path in ("/", "/index.html"):
+            return _response(HTTPStatus.OK, self._page, "text/html; charset=utf-8",
+                             **{"Content-Security-Policy": PAGE_CSP})
+        if url.path == "/healthz":
+            return self._healthz()
+        if url.path == "/metrics":
+            return self._metrics_response()
+        return _text(HTTPStatus.NOT_FOUND, "not found: try /, /events, /healthz or /metrics\n")
+
+    def _authorised(self, request: Request, query: str) -> bool:
+        if not self._token:
+            return True
+        given = request.headers.get("Authorization", "")
+        offered = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if not offered:
+            offered = (parse_qs(query).get("token") or [""])[0]
+        return hmac.compare_digest(offered.encode(), self._token)
+
+    def _upgrade_check(self, request: Request) -> Response | None:
+        """Refuse browsers from another origin (without a token, the Host check guards)."""
+        origin = request.headers.get("Origin")
+        if origin is None or self._token:
+            return None
+        if urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower():
+            return _text(HTTPStatus.FORBIDDEN, "cross-origin feed refused\n")
+        return None
+
+    def _healthz(self) -> Response:
+        snap = self._status()
+        verdict = health(snap, self._stale_s)
+        body = {**verdict.to_dict(snap), "connection": self._hub.current["connection"]}
+        status = HTTPStatus.OK if verdict.ok else HTTPStatus.SERVICE_UNAVAILABLE
+        return _response(status, json.dumps(body).encode() + b"\n", "application/json")
+
+    def _metrics_response(self) -> Response:
+        extra = [
+            ("live_clients", "gauge", "Connected live-view clients.",
+             float(self._hub.subscribers)),
+            ("live_clients_dropped_total", "counter", "Live-view clients dropped as too slow.",
+             float(self._hub.dropped_clients)),
+        ]
+        text = self._metrics.render(self._status(), extra)
+        return _response(HTTPStatus.OK, text.encode(), METRICS_TYPE)
+
+
+def _host_name(host_header: str) -> str:
+    if host_header.startswith("["):
+        return host_header[1:].partition("]")[0]
+    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+
+
+def _text(status: HTTPStatus, text: str, **headers: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8", **headers)
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str, **extra: Any) -> Response:
+    headers = Headers([
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Connection", "close"),
+    ])
+    for key, value in extra.items():
+        headers[key.replace("_", "-").title() if key.islower() else key] = value
+    return Response(status.value, status.phrase, headers, body)

@@ -1,0 +1,302 @@
+"""The live-view server driven directly: health, metrics, the event feed, tokens, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+
+import httpx
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from daemon.config import HttpConfig
+from daemon.errors import ConfigError
+from daemon.live import LiveHub, Tee
+from daemon.metrics import SinkSnapshot, StatusSnapshot
+from daemon.web import LiveServer, check_http, feed_url, parse_listen
+from tests.live_helpers import SESSION, StatusBox, began, ended, live_server, partial, receive, turn
+
+TOKEN = "s3cret-live-token-value"
+
+
+class TestListen:
+    def test_non_loopback_needs_token(self) -> None:
+        """A non-loopback listen address without a token is refused, naming http.listen."""
+        with pytest.raises(ConfigError, match=r"^http\.listen: 0\.0\.0\.0:8765 is not a loopback"):
+            LiveServer(LiveHub(), StatusBox(), listen="0.0.0.0:8765")
+        config = HttpConfig(listen="192.168.1.5:8765")
+        assert check_http(config)[0].startswith("http.listen: ")
+        assert check_http(HttpConfig(listen="0.0.0.0:8765", token=SecretStr(TOKEN))) == []
+        LiveServer(LiveHub(), StatusBox(), listen="0.0.0.0:8765", token=TOKEN)
+
+    def test_default_is_loopback(self) -> None:
+        """The default [http] passes the check and points tail at 127.0.0.1."""
+        assert check_http(HttpConfig()) == []
+        assert feed_url(HttpConfig().listen) == "ws://127.0.0.1:8765/events"
+        assert feed_url("[::1]:9000") == "ws://[::1]:9000/events"
+
+    @pytest.mark.parametrize("listen", ["8765", "localhost:http", ":8765", "127.0.0.1:70000"])
+    def test_bad_listen(self, listen: str) -> None:
+        """A malformed listen value is one line naming http.listen."""
+        with pytest.raises(ConfigError, match=r"^http\.listen: "):
+            parse_listen(listen)
+
+    async def test_port_in_use(self) -> None:
+        """A port already taken is a ConfigError naming http.listen."""
+        async with live_server(LiveHub()) as first:
+            with pytest.raises(ConfigError, match=r"^http\.listen: cannot listen"):
+                async with live_server(LiveHub(), listen=f"127.0.0.1:{first.port}"):
+                    pass
+
+
+class TestHealth:
+    async def test_transitions(self) -> None:
+        """/healthz is 503 until audio flows and the session is live, and again when audio stops."""
+        status = StatusBox()
+        async with live_server(LiveHub(), status, stale_s=2.0) as server, httpx.AsyncClient(
+            base_url=server.url) as http:
+            first = await http.get("/healthz")
+            assert first.status_code == 503
+            assert first.json()["reason"] == "no audio received yet"
+            status.set(audio_age_s=0.1)
+            not_live = await http.get("/healthz")
+            assert not_live.status_code == 503
+            assert not_live.json()["reason"] == "assemblyai session is not live"
+            status.set(engine_live=True)
+            ok = await http.get("/healthz")
+            assert ok.status_code == 200
+            assert ok.json()["status"] == "ok" and ok.json()["engine_live"] is True
+            assert ok.headers["content-type"] == "application/json"
+            status.set(audio_age_s=7.25)
+            stale = await http.get("/healthz")
+            assert stale.status_code == 503
+            assert stale.json() == {**stale.json(), "status": "unhealthy",
+                                    "reason": "no audio for 7.2 s"}
+
+
+class TestMetrics:
+    async def test_parses_with_prometheus(self) -> None:
+        """/metrics parses with the Prometheus parser and carries every promised figure."""
+        latencies = [0.004, 0.03, 0.2, 1.5]
+        status = StatusBox(StatusSnapshot(
+            engine="assemblyai", engine_live=True, audio_seconds=61.5, audio_age_s=0.05,
+            chunks_dropped=2, sessions=3, reconnects=2, backlog_seconds=4.25, turns=9,
+            sinks=(SinkSnapshot("journal", 1, 4, 0, 0, latencies),
+                   SinkSnapshot('we"ird', 0, 2, 5, 1, [0.1, 0.2])),
+        ))
+        async with live_server(LiveHub(), status) as server, httpx.AsyncClient(
+            base_url=server.url) as http:
+            response = await http.get("/metrics")
+            assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+            samples = _samples(response.text)
+            assert samples[("transcribed_audio_seconds_total", ())] == 61.5
+            assert samples[("transcribed_audio_chunks_dropped_total", ())] == 2
+            assert samples[("transcribed_sessions_total", ())] == 3
+            assert samples[("transcribed_reconnects_total", ())] == 2
+            assert samples[("transcribed_backlog_seconds", ())] == 4.25
+            assert samples[("transcribed_turns_total", ())] == 9
+            journal = (("sink", "journal"),)
+            assert samples[("transcribed_sink_queue_depth", journal)] == 1
+            assert samples[("transcribed_sink_deliveries_total", journal)] == 4
+            assert samples[("transcribed_sink_failures_total", (("sink", 'we"ird'),))] == 5
+            assert samples[("transcribed_sink_dead_lettered_total", (("sink", 'we"ird'),))] == 1
+            assert samples[("transcribed_sink_latency_seconds_count", journal)] == 4
+            bucket = ("transcribed_sink_latency_seconds_bucket", (("le", "0.25"), *journal))
+            assert samples[bucket] == 3
+            latencies.extend([0.02, 0.02])  # two more deliveries between scrapes
+            status.set(sinks=(SinkSnapshot("journal", 0, 6, 0, 0, latencies),))
+            again = _samples((await http.get("/metrics")).text)
+            assert again[("transcribed_sink_latency_seconds_count", journal)] == 6
+            assert again[("transcribed_sink_latency_seconds_bucket",
+                          (("le", "0.025"), *journal))] == 3
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+class TestFeed:
+    async def test_events_and_replay(self) -> None:
+        """The feed sends state, session, partial and turn events; a newcomer gets a replay."""
+        hub = LiveHub(engine="assemblyai", history=2)
+        async with live_server(hub) as server:
+            url = server.url.replace("http", "ws") + "/events"
+            async with connect(url) as ws:
+                assert (await receive(ws))["connection"] == "connecting"
+                hub.session_started(began())
+                session = await receive(ws)
+                assert session == {"type": "session", "event": "started", "session_id": SESSION,
+                                   "engine": "assemblyai", "expires_at": "2026-11-24T02:10:01.120Z"}
+                state = await receive(ws)
+                assert state["type"] == "state" and state["connection"] == "live"
+                assert state["session_id"] == SESSION
+                for order, text in enumerate(["one", "two", "three"]):
+                    hub.turn(turn(order, text))
+                hub.partial(partial(3, "four fi"))
+                events = [await receive(ws) for _ in range(4)]
+                assert [e["transcript"] for e in events] == ["one", "two", "three", "four fi"]
+                assert events[0] == {"type": "turn", **turn(0, "one").to_dict()}
+                assert events[3] == {"type": "partial", "id": f"{SESSION}:3",
+                                     **partial(3, "four fi").to_dict()}
+            async with connect(url) as late:
+                replay = [await receive(late) for _ in range(5)]
+                assert [e["type"] for e in replay] == ["state", "session", "turn", "turn",
+                                                      "partial"]
+                assert [e["transcript"] for e in replay[2:]] == ["two", "three", "four fi"]
+                hub.turn(turn(3, "four five."))
+                assert (await receive(late))["transcript"] == "four five."
+                hub.session_ended(ended())
+                assert (await receive(late))["event"] == "ended"
+                after = await receive(late)
+                assert after["connection"] == "reconnecting" and after["session_id"] is None
+        assert hub.subscribers == 0
+
+    async def test_state_changes_only(self) -> None:
+        """State events go out on change only; backlog is whole seconds; shutdown says stopped."""
+        hub = LiveHub(engine="local")
+        async with live_server(hub) as server, connect(
+                server.url.replace("http", "ws") + "/events") as ws:
+            await receive(ws)
+            hub.state(backlog_s=0.2)
+            hub.state("paused", backlog_s=12.4)
+            paused = await receive(ws)
+            assert (paused["connection"], paused["backlog_s"]) == ("paused", 12)
+            await server.__aexit__(None, None, None)
+            assert (await receive(ws))["connection"] == "stopped"
+
+    def test_tee_isolates_the_view(self) -> None:
+        """Tee forwards to every listener; a failing live view never reaches the engine."""
+        seen: list[str] = []
+
+        class Primary:
+            def turn(self, record: object) -> None:
+                seen.append("turn")
+
+            def partial(self, value: object) -> None:
+                seen.append("partial")
+
+            def session_started(self, value: object) -> None:
+                seen.append("started")
+
+            def session_ended(self, value: object) -> None:
+                seen.append("ended")
+
+        class Broken(Primary):
+            def turn(self, record: object) -> None:
+                raise RuntimeError("view broke")
+
+        hub = LiveHub()
+        tee = Tee(Primary(), Broken(), hub)
+        tee.session_started(began())
+        tee.turn(turn(0, "hello"))
+        assert seen == ["started", "started", "turn"]
+        assert hub.current["connection"] == "live"
+
+
+class TestAccess:
+    async def test_token_required(self, caplog: pytest.LogCaptureFixture) -> None:
+        """With a token, every endpoint wants it (bearer or query); it is never logged."""
+        caplog.set_level(logging.DEBUG)
+        hub = LiveHub()
+        with structlog.testing.capture_logs() as logs:
+            async with live_server(hub, token=TOKEN) as server, httpx.AsyncClient(
+                    base_url=server.url) as http:
+                for path in ("/", "/healthz", "/metrics", "/events"):
+                    refused = await http.get(path)
+                    assert refused.status_code == 401, path
+                    assert refused.headers["www-authenticate"].startswith("Bearer")
+                wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+                assert wrong.status_code == 401
+                bearer = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+                assert bearer.status_code == 200
+                assert (await http.get(f"/?token={TOKEN}")).status_code == 200
+                ws_url = server.url.replace("http", "ws") + "/events"
+                with pytest.raises(InvalidStatus) as refused_ws:
+                    await connect(ws_url)
+                assert refused_ws.value.response.status_code == 401
+                async with connect(f"{ws_url}?token={TOKEN}") as ws:
+                    assert (await receive(ws))["type"] == "state"
+                async with connect(ws_url, additional_headers={
+                        "Authorization": f"Bearer {TOKEN}"}) as ws:
+                    assert (await receive(ws))["type"] == "state"
+        server_side = [r.getMessage() for r in caplog.records  # not the test's own clients
+                       if r.name.startswith(("daemon", "websockets.server"))]
+        assert TOKEN not in "\n".join(server_side)
+        assert TOKEN not in json.dumps(logs, default=str)
+
+    async def test_foreign_host_and_origin(self) -> None:
+        """Without a token, a non-loopback Host (DNS rebinding) or a foreign Origin is refused."""
+        async with live_server(LiveHub()) as server, httpx.AsyncClient(
+                base_url=server.url) as http:
+            rebound = await http.get("/healthz", headers={"Host": f"evil.example:{server.port}"})
+            assert rebound.status_code == 403
+            assert (await http.get("/", headers={"Host": f"localhost:{server.port}"})
+                    ).status_code == 200
+            assert (await http.post("/healthz")).status_code == 405
+            assert (await http.get("/nope")).status_code == 404
+            ws_url = server.url.replace("http", "ws") + "/events"
+            with pytest.raises(InvalidStatus) as foreign:
+                await connect(ws_url, origin="http://evil.example")  # type: ignore[arg-type]
+            assert foreign.value.response.status_code == 403
+            async with connect(ws_url, origin=server.url) as ws:  # type: ignore[arg-type]
+                assert (await receive(ws))["type"] == "state"
+
+    async def test_page_is_self_contained(self) -> None:
+        """The page is served with a CSP that forbids any other origin."""
+        async with live_server(LiveHub()) as server, httpx.AsyncClient(
+                base_url=server.url) as http:
+            page = await http.get("/")
+            assert page.status_code == 200 and "<title>transcribed" in page.text
+            assert "connect-src 'self'" in page.headers["content-security-policy"]
+            assert "http://" not in page.text and "https://" not in page.text
+
+
+class TestSlowClient:
+    async def test_slow_client_dropped(self) -> None:
+        """A client that stops reading is dropped; a reading client gets every event."""
+        hub = LiveHub(client_queue=8)
+        async with live_server(hub) as server:
+            slow = await _stalled_feed_client(server.port)
+            async with connect(server.url.replace("http", "ws") + "/events",
+                               max_size=2**20) as fast:
+                await receive(fast)
+                assert hub.subscribers == 2
+                big = "x" * 128 * 1024
+                sent = 0
+                async with asyncio.timeout(20):
+                    while hub.dropped_clients == 0:
+                        hub.turn(turn(sent, f"{sent} {big}"))
+                        assert (await receive(fast))["turn_order"] == sent
+                        sent += 1
+                assert hub.subscribers == 1 and sent < 400
+                hub.turn(turn(sent, "still here"))
+                assert (await receive(fast))["transcript"] == "still here"
+            slow.close()
+
+
+async def _stalled_feed_client(port: int) -> socket.socket:
+    """Open /events with a tiny receive window, complete the handshake, then never read."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    request = (f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
