@@ -1,0 +1,184 @@
+"""``transcribed tail`` as a child process: under a pseudo-terminal, as JSON lines, and failing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import signal
+import socket
+import sys
+import termios
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from daemon.events import TurnRecord
+from daemon.live import LiveHub
+from tests.conftest import REPO
+from tests.live_helpers import began, live_server, partial, turn
+
+CLEAR = "\r\x1b[2K"
+_RUN_TAIL = ("import sys; from daemon.tail import tail_main; "
+             "sys.exit(tail_main(sys.argv[1], sys.argv[2], sys.argv[3] == 'json'))")
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, with everything it writes collected."""
+
+    def __init__(self, process: asyncio.subprocess.Process, master: int) -> None:
+        self.process = process
+        self.master = master
+        self.output = ""
+        self._grew = asyncio.Event()
+        asyncio.get_running_loop().add_reader(master, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.output += data.decode(errors="replace")
+        self._grew.set()
+
+    async def wait_for(self, text: str, limit_s: float = 10) -> None:
+        """Wait until ``text`` has been written."""
+        async with asyncio.timeout(limit_s):
+            while text not in self.output:
+                self._grew.clear()
+                await self._grew.wait()
+
+
+@asynccontextmanager
+async def tail_on_terminal(url: str, token: str = "", mode: str = "text"
+                           ) -> AsyncIterator[Terminal]:
+    """Run tail with its stdout and stderr on a fresh pseudo-terminal, 100 columns wide."""
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # keep "\n" as written
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    env = {**os.environ, "COLUMNS": "100", "LINES": "30", "NO_COLOR": "1"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RUN_TAIL, url, token, mode, cwd=REPO, env=env,
+        stdin=slave, stdout=slave, stderr=slave,
+    )
+    os.close(slave)
+    terminal = Terminal(process, master)
+    try:
+        yield terminal
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        asyncio.get_running_loop().remove_reader(master)
+        os.close(master)
+
+
+class TestTerminal:
+    async def test_partial_rewritten_then_committed(self) -> None:
+        """On a terminal the partial is rewritten in place and the final committed as a line."""
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server, tail_on_terminal(server.url) as term:
+            await term.wait_for("· connecting — assemblyai\n")
+            hub.session_started(began())
+            await term.wait_for("· live — assemblyai, session sess-0001-ab\n")
+            hub.partial(partial(0, "the quick"))
+            await term.wait_for(CLEAR + " " * 9 + "the quick")
+            hub.partial(partial(0, "the quick brown fox"))
+            await term.wait_for(CLEAR + " " * 9 + "the quick brown fox")
+            hub.turn(turn(0, "The quick brown fox."))
+            final = CLEAR + _clock_of(turn(0, "x")) + " The quick brown fox.\n"
+            await term.wait_for(final)
+            assert term.output.count("\n") == 3  # two state lines and one committed turn
+            term.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            async with asyncio.timeout(10):
+                assert await term.process.wait() == 0
+
+    async def test_long_partial_never_wraps(self) -> None:
+        """A partial longer than the terminal shows its newest words on one line."""
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server, tail_on_terminal(server.url) as term:
+            await term.wait_for("· connecting")
+            words = " ".join(f"word{i}" for i in range(40))
+            hub.partial(partial(0, words))
+            await term.wait_for("word39")
+            line = term.output.rsplit(CLEAR, 1)[1]
+            assert line.startswith(" " * 9 + "…") and len(line) <= 99
+
+
+def _clock_of(record: TurnRecord) -> str:
+    return record.started_at.astimezone().strftime("%H:%M:%S")
+
+
+class TestPipes:
+    async def test_json_lines(self) -> None:
+        """With --json every event is one JSON line on stdout."""
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, server.url, "", "json", cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            assert process.stdout is not None
+            async with asyncio.timeout(10):
+                first = json.loads(await process.stdout.readline())
+                assert first["type"] == "state"
+                hub.partial(partial(0, "hello wor"))
+                hub.turn(turn(0, "Hello world."))
+                second = json.loads(await process.stdout.readline())
+                third = json.loads(await process.stdout.readline())
+            assert (second["type"], second["transcript"]) == ("partial", "hello wor")
+            assert third == {"type": "turn", **turn(0, "Hello world.").to_dict()}
+            process.send_signal(signal.SIGINT)
+            _out, err = await process.communicate()
+            assert process.returncode == 0 and err == b""
+
+    async def test_daemon_stopping_ends_tail(self) -> None:
+        """When the daemon stops, tail says so and exits 0."""
+        hub = LiveHub()
+        async with live_server(hub) as server:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, server.url, "", "text", cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            assert process.stderr is not None
+            async with asyncio.timeout(10):
+                assert b"connecting" in await process.stderr.readline()
+        async with asyncio.timeout(10):
+            _out, err = await process.communicate()
+        assert process.returncode == 0
+        assert err.decode().splitlines()[-1] == "transcribed tail: the daemon stopped"
+
+
+class TestFailures:
+    async def test_unreachable(self) -> None:
+        """No daemon listening: one clear line on stderr, exit 1."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        code, err = await _run_tail(f"http://127.0.0.1:{port}", "")
+        assert code == 1
+        assert err.count("\n") == 1
+        assert err.startswith(f"transcribed tail: cannot reach the daemon at "
+                              f"ws://127.0.0.1:{port}/events: ")
+        assert err.endswith("(is `transcribed run` running with http.enabled?)\n")
+
+    async def test_wrong_token(self) -> None:
+        """A refused token: one line naming http.token, exit 1, the token not echoed."""
+        async with live_server(LiveHub(), token="right-token") as server:
+            code, err = await _run_tail(server.url, "wrong-token")
+        assert code == 1 and err.count("\n") == 1
+        assert "refused the token (check http.token)" in err and "wrong-token" not in err
+
+
+async def _run_tail(url: str, token: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RUN_TAIL, url, token, "text", cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(15):
+        _out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
