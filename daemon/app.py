@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -20,11 +20,14 @@ import structlog
 
 from daemon.audio_base import AudioSource
 from daemon.config import Settings, secret_values
-from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, validate_sinks
+from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
 from daemon.engine import Engine
-from daemon.events import PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.health import Health, Heartbeat, Reporter
 from daemon.logs import SecretMasker
-from daemon.plugins import PluginHost, SinkContext, load_plugins
+from daemon.notify import Notifier
+from daemon.plugins import PluginHost, load_plugins
+from daemon.reload import Loader, Reloader, SinkBuilder
 
 log = structlog.get_logger("daemon.app")
 
@@ -42,6 +45,8 @@ class Listener:
     turns: int = 0
     sessions: int = 0
     live: bool = False
+    chunks: int = 0  # audio chunks read from the source so far
+    chunks_at_session: int = 0  # ``chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
 
     def turn(self, record: TurnRecord) -> None:
@@ -65,6 +70,7 @@ class Listener:
         """A session began."""
         self.sessions += 1
         self.live = True
+        self.chunks_at_session = self.chunks
         self._hook(self.plugins.session_started, session)
         self._changed()
 
@@ -90,28 +96,12 @@ def build_runners(
 ) -> list[SinkRunner]:
     """Validate the sink tables and build each sink with its queue."""
     validated = validate_sinks(plugins, settings.effective_sinks())
-    context = SinkContext(host=host, state_dir=settings.state_path())
-    outbox: Any = None
-    runners = []
-    for name, (sink_type, config) in validated.items():
-        queue: SinkQueue
-        if sink_type.durable:
-            if outbox is None:
-                from daemon.outbox import Outbox
-
-                outbox = Outbox(settings.state_path() / "outbox.sqlite3")
-                stack.append(outbox)
-            queue = outbox.queue(name)
-        else:
-            queue = MemoryQueue()
-        runners.append(
-            SinkRunner(name, sink_type, config, sink_type.factory(name, config, context), queue)
-        )
-    return runners
+    builder = SinkBuilder(host, settings.state_path(), stack)
+    return [builder.build(name, t, config) for name, (t, config) in validated.items()]
 
 
-def build_source(settings: Settings) -> AudioSource:
-    """The configured audio source."""
+def build_source(settings: Settings, heartbeat: Heartbeat | None = None) -> AudioSource:
+    """The configured audio source (the microphone recovers from stalls and lost devices)."""
     from daemon.audio import MicrophoneSource, WavFileSource
 
     audio = settings.audio
@@ -120,7 +110,7 @@ def build_source(settings: Settings) -> AudioSource:
             Path(audio.path).expanduser(), sample_rate=audio.sample_rate, chunk_ms=audio.chunk_ms
         )
     return MicrophoneSource(audio.device, sample_rate=audio.sample_rate, chunk_ms=audio.chunk_ms,
-                            stall_seconds=audio.stall_seconds)
+                            stall_seconds=audio.stall_seconds, heartbeat=heartbeat)
 
 
 def build_engine(
@@ -149,16 +139,37 @@ def build_engine(
     )
 
 
-async def run(settings: Settings, masker: SecretMasker, plugins: PluginHost | None = None) -> int:
-    """Run the daemon until the input ends or a signal arrives; returns the exit code."""
+async def run(
+    settings: Settings,
+    masker: SecretMasker,
+    plugins: PluginHost | None = None,
+    *,
+    loader: Loader | None = None,
+    notifier: Notifier | None = None,
+) -> int:
+    """Run the daemon until the input ends or a signal arrives; returns the exit code.
+
+    Args:
+        settings: the validated configuration.
+        masker: the log masker (learns every secret, also those a reload brings).
+        plugins: the plugin host (default: built-ins and installed entry points).
+        loader: re-reads the config on SIGHUP; without one SIGHUP is logged and ignored.
+        notifier: systemd notifications (default: from ``$NOTIFY_SOCKET``).
+    """
     host = socket.gethostname()
     plugins = plugins or load_plugins()
     closers: list[Any] = []
-    runners = build_runners(settings, plugins, host, closers)
+    sinks = SinkBuilder(host, settings.state_path(), closers)
+    validated = validate_sinks(plugins, settings.effective_sinks())
+    runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
     listener = Listener(dispatcher, plugins, settings.log.transcripts)
-    source = build_source(settings)
+    health = Health()
+    capture = health.heartbeat("capture")
+    health.watch(dispatcher.heartbeats)
+    source = build_source(settings, capture)
+    notifier = notifier or Notifier()
     try:
         async with httpx.AsyncClient() as client:
             engine = build_engine(settings, host, masker, client)
@@ -168,20 +179,103 @@ async def run(settings: Settings, masker: SecretMasker, plugins: PluginHost | No
                 source=settings.audio.source,
                 sinks=sorted(dispatcher.runners),
             )
+            reporter = Reporter(
+                notifier,
+                health,
+                ready=lambda: _audio_flows(engine, listener),
+                status=lambda: status_line(engine, source, listener, dispatcher),
+            )
+            listener.on_change.append(reporter.changed)
+            reloader = None
+            if loader is not None:
+                reloader = Reloader(loader, settings, plugins=plugins, dispatcher=dispatcher,
+                                    sinks=sinks, masker=masker)
             async with asyncio.TaskGroup() as group:
                 dispatcher.start(group)
+                reporting = group.create_task(reporter.run(), name="systemd-reporter")
+                hup = _Hangup(group, reloader, reporter)
                 try:
-                    await _run_engine(engine, source, listener)
+                    await _run_engine(engine, source, listener, reporter, hup, capture)
                 finally:
+                    reporter.stop("input ended")
                     await dispatcher.close(FLUSH_TIMEOUT_S)
+                    reporting.cancel()
     finally:
+        notifier.close()
         for closer in closers:
             closer.close()
     log.info("daemon.stopped", turns=listener.turns, sessions=listener.sessions)
     return 0
 
 
-async def _run_engine(engine: Engine, source: AudioSource, listener: Listener) -> None:
+def _audio_flows(engine: Engine, listener: Listener) -> bool:
+    """READY: a live session (the cloud engine's own flag when it has one) receiving audio."""
+    live = bool(getattr(engine, "live", listener.live)) and listener.live
+    return live and listener.chunks > listener.chunks_at_session
+
+
+def status_line(engine: Engine, source: AudioSource, listener: Listener,
+                dispatcher: Dispatcher) -> str:
+    """The one-line human summary systemd shows (``STATUS=``)."""
+    if listener.live:
+        session = "session live"
+    else:
+        session = "reconnecting" if listener.sessions else "connecting"
+    if engine.name == "local":
+        session = "ready" if listener.live else "loading"
+    ledger = getattr(engine, "ledger", None)
+    backlog = f", backlog {ledger.seconds_held():.0f} s" if ledger is not None else ""
+    capture = "reopening the device" if getattr(source, "recovering", False) else "ok"
+    names = ", ".join(sorted(dispatcher.runners)) or "none"
+    return (
+        f"{engine.name}: {session}, {listener.turns} turns{backlog}; capture {capture}; "
+        f"sinks {names} ({dispatcher.queued()} queued)"
+    )
+
+
+async def _beating(
+    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, listener: Listener, within: float
+) -> AsyncIterator[AudioChunk]:
+    """Pass chunks through, beating the capture heartbeat and counting them."""
+    try:
+        async for chunk in chunks:
+            heartbeat.beat(within)
+            listener.chunks += 1
+            yield chunk
+    finally:
+        heartbeat.idle()
+
+
+@dataclass
+class _Hangup:
+    """SIGHUP: run one reload at a time as a task, bracketed by RELOADING=1 / READY=1."""
+
+    group: asyncio.TaskGroup
+    reloader: Reloader | None
+    reporter: Reporter
+
+    def __call__(self) -> None:
+        if self.reloader is None:
+            log.warning("reload.unavailable", reason="no config loader")
+            return
+        if self.reporter.stopping:
+            return
+        self.group.create_task(self._reload(self.reloader), name="reload")
+
+    async def _reload(self, reloader: Reloader) -> None:
+        self.reporter.reloading()
+        outcome = await reloader.reload()
+        self.reporter.reloaded(outcome)
+
+
+async def _run_engine(
+    engine: Engine,
+    source: AudioSource,
+    listener: Listener,
+    reporter: Reporter,
+    hup: Callable[[], None],
+    capture: Heartbeat,
+) -> None:
     """Run the engine over the source, stopping gracefully on SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
@@ -194,19 +288,30 @@ async def _run_engine(engine: Engine, source: AudioSource, listener: Listener) -
             task.cancel()
             return
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
+        reporter.stop(f"{signal.Signals(signum).name} received")
         source.stop()
         stopping.append(loop.call_later(SHUTDOWN_DEADLINE_S, _deadline, task))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, hup)
+    within = _chunk_deadline(source)
     try:
         async with source:
-            await _uncancel_on_deadline(engine.run(source.chunks(), listener), task, stopping)
+            chunks = _beating(source.chunks(), capture, listener, within)
+            await _uncancel_on_deadline(engine.run(chunks, listener), task, stopping)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         for handle in stopping:
             handle.cancel()
+
+
+def _chunk_deadline(source: AudioSource) -> float:
+    """How long after one chunk the next must have arrived (or a recovery have begun)."""
+    from daemon.audio import OPEN_LIMIT_S
+
+    return float(getattr(source, "stall_seconds", 5.0)) + OPEN_LIMIT_S
 
 
 def _deadline(task: asyncio.Task[Any]) -> None:

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import math
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -31,6 +32,7 @@ from daemon.devices import (
 )
 from daemon.errors import AudioError
 from daemon.events import AudioChunk, SourceName
+from daemon.health import Heartbeat
 from daemon.pcm import Converter, PcmFormat, Rechunker, WavReader, open_wav
 
 __all__ = [
@@ -48,6 +50,20 @@ log = structlog.get_logger("daemon.audio")
 
 _READ_SECONDS: Final = 1.0  # WAV decode block
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
+OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than this is stuck
+REOPEN_INITIAL_S: Final = 0.5  # device recovery backoff: first delay after an immediate retry…
+REOPEN_MAX_S: Final = 30.0  # …doubling up to this
+GAP_LOG_S: Final = 0.5  # a jump in capture time bigger than this is logged as a gap
+
+
+def reopen_delays(initial: float = REOPEN_INITIAL_S, maximum: float = REOPEN_MAX_S
+                  ) -> Iterator[float]:
+    """Device reopen delays: immediate, then exponential with jitter, capped."""
+    yield 0.0
+    delay = initial
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(delay * 2, maximum)
 
 
 class WavFileSource:
@@ -286,7 +302,10 @@ class MicrophoneSource:
             default rate and resampled (streaming, seamless across chunks).
         chunk_ms: output chunk length.
         queue_chunks: chunks held for a slow consumer before the oldest are dropped.
-        stall_seconds: no audio for this long raises :class:`AudioError` from ``chunks()``.
+        stall_seconds: no audio for this long counts as a stalled device.
+        heartbeat: beaten on every chunk and every reopen attempt (see :mod:`daemon.health`).
+        recover: on a capture error or stall, reopen the device with backoff and keep going
+            (the gap is logged); with False, ``chunks()`` raises :class:`AudioError` instead.
     """
 
     name: SourceName = "microphone"
@@ -299,6 +318,8 @@ class MicrophoneSource:
         chunk_ms: int = 100,
         queue_chunks: int = 50,
         stall_seconds: float = 5.0,
+        heartbeat: Heartbeat | None = None,
+        recover: bool = True,
     ) -> None:
         self.device = device
         self.sample_rate = sample_rate
@@ -310,6 +331,13 @@ class MicrophoneSource:
         self._pa: pyaudio.PyAudio | None = None
         self._stream: pyaudio.Stream | None = None
         self._bridge: CaptureBridge | None = None
+        self.heartbeat = heartbeat or Heartbeat("capture")
+        self.recover = recover
+        self.recovering = False
+        self.recoveries = 0
+        self._stopped = asyncio.Event()
+        self._last_end: float | None = None  # wall-clock end of the last chunk yielded
+        self._lost_at: float | None = None  # set while a gap is open (device lost)
 
     @property
     def dropped_chunks(self) -> int:
@@ -335,15 +363,81 @@ class MicrophoneSource:
 
     def stop(self) -> None:
         """End ``chunks()`` once what is already queued has been consumed."""
+        self._stopped.set()
         if self._bridge is not None:
             self._bridge.finish()
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:
-        """Yield chunks until ``stop()``; capture failures raise :class:`AudioError`."""
-        if self._bridge is None:
+        """Yield chunks until ``stop()``, recovering from capture errors and stalls."""
+        bridge = self._bridge
+        if bridge is None:
             raise AudioError(f"microphone {self.device!r}: source used outside 'async with'")
-        while (chunk := await self._bridge.get(self.stall_seconds)) is not None:
+        while True:
+            self.heartbeat.beat(self.stall_seconds + OPEN_LIMIT_S)
+            try:
+                chunk = await bridge.get(self.stall_seconds)
+            except AudioError as exc:
+                if not self.recover or self._stopped.is_set():
+                    raise
+                await self._recover(exc)
+                continue
+            if chunk is None:
+                self.heartbeat.idle()
+                return
+            self._note_continuity(chunk)
             yield chunk
+
+    def _note_continuity(self, chunk: AudioChunk) -> None:
+        """Log the gap when audio resumes after a loss, a suspend or a device hiccup."""
+        if self._last_end is not None:
+            gap = chunk.captured_at - self._last_end
+            if self._lost_at is not None:
+                log.warning(
+                    "audio.device_recovered",
+                    gap_s=round(chunk.captured_at - self._lost_at, 3),
+                    recoveries=self.recoveries,
+                )
+            elif gap > GAP_LOG_S:
+                log.warning("audio.gap", gap_s=round(gap, 3))
+        self._lost_at = None
+        self._last_end = chunk.captured_at + self.chunk_ms / 1000
+
+    async def _recover(self, error: AudioError) -> None:
+        """Reopen the device (fresh PortAudio, so replugged devices are found) with backoff."""
+        self.recovering = True
+        if self._lost_at is None:
+            self._lost_at = self._last_end if self._last_end is not None else time.time()
+        log.warning("audio.device_lost", error=str(error), device=self.device or "default")
+        try:
+            for attempt, delay in enumerate(reopen_delays(), start=1):
+                self.heartbeat.beat(delay + OPEN_LIMIT_S)
+                if await self._stopped_within(delay):
+                    return
+                try:
+                    await self._reopen_fresh()
+                except AudioError as exc:
+                    log.warning("audio.reopen_failed", attempt=attempt, error=str(exc))
+                    continue
+                self.recoveries += 1
+                return
+        finally:
+            self.recovering = False
+
+    async def _stopped_within(self, delay: float) -> bool:
+        """Wait ``delay`` seconds; True if ``stop()`` was called meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stopped.wait()
+        return self._stopped.is_set()
+
+    async def _reopen_fresh(self) -> None:
+        """Close the stream and PortAudio, then open both again."""
+        await self._close_stream()
+        pa, self._pa = self._pa, None
+        if pa is not None:
+            await asyncio.to_thread(pa.terminate)
+        self._pa = await asyncio.to_thread(new_pyaudio)
+        await self._open()
 
     async def reopen(self) -> None:
         """Close and reopen the device, keeping the queue and counters (for reconnects)."""

@@ -48,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
         "test-sinks", help="send one synthetic turn through every configured sink and report"
     )
     sinks.add_argument("--config", metavar="PATH", help=config_help)
+    install = commands.add_parser(
+        "install-service",
+        help="write the systemd unit (and an example config if none) and print what to run",
+    )
+    scope = install.add_mutually_exclusive_group()
+    scope.add_argument("--user", dest="system", action="store_false",
+                       help="user unit in ~/.config/systemd/user (default)")
+    scope.add_argument("--system", dest="system", action="store_true",
+                       help="hardened system unit in /etc/systemd/system (run as root)")
+    install.set_defaults(system=False)
+    install.add_argument("--root", metavar="DIR",
+                         help="install below DIR instead of / (for images and tests)")
     return parser
 
 
@@ -61,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": commands.check_config,
         "devices": commands.devices,
         "test-sinks": commands.test_sinks,
+        "install-service": commands.install_service,
     }
     return handlers[args.command](args)
 

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:
-        return asyncio.run(app.run(settings, masker))
+        return asyncio.run(app.run(settings, masker, loader=lambda: _settings(args)[0]))
     except BaseException as exc:  # the outermost boundary: classify and pick the exit code
         error = _find_daemon_error(exc)
         if isinstance(error, ConfigError):
@@ -189,3 +189,22 @@ def synthetic_turn(host: str) -> TurnRecord:
         source="test",
         host=host,
     )
+
+
+def install_service(args: argparse.Namespace) -> int:
+    """``transcribed install-service``: write the unit and an example config, print next steps."""
+    from daemon import service
+
+    root = Path(args.root) if args.root else None
+    target = service.plan(system=args.system, root=root)
+    try:
+        for line in service.install(target):
+            print(line)
+    except OSError as exc:
+        hint = " (run it as root: sudo transcribed install-service --system)" if args.system else ""
+        print(f"transcribed: cannot write {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
+        return EX_FAILURE
+    print("\nNow run:")
+    for command in target.commands:
+        print(f"  {command}")
+    return EX_OK

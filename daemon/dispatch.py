@@ -177,8 +177,10 @@ class Dispatcher:
     its current send (or mid-backoff) and hands what it holds to its successor.
     """
 
-    def __init__(self, runners: list[SinkRunner], *, dead_letter_dir: Path) -> None:
+    def __init__(self, runners: list[SinkRunner], *, dead_letter_dir: Path,
+                 send_limit_s: float = SEND_LIMIT_S) -> None:
         self.runners = {r.name: r for r in runners}
+        self.send_limit_s = send_limit_s
         self._dead_letter_dir = dead_letter_dir
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._leaving: dict[asyncio.Task[None], SinkRunner] = {}
@@ -313,7 +315,7 @@ class Dispatcher:
 
     async def _backoff(self, runner: SinkRunner, delay: float) -> bool:
         """Wait ``delay`` before a retry; False if the sink retired meanwhile."""
-        runner.heartbeat.beat(delay + SEND_LIMIT_S)
+        runner.heartbeat.beat(delay + self.send_limit_s)
         try:
             async with asyncio.timeout(delay):
                 await runner.retiring.wait()
@@ -330,7 +332,7 @@ class Dispatcher:
         first_failure: float | None = None
         delay = 0.2
         while True:
-            runner.heartbeat.beat(SEND_LIMIT_S)
+            runner.heartbeat.beat(self.send_limit_s)
             try:
                 await runner.sink.send(delivery.record)
             except asyncio.CancelledError:

@@ -177,4 +177,4 @@ class Reporter:
         if self.stopping:
             return
         self.stopping = True
-        self.notifier.stopping(f"stopping: {reason}")
+        self.notifier.stopping(f"stopping ({reason}); {self._status()}")

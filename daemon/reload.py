@@ -1,0 +1,155 @@
+"""SIGHUP: re-read the config and apply sink changes without dropping a queued turn.
+
+The file is loaded and validated exactly as ``check-config`` does. An invalid file is rejected
+with one log line and the running config stays. Otherwise sinks are diffed by name: new ones
+start, removed ones drain their queue and stop, changed ones (type or any key) are rebuilt and
+inherit what the old one held (durable sinks keep their on-disk outbox). Other sections (audio,
+engine, reconnect, log, http, state) need a restart: the reload says so in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.config import Settings, secret_values
+from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, validate_sinks
+from daemon.errors import ConfigError
+from daemon.logs import SecretMasker
+from daemon.plugins import PluginHost, SinkConfig, SinkContext, SinkType
+
+log = structlog.get_logger("daemon.reload")
+
+Loader = Callable[[], Settings]
+"""Loads and checks the config file (``ConfigError`` when invalid), as ``check-config`` does."""
+
+
+@dataclass
+class SinkBuilder:
+    """Builds sink runners with their queues; owns the outbox durable sinks share."""
+
+    host: str
+    state_dir: Path
+    closers: list[Any] = field(default_factory=list)
+    _outbox: Any = None
+
+    def build(self, name: str, sink_type: SinkType, config: SinkConfig, *, fresh: bool = False
+              ) -> SinkRunner:
+        """A runner for one sink. ``fresh``: a new queue object even for a durable sink."""
+        context = SinkContext(host=self.host, state_dir=self.state_dir)
+        queue = self._durable_queue(name, fresh) if sink_type.durable else MemoryQueue()
+        return SinkRunner(name, sink_type, config, sink_type.factory(name, config, context), queue)
+
+    def _durable_queue(self, name: str, fresh: bool) -> SinkQueue:
+        from daemon.outbox import Outbox, OutboxQueue
+
+        if self._outbox is None:
+            self._outbox = Outbox(self.state_dir / "outbox.sqlite3")
+            self.closers.append(self._outbox)
+        if fresh:
+            return OutboxQueue(self._outbox, name)  # reads what the old queue left on disk
+        queue: SinkQueue = self._outbox.queue(name)
+        return queue
+
+
+@dataclass(frozen=True)
+class SinkPlan:
+    """What a reload changes, by sink name."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    kept: tuple[str, ...]
+
+
+def plan_sinks(
+    running: dict[str, SinkRunner], wanted: dict[str, tuple[SinkType, SinkConfig]]
+) -> SinkPlan:
+    """Diff running sinks against the wanted ones (equal type and config = kept)."""
+    changed = tuple(
+        n for n in running if n in wanted
+        and (running[n].sink_type.name, running[n].config) != (wanted[n][0].name, wanted[n][1])
+    )
+    return SinkPlan(
+        added=tuple(n for n in wanted if n not in running),
+        removed=tuple(n for n in running if n not in wanted),
+        changed=changed,
+        kept=tuple(n for n in running if n in wanted and n not in changed),
+    )
+
+
+def restart_sections(old: Settings, new: Settings) -> list[str]:
+    """The non-sink sections whose values differ (they only take effect after a restart)."""
+    return [
+        name for name in type(old).model_fields
+        if name != "sinks" and getattr(old, name) != getattr(new, name)
+    ]
+
+
+class Reloader:
+    """Applies a reloaded config to the running daemon; one reload at a time."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        settings: Settings,
+        *,
+        plugins: PluginHost,
+        dispatcher: Dispatcher,
+        sinks: SinkBuilder,
+        masker: SecretMasker,
+    ) -> None:
+        self.loader = loader
+        self.settings = settings
+        self.plugins = plugins
+        self.dispatcher = dispatcher
+        self.sinks = sinks
+        self.masker = masker
+        self._lock = asyncio.Lock()
+        self.reloads = 0
+
+    async def reload(self) -> str:
+        """Reload once; returns ``"applied"``, ``"rejected"`` or ``"failed"`` (never raises)."""
+        async with self._lock:
+            try:
+                return await self._reload()
+            except Exception:  # supervision boundary: a reload must never stop the daemon
+                log.exception("reload.failed")
+                return "failed"
+
+    async def _reload(self) -> str:
+        log.info("reload.started")
+        try:
+            settings = await asyncio.to_thread(self.loader)
+            wanted = validate_sinks(self.plugins, settings.effective_sinks())
+            plan = plan_sinks(self.dispatcher.runners, wanted)
+            built = {
+                name: self.sinks.build(name, *wanted[name], fresh=name in plan.changed)
+                for name in (*plan.added, *plan.changed)
+            }
+        except ConfigError as exc:
+            log.error("reload.rejected", problems=exc.problems, kept="running config")
+            return "rejected"
+        self.masker.add(*secret_values(settings, {n: c for n, (_t, c) in wanted.items()}))
+        for name in plan.removed:
+            self.dispatcher.remove(name)
+        for name in plan.added:
+            self.dispatcher.add(built[name])
+        for name in plan.changed:
+            await self.dispatcher.replace(built[name])
+        sections = restart_sections(self.settings, settings)
+        self.settings = settings.model_copy(update={
+            name: getattr(self.settings, name) for name in sections
+        })
+        self.reloads += 1
+        log.info("reload.applied", added=list(plan.added), removed=list(plan.removed),
+                 changed=list(plan.changed), kept=list(plan.kept))
+        if sections:
+            log.warning("reload.restart_required", sections=sections,
+                        hint="these settings take effect after a restart")
+        return "applied"

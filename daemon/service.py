@@ -1,0 +1,212 @@
+"""``transcribed install-service``: the systemd units, rendered for this installation.
+
+The unit texts live here (the package carries them); ``systemd/*.service`` in the repository are
+the same texts rendered with the default paths, and a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+PLACEHOLDER: Final = "@TRANSCRIBED@"
+USER_DEFAULT_EXEC: Final = "%h/.local/bin/transcribed"
+SYSTEM_DEFAULT_EXEC: Final = "/usr/local/bin/transcribed"
+
+_COMMON_SERVICE: Final = """\
+Type=notify
+NotifyAccess=main
+ExecStartPre=@TRANSCRIBED@ check-config
+ExecStart=@TRANSCRIBED@ run
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=5
+# 77: credentials rejected, 78: configuration error; restarting will not fix either
+RestartPreventExitStatus=77 78
+WatchdogSec=30
+TimeoutStopSec=30
+Environment=PYTHONUNBUFFERED=1
+"""
+
+USER_UNIT: Final = f"""\
+# transcribed as a user service (the default on a workstation: the microphone belongs to the
+# user's PipeWire/PulseAudio session). Install: transcribed install-service --user
+[Unit]
+Description=transcribed: always-on speech to text
+After=pipewire.service pipewire-pulse.service pulseaudio.service
+StartLimitIntervalSec=600
+StartLimitBurst=10
+
+[Service]
+{_COMMON_SERVICE}\
+NoNewPrivileges=yes
+LockPersonality=yes
+RestrictSUIDSGID=yes
+SystemCallArchitectures=native
+UMask=0077
+
+[Install]
+WantedBy=default.target
+"""
+
+SYSTEM_UNIT: Final = f"""\
+# transcribed as a system service for a headless machine (ALSA capture, no desktop session).
+# Install: sudo transcribed install-service --system
+# The API key: a root-only file /etc/transcribed/assemblyai_api_key (0600), passed in as the
+# systemd credential assemblyai_api_key; the daemon reads it from $CREDENTIALS_DIRECTORY.
+[Unit]
+Description=transcribed: always-on speech to text
+Wants=network-online.target
+After=network-online.target sound.target
+StartLimitIntervalSec=600
+StartLimitBurst=10
+
+[Service]
+{_COMMON_SERVICE}\
+Environment=TRANSCRIBED_CONFIG=/etc/transcribed/config.toml
+Environment=XDG_CACHE_HOME=%C/transcribed
+LoadCredential=assemblyai_api_key:/etc/transcribed/assemblyai_api_key
+DynamicUser=yes
+SupplementaryGroups=audio
+StateDirectory=transcribed
+StateDirectoryMode=0700
+CacheDirectory=transcribed
+CacheDirectoryMode=0700
+ConfigurationDirectory=transcribed
+UMask=0077
+# Sandboxing: only the sound devices, only IP and local sockets, nothing else
+CapabilityBoundingSet=
+AmbientCapabilities=
+NoNewPrivileges=yes
+PrivateDevices=yes
+BindPaths=-/dev/snd
+DeviceAllow=char-alsa rw
+PrivateTmp=yes
+PrivateIPC=yes
+PrivateMounts=yes
+ProtectSystem=strict
+ProtectHome=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RemoveIPC=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render(template: str, executable: str) -> str:
+    """The unit text with ``ExecStart``/``ExecStartPre`` pointing at ``executable``."""
+    return template.replace(PLACEHOLDER, executable)
+
+
+def current_executable() -> str:
+    """The ``transcribed`` script of the running interpreter's environment (absolute)."""
+    beside = Path(sys.executable).parent / "transcribed"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("transcribed")
+    if found:
+        return str(Path(found).resolve())
+    argv0 = Path(sys.argv[0])
+    return str(argv0.resolve()) if argv0.name == "transcribed" else str(beside)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where ``install-service`` writes, and what to run afterwards."""
+
+    unit_path: Path
+    unit_text: str
+    config_path: Path
+    commands: tuple[str, ...]
+
+
+def plan(*, system: bool, root: Path | None = None, executable: str | None = None,
+         env: dict[str, str] | None = None) -> Plan:
+    """Decide the unit and config paths for a user or system installation.
+
+    Args:
+        system: the headless system unit instead of the user unit.
+        root: an alternative root directory (like ``systemctl --root``), for images and tests.
+        executable: the ``transcribed`` path for ``ExecStart`` (default: this installation's).
+        env: the environment (default ``os.environ``) for ``$XDG_CONFIG_HOME``.
+    """
+    env = dict(os.environ) if env is None else env
+    exe = executable or current_executable()
+    base = root or Path("/")
+    if system:
+        return Plan(
+            unit_path=base / "etc/systemd/system/transcribed.service",
+            unit_text=render(SYSTEM_UNIT, exe),
+            config_path=base / "etc/transcribed/config.toml",
+            commands=(
+                "sudo install -m 600 /dev/stdin /etc/transcribed/assemblyai_api_key"
+                "   # paste the key, then Ctrl-D (skip for the offline engine)",
+                "sudo systemctl daemon-reload",
+                "sudo systemctl enable --now transcribed.service",
+                "systemctl status transcribed.service",
+                "journalctl -u transcribed.service -f",
+            ),
+        )
+    config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    if root is not None:
+        config_home = root / config_home.relative_to(config_home.anchor)
+    return Plan(
+        unit_path=config_home / "systemd/user/transcribed.service",
+        unit_text=render(USER_UNIT, exe),
+        config_path=config_home / "transcribed/config.toml",
+        commands=(
+            "systemctl --user daemon-reload",
+            "systemctl --user enable --now transcribed.service",
+            "systemctl --user status transcribed.service",
+            "journalctl --user -u transcribed.service -f",
+            "loginctl enable-linger \"$USER\"   # optional: keep running while logged out",
+        ),
+    )
+
+
+def example_config() -> str:
+    """The commented example config (from the checkout), else a minimal one."""
+    example = Path(__file__).resolve().parents[1] / "config" / "example.toml"
+    if example.is_file():
+        return example.read_text(encoding="utf-8")
+    return (
+        "# transcribed configuration: see the README for every key.\n"
+        "[transcriber]\nengine = \"auto\"\n\n[sinks.journal]\ntype = \"file\"\n"
+        "path = \"~/transcripts.jsonl\"\n"
+    )
+
+
+def install(target: Plan) -> list[str]:
+    """Write the unit (always) and the example config (only if none exists); report lines."""
+    done = []
+    target.unit_path.parent.mkdir(parents=True, exist_ok=True)
+    target.unit_path.write_text(target.unit_text, encoding="utf-8")
+    done.append(f"wrote {target.unit_path}")
+    if target.config_path.exists():
+        done.append(f"kept the existing config {target.config_path}")
+    else:
+        target.config_path.parent.mkdir(parents=True, exist_ok=True)
+        target.config_path.write_text(example_config(), encoding="utf-8")
+        done.append(f"wrote an example config {target.config_path} (edit it)")
+    return done

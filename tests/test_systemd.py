@@ -1,0 +1,287 @@
+"""Running under systemd: notifications from the real daemon, units, install-service, watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon import service
+from daemon.dispatch import Dispatcher, MemoryQueue, SinkRunner
+from daemon.events import TurnRecord
+from daemon.health import Health, Reporter
+from daemon.notify import Notifier, watchdog_interval
+from daemon.plugins import SinkConfig, SinkType
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS
+from tests.daemon_proc import Daemon, cloud_config, read_turns
+from tests.fake_assemblyai import FakeAssemblyAI
+from tests.fake_assemblyai_speech import load_speech_references
+from tests.notify_socket import Message, NotifySocket
+from tests.test_outbox import make_turn
+
+S1, S2 = "espeak-s1.wav", "espeak-s2.wav"
+WATCHDOG_USEC = 600_000  # pings every 0.3 s
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAssemblyAI]:
+    async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1, S2)) as server:
+        yield server
+
+
+class TestNotifyFromTheDaemon:
+    async def test_ready_status_watchdog_stopping(self, fake: FakeAssemblyAI,
+                                                  tmp_path: Path) -> None:
+        """READY only after Begin with audio flowing; STATUS lines; pings on time; STOPPING."""
+        begun_at_ready: list[bool] = []
+
+        def snapshot(message: Message) -> None:
+            if "READY" in message:
+                begun_at_ready.append(bool(fake.sessions) and fake.sessions[0].began_at is not None)
+
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        async with NotifySocket.listening(tmp_path / "notify.sock", snapshot) as sock:
+            daemon = await Daemon.start("run", "--config", str(config),
+                                        env=sock.env(WATCHDOG_USEC))
+            result = await daemon.finish(30)
+        assert result.code == 0, result.stderr
+        keys = [next(iter(m.fields)) for m in sock.messages]
+        assert keys.count("READY") == 1 and begun_at_ready == [True]
+        ready = keys.index("READY")
+        assert "EXTEND_TIMEOUT_USEC" in keys[:ready]
+        assert "session live" in sock.messages[ready].fields["STATUS"]
+        stopping = keys.index("STOPPING")
+        assert ready < stopping
+        assert "input ended" in sock.messages[stopping].fields["STATUS"]
+        assert "1 turns" in sock.messages[stopping].fields["STATUS"]
+        assert all("assemblyai:" in m.fields["STATUS"] for m in sock.with_key("STATUS"))
+        pings = [m.at for m in sock.with_key("WATCHDOG")]
+        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        assert len(pings) >= 6 and max(gaps) < WATCHDOG_USEC / 1e6 and min(gaps) > 0.15
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
+    async def test_sigterm_mid_turn(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """SIGTERM mid-turn: STOPPING names the signal, the partial turn is delivered, exit 0."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S2)
+        async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+            daemon = await Daemon.start("run", "--config", str(config),
+                                        env=sock.env(WATCHDOG_USEC))
+            async with asyncio.timeout(15):
+                await sock.wait_for(lambda m: "READY" in m)
+                session = await fake.wait_for_session(0)
+                await session.wait_for(lambda s: s.audio_ms >= 2500)
+            daemon.signal(signal.SIGTERM)
+            result = await daemon.finish(15)
+        assert result.code == 0, result.stderr
+        stopping = sock.with_key("STOPPING")
+        assert len(stopping) == 1 and "SIGTERM" in stopping[0].fields["STATUS"]
+        turns = read_turns(tmp_path / "turns.jsonl")
+        assert len(turns) == 1 and TRANSCRIPTS[S2].startswith(turns[0]["transcript"].rstrip("."))
+
+    async def test_without_notify_socket_nothing_changes(self, fake: FakeAssemblyAI,
+                                                         tmp_path: Path) -> None:
+        """Outside systemd the daemon runs as before and logs no notification errors."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        env = {k: "" for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        result = await (await Daemon.start("run", "--config", str(config), env=env)).finish(30)
+        assert result.code == 0 and not result.events("notify.send_failed")
+
+
+class TestNotifier:
+    async def test_abstract_socket_and_messages(self) -> None:
+        """``@name`` addresses the abstract namespace; each call is one datagram."""
+        name = f"@transcribed-test-{os.getpid()}"
+        async with NotifySocket.listening(name) as sock:
+            notifier = Notifier({"NOTIFY_SOCKET": name})
+            assert notifier.reloading() and notifier.ready("ok") and notifier.stopping()
+            async with asyncio.timeout(5):
+                await sock.wait_for(lambda m: "STOPPING" in m)
+            notifier.close()
+        reloading, ready, _stopping = sock.messages
+        assert int(reloading.fields["MONOTONIC_USEC"]) > 0
+        assert ready.fields == {"READY": "1", "STATUS": "ok"}
+
+    def test_watchdog_interval(self) -> None:
+        """Half of WATCHDOG_USEC; ignored when WATCHDOG_PID names another process."""
+        assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+        assert watchdog_interval({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}) is None
+        assert watchdog_interval({"WATCHDOG_USEC": "x"}) is None
+        assert watchdog_interval({}) is None
+
+    def test_no_socket_is_a_no_op(self) -> None:
+        """Without NOTIFY_SOCKET nothing is sent and nothing fails."""
+        notifier = Notifier({})
+        assert not notifier.enabled and not notifier.ready() and not notifier.watchdog()
+
+
+class _HungSink:
+    """A sink whose send never returns."""
+
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def __aenter__(self) -> _HungSink:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+    async def send(self, record: TurnRecord) -> None:
+        self.called.set()
+        await asyncio.Event().wait()
+
+
+class TestWatchdogStopsWhenStuck:
+    async def test_stuck_capture_and_hung_sink_stop_the_pings(self, tmp_path: Path) -> None:
+        """Pings flow while every heartbeat keeps its promise and stop when one is broken."""
+        name = f"@transcribed-wd-{os.getpid()}"
+        async with NotifySocket.listening(name) as sock:
+            notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "100000"})
+            health = Health()
+            capture = health.heartbeat("capture")
+            sink = _HungSink()
+            runner = SinkRunner("hung", SinkType("hung", SinkConfig, lambda *_: sink),
+                                SinkConfig(type="hung"), sink, MemoryQueue())
+            dispatcher = Dispatcher([runner], dead_letter_dir=tmp_path, send_limit_s=0.3)
+            health.watch(dispatcher.heartbeats)
+            reporter = Reporter(notifier, health, ready=lambda: True, status=lambda: "test")
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                task = group.create_task(reporter.run())
+                capture.beat(0.3)
+                await sock.wait_for(lambda m: "WATCHDOG" in m)
+                # the capture promise lapses: pings stop until it beats again
+                count = await _pings_until_silent(sock)
+                capture.beat(60)
+                await sock.wait_for(lambda m: "WATCHDOG" in m, after=count)
+                # a send that outlives its limit stops them too
+                dispatcher.dispatch(make_turn(1))
+                await sink.called.wait()
+                await _pings_until_silent(sock)
+                assert health.problems() and health.problems()[0].startswith("sink hung")
+                task.cancel()
+                await dispatcher.close(0.05)
+            notifier.close()
+
+
+async def _pings_until_silent(sock: NotifySocket, quiet_s: float = 0.5) -> int:
+    """Wait until no WATCHDOG arrives for ``quiet_s`` (fails after 5 s); returns the count."""
+    async with asyncio.timeout(5):
+        while True:
+            count = len(sock.messages)
+            try:
+                async with asyncio.timeout(quiet_s):
+                    await sock.wait_for(lambda m: "WATCHDOG" in m, after=count)
+            except TimeoutError:
+                return len(sock.messages)
+
+
+# ------------------------------------------------------------------------------- units
+
+
+def _need_systemd_analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is required in CI (apt: systemd)")
+        pytest.skip("systemd-analyze not installed")
+    return tool
+
+
+def _transcribed_script() -> str:
+    script = Path(sys.executable).parent / "transcribed"
+    return str(script) if script.is_file() else sys.executable
+
+
+def _analyze(*args: str, cwd: Path, user: bool = False) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if user:
+        runtime = cwd / "runtime"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        env["XDG_RUNTIME_DIR"] = str(runtime)
+    return subprocess.run([_need_systemd_analyze(), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+class TestUnits:
+    def test_repo_units_match_the_installer(self) -> None:
+        """systemd/*.service are the installer's texts rendered with the default paths."""
+        user = (REPO / "systemd" / "transcribed.service").read_text()
+        system = (REPO / "systemd" / "transcribed-system.service").read_text()
+        assert user == service.render(service.USER_UNIT, service.USER_DEFAULT_EXEC)
+        assert system == service.render(service.SYSTEM_UNIT, service.SYSTEM_DEFAULT_EXEC)
+
+    @pytest.mark.parametrize(("template", "user"),
+                             [(service.USER_UNIT, True), (service.SYSTEM_UNIT, False)])
+    def test_units_verify(self, tmp_path: Path, template: str, user: bool) -> None:
+        """``systemd-analyze verify`` accepts both units (ExecStart = this venv's script)."""
+        unit = tmp_path / "transcribed.service"
+        unit.write_text(service.render(template, _transcribed_script()))
+        args = ["verify", *(["--user"] if user else []), unit.name]
+        done = _analyze(*args, cwd=tmp_path, user=user)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+    def test_system_unit_exposure(self, tmp_path: Path) -> None:
+        """The system unit's exposure score is at most 2.0 (README records it)."""
+        unit = tmp_path / "transcribed.service"
+        unit.write_text(service.render(service.SYSTEM_UNIT, _transcribed_script()))
+        done = _analyze("security", "--offline=true", "--no-pager", unit.name, cwd=tmp_path)
+        line = next(x for x in done.stdout.splitlines() if "Overall exposure level" in x)
+        score = float(line.split(":")[1].split()[0])
+        assert score <= 2.0, done.stdout
+        assert f"exposure {score:.1f}" in (REPO / "README.md").read_text()
+
+    @pytest.mark.parametrize("template", [service.USER_UNIT, service.SYSTEM_UNIT])
+    def test_units_carry_the_contract(self, template: str) -> None:
+        """Both units: notify, watchdog, reload by SIGHUP, no restart on 77/78, check first."""
+        for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure",
+                     "RestartPreventExitStatus=77 78", "WatchdogSec=",
+                     "ExecReload=/bin/kill -HUP $MAINPID",
+                     "ExecStartPre=@TRANSCRIBED@ check-config"):
+            assert line in template
+
+
+class TestInstallService:
+    def test_user_install_writes_unit_and_example_config(self, tmp_path: Path) -> None:
+        """--user: the unit under $XDG_CONFIG_HOME/systemd/user, config copied, commands printed."""
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+        done = subprocess.run([*_cli(), "install-service", "--user"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        unit = (tmp_path / "cfg/systemd/user/transcribed.service").read_text()
+        assert f"ExecStart={_transcribed_script()} run" in unit
+        config = tmp_path / "cfg/transcribed/config.toml"
+        assert config.read_text() == (REPO / "config/example.toml").read_text()
+        assert "systemctl --user enable --now transcribed.service" in done.stdout
+        config.write_text("# mine\n")
+        again = subprocess.run([*_cli(), "install-service"], env=env, cwd=REPO,
+                               capture_output=True, text=True, timeout=30, check=False)
+        assert again.returncode == 0 and config.read_text() == "# mine\n"
+        assert "kept the existing config" in again.stdout
+
+    def test_system_install_under_root(self, tmp_path: Path) -> None:
+        """--system --root DIR: the hardened unit in etc/systemd/system, config in etc/transcribed."""
+        done = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
+                              cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        unit = (tmp_path / "etc/systemd/system/transcribed.service").read_text()
+        assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
+        assert (tmp_path / "etc/transcribed/config.toml").is_file()
+        assert "sudo systemctl enable --now transcribed.service" in done.stdout
+
+    def test_help_lists_install_service(self) -> None:
+        """``--help`` names the command."""
+        done = subprocess.run([*_cli(), "--help"], cwd=REPO, capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert "install-service" in done.stdout
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "daemon"]
