@@ -143,15 +143,21 @@ class LiveHub:
         self.state("live", engine=session.engine, session_id=session.session_id)
 
     def session_ended(self, summary: SessionSummary) -> None:
-        """A session ended: until the next one begins, the engine is reconnecting."""
-        self._session = None
-        self._partial = None
+        """A session ended: unless a newer one is already live, the engine is reconnecting.
+
+        The app says ``state("stopped")`` when it is shutting down, which this never overrides.
+        """
+        current = self._state["session_id"] in (None, summary.session_id)
+        if self._session is not None and self._session["session_id"] == summary.session_id:
+            self._session = None
+        if self._partial is not None and self._partial.session_id == summary.session_id:
+            self._partial = None
         self._publish({
             "type": "session", "event": "ended", "session_id": summary.session_id,
             "engine": summary.engine, "duration_s": summary.duration_s,
             "audio_s": summary.audio_s, "turns": summary.turns, "reason": summary.reason,
         })
-        if self._state["connection"] != "stopped":
+        if current and self._state["connection"] != "stopped":
             self.state("reconnecting", session_id=None)
 
     # -- state -----------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class Screen:
         self._tty = out.isatty() and not json_lines
         self._color = self._tty and "NO_COLOR" not in os.environ
         self._partial = ""
+        self._partial_session: Any = None
         self._connection: str | None = None
 
     def event(self, event: dict[str, Any]) -> None:
@@ -102,13 +103,15 @@ class Screen:
             return
         kind = event.get("type")
         if kind == "partial":
+            self._partial_session = event.get("session_id")
             self._show_partial(str(event.get("transcript", "")))
         elif kind == "turn":
             self._commit(event)
         elif kind == "state":
             self._state(event)
         elif kind == "session" and event.get("event") == "ended":
-            self._show_partial("")
+            if self._partial_session == event.get("session_id"):
+                self._show_partial("")
 
     def note(self, text: str) -> None:
         """A status line (dim on a terminal, stderr otherwise)."""

@@ -124,6 +124,7 @@ class LiveServer:
         self._page = _page()
         self._server: Server | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._bound = 0
 
     @classmethod
     def from_config(cls, config: HttpConfig, hub: LiveHub,
@@ -135,8 +136,8 @@ class LiveServer:
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        assert self._server is not None, "server not started"
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._bound, "server not started"
+        return self._bound
 
     @property
     def url(self) -> str:
@@ -154,6 +155,7 @@ class LiveServer:
         except OSError as exc:
             raise ConfigError(f"http.listen: cannot listen on {self._host}:{self._port}: "
                               f"{exc.strerror}") from None
+        self._bound = int(self._server.sockets[0].getsockname()[1])
         self._ticker = asyncio.create_task(self._tick(), name="live-ticker")
         log.info("http.listening", url=self.url, token=bool(self._token))
         return self

@@ -174,6 +174,21 @@ class TestFeed:
             await server.__aexit__(None, None, None)
             assert (await receive(ws))["connection"] == "stopped"
 
+    def test_rotation_stays_live(self) -> None:
+        """A session that ends after its successor began leaves the state live on the new one."""
+        hub = LiveHub(engine="assemblyai")
+        hub.session_started(began("old"))
+        hub.partial(partial(2, "half a", session="new"))
+        hub.session_started(began("new"))
+        hub.session_ended(ended("old"))
+        assert (hub.current["connection"], hub.current["session_id"]) == ("live", "new")
+        sub = hub.subscribe()
+        assert sub.pending == 3  # state, the new session, its partial
+        hub.session_ended(ended("new"))
+        hub.state("stopped")
+        hub.session_ended(ended("new"))
+        assert hub.current["connection"] == "stopped"
+
     def test_tee_isolates_the_view(self) -> None:
         """Tee forwards to every listener; a failing live view never reaches the engine."""
         seen: list[str] = []
