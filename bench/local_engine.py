@@ -61,6 +61,27 @@ REALTIME_FILES = ("espeak-five-sentences.wav", "beckett.wav", "espeak-s2.wav", "
 NUMBERS = dict(enumerate("zero one two three four five six seven eight nine ten".split()))
 
 
+NOTES = """\
+What we found while tuning (numbers from runs on this machine, which other test suites shared, so
+expect ±10 % between runs):
+
+- A turn costs ~0.45 s whatever its length: Whisper's encoder always sees a 30 s window (~0.25 s
+  int8 on 2 cores) and beam-5 decoding adds ~0.15 s. RTF therefore depends on turn length: ~0.1
+  for 4-5 s sentences, ~0.24 for beckett's 1.2 s phrases.
+- Shortening the encoder window (CTranslate2 accepts it; 10 s is 8x faster) was rejected: at any
+  window under 30 s WER doubled (espeak-s1 "brown fox" became "roundfire jump").
+- `end_silence_ms` (600) is the latency floor. Recognising only after the silence gave p50 ≈ 935 ms;
+  the engine now starts recognising speculatively 100 ms into a pause and commits that result when
+  the pause reaches 600 ms (discarding it if speech resumes), which gives p50 ≈ 700 ms.
+  Speculation is skipped for backlog audio (captured more than 1 s ago), where it is pure waste.
+- The first recognition after loading took 1.4 s; a 1 s warm-up recognition at load removes that.
+- `without_timestamps=True` was slower and worse (invented trailing words); not used.
+- The settings table below: beam 1 is faster but WER triples; float32 is slightly more accurate
+  but slower and over the RSS budget; int8_float32 is no better than int8; one thread is nearly as
+  fast as two (and leaves a core free). The defaults (int8, beam 5, all cores) stay.
+"""
+
+
 def normalise(text: str) -> str:
     """Lower case, digits spelled out, punctuation and apostrophes removed."""
     text = re.sub(r"\d+", lambda m: NUMBERS.get(int(m.group()), m.group()), text.lower())
@@ -191,6 +212,13 @@ async def realtime(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds all processes have spent busy since boot (from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -205,6 +233,7 @@ def run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.threads),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    busy_before, wall_before = busy_cpu_s(), time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=ROOT)
     assert proc.stdout is not None
     out = proc.stdout.read()
@@ -214,6 +243,9 @@ def run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"bench worker {kind} failed with exit code {proc.returncode}")
     result: dict[str, Any] = json.loads(out)
     result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    ours = usage.ru_utime + usage.ru_stime
+    wall = time.monotonic() - wall_before
+    result["other_cores"] = max(0.0, (busy_cpu_s() - busy_before - ours) / wall)
     return result
 
 
@@ -268,7 +300,7 @@ def report(
         "",
         f"Machine: {machine()}.",
         "",
-        "Command: `.venv/bin/python bench/local_engine.py --write` "
+        "Command: `.venv/bin/python bench/local_engine.py --tune --write` "
         f"(compute_type={args.compute_type}, beam_size={args.beam_size}, "
         f"threads={args.threads or 'all'}, other `[local]` settings at their defaults).",
         "",
@@ -280,6 +312,9 @@ def report(
         lines.append(f"| {what} | {value} | {target} | {mark} |")
     lines += [
         "",
+        f"Other processes on the machine used {acc['other_cores']:.2f} (accuracy run) and "
+        f"{rt['other_cores']:.2f} (realtime run) cores on average while we measured.",
+        "",
         f"Model load: {acc['load_s']:.2f} s. Realtime run: {rt['turns']} turns for "
         f"{rt['speech_ends']} energy speech ends; latencies (ms): "
         + ", ".join(f"{x * 1000:.0f}" for x in rt["latencies"])
@@ -290,16 +325,18 @@ def report(
     ]
     for name, f in acc["files"].items():
         lines.append(f"| {name} | {f['wer']:.1%} | {f['turns']} | {f['text']} |")
+    lines += ["", NOTES.rstrip("\n")]
     if tuning:
         lines += [
             "",
-            "Tuning (accuracy worker, fast feed):",
+            "Other settings (accuracy worker, fast feed; `--tune`):",
             "",
-            "| setting | WER | RTF | peak RSS |",
-            "| --- | --- | --- | --- |",
+            "| setting | WER | RTF | peak RSS | other load (cores) |",
+            "| --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {label} | {r['wer']:.1%} | {r['rtf']:.3f} | {r['peak_rss_mb']:.0f} MB |"
+            f"| {label} | {r['wer']:.1%} | {r['rtf']:.3f} | {r['peak_rss_mb']:.0f} MB "
+            f"| {r['other_cores']:.2f} |"
             for label, r in tuning
         ]
     return "\n".join(lines) + "\n"

@@ -164,6 +164,7 @@ class _Turn:
     silence_s: float = 0.0
     paused: bool = False
     onset: int = 0
+    length_s: float = 0.0
     probs: list[float] = field(default_factory=list)
 
 
@@ -222,13 +223,17 @@ class Endpointer:
         pieces = [*self._idle, piece]
         self._idle.clear()
         onset = len(pieces) - 1
-        self._turn = _Turn(self._serial, pieces, onset, piece.duration, onset=onset)
+        length = sum(p.duration for p in pieces)
+        self._turn = _Turn(
+            self._serial, pieces, onset, piece.duration, onset=onset, length_s=length
+        )
         self._turn.probs.append(piece.prob)
         self._serial += 1
         return self._check_length(self._turn)
 
     def _push_turn(self, turn: _Turn, piece: Piece) -> list[Event]:
         turn.pieces.append(piece)
+        turn.length_s += piece.duration
         events: list[Event] = []
         speech = piece.prob >= self._on or (piece.prob >= self._off and turn.silence_s == 0)
         if speech:
@@ -264,7 +269,7 @@ class Endpointer:
         return [TurnEnded(audio, "silence", round(confidence, 3), self._speech_end(turn))]
 
     def _check_length(self, turn: _Turn) -> list[Event]:
-        if sum(p.duration for p in turn.pieces) < self._max_s - 1e-6:
+        if turn.length_s < self._max_s - 1e-6:
             return []
         self._turn = None
         if turn.silence_s > 0:  # cut inside a pause: commit up to the pad as usual
