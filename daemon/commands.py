@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:
-        return asyncio.run(app.run(settings, masker, loader=lambda: _settings(args)[0]))
+        return asyncio.run(app.run(settings, masker, loader=lambda: _settings(args)))
     except BaseException as exc:  # the outermost boundary: classify and pick the exit code
         error = _find_daemon_error(exc)
         if isinstance(error, ConfigError):

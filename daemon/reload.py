@@ -25,8 +25,9 @@ from daemon.plugins import PluginHost, SinkConfig, SinkContext, SinkType
 
 log = structlog.get_logger("daemon.reload")
 
-Loader = Callable[[], Settings]
-"""Loads and checks the config file (``ConfigError`` when invalid), as ``check-config`` does."""
+Loader = Callable[[], tuple[Settings, Path | None]]
+"""Finds, loads and checks the config (``ConfigError`` when invalid), as ``check-config`` does;
+returns the settings and the file they came from (``None``: built-in defaults)."""
 
 
 @dataclass
@@ -124,8 +125,9 @@ class Reloader:
 
     async def _reload(self) -> str:
         log.info("reload.started")
+        path: Path | None = None
         try:
-            settings = await asyncio.to_thread(self.loader)
+            settings, path = await asyncio.to_thread(self.loader)
             wanted = validate_sinks(self.plugins, settings.effective_sinks())
             plan = plan_sinks(self.dispatcher.runners, wanted)
             built = {
@@ -133,7 +135,8 @@ class Reloader:
                 for name in (*plan.added, *plan.changed)
             }
         except ConfigError as exc:
-            log.error("reload.rejected", problems=exc.problems, kept="running config")
+            log.error("reload.rejected", problems=exc.problems, path=str(path or "?"),
+                      kept="running config")
             return "rejected"
         self.masker.add(*secret_values(settings, {n: c for n, (_t, c) in wanted.items()}))
         for name in plan.removed:
@@ -147,7 +150,8 @@ class Reloader:
             name: getattr(self.settings, name) for name in sections
         })
         self.reloads += 1
-        log.info("reload.applied", added=list(plan.added), removed=list(plan.removed),
+        log.info("reload.applied", path=str(path or "built-in defaults"),
+                 added=list(plan.added), removed=list(plan.removed),
                  changed=list(plan.changed), kept=list(plan.kept))
         if sections:
             log.warning("reload.restart_required", sections=sections,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -63,7 +64,7 @@ class TestNotifyFromTheDaemon:
         assert "1 turns" in sock.messages[stopping].fields["STATUS"]
         assert all("assemblyai:" in m.fields["STATUS"] for m in sock.with_key("STATUS"))
         pings = [m.at for m in sock.with_key("WATCHDOG")]
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert len(pings) >= 6 and max(gaps) < WATCHDOG_USEC / 1e6 and min(gaps) > 0.15
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
@@ -267,7 +268,7 @@ class TestInstallService:
         assert "kept the existing config" in again.stdout
 
     def test_system_install_under_root(self, tmp_path: Path) -> None:
-        """--system --root DIR: the hardened unit in etc/systemd/system, config in etc/transcribed."""
+        """--system --root DIR: the hardened unit and the config below DIR/etc."""
         done = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
                               cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0, done.stderr

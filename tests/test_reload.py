@@ -1,0 +1,197 @@
+"""SIGHUP reload: sinks added, removed and rebuilt without losing a turn; bad files rejected."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import wave
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
+from daemon.errors import SinkError
+from daemon.events import TurnRecord
+from daemon.outbox import Outbox, OutboxQueue
+from daemon.plugins import SinkConfig, SinkType
+from tests.conftest import SPEECH_DIR, TRANSCRIPTS
+from tests.daemon_proc import Daemon, cloud_config, read_turns
+from tests.fake_assemblyai import FakeAssemblyAI
+from tests.fake_assemblyai_speech import load_speech_references
+from tests.notify_socket import NotifySocket
+from tests.test_outbox import make_turn
+
+PARTS = ("espeak-s1.wav", "espeak-s3.wav", "espeak-s5.wav")
+
+
+def _three_sentences(path: Path) -> Path:
+    """S1, S3 and S5 with a second of silence after each: three turns in about 14 s."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        for name in PARTS:
+            with wave.open(str(SPEECH_DIR / name), "rb") as part:
+                out.writeframes(part.readframes(part.getnframes()))
+            out.writeframes(bytes(2 * 16000))
+    return path
+
+
+def _file_sink(name: str, path: Path) -> str:
+    return f'[sinks.{name}]\ntype = "file"\npath = "{path}"\n'
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAssemblyAI]:
+    async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, *PARTS)) as server:
+        yield server
+
+
+async def test_reload_good_then_bad(fake: FakeAssemblyAI, tmp_path: Path) -> None:
+    """A new sink starts receiving, the old one keeps going; a broken file changes nothing."""
+    wav = _three_sentences(tmp_path / "three.wav")
+    main, extra = tmp_path / "main.jsonl", tmp_path / "extra.jsonl"
+    config = cloud_config(tmp_path, fake, wav, sinks=_file_sink("main", main))
+    async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+        daemon = await Daemon.start("run", "--config", str(config), env=sock.env(2_000_000))
+        async with asyncio.timeout(20):
+            await sock.wait_for(lambda m: "1 turns" in m.fields.get("STATUS", ""))
+            cloud_config(tmp_path, fake, wav,
+                         sinks=_file_sink("main", main) + _file_sink("extra", extra))
+            daemon.signal(signal.SIGHUP)
+            applied = await sock.wait_for(lambda m: "reload applied" in m.fields.get("STATUS", ""))
+            assert "RELOADING" in sock.messages[applied - 1]
+            await sock.wait_for(lambda m: "2 turns" in m.fields.get("STATUS", ""))
+            cloud_config(tmp_path, fake, wav, sinks=_file_sink("main", main)
+                         + _file_sink("extra", extra) + '[sinks.broken]\ntype = "nope"\n')
+            daemon.signal(signal.SIGHUP)
+            await sock.wait_for(lambda m: "reload rejected" in m.fields.get("STATUS", ""))
+        result = await daemon.finish(30)
+    assert result.code == 0, result.stderr
+    expected = [TRANSCRIPTS[name] for name in PARTS]
+    assert [t["transcript"] for t in read_turns(main)] == expected
+    assert [t["transcript"] for t in read_turns(extra)] == expected[1:]
+    (applied_line,) = result.events("reload.applied")
+    assert applied_line["added"] == ["extra"] and applied_line["kept"] == ["main"]
+    (rejected,) = result.events("reload.rejected")
+    (problem,) = rejected["problems"]
+    assert problem.startswith("sinks.broken.type: unknown type 'nope'")
+    assert rejected["path"] == str(config)
+    assert not result.events("reload.restart_required")
+
+
+# --------------------------------------------------------------- the dispatcher's side
+
+
+class _Recorder:
+    """A sink that records what it receives; fails while ``failing`` is set."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.received: list[str] = []
+        self.failing = failing
+        self.attempted = asyncio.Event()
+        self.got = asyncio.Condition()
+
+    async def __aenter__(self) -> _Recorder:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+    async def send(self, record: TurnRecord) -> None:
+        self.attempted.set()
+        if self.failing:
+            raise SinkError("destination down")
+        self.received.append(record.id)
+        async with self.got:
+            self.got.notify_all()
+
+    async def wait_count(self, n: int) -> None:
+        async with self.got:
+            await self.got.wait_for(lambda: len(self.received) >= n)
+
+
+def _runner(name: str, sink: _Recorder, queue: MemoryQueue | OutboxQueue | None = None,
+            durable: bool = False) -> SinkRunner:
+    sink_type = SinkType("recorder", SinkConfig, lambda *_: sink, durable=durable)
+    return SinkRunner(name, sink_type, SinkConfig(type="recorder"), sink, queue or MemoryQueue())
+
+
+class TestDispatcherChanges:
+    async def test_replace_hands_queued_and_in_flight_records_over(self, tmp_path: Path) -> None:
+        """A rebuilt sink gets the old one's in-flight and queued records first, in order."""
+        old, new = _Recorder(failing=True), _Recorder()
+        dispatcher = Dispatcher([_runner("s", old)], dead_letter_dir=tmp_path)
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            for i in range(3):
+                dispatcher.dispatch(make_turn(i))
+            await old.attempted.wait()  # record 0 is in flight, backing off
+            await dispatcher.replace(_runner("s", new))
+            dispatcher.dispatch(make_turn(3))
+            await new.wait_count(4)
+            await dispatcher.close(5)
+        assert new.received == [make_turn(i).id for i in range(4)] and old.received == []
+
+    async def test_remove_drains_then_stops(self, tmp_path: Path) -> None:
+        """A removed sink delivers what it had queued and receives nothing new."""
+        gone, kept = _Recorder(), _Recorder()
+        dispatcher = Dispatcher([_runner("gone", gone), _runner("kept", kept)],
+                                dead_letter_dir=tmp_path)
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            for i in range(3):
+                dispatcher.dispatch(make_turn(i))
+            dispatcher.start(group)
+            dispatcher.remove("gone")
+            dispatcher.dispatch(make_turn(3))
+            await kept.wait_count(4)
+            await gone.wait_count(3)
+            await dispatcher.close(5)
+        assert gone.received == [make_turn(i).id for i in range(3)]
+        assert sorted(dispatcher.runners) == ["kept"]
+
+    async def test_added_sink_receives_from_now_on(self, tmp_path: Path) -> None:
+        """A sink added while running gets the records dispatched after it joined."""
+        first, later = _Recorder(), _Recorder()
+        dispatcher = Dispatcher([_runner("first", first)], dead_letter_dir=tmp_path)
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(make_turn(0))
+            dispatcher.add(_runner("later", later))
+            dispatcher.dispatch(make_turn(1))
+            await first.wait_count(2)
+            await later.wait_count(1)
+            await dispatcher.close(5)
+        assert later.received == [make_turn(1).id]
+
+    async def test_replace_durable_keeps_the_outbox(self, tmp_path: Path) -> None:
+        """A rebuilt durable sink delivers what the old one left on disk, nothing twice."""
+        old, new = _Recorder(failing=True), _Recorder()
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        try:
+            dispatcher = Dispatcher([_runner("hook", old, outbox.queue("hook"), durable=True)],
+                                    dead_letter_dir=tmp_path)
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for i in range(3):
+                    dispatcher.dispatch(make_turn(i))
+                await old.attempted.wait()
+                fresh = OutboxQueue(outbox, "hook")
+                await dispatcher.replace(_runner("hook", new, fresh, durable=True))
+                await new.wait_count(3)
+                await dispatcher.close(5)
+            assert new.received == [make_turn(i).id for i in range(3)]
+            assert outbox.depth("hook") == 0
+        finally:
+            outbox.close()
+
+    async def test_memory_queue_push_front(self) -> None:
+        """Handed-back deliveries go to the head, in order, and wake a waiting reader."""
+        queue = MemoryQueue()
+        reader = asyncio.ensure_future(queue.get())
+        queue.push_front([Delivery(make_turn(1)), Delivery(make_turn(2))])
+        first = await asyncio.wait_for(reader, 5)
+        second = await queue.get()
+        assert first is not None and second is not None
+        assert [first.record.turn_order, second.record.turn_order] == [1, 2]
