@@ -134,6 +134,11 @@ class LiveServer:
                    stale_s=stale_s)
 
     @property
+    def serving(self) -> bool:
+        """Whether the server is listening (binding can fail: the daemon runs on without it)."""
+        return bool(self._bound)
+
+    @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
         assert self._bound, "server not started"
@@ -152,9 +157,10 @@ class LiveServer:
                 compression=None, max_size=4096, max_queue=4, logger=_WS_LOGGER,
                 server_header=None,
             )
-        except OSError as exc:
-            raise ConfigError(f"http.listen: cannot listen on {self._host}:{self._port}: "
-                              f"{exc.strerror}") from None
+        except OSError as exc:  # the live view is optional: capture goes on without it
+            log.error("http.listen_failed", listen=f"{self._host}:{self._port}",
+                      error=exc.strerror or str(exc), key="http.listen")
+            return self
         self._bound = int(self._server.sockets[0].getsockname()[1])
         self._ticker = asyncio.create_task(self._tick(), name="live-ticker")
         log.info("http.listening", url=self.url, token=bool(self._token))

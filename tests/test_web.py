@@ -48,11 +48,14 @@ class TestListen:
             parse_listen(listen)
 
     async def test_port_in_use(self) -> None:
-        """A port already taken is a ConfigError naming http.listen."""
+        """A port already taken is logged naming http.listen; the daemon goes on without it."""
         async with live_server(LiveHub()) as first:
-            with pytest.raises(ConfigError, match=r"^http\.listen: cannot listen"):
-                async with live_server(LiveHub(), listen=f"127.0.0.1:{first.port}"):
-                    pass
+            with structlog.testing.capture_logs() as logs:
+                async with live_server(LiveHub(), listen=f"127.0.0.1:{first.port}") as second:
+                    assert not second.serving and first.serving
+        failed = [e for e in logs if e["event"] == "http.listen_failed"]
+        assert failed and failed[0]["key"] == "http.listen"
+        assert "already in use" in failed[0]["error"].lower()
 
 
 class TestHealth:
