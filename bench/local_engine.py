@@ -75,6 +75,9 @@ expect ±10 % between runs):
   the pause reaches 600 ms (discarding it if speech resumes), which gives p50 ≈ 700 ms.
   Speculation is skipped for backlog audio (captured more than 1 s ago), where it is pure waste.
 - The first recognition after loading took 1.4 s; a 1 s warm-up recognition at load removes that.
+- On 2 cores the figures are sensitive to other load: in a run while another test suite used
+  about one core, p50 rose to ~1.0 s and RTF to ~0.20 (WER unchanged). Hence the "other
+  processes" line above.
 - `without_timestamps=True` was slower and worse (invented trailing words); not used.
 - The settings table below: beam 1 is faster but WER triples; float32 is slightly more accurate
   but slower and over the RSS budget; int8_float32 is no better than int8; one thread is nearly as
