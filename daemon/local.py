@@ -172,7 +172,12 @@ def recognise(
     for segment in segments:
         texts.append(segment.text.strip())
         for w in segment.words or ():
-            words.append(_RawWord(w.word.strip(), w.start, w.end, float(w.probability)))
+            word = _RawWord(w.word.strip(), w.start, w.end, float(w.probability))
+            if words and not w.word.startswith(" "):  # "o" + "'clock." is one written word
+                last = words.pop()
+                prob = min(last.probability, word.probability)
+                word = _RawWord(last.text + word.text, last.start, word.end, prob)
+            words.append(word)
     language = _language(config) or getattr(info, "language", None)
     return _Recognition(" ".join(t for t in texts if t), tuple(words), language)
 

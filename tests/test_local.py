@@ -133,6 +133,8 @@ class TestTranscription:
             (t.engine, t.source, t.host, t.language_code) == ("local", "test", "testhost", "en")
             for t in heard.turns
         )
+        assert "o'clock." in [w.text for w in heard.turns[1].words]  # not "o" + "'clock."
+        assert all(" ".join(w.text for w in t.words) == t.transcript for t in heard.turns)
 
     async def test_turn_times_increase_within_the_file(
         self, model: LocalModel, speech_dir: Path
