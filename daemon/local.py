@@ -12,6 +12,8 @@ Pipeline, all on the event loop except the recogniser:
    recogniser's ~0.45 s overlaps the silence wait); if speech resumes it is discarded. A backlog
    (audio captured > 1 s ago, e.g. a file fed fast) is not speculated on: its end is ms away.
 3. Finished turns are reported in order by one emitter task.
+4. Partials (``[local] partials``) re-run the growing turn (greedy, no word times) after each
+   second of new speech, only while the worker is idle: a final waits for at most one (~0.3 s).
 
 ``end_of_turn_confidence`` is the VAD's certainty that the speaker stopped: one minus the mean
 speech probability over the silence that ended the turn (1.0 at end of input; one minus the last
