@@ -86,14 +86,6 @@ class TestNotifyFromTheDaemon:
         turns = read_turns(tmp_path / "turns.jsonl")
         assert len(turns) == 1 and TRANSCRIPTS[S2].startswith(turns[0]["transcript"].rstrip("."))
 
-    async def test_without_notify_socket_nothing_changes(self, fake: FakeAssemblyAI,
-                                                         tmp_path: Path) -> None:
-        """Outside systemd the daemon runs as before and logs no notification errors."""
-        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
-        env = {k: "" for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-        result = await (await Daemon.start("run", "--config", str(config), env=env)).finish(30)
-        assert result.code == 0 and not result.events("notify.send_failed")
-
 
 class TestNotifier:
     async def test_abstract_socket_and_messages(self) -> None:
