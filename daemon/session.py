@@ -45,7 +45,8 @@ log = structlog.get_logger("daemon.session")
 
 HEALTHY_AFTER_S: Final = 5.0        # a session this old counts as healthy: backoff resets
 SILENCE_RMS: Final = 200.0          # below this a chunk counts as silence (about -44 dBFS)
-CATCH_UP_AFTER_S: Final = 0.5       # skip silence while this far behind live
+CATCH_UP_AFTER_S: Final = 0.4      # skip silence while this far behind live (>= hangover)
+LIVE_S: Final = 0.5                 # this close to live counts as caught up
 HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
 COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
 
@@ -148,7 +149,8 @@ class StreamSession:
 
     async def _send_from(self, position: int) -> None:
         ledger = self.engine.ledger
-        catching_up = (ledger.end - position) / ledger.sample_rate >= CATCH_UP_AFTER_S
+        live = int(LIVE_S * ledger.sample_rate)
+        catching_up = ledger.end - position >= live
         while True:
             await ledger.wait_beyond(position)
             piece = self._next_piece(position)
@@ -166,7 +168,7 @@ class StreamSession:
             await self._pace()
             await self.ws.send(piece.pcm)
             self.timeline.add(piece)
-            if catching_up and ledger.end - position < self.engine.chunk_samples:
+            if catching_up and ledger.end - position < live:
                 catching_up = False
                 self._report_caught_up()
 
