@@ -1,0 +1,242 @@
+"""Cloud path side by side: ``transcribed run`` vs the official SDK's asyncio client.
+
+Both stream the same WAV at real time in 100 ms chunks to the same fake v3 service (running in
+its own process, ``bench/fake_server.py``, so its CPU is not counted) and append every final
+turn to a JSONL file with fsync. Each run is a separate process; its CPU time (user + system) and
+peak RSS come from ``wait4`` rusage. Runs alternate daemon, SDK, daemon, SDK, for a long WAV
+(≥ 60 s) and a short one (the long one's first sentence group). Per repetition:
+
+* steady CPU per audio minute = (CPU long - CPU short) / (audio long - audio short) x 60,
+* start-up CPU = CPU short - steady rate x audio short (the intercept),
+* start-up wall = process spawn → first audio frame at the fake,
+* config loaded → first frame (daemon: its ``config.loaded`` log line's timestamp).
+
+"Other load" is the CPU the rest of the machine used meanwhile (``/proc/stat`` busy time minus
+the measured process and the fake), in cores.
+
+Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 2.7 min per repetition)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, busy_cpu_s, machine, now, process_cpu_s, save, spread
+
+SPEECH = REPO / "tests" / "data" / "speech"
+RATE = 16000
+LONG = ["beckett.wav", "espeak-five-sentences.wav", "espeak-s1.wav", "espeak-s2.wav",
+        "espeak-s3.wav", "espeak-s4.wav", "espeak-s5.wav"]
+SHORT = LONG[:1]
+PAUSE_S = 1.0
+PY = str(REPO / ".venv" / "bin" / "python")
+TRANSCRIBED = str(REPO / ".venv" / "bin" / "transcribed")
+
+
+def build_wav(names: list[str], path: Path) -> float:
+    """Concatenate test speech with 1 s pauses into ``path``; returns its length in seconds."""
+    parts = []
+    for name in names:
+        with wave.open(str(SPEECH / name)) as wav:
+            parts.append(np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2"))
+        parts.append(np.zeros(int(PAUSE_S * RATE), dtype="<i2"))
+    pcm = np.concatenate(parts)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(RATE)
+        out.writeframes(pcm.tobytes())
+    return len(pcm) / RATE
+
+
+class FakeService:
+    """``bench/fake_server.py`` as a child process."""
+
+    def __init__(self, work: Path) -> None:
+        self.events = work / "fake-events.jsonl"
+        self.process = subprocess.Popen(
+            [PY, str(REPO / "bench" / "fake_server.py"), "--events", str(self.events)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+        assert self.process.stdout is not None
+        self.info: dict[str, Any] = json.loads(self.process.stdout.readline())
+        self.seen = 0
+
+    def next_session(self, limit_s: float = 30.0) -> dict[str, Any]:
+        """The summary of the next session to close (waits for the fake to write it)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            lines = self.events.read_text().splitlines() if self.events.exists() else []
+            if len(lines) > self.seen:
+                self.seen += 1
+                summary: dict[str, Any] = json.loads(lines[self.seen - 1])
+                return summary
+            time.sleep(0.05)
+        raise SystemExit("the fake service recorded no session")
+
+    def close(self) -> None:
+        """Stop the fake (closing its stdin ends it)."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(10)
+
+
+def daemon_config(work: Path, fake: FakeService, wav: Path, out: Path) -> Path:
+    """A config: file source, the fake, one fsyncing file sink, no live view."""
+    info = fake.info
+    text = f"""
+[audio]
+source = "file"
+path = "{wav}"
+
+[transcriber]
+engine = "assemblyai"
+
+[assemblyai]
+api_key = "{info["api_key"]}"
+streaming_url = "{info["streaming_url"]}"
+token_url = "{info["token_url"]}"
+
+[log]
+format = "json"
+level = "info"
+
+[http]
+enabled = false
+
+[state]
+dir = "{work / "state"}"
+
+[sinks.journal]
+type = "file"
+path = "{out}"
+fsync = true
+"""
+    path = work / "daemon.toml"
+    path.write_text(text)
+    return path
+
+
+def command(kind: str, work: Path, fake: FakeService, wav: Path, out: Path) -> list[str]:
+    """The measured client's command line."""
+    if kind == "daemon":
+        return [TRANSCRIBED, "run", "--config", str(daemon_config(work, fake, wav, out))]
+    info = fake.info
+    return [PY, str(REPO / "bench" / "sdk_client.py"), "--wav", str(wav), "--out", str(out),
+            "--token-url", info["token_url"], "--api-host", info["api_host"],
+            "--api-key", info["api_key"]]
+
+
+def config_loaded_at(log: Path) -> float | None:
+    """Unix time of the daemon's ``config.loaded`` log line."""
+    for line in log.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "config.loaded":
+            return datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+    return None
+
+
+def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path) -> dict[str, Any]:
+    """One measured run of ``kind`` ("daemon" or "sdk") over ``wav``."""
+    out = work / f"{kind}-turns.jsonl"
+    out.unlink(missing_ok=True)
+    log = work / f"{kind}.log"
+    argv = command(kind, work, fake, wav, out)
+    fake_cpu, busy = process_cpu_s(fake.info["pid"]), busy_cpu_s()
+    with log.open("w") as err:
+        spawned, started = time.time(), time.monotonic()
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{kind} run failed (exit {code}); see {log}")
+    ours = usage.ru_utime + usage.ru_stime
+    session = fake.next_session()
+    others = busy_cpu_s() - busy - ours - (process_cpu_s(fake.info["pid"]) - fake_cpu)
+    turns = len(out.read_text().splitlines()) if out.exists() else 0
+    first = session["first_frame_wall"]
+    loaded = config_loaded_at(log) if kind == "daemon" else None
+    return {
+        "kind": kind, "audio_s": audio_s, "cpu_s": ours, "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall,
+        "spawn_to_first_frame_s": first - spawned if first else None,
+        "config_to_first_frame_s": first - loaded if first and loaded else None,
+        "turns_written": turns, "finals_sent": session["finals"],
+        "other_cores": max(0.0, others / wall),
+    }
+
+
+def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float) -> dict[str, Any]:
+    """Per client: steady CPU/min, start-up CPU and wall, peak RSS, with spreads."""
+    out: dict[str, Any] = {}
+    for kind in ("daemon", "sdk"):
+        longs = [r for r in runs if r["kind"] == kind and r["audio_s"] == long_s]
+        shorts = [r for r in runs if r["kind"] == kind and r["audio_s"] == short_s]
+        rates = [(a["cpu_s"] - b["cpu_s"]) / (long_s - short_s) * 60
+                 for a, b in zip(longs, shorts, strict=True)]
+        startup = [b["cpu_s"] - rate * short_s / 60 for b, rate in zip(shorts, rates, strict=True)]
+        everything = longs + shorts
+        out[kind] = {
+            "steady_cpu_s_per_audio_min": spread(rates),
+            "startup_cpu_s": spread(startup),
+            "cpu_long_s": spread([r["cpu_s"] for r in longs]),
+            "cpu_short_s": spread([r["cpu_s"] for r in shorts]),
+            "spawn_to_first_frame_s": spread([r["spawn_to_first_frame_s"] for r in everything]),
+            "peak_rss_mb": spread([r["peak_rss_mb"] for r in longs]),
+            "turns_written_long": spread([r["turns_written"] for r in longs]),
+            "finals_sent_long": spread([r["finals_sent"] for r in longs]),
+        }
+        if kind == "daemon":
+            out[kind]["config_to_first_frame_s"] = spread(
+                [r["config_to_first_frame_s"] for r in everything])
+    out["other_cores"] = spread([r["other_cores"] for r in runs])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the A B A B block")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-cloud-") as tmp:
+        work = Path(tmp)
+        long_s = build_wav(LONG, work / "long.wav")
+        short_s = build_wav(SHORT, work / "short.wav")
+        fake = FakeService(work)
+        runs: list[dict[str, Any]] = []
+        started = now()
+        try:
+            for rep in range(args.reps):
+                for wav, audio_s in ((work / "long.wav", long_s), (work / "short.wav", short_s)):
+                    for kind in ("daemon", "sdk"):
+                        run = run_once(kind, wav, audio_s, fake, work)
+                        run["rep"] = rep
+                        runs.append(run)
+                        print(json.dumps(run), file=sys.stderr, flush=True)
+        finally:
+            fake.close()
+    result = {"date": started, "finished": now(), "machine": machine(),
+              "command": f".venv/bin/python bench/cloud.py --reps {args.reps}",
+              "long_audio_s": long_s, "short_audio_s": short_s,
+              "summary": summarise(runs, short_s, long_s), "runs": runs}
+    print(save("cloud", result))
+
+
+if __name__ == "__main__":
+    main()
