@@ -8,6 +8,7 @@ A second signal, or the shutdown deadline, cancels what is still running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +25,13 @@ from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.health import Health, Heartbeat, Reporter
+from daemon.live import LiveHub, Tee
 from daemon.logs import SecretMasker
+from daemon.metrics import AudioMeter, StatusSnapshot, snapshot_of
 from daemon.notify import Notifier
 from daemon.plugins import PluginHost, load_plugins
 from daemon.reload import Loader, Reloader, SinkBuilder
+from daemon.web import LiveServer
 
 log = structlog.get_logger("daemon.app")
 
@@ -165,6 +169,7 @@ async def run(
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
     listener = Listener(dispatcher, plugins, settings.log.transcripts)
+    hub, meter = LiveHub(engine=settings.engine_name()), AudioMeter()
     health = Health()
     capture = health.heartbeat("capture")
     health.watch(dispatcher.heartbeats)
@@ -186,20 +191,32 @@ async def run(
                 status=lambda: status_line(engine, source, listener, dispatcher),
             )
             listener.on_change.append(reporter.changed)
+
+            def status() -> StatusSnapshot:
+                return snapshot_of(engine=engine, source=source, dispatcher=dispatcher,
+                                   meter=meter, sessions=listener.sessions, turns=listener.turns,
+                                   engine_live=_audio_flows(engine, listener))
+
             reloader = None
             if loader is not None:
                 reloader = Reloader(loader, settings, plugins=plugins, dispatcher=dispatcher,
                                     sinks=sinks, masker=masker)
-            async with asyncio.TaskGroup() as group:
-                dispatcher.start(group)
-                reporting = group.create_task(reporter.run(), name="systemd-reporter")
-                hup = _Hangup(group, reloader, reporter)
-                try:
-                    await _run_engine(engine, source, listener, reporter, hup, capture)
-                finally:
-                    reporter.stop("input ended")
-                    await dispatcher.close(FLUSH_TIMEOUT_S)
-                    reporting.cancel()
+            async with contextlib.AsyncExitStack() as web:
+                if settings.http.enabled:
+                    await web.enter_async_context(LiveServer.from_config(
+                        settings.http, hub, status, stale_s=settings.audio.stall_seconds))
+                async with asyncio.TaskGroup() as group:
+                    dispatcher.start(group)
+                    reporting = group.create_task(reporter.run(), name="systemd-reporter")
+                    hup = _Hangup(group, reloader, reporter)
+                    try:
+                        await _run_engine(engine, source, listener, reporter, hup, capture,
+                                          live=(hub, meter))
+                    finally:
+                        hub.state("stopped")
+                        reporter.stop("input ended")
+                        await dispatcher.close(FLUSH_TIMEOUT_S)
+                        reporting.cancel()
     finally:
         notifier.close()
         for closer in closers:
@@ -275,6 +292,7 @@ async def _run_engine(
     reporter: Reporter,
     hup: Callable[[], None],
     capture: Heartbeat,
+    live: tuple[LiveHub, AudioMeter],
 ) -> None:
     """Run the engine over the source, stopping gracefully on SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -298,8 +316,9 @@ async def _run_engine(
     within = _chunk_deadline(source)
     try:
         async with source:
-            chunks = _beating(source.chunks(), capture, listener, within)
-            await _uncancel_on_deadline(engine.run(chunks, listener), task, stopping)
+            hub, meter = live
+            chunks = meter.wrap(_beating(source.chunks(), capture, listener, within))
+            await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)

@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
         "test-sinks", help="send one synthetic turn through every configured sink and report"
     )
     sinks.add_argument("--config", metavar="PATH", help=config_help)
+    tail = commands.add_parser(
+        "tail", help="show the running daemon's live transcript (partials in place, finals "
+        "committed)"
+    )
+    tail.add_argument("--config", metavar="PATH", help=config_help)
+    tail.add_argument("--json", action="store_true", help="print every feed event as a JSON line")
     install = commands.add_parser(
         "install-service",
         help="write the systemd unit (and an example config if none) and print what to run",
@@ -73,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": commands.check_config,
         "devices": commands.devices,
         "test-sinks": commands.test_sinks,
+        "tail": commands.tail,
         "install-service": commands.install_service,
     }
     return handlers[args.command](args)

@@ -208,3 +208,21 @@ def install_service(args: argparse.Namespace) -> int:
     for command in target.commands:
         print(f"  {command}")
     return EX_OK
+
+
+def tail(args: argparse.Namespace) -> int:
+    """``transcribed tail``: follow the running daemon's live feed (``[http]`` from the config)."""
+    from daemon.tail import tail_main
+    from daemon.web import check_http, feed_url
+
+    try:
+        http = load_settings(find_config(args.config)).http
+        problems = check_http(http)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        return _config_failed(exc)
+    if not http.enabled:
+        print("transcribed tail: the live view is off (http.enabled = false)", file=sys.stderr)
+        return EX_FAILURE
+    return tail_main(feed_url(http.listen), http.token.get_secret_value(), args.json)

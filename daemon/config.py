@@ -370,4 +370,7 @@ def check_semantics(settings: Settings) -> list[str]:
         )
     if settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
+    from daemon.web import check_http
+
+    problems += check_http(settings.http)
     return problems

@@ -191,8 +191,10 @@ class Dispatcher:
         for runner in self.runners.values():
             try:
                 runner.queue.put(record)
-            except Exception:  # supervision boundary: one sink's queue must not hurt others
+            except Exception as exc:  # supervision boundary: one sink's queue must not hurt others
                 log.exception("sink.enqueue_failed", sink=runner.name, record_id=record.id)
+                # never a silent drop: the turn lands in the sink's dead-letter file instead
+                self._dead_letter(runner, Delivery(record), f"could not queue: {exc}")
 
     def start(self, group: asyncio.TaskGroup) -> None:
         """Start one worker per sink inside the caller's task group."""
@@ -357,7 +359,9 @@ class Dispatcher:
                     self._dead_letter(runner, delivery, gave_up)
                     break
                 runner.stats.failed += 1
-                if not await self._backoff(runner, delay * (0.5 + random.random())):
+                asked = exc.retry_after if isinstance(exc, SinkError) else None
+                wait = asked if asked is not None else delay * (0.5 + random.random())
+                if not await self._backoff(runner, wait):
                     return False
                 delay = min(delay * 2, 30.0)
                 continue

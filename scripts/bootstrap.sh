@@ -9,7 +9,8 @@ DEV=0; [[ "${1:-}" == "--dev" ]] && DEV=1
 
 APT=(python3 python3-venv python3-dev gcc portaudio19-dev)
 # the test suite's real parts: PulseAudio virtual microphone, mosquitto, systemd-analyze
-[[ $DEV == 1 ]] && APT+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto systemd openssl)
+# and Chromium for the live page's browser test (Playwright drives it; no browser download)
+[[ $DEV == 1 ]] && APT+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto systemd openssl chromium)
 
 missing=()
 for pkg in "${APT[@]}"; do

@@ -51,6 +51,8 @@ dir = "{tmp_path / "state"}"
 {sink_tables}
 {extra}
 """
+    if "[http]" not in extra:
+        text += "\n[http]\nenabled = false\n"     # tests that want the live view say so
     path = tmp_path / "config.toml"
     path.write_text(text)
     return path

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import daemon.commands
 from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config
 from tests.fake_assemblyai import FakeAssemblyAI
@@ -21,9 +20,6 @@ from tests.fake_assemblyai_speech import load_speech_references
 
 S2 = "espeak-s2.wav"
 
-# Remove once app.py/cli.py carry the live-view wiring (the lead's step; see the helper's report).
-pytestmark = pytest.mark.skipif(not hasattr(daemon.commands, "tail"),
-                                reason="live view not wired into app.py/cli.py yet")
 
 
 @pytest.fixture

@@ -193,7 +193,9 @@ class TestErrors:
             dispatcher = Dispatcher([runner], dead_letter_dir=tmp_path / "dead")
             with capture_logs() as logs:
                 dispatcher.dispatch(make_turn(4))
-            assert [e["event"] for e in logs] == ["sink.enqueue_failed"]
+            assert [e["event"] for e in logs] == ["sink.enqueue_failed", "sink.dead_lettered"]
+            dead = (tmp_path / "dead" / "hook.jsonl").read_text()
+            assert "sess:4" in dead                      # the turn is kept, not dropped
             assert box.queue("other").depth() == 0
         finally:
             box.close()

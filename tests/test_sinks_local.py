@@ -182,3 +182,32 @@ class TestPlugins:
         assert result.returncode == 0, result.stderr
         assert "mine (example): delivered" in result.stdout
         assert "This is a test turn from transcribed." in out.read_text()
+
+
+class FullQueue(MemoryQueue):
+    """A queue that refuses every record, like a full outbox."""
+
+    def put(self, record: TurnRecord) -> None:
+        raise RuntimeError("outbox full for sink 's'")
+
+
+class TestDispatcherEdges:
+    async def test_retry_after_is_honoured(self, tmp_path: Path) -> None:
+        """A sink asking to retry in an hour is not retried within the flush window."""
+        sink = ScriptedSink([SinkError("busy", retry_after=3600)])
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(record(0))
+            await dispatcher.close(1.0)
+        assert sink.got == []
+
+    async def test_unqueueable_turn_is_dead_lettered(self, tmp_path: Path) -> None:
+        """A turn a sink's queue refuses (full outbox) lands in its dead-letter file."""
+        sink = ScriptedSink()
+        full = SinkRunner("s", SinkType("scripted", SinkConfig, lambda *_: sink),
+                          SinkConfig(type="scripted"), sink, FullQueue())
+        dispatcher = Dispatcher([full], dead_letter_dir=tmp_path)
+        dispatcher.dispatch(record(7))
+        dead = json.loads((tmp_path / "s.jsonl").read_text())
+        assert dead["record"]["id"] == "s:7" and "outbox full" in dead["error"]
