@@ -1,0 +1,73 @@
+"""End to end with the embedded offline engine: no account, no network, speech from the mic."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from pathlib import Path
+
+import jiwer
+import pytest
+
+from tests.conftest import SPEECH_DIR, TRANSCRIPTS
+from tests.daemon_proc import Daemon, read_turns
+from tests.notify_socket import NotifySocket
+from tests.vmic import VirtualMic
+
+pytest.importorskip("faster_whisper")
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^\w\s']", " ", text.lower()).replace("3", "three")
+
+
+async def test_local_engine_from_virtual_microphone(vmic: VirtualMic, tmp_path: Path) -> None:
+    """Speech played into the virtual mic is transcribed offline and lands in the JSONL file."""
+    turns = tmp_path / "turns.jsonl"
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[transcriber]
+engine = "local"
+[http]
+enabled = false
+[log]
+format = "json"
+[state]
+dir = "{tmp_path / "state"}"
+[sinks.journal]
+type = "file"
+path = "{turns}"
+""")
+    async with NotifySocket.listening(tmp_path / "notify.sock") as notify:
+        daemon = await Daemon.start("run", "--config", str(config),
+                                    env={**vmic.env(), **notify.env(), "HF_HUB_OFFLINE": "1"})
+        await asyncio.wait_for(notify.wait_for(lambda m: m.fields.get("READY") == "1"), 60)
+        await vmic.play(SPEECH_DIR / "espeak-s3.wav")
+        await asyncio.wait_for(
+            notify.wait_for(lambda m: "1 turns" in m.fields.get("STATUS", "")), 30)
+        daemon.signal(signal.SIGTERM)
+        result = await daemon.finish(20)
+    assert result.code == 0, result.stderr[-2000:]
+    [record] = read_turns(turns)
+    assert record["engine"] == "local" and record["source"] == "microphone"
+    error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s3.wav"]), normalise(record["transcript"]))
+    assert error <= 0.05, record["transcript"]
+
+
+async def test_demo_config_on_a_file(tmp_path: Path) -> None:
+    """The quick start's config (config/demo.toml) turns a WAV into records and exits 0."""
+    from tests.conftest import REPO
+    from tests.daemon_proc import run_daemon
+
+    turns = tmp_path / "demo-turns.jsonl"
+    env = {"TRANSCRIBED_CONFIG": str(REPO / "config" / "demo.toml"),
+           "TRANSCRIBED_AUDIO__PATH": str(SPEECH_DIR / "espeak-s5.wav"),
+           "TRANSCRIBED_SINKS__JOURNAL__PATH": str(turns),
+           "TRANSCRIBED_STATE__DIR": str(tmp_path / "state")}
+    result = await run_daemon("run", limit_s=60, env=env)
+    assert result.code == 0, result.stderr[-2000:]
+    [record] = read_turns(turns)
+    assert record["transcript"] in result.stdout               # the console sink printed it
+    error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s5.wav"]), normalise(record["transcript"]))
+    assert error <= 0.1, record["transcript"]
