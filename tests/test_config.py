@@ -144,3 +144,20 @@ class TestCheckConfigCommand:
         result = self.run("--version")
         assert result.returncode == 0
         assert result.stdout.startswith("transcribed ")
+
+
+def test_example_config_is_valid() -> None:
+    """config/example.toml shows every key and passes check-config as shipped."""
+    import tomllib
+
+    from daemon.config import Settings
+
+    result = subprocess.run([*TRANSCRIBED, "check-config", "--config",
+                             str(REPO / "config" / "example.toml")],
+                            capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    shown = tomllib.loads((REPO / "config" / "example.toml").read_text())
+    for section, model in Settings.model_fields.items():
+        if section != "sinks":
+            keys = set(model.annotation.model_fields)  # type: ignore[union-attr]
+            assert keys == set(shown[section]), section
