@@ -137,3 +137,27 @@ async def test_virtual_microphone(fake: FakeAssemblyAI, vmic: VirtualMic, tmp_pa
     assert result.code == 0, result.stderr
     assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
     assert read_turns(tmp_path / "turns.jsonl")[0]["source"] == "microphone"
+
+
+class TestTimeoutsAndLimits:
+    async def test_missing_termination_is_bounded(self, fake: FakeAssemblyAI,
+                                                  tmp_path: Path) -> None:
+        """A server that never answers Terminate: wait terminate_timeout, deliver, exit 0."""
+        fake.faults.no_termination = True
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        config.write_text(config.read_text().replace("terminate_timeout = 5",
+                                                     "terminate_timeout = 1"))
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        assert result.events("session.termination_timeout")
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
+    async def test_rate_limit_backs_off_long(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """A 3009 (too many sessions) waits at least reconnect.max_delay, then carries on."""
+        fake.faults.reject_handshake = [3009]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        [retry] = result.events("stream.reconnecting")
+        assert retry["kind"] == "rate" and retry["retry_in_s"] >= 0.2
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
