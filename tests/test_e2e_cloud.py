@@ -161,3 +161,11 @@ class TestTimeoutsAndLimits:
         [retry] = result.events("stream.reconnecting")
         assert retry["kind"] == "rate" and retry["retry_in_s"] >= 0.2
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
+
+async def test_devices_command(vmic: VirtualMic) -> None:
+    """`transcribed devices` lists the inputs with index, name, rate, channels and the default."""
+    result = await run_daemon("devices", limit_s=30, env=vmic.env())
+    assert result.code == 0, result.stderr
+    assert "pulse" in result.stdout and "*" in result.stdout
+    assert "ALSA" not in result.stderr and "jack" not in result.stderr.lower()
