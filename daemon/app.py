@@ -48,7 +48,7 @@ class Listener:
     transcripts_in_log: bool
     turns: int = 0
     sessions: int = 0
-    live: bool = False
+    open_sessions: int = 0  # sessions begun and not yet ended (two overlap during a rollover)
     chunks: int = 0  # audio chunks read from the source so far
     chunks_at_session: int = 0  # ``chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
@@ -73,16 +73,21 @@ class Listener:
     def session_started(self, session: SessionInfo) -> None:
         """A session began."""
         self.sessions += 1
-        self.live = True
+        self.open_sessions += 1
         self.chunks_at_session = self.chunks
         self._hook(self.plugins.session_started, session)
         self._changed()
 
     def session_ended(self, summary: SessionSummary) -> None:
         """A session ended."""
-        self.live = False
+        self.open_sessions = max(0, self.open_sessions - 1)
         self._hook(self.plugins.session_ended, summary)
         self._changed()
+
+    @property
+    def live(self) -> bool:
+        """A session is open."""
+        return self.open_sessions > 0
 
     def _hook(self, hook: Callable[[Any], None], value: Any) -> None:
         try:
