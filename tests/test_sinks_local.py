@@ -211,3 +211,20 @@ class TestDispatcherEdges:
         dispatcher.dispatch(record(7))
         dead = json.loads((tmp_path / "s.jsonl").read_text())
         assert dead["record"]["id"] == "s:7" and "outbox full" in dead["error"]
+
+
+def test_hookspecs_typed_and_documented() -> None:
+    """Every hook spec is prefixed, typed, has a docstring, and is named in the README."""
+    import inspect
+
+    from daemon.plugins import PluginHost
+
+    readme = (REPO / "README.md").read_text()
+    specs = [m for n, m in inspect.getmembers(PluginHost.specs) if n.startswith("transcribed_")]
+    assert len(specs) >= 4
+    for spec in specs:
+        assert spec.__doc__ and len(spec.__doc__.strip()) > 20, spec.__name__
+        hints = inspect.get_annotations(spec)
+        assert "return" in hints and all(p in hints for p in inspect.signature(spec).parameters
+                                         if p != "self"), spec.__name__
+        assert f"`{spec.__name__}`" in readme, f"{spec.__name__} is not documented in README.md"
