@@ -95,6 +95,10 @@ class Ledger:
         """Absolute position one past the newest audio."""
         return self._next
 
+    def pieces(self) -> list[Piece]:
+        """The audio held, oldest first (the captured chunks)."""
+        return list(self._pieces)
+
     def seconds_held(self) -> float:
         """How much audio is held."""
         return (self._next - self.head) / self.sample_rate

@@ -7,6 +7,9 @@ and while it is behind live it skips silence outside a hangover around speech, t
 ``switch_over`` ends a session for a rollover: at a turn boundary (no open turn, silence) or at a
 hard deadline, the sender stops and sends ``Terminate``; finals of turns that had not ended by
 then are discarded, because the next session replays their audio from the ledger's head.
+
+A replay session (``stop`` set, see ``daemon.catchup``) sends the ledger only up to ``stop``,
+then terminates; its Termination means that range is done.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ class StreamSession:
     """One websocket session, from ``Begin`` to close."""
 
     def __init__(self, engine: AssemblyAIEngine, ws: ClientConnection, begin: Begin,
-                 listener: EngineListener) -> None:
+                 listener: EngineListener, *, stop: int | None = None) -> None:
         self.engine = engine
+        self.stop = stop                    # a replay session ends here (see daemon.catchup)
         self.ws = ws
         self.begin = begin
         self.listener = listener
@@ -93,6 +97,7 @@ class StreamSession:
             source=engine.source, host=engine.host, emit=listener.turn,
             partial=listener.partial, cover=self._cover,
         )
+        self.lane = "live" if stop is None else "replay"
         self.log = log.bind(session_id=begin.id)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -102,7 +107,8 @@ class StreamSession:
         ledger = self.engine.ledger
         behind = (ledger.end - start) / ledger.sample_rate
         self.log.info("session.began", expires_at=str(self.begin.expires_at),
-                      model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2))
+                      model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2),
+                      lane=self.lane)
         self.listener.session_started(SessionInfo(self.begin.id, "assemblyai",
                                                   self.begin.expires_at))
         outcome = Outcome(CloseKind.TRANSIENT, "session ended", began=True)
@@ -130,7 +136,7 @@ class StreamSession:
 
     def _cover(self, position: int) -> None:
         if not self.rolled_over:            # the next session owns the ledger after a switch
-            self.engine.ledger.cover(position)
+            self.engine.cover(position, replay=self.stop is not None)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -152,6 +158,8 @@ class StreamSession:
         live = int(LIVE_S * ledger.sample_rate)
         catching_up = ledger.end - position >= live
         while True:
+            if self.stop is not None and position >= self.stop:
+                return                          # a replay session's range is sent
             await ledger.wait_beyond(position)
             piece = self._next_piece(position)
             if piece is None:
@@ -164,11 +172,12 @@ class StreamSession:
             position = piece.end
             if self._skippable(piece):
                 self._skipped += piece.samples
+                self.engine.skipped(piece.samples, replay=self.stop is not None)
                 continue
             await self._pace()
             await self.ws.send(piece.pcm)
             self.timeline.add(piece)
-            if catching_up and ledger.end - position < live:
+            if catching_up and self.stop is None and ledger.end - position < live:
                 catching_up = False
                 self._report_caught_up()
 
@@ -177,16 +186,26 @@ class StreamSession:
         self.log.info("stream.caught_up", catch_up_s=round(time.monotonic() - self._first_send, 2),
                       silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2))
 
+    def _read(self, position: int, samples: int) -> Piece | None:
+        """Up to ``samples`` of the ledger at ``position``, never at or beyond ``stop``."""
+        piece = self.engine.ledger.read(position, samples)
+        if piece is None or self.stop is None:
+            return piece
+        if piece.start >= self.stop:
+            return None
+        keep = min(piece.samples, self.stop - piece.start)
+        return piece if keep == piece.samples else Piece(piece.start, piece.pcm[: 2 * keep],
+                                                         piece.captured_at)
+
     def _next_piece(self, position: int) -> Piece | None:
         """The next chunk to send: whole chunks, never under 50 ms (merged or padded)."""
-        ledger = self.engine.ledger
-        piece = ledger.read(position, self.engine.chunk_samples)
+        piece = self._read(position, self.engine.chunk_samples)
         if piece is None:
             return None
         minimum = self.engine.sample_rate // 20
         while piece.samples < minimum:
-            more = ledger.read(piece.end, self.engine.chunk_samples - piece.samples)
-            if more is None or more.start != piece.end:
+            more = self._read(piece.end, self.engine.chunk_samples - piece.samples)
+            if more is None or more.start != piece.end or more.samples == 0:
                 pad = bytes(2 * (minimum - piece.samples))
                 return Piece(piece.start, piece.pcm + pad, piece.captured_at)
             piece = Piece(piece.start, piece.pcm + more.pcm, piece.captured_at)
@@ -294,7 +313,8 @@ class StreamSession:
     def _terminated(self, reason: str) -> Outcome:
         if self.rolled_over:
             return Outcome(CloseKind.NORMAL, "rolled over", began=True)
-        return Outcome(CloseKind.NORMAL, reason, began=True, finished=self.engine.ledger.eof)
+        done = self.stop is not None or self.engine.ledger.eof
+        return Outcome(CloseKind.NORMAL, reason, began=True, finished=done)
 
     def _closed(self, exc: ConnectionClosed) -> Outcome:
         code, reason = close_of(exc)
@@ -313,5 +333,6 @@ class StreamSession:
                                  outcome.reason)
         self.log.info("session.ended", duration_s=summary.duration_s, audio_s=summary.audio_s,
                       turns=summary.turns, reconnects=self.engine.reconnects,
-                      reason=outcome.reason)
+                      reason=outcome.reason, lane=self.lane,
+                      silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2))
         self.listener.session_ended(summary)

@@ -11,6 +11,10 @@ fresh token and then ``AuthError`` (exit 77), rejected settings raise ``ConfigEr
 Rollover is make-before-break: ahead of ``Begin.expires_at`` (by a margin that scales with the
 session's length) the next session is opened; the audio switches to it at a turn boundary (or at
 a hard deadline), and the old one is terminated and drained in the background.
+
+Catch-up is parallel (``daemon.catchup``): a (re)connect far behind live starts the live session
+at a silence close to live and replays the older backlog in a second session, each in its own
+*lane* that reconnects and rolls over on its own.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from daemon import __version__
+from daemon.catchup import SPLIT_AFTER_S, CatchUp, HoldingListener, find_split
 from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.engine import EngineListener
 from daemon.errors import AuthError, ConfigError
@@ -41,7 +46,7 @@ from daemon.protocol import (
     parse_message,
     streaming_url,
 )
-from daemon.session import Outcome, StreamSession, close_of
+from daemon.session import SILENCE_RMS, Outcome, StreamSession, close_of
 from daemon.tokens import TokenError, TokenProvider
 
 log = structlog.get_logger("daemon.stream")
@@ -116,6 +121,8 @@ class AssemblyAIEngine:
         self.ledger = Ledger(sample_rate, reconnect.backlog_seconds)
         self.reconnects = 0
         self.senders = 0                 # sessions currently sending audio
+        self.catch_up: CatchUp | None = None
+        self._listener: EngineListener | None = None     # the caller's (replay sessions use it)
         self._dropped_reported = 0
 
     @property
@@ -125,9 +132,37 @@ class AssemblyAIEngine:
 
     async def run(self, chunks: AsyncIterator[AudioChunk], listener: EngineListener) -> None:
         """Stream until the input ends and the last session has terminated."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._pump(chunks), name="ledger-pump")
-            await self._sessions(listener, group)
+        self._listener = listener
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pump(chunks), name="ledger-pump")
+                live = HoldingListener(listener, lambda: self.catch_up)
+                await self._lane(live, group, None)
+        finally:
+            if self.catch_up is not None:       # stopped before the replay finished
+                log.warning("stream.replay_unfinished", held_turns=len(self.catch_up.held))
+                self._finish_catch_up(listener)
+
+    def cover(self, position: int, *, replay: bool) -> None:
+        """A session's finished turns cover the ledger before ``position``."""
+        catch_up = self.catch_up
+        if catch_up is None:
+            self.ledger.cover(position)
+        elif replay:
+            self.ledger.cover(min(position, catch_up.split))
+        else:
+            catch_up.cover_live(position)   # the replay still needs the audio before it
+
+    def skipped(self, samples: int, *, replay: bool) -> None:
+        """A session skipped ``samples`` of silence (counted for the catch-up report)."""
+        if replay and self.catch_up is not None:
+            self.catch_up.skipped_samples += samples
+
+    def _start_for(self, stop: int | None) -> int:
+        """Where a new session of a lane starts: the ledger head, or after a replay's split."""
+        if stop is None and self.catch_up is not None:
+            return self.catch_up.live_start()
+        return self.ledger.head
 
     async def _pump(self, chunks: AsyncIterator[AudioChunk]) -> None:
         try:
@@ -136,17 +171,23 @@ class AssemblyAIEngine:
         finally:
             self.ledger.finish()
 
-    def _done(self) -> bool:
-        return self.ledger.eof and self.ledger.head >= self.ledger.end
+    def _done(self, stop: int | None) -> bool:
+        if stop is not None:
+            return self.ledger.head >= stop
+        return self.ledger.eof and self._start_for(None) >= self.ledger.end
 
-    async def _sessions(self, listener: EngineListener, group: asyncio.TaskGroup) -> None:
+    async def _lane(self, listener: EngineListener, group: asyncio.TaskGroup,
+                    stop: int | None) -> None:
+        """Sessions back to back until the input ends (live) or ``stop`` is replayed."""
         delays = self._delays()
         auth_failures = 0
-        while not self._done():
+        while not self._done(stop):
             try:
-                session = await self._open(listener)
+                session = await self._open(listener, stop)
                 auth_failures = 0
                 self._report_backlog_loss()
+                if stop is None:
+                    self._maybe_split(group)
                 outcome = await self._drive(session, listener, group)
             except TokenError as exc:
                 if exc.rejected:
@@ -176,8 +217,50 @@ class AssemblyAIEngine:
             delay = self._delay_for(outcome, delays)
             self.reconnects += 1
             log.info("stream.reconnecting", kind=outcome.kind.value, reason=outcome.reason,
-                     retry_in_s=round(delay, 2), backlog_s=round(self.ledger.seconds_held(), 2))
+                     retry_in_s=round(delay, 2), backlog_s=round(self.ledger.seconds_held(), 2),
+                     lane="live" if stop is None else "replay")
             await asyncio.sleep(delay)
+
+    def _maybe_split(self, group: asyncio.TaskGroup) -> None:
+        """Far behind live: start the live session at a silence near live, replay the rest."""
+        if self.catch_up is not None:
+            return
+        behind = self.ledger.end - self.ledger.head
+        if behind < SPLIT_AFTER_S * self.sample_rate:
+            return
+        split = find_split(self.ledger, SILENCE_RMS)
+        if split is None:
+            log.info("stream.no_split", behind_live_s=round(behind / self.sample_rate, 2))
+            return
+        catch_up = CatchUp(split, self.ledger.head, self.ledger.end, self.sample_rate)
+        self.catch_up = catch_up
+        log.info("stream.catch_up_started", replay_s=round(catch_up.replay_s, 2),
+                 live_behind_s=round(catch_up.live_behind_s, 2))
+        group.create_task(self._replay(catch_up, group), name="replay")
+
+    async def _replay(self, catch_up: CatchUp, group: asyncio.TaskGroup) -> None:
+        """The replay lane: send ``[head, split)`` in sessions of its own, then release."""
+        assert self._listener is not None
+        await self._lane(self._listener, group, catch_up.split)
+        self._finish_catch_up(self._listener)
+
+    def _finish_catch_up(self, listener: EngineListener) -> None:
+        """Cover up to the split and the live session's turns; release the held records."""
+        catch_up = self.catch_up
+        if catch_up is None:
+            return
+        self.catch_up = None
+        held = catch_up.finish(self.ledger)
+        now = time.time()
+        lag = max((now - record.ended_at.timestamp() for record in held), default=0.0)
+        log.info("stream.replay_finished",
+                 catch_up_s=round(time.monotonic() - catch_up.started, 2),
+                 replay_s=round(catch_up.replay_s, 2),
+                 live_behind_s=round(catch_up.live_behind_s, 2),
+                 silence_skipped_s=round(catch_up.skipped_samples / self.sample_rate, 2),
+                 held_turns=len(held), records_lag_s=round(lag, 2))
+        for record in held:
+            listener.turn(record)
 
     def _report_backlog_loss(self) -> None:
         """Once per outage: how much audio the full backlog forced us to drop."""
@@ -202,30 +285,31 @@ class AssemblyAIEngine:
                      group: asyncio.TaskGroup) -> Outcome:
         """Run sessions back to back through rollovers; return how the last one ended."""
         while True:
-            running = group.create_task(session.run(self.ledger.head), name="session")
+            running = group.create_task(session.run(self._start_for(session.stop)),
+                                        name=f"session-{session.lane}")
             plan = rollover_plan(session.begin, session.began_wall, session.began_at)
             if plan is None:
                 return await running
             await asyncio.wait([running], timeout=max(0.0, plan.open_at - time.monotonic()))
             if running.done():
                 return running.result()
-            successor = await self._open_successor(listener, running, plan)
+            successor = await self._open_successor(listener, running, plan, session.stop)
             if successor is None:
                 return await running
             await session.switch_over(plan.switch_by)
-            if running.done() and not session.rolled_over:
-                await successor.abandon()
-                return running.result()
+            if not session.rolled_over:         # it stopped sending for another reason:
+                await successor.abandon()       # input or replay range done, or it failed
+                return await running
             log.info("stream.rolled_over", previous=session.begin.id, next=successor.begin.id)
             session = successor
 
     async def _open_successor(self, listener: EngineListener, running: asyncio.Task[Outcome],
-                              plan: RolloverPlan) -> StreamSession | None:
+                              plan: RolloverPlan, stop: int | None) -> StreamSession | None:
         """Open the next session while the current one runs; None if that cannot be done."""
         delay = 0.2
         while not running.done() and time.monotonic() < plan.switch_by:
             try:
-                successor = await self._open(listener)
+                successor = await self._open(listener, stop)
             except (TokenError, _Failed) as exc:
                 log.warning("stream.rollover_open_failed", error=str(exc))
                 await asyncio.sleep(min(delay, max(0.0, plan.switch_by - time.monotonic())))
@@ -237,7 +321,7 @@ class AssemblyAIEngine:
             return successor
         return None
 
-    async def _open(self, listener: EngineListener) -> StreamSession:
+    async def _open(self, listener: EngineListener, stop: int | None) -> StreamSession:
         """Mint a token, connect, and wait for ``Begin``.
 
         Raises:
@@ -273,7 +357,7 @@ class AssemblyAIEngine:
         if not isinstance(begin, Begin):
             await ws.close()
             raise _Failed(Outcome(CloseKind.TRANSIENT, "first frame was not Begin"))
-        return StreamSession(self, ws, begin, listener)
+        return StreamSession(self, ws, begin, listener, stop=stop)
 
 
 def _auth_message(reason: str) -> str:
