@@ -6,16 +6,17 @@ or more faults, and compares the delivered words with the reference transcript w
 
 from __future__ import annotations
 
+import asyncio
 import re
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
-from tests.daemon_proc import Finished, cloud_config, read_turns, run_daemon
-from tests.fake_assemblyai import FakeAssemblyAI
+from tests.daemon_proc import Daemon, Finished, cloud_config, read_turns, run_daemon
+from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
 from tests.fake_assemblyai_speech import load_speech_references
 
 S1, S2, FIVE = "espeak-s1.wav", "espeak-s2.wav", "espeak-five-sentences.wav"
@@ -141,3 +142,99 @@ async def test_rollover_without_faults(fake: FakeAssemblyAI, tmp_path: Path) -> 
     assert len(switches) >= 2 and all(s["at_boundary"] for s in switches)
     assert all(r.params.get("max_session_duration_seconds") == ["12"]
                for r in fake.token_requests)
+
+
+def no_fault(fake: FakeAssemblyAI) -> None:
+    """Arm a fault that never fires, so the next faults go to the sessions after the next one."""
+    fake.faults.drop_after_audio_ms(10**9)
+
+
+def span(session: SessionRecord) -> tuple[float, float]:
+    """When (loop time) a session received its first and last audio frame."""
+    assert session.began_at is not None and session.frames
+    return session.began_at + session.frames[0].at_s, session.began_at + session.frames[-1].at_s
+
+
+async def outage(fake: FakeAssemblyAI, tmp_path: Path,
+                 arm: Callable[[FakeAssemblyAI], None] | None = None) -> Finished:
+    """Five sentences; at 2.5 s (mid-turn) the session drops and tokens fail for ~8 s."""
+    config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+    daemon = await Daemon.start("run", "--config", str(config))
+    async with asyncio.timeout(30):
+        first = await fake.wait_for_session(0)
+        await first.wait_for(lambda s: s.audio_ms >= 2500)
+    fake.faults.token_status = [429] * 8              # each answer says Retry-After: 1 s
+    if arm is not None:
+        arm(fake)
+    first.abort()
+    result = await daemon.finish(90)
+    assert result.code == 0, result.stderr[-3000:]
+    assert delivered(tmp_path) == words(TRANSCRIPTS[FIVE])
+    no_rate_or_expiry_closes(fake)
+    [started] = result.events("stream.catch_up_started")
+    assert started["replay_s"] >= 5
+    return result
+
+
+class TestParallelCatchUp:
+    async def test_outage_caught_up_in_parallel(self, fake: FakeAssemblyAI,
+                                                tmp_path: Path) -> None:
+        """After an ~8 s outage a live and a replay session overlap; records catch up fast."""
+        result = await outage(fake, tmp_path)
+        [finished] = result.events("stream.replay_finished")
+        # one session replaying ~8 s of continuous sentences needed several times the backlog
+        assert finished["catch_up_s"] <= finished["replay_s"] + 1
+        assert finished["held_turns"] >= 1
+        live, replay = fake.sessions[1], fake.sessions[2]
+        assert live.began_at is not None and replay.began_at is not None
+        assert span(replay)[0] < span(live)[1] and span(live)[0] < span(replay)[1]
+        lanes = [e["lane"] for e in result.events("session.began")]
+        assert lanes == ["live", "live", "replay"]
+        times = [(t["started_at"], t["ended_at"]) for t in read_turns(tmp_path / "turns.jsonl")]
+        assert times == sorted(times)
+
+    async def test_replay_session_dropped(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """The replay session drops mid-replay: another replays the rest; every word once."""
+        def arm(fake: FakeAssemblyAI) -> None:
+            no_fault(fake)                            # the live session
+            fake.faults.drop_after_audio_ms(3000)     # the replay session
+
+        result = await outage(fake, tmp_path, arm)
+        assert [e["lane"] for e in result.events("stream.reconnecting")][-1] == "replay"
+        assert fake.sessions[2].closed_by == "abort"
+
+    async def test_live_session_dropped_during_replay(self, fake: FakeAssemblyAI,
+                                                      tmp_path: Path) -> None:
+        """The live session drops while the replay runs: it resumes after its turns."""
+        def arm(fake: FakeAssemblyAI) -> None:
+            fake.faults.drop_after_audio_ms(1000)     # the live session
+            no_fault(fake)                            # the replay session
+
+        result = await outage(fake, tmp_path, arm)
+        events = [e["event"] for e in result.logs()]
+        reconnect = max(i for i, e in enumerate(result.logs())
+                        if e.get("event") == "stream.reconnecting")
+        assert reconnect < events.index("stream.replay_finished")
+        assert result.logs()[reconnect]["lane"] == "live"
+        assert fake.sessions[1].closed_by == "abort"
+
+    async def test_sigterm_during_replay(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """SIGTERM while the replay runs: both sessions drain; what was said arrives once."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+        daemon = await Daemon.start("run", "--config", str(config))
+        async with asyncio.timeout(40):
+            first = await fake.wait_for_session(0)
+            await first.wait_for(lambda s: s.audio_ms >= 2500)
+            fake.faults.token_status = [429] * 8
+            first.abort()
+            replay = await fake.wait_for_session(2)
+            await replay.wait_for(lambda s: s.audio_ms >= 2000)
+        daemon.signal()
+        result = await daemon.finish(30)
+        assert result.code == 0, result.stderr[-3000:]
+        got, expected = delivered(tmp_path), words(TRANSCRIPTS[FIVE])
+        assert got == expected[: len(got)]
+        assert len(got) >= len(words(TRANSCRIPTS[S1] + " " + TRANSCRIPTS[S2]))
+        assert result.events("stream.replay_finished")
+        assert [s.close_code for s in fake.sessions[1:3]] == [1000, 1000]
+        assert all('"Terminate"' in "".join(s.texts) for s in fake.sessions[1:3])

@@ -104,3 +104,38 @@ class TestLedger:
             ledger.append(AudioChunk(bytes(3200), 100.0 + i * 0.1))
         assert ledger.seconds_held() <= 0.5
         assert ledger.dropped_samples > 0
+
+
+class TestCatchUpSplit:
+    @staticmethod
+    def ledger(pattern: str) -> Ledger:
+        """One 100 ms chunk per character: '#' speech (a loud square wave), '.' silence."""
+        from daemon.events import AudioChunk
+
+        loud = (b"\x00\x40" + b"\x00\xc0") * 800
+        ledger = Ledger(16000, backlog_seconds=60)
+        for i, c in enumerate(pattern):
+            ledger.append(AudioChunk(loud if c == "#" else bytes(3200), 100.0 + i * 0.1))
+        return ledger
+
+    def test_newest_flanked_silence(self) -> None:
+        """The split is the newest silent chunk with silence on both sides, not too near head."""
+        from daemon.catchup import find_split
+
+        ledger = self.ledger("#" * 12 + "...." + "#" * 10 + "." + "#" * 10 + "..." + "##")
+        assert find_split(ledger, 200.0) == 1600 * 38      # the middle chunk of the last '...'
+        assert find_split(self.ledger("#" * 40), 200.0) is None
+        assert find_split(self.ledger("..." + "#" * 40), 200.0) is None   # within 1 s of head
+        single = self.ledger("#" * 20 + "." + "#" * 5)
+        assert find_split(single, 200.0) == 1600 * 20 + 800
+
+    def test_finish_covers_split_then_live_turns(self) -> None:
+        """Ending a catch-up covers up to the split, then the live session's noted cover."""
+        from daemon.catchup import CatchUp
+
+        ledger = self.ledger("#" * 50)
+        catch_up = CatchUp(split=16000 * 3, head=0, end=16000 * 5, sample_rate=16000)
+        catch_up.cover_live(16000 * 4)
+        catch_up.cover_live(16000 * 2)                      # an older cover changes nothing
+        assert catch_up.live_start() == 16000 * 4 and ledger.head == 0
+        assert catch_up.finish(ledger) == [] and ledger.head == 16000 * 4
