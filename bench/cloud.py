@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, busy_cpu_s, machine, now, process_cpu_s, save, spread
+from common import REPO, busy_cpu_s, machine, now, process_cpu_s, revision, save, spread
 
 SPEECH = REPO / "tests" / "data" / "speech"
 RATE = 16000
@@ -231,7 +231,7 @@ def main() -> None:
                         print(json.dumps(run), file=sys.stderr, flush=True)
         finally:
             fake.close()
-    result = {"date": started, "finished": now(), "machine": machine(),
+    result = {"date": started, "finished": now(), "machine": machine(), "revision": revision(),
               "command": f".venv/bin/python bench/cloud.py --reps {args.reps}",
               "long_audio_s": long_s, "short_audio_s": short_s,
               "summary": summarise(runs, short_s, long_s), "runs": runs}

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,16 @@ def machine() -> str:
                platform.processor())
     return (f"{len(os.sched_getaffinity(0))} cores ({cpu}), Python {platform.python_version()}, "
             f"Linux {platform.release()}")
+
+
+def revision() -> str:
+    """The commit measured, with the files under daemon/ and plugins/ that differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "daemon", "plugins"],
+                           capture_output=True, text=True, cwd=REPO).stdout.split("\n")
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    return f"{head} + uncommitted {', '.join(changed)}" if changed else head
 
 
 def now() -> str:

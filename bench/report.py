@@ -66,7 +66,8 @@ def cloud_section(data: dict[str, Any]) -> str:
     reps = d["cpu_long_s"]["n"]
     lines = [
         CLOUD, "",
-        f"Machine: {data['machine']}. Date: {data['date']} - {data['finished']}.",
+        f"Machine: {data['machine']}. Date: {data['date']} - {data['finished']}. "
+        f"Code: {data.get('revision', '?')}.",
         f"Command: `{data['command']}`. Other load on the machine while measuring: "
         f"{rng(s['other_cores'], '.2f')} cores (median, min-max over the runs).", "",
         f"Same job for both: a {data['long_audio_s']:.1f} s WAV (all of `tests/data/speech/`, "
@@ -120,7 +121,8 @@ def cloud_section(data: dict[str, Any]) -> str:
 def sinks_section(data: dict[str, Any]) -> str:
     lines = [
         SINKS, "",
-        f"Machine: {data['machine']}. Date: {data['date']}. Command: `{data['command']}`.", "",
+        f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
+        f"Command: `{data['command']}`.", "",
         "What is measured: in one process, the daemon's real `Dispatcher`, queues (in memory "
         "for `file`; the SQLite outbox for `mqtt` and `webhook`, built by `SinkBuilder` as the "
         "daemon builds them) and built-in sinks, against a real mosquitto on 127.0.0.1 and an "
@@ -149,7 +151,8 @@ def sinks_section(data: dict[str, Any]) -> str:
 def startup_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
     lines = [
         STARTUP, "",
-        f"Machine: {data['machine']}. Date: {data['date']}. Command: `{data['command']}` "
+        f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
+        f"Command: `{data['command']}` "
         f"(timed with {data['tool']}; 3 warm-up runs, page cache warm).", "",
         "| command | median | min | p90 | max | target | | machine busy |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

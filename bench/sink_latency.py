@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import structlog
-from common import REPO, busy_cpu_s, machine, now, percentile, save
+from common import REPO, busy_cpu_s, machine, now, percentile, revision, save
 
 from daemon.dispatch import Delivery, Dispatcher, SinkQueue, validate_sinks
 from daemon.events import TurnRecord, Word
@@ -233,7 +233,7 @@ def main() -> None:
         return
     started = now()
     results = measure_all(args.turns)
-    print(save("sinks", {"date": started, "machine": machine(),
+    print(save("sinks", {"date": started, "machine": machine(), "revision": revision(),
                          "command": f".venv/bin/python bench/sink_latency.py --turns {args.turns}",
                          "turns": args.turns, "gap_ms": GAP_S * 1000, "sinks": results}))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, busy_cpu_s, machine, now, percentile, save
+from common import REPO, busy_cpu_s, machine, now, percentile, revision, save
 
 COMMANDS = {
     "transcribed --version": f"{REPO}/.venv/bin/transcribed --version",
@@ -72,7 +72,8 @@ def main() -> None:
             "p90_ms": percentile(times, 0.9) * 1000, "max_ms": max(times) * 1000,
             "machine_busy_cores": (busy_cpu_s() - busy) / (time.monotonic() - wall),
         }
-    print(save("startup", {"date": started, "machine": machine(), "tool": tool,
+    print(save("startup", {"date": started, "machine": machine(), "revision": revision(),
+                           "tool": tool,
                            "command": f".venv/bin/python bench/startup.py --runs {args.runs}",
                            "results": results}))
 

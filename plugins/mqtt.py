@@ -17,9 +17,8 @@ import ssl
 import string
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
-import aiomqtt
 import structlog
 from pydantic import (
     ConfigDict,
@@ -34,6 +33,9 @@ from daemon.config import read_secret_file
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+
+if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
+    import aiomqtt
 
 log = structlog.get_logger("plugins.mqtt")
 
@@ -151,6 +153,8 @@ class MqttSink:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         """Publish ``offline`` if connected, then disconnect cleanly (no last will)."""
+        import aiomqtt
+
         client = self._client
         if client is not None and self._connected.is_set() and self.availability:
             with contextlib.suppress(aiomqtt.MqttError):
@@ -168,6 +172,8 @@ class MqttSink:
 
     async def send(self, record: TurnRecord) -> None:
         """Publish one turn; raise ``SinkError`` when not connected or the publish fails."""
+        import aiomqtt
+
         client = await self._ready_client()
         topic = self.config.topic.format(host=record.host, session_id=record.session_id)
         try:
@@ -190,6 +196,8 @@ class MqttSink:
 
     async def _maintain(self) -> None:
         """Connect, announce, watch; on loss reconnect with backoff (reset on success)."""
+        import aiomqtt
+
         delay = RECONNECT_INITIAL_S
         failing = False
         while True:
@@ -225,6 +233,8 @@ class MqttSink:
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
 
     def _new_client(self) -> aiomqtt.Client:
+        import aiomqtt
+
         cfg = self.config
         will = None
         if self.availability:
@@ -243,6 +253,8 @@ class MqttSink:
 
 def _describe(exc: aiomqtt.MqttError) -> str:
     """One line about a connection failure, with a hint when credentials were refused."""
+    import aiomqtt
+
     text = str(exc) or type(exc).__name__
     if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
         text = f"{text}: {exc.__cause__}"
