@@ -123,6 +123,7 @@ class AssemblyAIEngine:
         self.senders = 0                 # sessions currently sending audio
         self.catch_up: CatchUp | None = None
         self._listener: EngineListener | None = None     # the caller's (replay sessions use it)
+        self._replaying: set[asyncio.Task[Outcome]] = set()   # replay sessions still running
         self._dropped_reported = 0
 
     @property
@@ -242,6 +243,8 @@ class AssemblyAIEngine:
         """The replay lane: send ``[head, split)`` in sessions of its own, then release."""
         assert self._listener is not None
         await self._lane(self._listener, group, catch_up.split)
+        if self._replaying:                     # a rolled-over one may still be draining
+            await asyncio.wait(self._replaying)
         self._finish_catch_up(self._listener)
 
     def _finish_catch_up(self, listener: EngineListener) -> None:
@@ -287,6 +290,9 @@ class AssemblyAIEngine:
         while True:
             running = group.create_task(session.run(self._start_for(session.stop)),
                                         name=f"session-{session.lane}")
+            if session.stop is not None:
+                self._replaying.add(running)
+                running.add_done_callback(self._replaying.discard)
             plan = rollover_plan(session.begin, session.began_wall, session.began_at)
             if plan is None:
                 return await running

@@ -156,9 +156,13 @@ def span(session: SessionRecord) -> tuple[float, float]:
 
 
 async def outage(fake: FakeAssemblyAI, tmp_path: Path,
-                 arm: Callable[[FakeAssemblyAI], None] | None = None) -> Finished:
+                 arm: Callable[[FakeAssemblyAI], None] | None = None,
+                 session_s: int | None = None) -> Finished:
     """Five sentences; at 2.5 s (mid-turn) the session drops and tokens fail for ~8 s."""
     config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+    if session_s is not None:
+        config.write_text(config.read_text().replace(
+            "[assemblyai]\n", f"[assemblyai]\nmax_session_seconds = {session_s}\n"))
     daemon = await Daemon.start("run", "--config", str(config))
     async with asyncio.timeout(30):
         first = await fake.wait_for_session(0)
@@ -217,6 +221,16 @@ class TestParallelCatchUp:
         assert reconnect < events.index("stream.replay_finished")
         assert result.logs()[reconnect]["lane"] == "live"
         assert fake.sessions[1].closed_by == "abort"
+
+    async def test_both_lanes_roll_over(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """With 10-second sessions the live and the replay lane both roll over mid-catch-up."""
+        result = await outage(fake, tmp_path, session_s=10)
+        logs = result.logs()
+        lanes = {e["session_id"]: e["lane"] for e in logs if e.get("event") == "session.began"}
+        done = next(i for i, e in enumerate(logs) if e.get("event") == "stream.replay_finished")
+        switched = {lanes[e["session_id"]] for e in logs[:done]
+                    if e.get("event") == "session.switched"}
+        assert switched == {"live", "replay"}
 
     async def test_sigterm_during_replay(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """SIGTERM while the replay runs: both sessions drain; what was said arrives once."""
