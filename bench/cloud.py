@@ -15,6 +15,8 @@ peak RSS come from ``wait4`` rusage. Runs alternate daemon, SDK, daemon, SDK, fo
 the measured process and the fake), in cores.
 
 Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 2.7 min per repetition)
+      add ``--daemon-tree DIR --name NAME`` to measure the daemon from another source tree (a
+      patched copy: it runs with ``PYTHONPATH=DIR``), results in ``bench/results/NAME.json``.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def config_loaded_at(log: Path) -> float | None:
     return None
 
 
-def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path) -> dict[str, Any]:
+def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path,
+             tree: Path | None = None) -> dict[str, Any]:
     """One measured run of ``kind`` ("daemon" or "sdk") over ``wav``."""
     out = work / f"{kind}-turns.jsonl"
     out.unlink(missing_ok=True)
@@ -161,7 +164,9 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     fake_cpu, busy = process_cpu_s(fake.info["pid"]), busy_cpu_s()
     with log.open("w") as err:
         spawned, started = time.time(), time.monotonic()
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        env = {**os.environ, "PYTHONPATH": str(tree)} if tree and kind == "daemon" else None
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                   env=env)
         _, status, usage = os.wait4(process.pid, 0)
     wall = time.monotonic() - started
     code = os.waitstatus_to_exitcode(status)
@@ -213,6 +218,8 @@ def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the A B A B block")
+    parser.add_argument("--daemon-tree", type=Path, help="run the daemon from this source tree")
+    parser.add_argument("--name", default="cloud", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-cloud-") as tmp:
         work = Path(tmp)
@@ -225,17 +232,21 @@ def main() -> None:
             for rep in range(args.reps):
                 for wav, audio_s in ((work / "long.wav", long_s), (work / "short.wav", short_s)):
                     for kind in ("daemon", "sdk"):
-                        run = run_once(kind, wav, audio_s, fake, work)
+                        run = run_once(kind, wav, audio_s, fake, work, args.daemon_tree)
                         run["rep"] = rep
                         runs.append(run)
                         print(json.dumps(run), file=sys.stderr, flush=True)
         finally:
             fake.close()
-    result = {"date": started, "finished": now(), "machine": machine(), "revision": revision(),
-              "command": f".venv/bin/python bench/cloud.py --reps {args.reps}",
+    result = {"date": started, "finished": now(), "machine": machine(),
+              "revision": revision() + (f", daemon from {args.daemon_tree}" if args.daemon_tree
+                                        else ""),
+              "command": f".venv/bin/python bench/cloud.py --reps {args.reps}"
+              + (f" --daemon-tree {args.daemon_tree} --name {args.name}" if args.daemon_tree
+                 else ""),
               "long_audio_s": long_s, "short_audio_s": short_s,
               "summary": summarise(runs, short_s, long_s), "runs": runs}
-    print(save("cloud", result))
+    print(save(args.name, result))
 
 
 if __name__ == "__main__":
