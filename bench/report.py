@@ -45,10 +45,10 @@ def load(name: str) -> dict[str, Any] | None:
 
 
 def verdict(value: float, limit: float) -> str:
-    """``pass``, or ``missed by X %``."""
+    """``pass``, or ``missed: N x the limit``."""
     if value <= limit:
         return "pass"
-    return f"**missed** by {(value / limit - 1) * 100:.0f} %"
+    return f"**missed**: {value / limit:.2f} x the limit"
 
 
 def rng(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:
@@ -85,9 +85,9 @@ def cloud_section(data: dict[str, Any]) -> str:
         "| measure | transcribed | SDK | target | |",
         "| --- | --- | --- | --- | --- |",
         f"| steady CPU per audio minute | {rng(d['steady_cpu_s_per_audio_min'], '.3f')} s | "
-        f"{rng(k['steady_cpu_s_per_audio_min'], '.3f')} s | ≤ 0.5 x SDK "
-        f"({0.5 * k_rate:.3f} s) and ≤ 0.6 s | "
-        f"{verdict(d_rate, min(0.6, 0.5 * k_rate))} (ratio {d_rate / k_rate:.2f}) |",
+        f"{rng(k['steady_cpu_s_per_audio_min'], '.3f')} s | ≤ 0.6 s | {verdict(d_rate, 0.6)} |",
+        f"| steady CPU, transcribed / SDK | {d_rate / k_rate:.2f} | | ≤ 0.5 | "
+        f"{verdict(d_rate / k_rate, 0.5)} |",
         f"| start-up CPU (intercept) | {rng(d['startup_cpu_s'], '.2f')} s | "
         f"{rng(k['startup_cpu_s'], '.2f')} s | | |",
         f"| start-up wall: spawn → first audio frame at the service | "
@@ -105,6 +105,9 @@ def cloud_section(data: dict[str, Any]) -> str:
         f"{d['turns_written_long']['median']:.0f} / {d['finals_sent_long']['median']:.0f} | "
         f"{k['turns_written_long']['median']:.0f} / {k['finals_sent_long']['median']:.0f} "
         "| equal | |", "",
+        "The fake recognises each reference sentence once per session, so the five single "
+        "sentences repeated at the end of the WAV give no new turns: 9 turns for both clients.",
+        "",
         "Every run (`bench/results/cloud.json` has all fields):", "",
         "| rep | client | audio | CPU | peak RSS | spawn → first frame | other load |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -136,7 +139,8 @@ def sinks_section(data: dict[str, Any]) -> str:
         "sink after 20 warm-up turns; the record is a 12-word turn (~1 KB of JSON). Reading the "
         "`Turn` frame and assembling the record happen before this clock starts (they are part "
         "of the CPU figures above).", "",
-        "| sink | p50 | p90 | p99 | max | + outbox delete, p99 | target p99 | | machine busy |",
+        "| sink | p50 | p90 | p99 | max | + outbox delete, p99 | target p99 | "
+        "| machine busy (incl. this) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in data["sinks"].items():
@@ -154,7 +158,7 @@ def startup_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
         f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
         f"Command: `{data['command']}` "
         f"(timed with {data['tool']}; 3 warm-up runs, page cache warm).", "",
-        "| command | median | min | p90 | max | target | | machine busy |",
+        "| command | median | min | p90 | max | target | | machine busy (incl. this) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, r in data["results"].items():
