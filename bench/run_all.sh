@@ -16,6 +16,7 @@ PY=.venv/bin/python
 $PY bench/startup.py --runs "${STARTUP_RUNS:-50}"
 $PY bench/sink_latency.py --turns "${TURNS:-1000}"
 $PY bench/cloud.py --reps "${REPS:-3}"
+$PY bench/floor.py --seconds 30
 if [[ "${1:-}" == "--all" ]]; then
     $PY bench/local_engine.py --write
     $PY bench/lossless.py | tee bench/results/lossless.json
