@@ -17,10 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
-import pyaudio
 import structlog
+
+if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
+    import pyaudio
 
 from daemon.devices import (
     DeviceInfo,
@@ -48,6 +50,9 @@ __all__ = [
 
 log = structlog.get_logger("daemon.audio")
 
+_PA_INT16: Final = 8      # pyaudio.paInt16
+_PA_CONTINUE: Final = 0   # pyaudio.paContinue
+_PA_COMPLETE: Final = 1   # pyaudio.paComplete
 _READ_SECONDS: Final = 1.0  # WAV decode block
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than this is stuck
@@ -162,10 +167,8 @@ class WavFileSource:
     async def _wait_until(self, deadline: float) -> bool:
         """Sleep until ``deadline`` (loop time); return False if stopped meanwhile."""
         delay = deadline - asyncio.get_running_loop().time()
-        if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stopped.wait()
+        if delay > 0 and not self._stopped.is_set():
+            await asyncio.sleep(delay)
         return not self._stopped.is_set()
 
     def _require_open(self) -> WavReader:
@@ -231,8 +234,8 @@ class CaptureBridge:
         try:
             self._loop.call_soon_threadsafe(self._offer, data or b"", captured_at)
         except RuntimeError:  # the loop has closed: end the stream instead of raising in C
-            return None, pyaudio.paComplete
-        return None, pyaudio.paContinue
+            return None, _PA_COMPLETE
+        return None, _PA_CONTINUE
 
     def _offer(self, data: bytes, captured_at: float) -> None:
         """On the loop: convert, re-chunk and queue, dropping the oldest chunk when full."""
@@ -480,7 +483,7 @@ class MicrophoneSource:
                         rate,
                         input_device=info.index,
                         input_channels=channels,
-                        input_format=pyaudio.paInt16,
+                        input_format=_PA_INT16,
                     ):
                         return info, PcmFormat(rate, channels, 2)
         raise AudioError(
@@ -496,7 +499,7 @@ class MicrophoneSource:
             return pa.open(
                 rate=fmt.rate,
                 channels=fmt.channels,
-                format=pyaudio.paInt16,
+                format=_PA_INT16,
                 input=True,
                 input_device_index=info.index,
                 frames_per_buffer=fmt.rate * self.chunk_ms // 1000,

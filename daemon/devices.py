@@ -8,10 +8,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-import pyaudio
+from typing import TYPE_CHECKING
 
 from daemon.errors import AudioError
+
+if TYPE_CHECKING:  # PortAudio loads only when a device is opened or listed
+    import pyaudio
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,8 @@ def stderr_silenced() -> Iterator[None]:
 
 def new_pyaudio() -> pyaudio.PyAudio:
     """Initialise PortAudio (blocking, ~100 ms) without its stderr noise."""
+    import pyaudio
+
     with stderr_silenced():
         return pyaudio.PyAudio()
 

@@ -15,8 +15,6 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from daemon.events import AudioChunk
 
 
@@ -134,23 +132,31 @@ def rms(pcm: bytes) -> float:
     """Root-mean-square level of 16-bit PCM."""
     if len(pcm) < 2:
         return 0.0
+    import numpy as np  # only while catching up or switching sessions: keeps numpy out of RSS
+
     samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
     return float(np.sqrt(np.mean(samples * samples)))
 
 
 @dataclass
 class Timeline:
-    """Maps one session's audio offsets to ledger positions and wall-clock times."""
+    """Maps one session's audio offsets to ledger positions and wall-clock times.
+
+    Keeps only where each sent piece came from (not its audio), so a 3-hour session costs a few
+    MB, not the 345 MB its audio would.
+    """
 
     sample_rate: int
     _session_starts: list[int] = field(default_factory=list)  # session sample of each piece
-    _pieces: list[Piece] = field(default_factory=list)
+    _starts: list[int] = field(default_factory=list)  # absolute position of each piece
+    _captured: list[float] = field(default_factory=list)  # wall-clock capture time of each
     sent_samples: int = 0
 
     def add(self, piece: Piece) -> None:
         """Record that ``piece`` was sent as the session's next audio."""
         self._session_starts.append(self.sent_samples)
-        self._pieces.append(piece)
+        self._starts.append(piece.start)
+        self._captured.append(piece.captured_at)
         self.sent_samples += piece.samples
 
     @property
@@ -160,14 +166,17 @@ class Timeline:
 
     def locate(self, session_ms: int) -> tuple[int, float] | None:
         """(absolute position, wall-clock time) of a session offset, or None before any audio."""
-        if not self._pieces:
+        if not self._starts:
             return None
         sample = max(0, session_ms * self.sample_rate // 1000)
         index = max(0, bisect.bisect_right(self._session_starts, sample) - 1)
-        piece = self._pieces[index]
-        within = min(sample - self._session_starts[index], piece.samples)
-        return piece.start + within, piece.captured_at + within / self.sample_rate
+        following = self._session_starts[index + 1] if index + 1 < len(self._starts) \
+            else self.sent_samples
+        within = min(sample - self._session_starts[index], following - self._session_starts[index])
+        return self._starts[index] + within, self._captured[index] + within / self.sample_rate
 
     def last_position(self) -> int | None:
         """Absolute position one past the last sent audio."""
-        return self._pieces[-1].end if self._pieces else None
+        if not self._starts:
+            return None
+        return self._starts[-1] + self.sent_samples - self._session_starts[-1]

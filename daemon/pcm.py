@@ -12,11 +12,7 @@ import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Final
-
-import numpy as np
-import numpy.typing as npt
-import soxr
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from daemon.errors import AudioError
 from daemon.events import AudioChunk
@@ -25,7 +21,11 @@ _FORMAT_PCM: Final = 0x0001
 _FORMAT_FLOAT: Final = 0x0003
 _FORMAT_EXTENSIBLE: Final = 0xFFFE
 
-FloatArray = npt.NDArray[np.float32]
+if TYPE_CHECKING:  # numpy and soxr load only when a conversion is needed
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,8 @@ class PcmFormat:
 
 def _to_float(data: bytes, fmt: PcmFormat) -> FloatArray:
     """Decode interleaved PCM (whole frames only) and downmix it to mono float32."""
+    import numpy as np
+
     usable = len(data) - len(data) % (fmt.width * fmt.channels)
     raw = data[:usable]
     if fmt.is_float:
@@ -61,6 +63,8 @@ def _to_float(data: bytes, fmt: PcmFormat) -> FloatArray:
 
 def _to_int16(samples: FloatArray) -> bytes:
     """Encode float samples as 16-bit little-endian PCM, clipping out-of-range values."""
+    import numpy as np
+
     return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
@@ -77,6 +81,8 @@ class Converter:
         )
         self._resampler: Any = None
         if fmt.rate != out_rate:
+            import soxr
+
             self._resampler = soxr.ResampleStream(fmt.rate, out_rate, 1, dtype="float32")
 
     def convert(self, data: bytes, *, last: bool = False) -> bytes:

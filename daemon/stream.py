@@ -339,6 +339,7 @@ class AssemblyAIEngine:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 ws = await connect(url, open_timeout=None, close_timeout=2, max_size=2**20,
+                                   compression=None,  # PCM barely compresses; deflate cost 20 % CPU
                                    user_agent_header=f"transcribed/{__version__}")
                 first = await ws.recv()
         except InvalidStatus as exc:
