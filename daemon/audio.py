@@ -1,9 +1,10 @@
-"""Audio sources: the microphone (pyaudio in callback mode) and WAV files, plus device listing.
+"""Audio sources: the microphone (pyaudio in callback mode) here, WAV files in ``filesource``.
 
 Both implement :class:`daemon.audio_base.AudioSource`: they yield exact ``chunk_ms`` chunks of
 16-bit mono PCM at ``sample_rate``, whatever the device or file delivers (any rate, width or
 channel count is downmixed, resampled with soxr and re-chunked: see :mod:`daemon.pcm`).
-Device listing and selection live in :mod:`daemon.devices` and are re-exported here.
+Device listing and selection live in :mod:`daemon.devices`; they and ``WavFileSource`` are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -34,8 +33,9 @@ from daemon.devices import (
 )
 from daemon.errors import AudioError
 from daemon.events import AudioChunk, SourceName
+from daemon.filesource import WavFileSource
 from daemon.health import Heartbeat
-from daemon.pcm import Converter, PcmFormat, Rechunker, WavReader, open_wav
+from daemon.pcm import Converter, PcmFormat, Rechunker
 
 __all__ = [
     "CaptureBridge",
@@ -53,7 +53,6 @@ log = structlog.get_logger("daemon.audio")
 _PA_INT16: Final = 8      # pyaudio.paInt16
 _PA_CONTINUE: Final = 0   # pyaudio.paContinue
 _PA_COMPLETE: Final = 1   # pyaudio.paComplete
-_READ_SECONDS: Final = 1.0  # WAV decode block
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than this is stuck
 REOPEN_INITIAL_S: Final = 0.5  # device recovery backoff: first delay after an immediate retry…
@@ -69,115 +68,6 @@ def reopen_delays(initial: float = REOPEN_INITIAL_S, maximum: float = REOPEN_MAX
     while True:
         yield random.uniform(delay / 2, delay)
         delay = min(delay * 2, maximum)
-
-
-class WavFileSource:
-    """Streams a WAV file as exact chunks, at real-time pace or as fast as it is consumed.
-
-    Args:
-        path: any PCM (8/16/24/32-bit) or float WAV, any rate and channel count.
-        sample_rate: output rate in Hz.
-        chunk_ms: output chunk length; the last chunk is padded with silence to full length.
-        realtime: deliver each chunk when it would have been captured live.
-        clock: wall clock (POSIX seconds) used for ``captured_at``.
-    """
-
-    name: SourceName = "file"
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        sample_rate: int = 16000,
-        chunk_ms: int = 100,
-        realtime: bool = True,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = Path(path)
-        self.sample_rate = sample_rate
-        self.chunk_ms = chunk_ms
-        self.realtime = realtime
-        self._clock = clock
-        self._reader: WavReader | None = None
-        self._stopped = asyncio.Event()
-
-    @property
-    def dropped_chunks(self) -> int:
-        """Always 0: a file is read no faster than it is consumed."""
-        return 0
-
-    @property
-    def duration(self) -> float:
-        """Length of the file's audio in seconds (after ``__aenter__``)."""
-        reader = self._require_open()
-        return reader.frames / reader.fmt.rate
-
-    async def __aenter__(self) -> Self:
-        self._reader = await asyncio.to_thread(open_wav, self.path)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await asyncio.to_thread(reader.close)
-
-    def stop(self) -> None:
-        """End ``chunks()`` promptly (at most one chunk later)."""
-        self._stopped.set()
-
-    async def chunks(self) -> AsyncIterator[AudioChunk]:
-        """Yield the file's audio as exact chunks, then end."""
-        loop = asyncio.get_running_loop()
-        start_wall, start_loop = self._clock(), loop.time()
-        emitted = 0
-        async for chunk in self._converted(start_wall):
-            if self.realtime and not await self._wait_until(
-                start_loop + (emitted + 1) * self.chunk_ms / 1000
-            ):
-                return
-            if self._stopped.is_set():
-                return
-            yield chunk
-            emitted += 1
-
-    async def _converted(self, start_wall: float) -> AsyncIterator[AudioChunk]:
-        """Decode, convert and re-chunk the file block by block, off the event loop."""
-        reader = self._require_open()
-        converter = Converter(reader.fmt, self.sample_rate)
-        rechunker = Rechunker(self.sample_rate, self.chunk_ms)
-        block, produced = max(1, int(reader.fmt.rate * _READ_SECONDS)), 0
-        while not self._stopped.is_set():
-            data = await asyncio.to_thread(reader.read, block)
-            last = len(data) < block * reader.fmt.width * reader.fmt.channels
-            pcm = await asyncio.to_thread(converter.convert, data, last=last)
-            for chunk in rechunker.push(pcm, start_wall + produced / self.sample_rate):
-                yield chunk
-            produced += len(pcm) // 2
-            if last:
-                break
-        tail = rechunker.flush()
-        if tail is not None and not self._stopped.is_set():
-            yield tail
-
-    async def _wait_until(self, deadline: float) -> bool:
-        """Sleep until ``deadline`` (loop time); return False if stopped meanwhile."""
-        delay = deadline - asyncio.get_running_loop().time()
-        if delay > 0 and not self._stopped.is_set():
-            await asyncio.sleep(delay)
-        return not self._stopped.is_set()
-
-    def _require_open(self) -> WavReader:
-        if self._reader is None:
-            raise AudioError(f"audio file {self.path}: source used outside 'async with'")
-        return self._reader
-
-
-# --------------------------------------------------------------------------- microphone
 
 
 def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
