@@ -315,6 +315,8 @@ _SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
 def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, SecretStr):
         return MASK if value.get_secret_value() else ""
+    if key == "headers" and isinstance(value, dict):
+        return {k: MASK for k in value}       # header values are often credentials
     if isinstance(value, dict):
         return {k: _mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -323,8 +325,6 @@ def _mask(value: Any, key: str = "") -> Any:
         return [_mask(v) for v in value]
     if key in _SECRET_KEYS and value:
         return MASK
-    if key == "headers" and isinstance(value, dict):
-        return {k: MASK for k in value}
     return value
 
 

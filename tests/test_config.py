@@ -118,10 +118,13 @@ class TestCheckConfigCommand:
     def test_valid_config_printed_masked(self, tmp_path: Path) -> None:
         """check-config exits 0 and prints the effective config with secrets masked."""
         path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
-                     '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n')
+                     '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n'
+                     '[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/h"\n'
+                     'headers = { Authorization = "Bearer hdr-secret-42" }\n')
         result = self.run("check-config", "--config", str(path))
         assert result.returncode == 0, result.stderr
         assert "sk-live-abcdef" not in result.stdout + result.stderr
+        assert "hdr-secret-42" not in result.stdout + result.stderr
         assert 'api_key = "********"' in result.stdout
         assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
 
