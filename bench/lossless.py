@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,8 @@ from structlog.testing import capture_logs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import machine  # noqa: E402
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig  # noqa: E402
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord  # noqa: E402
@@ -194,15 +195,6 @@ def _caught_up(logs: list[MutableMapping[str, Any]]) -> bool:
     if "stream.catch_up_started" in events:
         return "stream.replay_finished" in events
     return "stream.caught_up" in events
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor())
-    import os
-
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 async def main() -> None:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -23,6 +22,7 @@ import structlog
 if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
     import pyaudio
 
+from daemon.backoff import backoff
 from daemon.devices import (
     DeviceInfo,
     format_devices,
@@ -58,16 +58,6 @@ OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than t
 REOPEN_INITIAL_S: Final = 0.5  # device recovery backoff: first delay after an immediate retry…
 REOPEN_MAX_S: Final = 30.0  # …doubling up to this
 GAP_LOG_S: Final = 0.5  # a jump in capture time bigger than this is logged as a gap
-
-
-def reopen_delays(initial: float = REOPEN_INITIAL_S, maximum: float = REOPEN_MAX_S
-                  ) -> Iterator[float]:
-    """Device reopen delays: immediate, then exponential with jitter, capped."""
-    yield 0.0
-    delay = initial
-    while True:
-        yield random.uniform(delay / 2, delay)
-        delay = min(delay * 2, maximum)
 
 
 def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
@@ -302,7 +292,7 @@ class MicrophoneSource:
             self._lost_at = self._last_end if self._last_end is not None else time.time()
         log.warning("audio.device_lost", error=str(error), device=self.device or "default")
         try:
-            for attempt, delay in enumerate(reopen_delays(), start=1):
+            for attempt, delay in enumerate(backoff(REOPEN_INITIAL_S, REOPEN_MAX_S), start=1):
                 self.heartbeat.beat(delay + OPEN_LIMIT_S)
                 if await self._stopped_within(delay):
                     return

@@ -20,7 +20,6 @@ at a silence close to live and replays the older backlog in a second session, ea
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from daemon import __version__
+from daemon.backoff import backoff
 from daemon.catchup import SPLIT_AFTER_S, CatchUp, HoldingListener, find_split
 from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.engine import EngineListener
@@ -53,15 +53,6 @@ log = structlog.get_logger("daemon.stream")
 
 ROLLOVER_MIN_S: Final = 3.0         # the smallest rollover margin (short test sessions)
 ROLLOVER_MAX_S: Final = 120.0       # the largest (3-hour sessions)
-
-
-def backoff(initial: float, maximum: float) -> Iterator[float]:
-    """Reconnect delays: immediate first, then exponential with full jitter, capped."""
-    yield 0.0
-    delay = initial
-    while True:
-        yield random.uniform(delay / 2, delay)
-        delay = min(delay * 2, maximum)
 
 
 @dataclass(frozen=True)
