@@ -21,6 +21,7 @@ from daemon.notify import Notifier
 log = structlog.get_logger("daemon.health")
 
 STATUS_MIN_INTERVAL_S = 1.0  # at most one STATUS= per second
+IDLE_POLL_S = 5.0  # with no change signalled, look again this often (backlog, stuck components)
 EXTEND_EVERY_S = 10.0  # while starting and healthy, extend the start timeout this often…
 EXTEND_BY_S = 30.0  # …by this much
 
@@ -153,13 +154,13 @@ class Reporter:
         """Send STATUS= if it changed and the rate limit allows; returns when to look again."""
         text = self._status()
         if text == self._last_status:
-            return 1.0
+            return IDLE_POLL_S
         since = time.monotonic() - self._status_at
         if since < STATUS_MIN_INTERVAL_S:
             return STATUS_MIN_INTERVAL_S - since
         self.notifier.status(text)
         self._last_status, self._status_at = text, time.monotonic()
-        return 1.0
+        return IDLE_POLL_S
 
     def reloading(self) -> None:
         """A reload begins (``RELOADING=1``) — only once READY, as systemd expects."""

@@ -52,6 +52,7 @@ CATCH_UP_AFTER_S: Final = 0.4      # skip silence while this far behind live (>=
 LIVE_S: Final = 0.5                 # this close to live counts as caught up
 HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
 COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
+PACE_SLACK_S: Final = 0.05          # timer jitter tolerated before pacing sleeps (service: 0.3 s)
 
 
 @dataclass
@@ -243,12 +244,17 @@ class StreamSession:
         return position >= stop
 
     async def _pace(self) -> None:
-        """Never let the session's audio run ahead of the time since its first send."""
+        """Never let the session's audio run ahead of the time since its first send.
+
+        A live chunk that is a millisecond "early" (timer jitter against the first send) goes
+        out at once: sleeping that millisecond cost a second wake-up per chunk, about a third of
+        the steady CPU (bench/cloud.py). Further ahead (a replay), it waits until it is not.
+        """
         now = time.monotonic()
         if self._first_send is None:
             self._first_send = now
         ahead = self.timeline.sent_seconds - (now - self._first_send)
-        if ahead > 0:
+        if ahead > PACE_SLACK_S:
             await asyncio.sleep(ahead)
 
     # -- receiving --------------------------------------------------------------------------
