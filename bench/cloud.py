@@ -1,20 +1,25 @@
 """Cloud path side by side: ``transcribed run`` vs the official SDK's asyncio client.
 
-Both stream the same WAV at real time in 100 ms chunks to the same fake v3 service (running in
-its own process, ``bench/fake_server.py``, so its CPU is not counted) and append every final
-turn to a JSONL file with fsync. Each run is a separate process; its CPU time (user + system) and
-peak RSS come from ``wait4`` rusage. Runs alternate daemon, SDK, daemon, SDK, for a long WAV
-(≥ 60 s) and a short one (the long one's first sentence group). Per repetition:
+A third client, ``bench/min_client.py`` (the smallest asyncio client that does the job), shows
+the floor both sit on. All three stream the same WAV at real time in 100 ms chunks to the same
+fake v3 service (running in its own process, ``bench/fake_server.py``, so its CPU is not
+counted) and append every final turn to a JSONL file with fsync. Each run is a separate
+process; its CPU time (user + system) and peak RSS come from ``wait4`` rusage. Runs alternate
+daemon, SDK, minimal, daemon, SDK, minimal, for a long WAV (≥ 60 s) and a short one (the long
+one's first sentence group). Per repetition:
 
 * steady CPU per audio minute = (CPU long - CPU short) / (audio long - audio short) x 60,
 * start-up CPU = CPU short - steady rate x audio short (the intercept),
+* in-run steady CPU (a cross-check with less noise: no start-up or shut-down in it): the
+  harness samples the child's thread CPU (``schedstat``, ns) every 0.2 s; the rate between
+  5 s after the first audio frame and 2 s before the end of the audio, long runs only,
 * start-up wall = process spawn → first audio frame at the fake,
 * config loaded → first frame (daemon: its ``config.loaded`` log line's timestamp).
 
 "Other load" is the CPU the rest of the machine used meanwhile (``/proc/stat`` busy time minus
 the measured process and the fake), in cores.
 
-Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 2.7 min per repetition)
+Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 3.7 min per repetition)
       add ``--daemon-tree DIR --name NAME`` to measure the daemon from another source tree (a
       patched copy: it runs with ``PYTHONPATH=DIR``), results in ``bench/results/NAME.json``.
 """
@@ -37,7 +42,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, busy_cpu_s, machine, now, process_cpu_s, revision, save, spread
+from common import (
+    REPO,
+    busy_cpu_s,
+    machine,
+    now,
+    process_cpu_s,
+    revision,
+    save,
+    spread,
+    task_cpu_s,
+)
 
 SPEECH = REPO / "tests" / "data" / "speech"
 RATE = 16000
@@ -46,7 +61,12 @@ LONG = ["beckett.wav", "espeak-five-sentences.wav", "espeak-s1.wav", "espeak-s2.
 SHORT = LONG[:1]
 PAUSE_S = 1.0
 PY = str(REPO / ".venv" / "bin" / "python")
+SAMPLE_S = 0.2          # in-run CPU sampling period
+WINDOW_SKIP_S = 5.0     # the in-run window starts this long after the first audio frame…
+WINDOW_END_S = 2.0      # …and ends this long before the audio does
 TRANSCRIBED = str(REPO / ".venv" / "bin" / "transcribed")
+CLIENTS = ("daemon", "sdk", "minimal")
+SCRIPTS = {"sdk": "sdk_client.py", "minimal": "min_client.py"}
 
 
 def build_wav(names: list[str], path: Path) -> float:
@@ -137,7 +157,7 @@ def command(kind: str, work: Path, fake: FakeService, wav: Path, out: Path) -> l
     if kind == "daemon":
         return [TRANSCRIBED, "run", "--config", str(daemon_config(work, fake, wav, out))]
     info = fake.info
-    return [PY, str(REPO / "bench" / "sdk_client.py"), "--wav", str(wav), "--out", str(out),
+    return [PY, str(REPO / "bench" / SCRIPTS[kind]), "--wav", str(wav), "--out", str(out),
             "--token-url", info["token_url"], "--api-host", info["api_host"],
             "--api-key", info["api_key"]]
 
@@ -154,9 +174,44 @@ def config_loaded_at(log: Path) -> float | None:
     return None
 
 
+class Samples:
+    """A child's CPU over time (wall clock, thread CPU seconds), and its exit status and rusage."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = []
+        self.status = 0
+        self.usage: Any = None
+
+    def cpu_at(self, when: float) -> float | None:
+        """The CPU used by ``when``, interpolated between the two samples around it."""
+        for (t0, c0), (t1, c1) in zip(self.points, self.points[1:], strict=False):
+            if t0 <= when <= t1:
+                return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c0
+        return None
+
+    def rate_per_min(self, start: float, end: float) -> float | None:
+        """CPU seconds per minute between two wall-clock times (None outside the samples)."""
+        a, b = self.cpu_at(start), self.cpu_at(end)
+        return None if a is None or b is None or end <= start else (b - a) / (end - start) * 60
+
+
+def sample_until_exit(pid: int) -> Samples:
+    """Sample ``pid``'s thread CPU every ``SAMPLE_S`` until it exits; reap it."""
+    samples = Samples()
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            samples.status, samples.usage = status, usage
+            return samples
+        cpu = task_cpu_s(pid)
+        if cpu is not None:
+            samples.points.append((time.time(), cpu))
+        time.sleep(SAMPLE_S)
+
+
 def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path,
              tree: Path | None = None) -> dict[str, Any]:
-    """One measured run of ``kind`` ("daemon" or "sdk") over ``wav``."""
+    """One measured run of ``kind`` (one of ``CLIENTS``) over ``wav``."""
     out = work / f"{kind}-turns.jsonl"
     out.unlink(missing_ok=True)
     log = work / f"{kind}.log"
@@ -167,7 +222,8 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
         env = {**os.environ, "PYTHONPATH": str(tree)} if tree and kind == "daemon" else None
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
                                    env=env)
-        _, status, usage = os.wait4(process.pid, 0)
+        samples = sample_until_exit(process.pid)
+        status, usage = samples.status, samples.usage
     wall = time.monotonic() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -178,8 +234,11 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     turns = len(out.read_text().splitlines()) if out.exists() else 0
     first = session["first_frame_wall"]
     loaded = config_loaded_at(log) if kind == "daemon" else None
+    window = samples.rate_per_min(first + WINDOW_SKIP_S, first + audio_s - WINDOW_END_S) \
+        if first and audio_s > 4 * WINDOW_SKIP_S else None
     return {
-        "kind": kind, "audio_s": audio_s, "cpu_s": ours, "user_s": usage.ru_utime,
+        "kind": kind, "audio_s": audio_s, "window_cpu_s_per_min": window, "cpu_s": ours,
+        "user_s": usage.ru_utime,
         "sys_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall,
         "spawn_to_first_frame_s": first - spawned if first else None,
         "config_to_first_frame_s": first - loaded if first and loaded else None,
@@ -191,15 +250,17 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
 def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float) -> dict[str, Any]:
     """Per client: steady CPU/min, start-up CPU and wall, peak RSS, with spreads."""
     out: dict[str, Any] = {}
-    for kind in ("daemon", "sdk"):
+    for kind in CLIENTS:
         longs = [r for r in runs if r["kind"] == kind and r["audio_s"] == long_s]
         shorts = [r for r in runs if r["kind"] == kind and r["audio_s"] == short_s]
         rates = [(a["cpu_s"] - b["cpu_s"]) / (long_s - short_s) * 60
                  for a, b in zip(longs, shorts, strict=True)]
         startup = [b["cpu_s"] - rate * short_s / 60 for b, rate in zip(shorts, rates, strict=True)]
         everything = longs + shorts
+        windows = [r["window_cpu_s_per_min"] for r in longs if r.get("window_cpu_s_per_min")]
         out[kind] = {
             "steady_cpu_s_per_audio_min": spread(rates),
+            "window_cpu_s_per_min": spread(windows) if windows else None,
             "startup_cpu_s": spread(startup),
             "cpu_long_s": spread([r["cpu_s"] for r in longs]),
             "cpu_short_s": spread([r["cpu_s"] for r in shorts]),
@@ -231,7 +292,7 @@ def main() -> None:
         try:
             for rep in range(args.reps):
                 for wav, audio_s in ((work / "long.wav", long_s), (work / "short.wav", short_s)):
-                    for kind in ("daemon", "sdk"):
+                    for kind in CLIENTS:
                         run = run_once(kind, wav, audio_s, fake, work, args.daemon_tree)
                         run["rep"] = rep
                         runs.append(run)

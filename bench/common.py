@@ -15,6 +15,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TICK = os.sysconf("SC_CLK_TCK")
+CHUNK_S = 0.1  # the clients in the cloud benchmark send 100 ms chunks
 
 
 def machine() -> str:
@@ -58,6 +59,24 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def task_cpu_s(pid: int) -> float | None:
+    """CPU seconds of a live process's threads, in ns (``/proc/<pid>/task/*/schedstat``).
+
+    Finer than ``process_cpu_s`` (10 ms ticks); counts only threads alive now, so use it for
+    intervals while a process runs. None once the process is gone.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue                    # the thread ended meanwhile
+    except OSError:
+        return None
+    return total / 1e9
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min, max and n of a sample."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
@@ -77,3 +96,26 @@ def save(name: str, result: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+async def mint_token(token_url: str, api_key: str) -> str:
+    """A temporary token from the v3 token endpoint (what ``create_temporary_token`` does)."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        response = await http.get(token_url, headers={"Authorization": api_key},
+                                  params={"expires_in_seconds": 60,
+                                          "max_session_duration_seconds": 10800})
+        response.raise_for_status()
+        token: str = response.json()["token"]
+        return token
+
+
+def read_pcm(path: Path) -> bytes:
+    """The WAV's frames; it must already be 16 kHz mono 16-bit."""
+    import wave
+
+    with wave.open(str(path), "rb") as wav:
+        if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
+            raise SystemExit(f"{path}: expected a 16 kHz mono 16-bit WAV")
+        return wav.readframes(wav.getnframes())

@@ -20,11 +20,9 @@ import argparse
 import asyncio
 import os
 import sys
-import wave
 from pathlib import Path
 from typing import IO
 
-import httpx
 from assemblyai.streaming.v3 import (
     AsyncStreamingClient,
     StreamingClientOptions,
@@ -33,27 +31,7 @@ from assemblyai.streaming.v3 import (
     StreamingParameters,
     TurnEvent,
 )
-
-CHUNK_S = 0.1
-
-
-async def mint_token(token_url: str, api_key: str) -> str:
-    """A temporary token from the v3 token endpoint (what ``create_temporary_token`` does)."""
-    async with httpx.AsyncClient() as http:
-        response = await http.get(token_url, headers={"Authorization": api_key},
-                                  params={"expires_in_seconds": 60,
-                                          "max_session_duration_seconds": 10800})
-        response.raise_for_status()
-        token: str = response.json()["token"]
-        return token
-
-
-def read_pcm(path: Path) -> bytes:
-    """The WAV's frames; it must already be 16 kHz mono 16-bit."""
-    with wave.open(str(path), "rb") as wav:
-        if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
-            raise SystemExit(f"{path}: expected a 16 kHz mono 16-bit WAV")
-        return wav.readframes(wav.getnframes())
+from common import CHUNK_S, mint_token, read_pcm
 
 
 async def stream(args: argparse.Namespace) -> int:
