@@ -21,7 +21,10 @@ the measured process and the fake), in cores.
 
 Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 3.7 min per repetition)
       add ``--daemon-tree DIR --name NAME`` to measure the daemon from another source tree (a
-      patched copy: it runs with ``PYTHONPATH=DIR``), results in ``bench/results/NAME.json``.
+      patched copy: it runs with ``PYTHONPATH=DIR``), results in ``bench/results/NAME.json``;
+      ``--clients daemon,sdk,minimal,threaded`` picks the clients (``threaded``:
+      ``bench/threaded_client.py``, the minimal client on threads instead of an event loop) and
+      ``--long-only`` skips the short runs (then only the in-run steady CPU is computed).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ WINDOW_SKIP_S = 5.0     # the in-run window starts this long after the first aud
 WINDOW_END_S = 2.0      # …and ends this long before the audio does
 TRANSCRIBED = str(REPO / ".venv" / "bin" / "transcribed")
 CLIENTS = ("daemon", "sdk", "minimal")
-SCRIPTS = {"sdk": "sdk_client.py", "minimal": "min_client.py"}
+SCRIPTS = {"sdk": "sdk_client.py", "minimal": "min_client.py", "threaded": "threaded_client.py"}
 
 
 def build_wav(names: list[str], path: Path) -> float:
@@ -247,30 +250,35 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     }
 
 
-def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float) -> dict[str, Any]:
+def _spread(values: list[float]) -> dict[str, float] | None:
+    return spread(values) if values else None
+
+
+def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float,
+              clients: list[str]) -> dict[str, Any]:
     """Per client: steady CPU/min, start-up CPU and wall, peak RSS, with spreads."""
     out: dict[str, Any] = {}
-    for kind in CLIENTS:
+    for kind in clients:
         longs = [r for r in runs if r["kind"] == kind and r["audio_s"] == long_s]
         shorts = [r for r in runs if r["kind"] == kind and r["audio_s"] == short_s]
         rates = [(a["cpu_s"] - b["cpu_s"]) / (long_s - short_s) * 60
-                 for a, b in zip(longs, shorts, strict=True)]
+                 for a, b in zip(longs, shorts, strict=True)] if shorts else []
         startup = [b["cpu_s"] - rate * short_s / 60 for b, rate in zip(shorts, rates, strict=True)]
         everything = longs + shorts
         windows = [r["window_cpu_s_per_min"] for r in longs if r.get("window_cpu_s_per_min")]
         out[kind] = {
-            "steady_cpu_s_per_audio_min": spread(rates),
-            "window_cpu_s_per_min": spread(windows) if windows else None,
-            "startup_cpu_s": spread(startup),
-            "cpu_long_s": spread([r["cpu_s"] for r in longs]),
-            "cpu_short_s": spread([r["cpu_s"] for r in shorts]),
-            "spawn_to_first_frame_s": spread([r["spawn_to_first_frame_s"] for r in everything]),
-            "peak_rss_mb": spread([r["peak_rss_mb"] for r in longs]),
-            "turns_written_long": spread([r["turns_written"] for r in longs]),
-            "finals_sent_long": spread([r["finals_sent"] for r in longs]),
+            "steady_cpu_s_per_audio_min": _spread(rates),
+            "window_cpu_s_per_min": _spread(windows),
+            "startup_cpu_s": _spread(startup),
+            "cpu_long_s": _spread([r["cpu_s"] for r in longs]),
+            "cpu_short_s": _spread([r["cpu_s"] for r in shorts]),
+            "spawn_to_first_frame_s": _spread([r["spawn_to_first_frame_s"] for r in everything]),
+            "peak_rss_mb": _spread([r["peak_rss_mb"] for r in longs]),
+            "turns_written_long": _spread([r["turns_written"] for r in longs]),
+            "finals_sent_long": _spread([r["finals_sent"] for r in longs]),
         }
         if kind == "daemon":
-            out[kind]["config_to_first_frame_s"] = spread(
+            out[kind]["config_to_first_frame_s"] = _spread(
                 [r["config_to_first_frame_s"] for r in everything])
     out["other_cores"] = spread([r["other_cores"] for r in runs])
     return out
@@ -278,10 +286,18 @@ def summarise(runs: list[dict[str, Any]], short_s: float, long_s: float) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of the A B A B block")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the A B C block")
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help=f"comma-separated, from {', '.join((*CLIENTS, 'threaded'))}")
+    parser.add_argument("--long-only", action="store_true",
+                        help="skip the short runs (in-run steady CPU only)")
     parser.add_argument("--daemon-tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--name", default="cloud", help="results file bench/results/NAME.json")
     args = parser.parse_args()
+    clients = args.clients.split(",")
+    unknown = sorted(set(clients) - {"daemon", *SCRIPTS})
+    if unknown:
+        parser.error(f"--clients: unknown {', '.join(unknown)}")
     with tempfile.TemporaryDirectory(prefix="bench-cloud-") as tmp:
         work = Path(tmp)
         long_s = build_wav(LONG, work / "long.wav")
@@ -291,8 +307,11 @@ def main() -> None:
         started = now()
         try:
             for rep in range(args.reps):
-                for wav, audio_s in ((work / "long.wav", long_s), (work / "short.wav", short_s)):
-                    for kind in CLIENTS:
+                lengths = [(work / "long.wav", long_s)]
+                if not args.long_only:
+                    lengths.append((work / "short.wav", short_s))
+                for wav, audio_s in lengths:
+                    for kind in clients:
                         run = run_once(kind, wav, audio_s, fake, work, args.daemon_tree)
                         run["rep"] = rep
                         runs.append(run)
@@ -302,11 +321,9 @@ def main() -> None:
     result = {"date": started, "finished": now(), "machine": machine(),
               "revision": revision() + (f", daemon from {args.daemon_tree}" if args.daemon_tree
                                         else ""),
-              "command": f".venv/bin/python bench/cloud.py --reps {args.reps}"
-              + (f" --daemon-tree {args.daemon_tree} --name {args.name}" if args.daemon_tree
-                 else ""),
+              "command": " ".join([".venv/bin/python bench/cloud.py", *sys.argv[1:]]),
               "long_audio_s": long_s, "short_audio_s": short_s,
-              "summary": summarise(runs, short_s, long_s), "runs": runs}
+              "summary": summarise(runs, short_s, long_s, clients), "runs": runs}
     print(save(args.name, result))
 
 
