@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import statistics
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -119,3 +120,27 @@ def read_pcm(path: Path) -> bytes:
         if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
             raise SystemExit(f"{path}: expected a 16 kHz mono 16-bit WAV")
         return wav.readframes(wav.getnframes())
+
+
+def client_args(doc: str) -> argparse.Namespace:
+    """The command line every client of the cloud benchmark takes (``doc``: its docstring)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--wav", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--token-url", required=True)
+    parser.add_argument("--api-host", required=True)
+    parser.add_argument("--api-key", required=True)
+    return parser.parse_args()
+
+
+def is_final(event: dict[str, Any]) -> bool:
+    """A v3 message that is a final, formatted turn (the one the clients write)."""
+    return (event.get("type") == "Turn" and bool(event.get("end_of_turn"))
+            and bool(event.get("turn_is_formatted")))
+
+
+def append_synced(out: IO[str], line: str) -> None:
+    """Append ``line`` and fsync, as the daemon's file sink does."""
+    out.write(line + "\n")
+    out.flush()
+    os.fsync(out.fileno())

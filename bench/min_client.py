@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CHUNK_S, mint_token, read_pcm
+from common import CHUNK_S, append_synced, client_args, is_final, mint_token, read_pcm
 
 
 async def read_turns(ws: ClientConnection, out_path: Path) -> int:
@@ -37,11 +36,8 @@ async def read_turns(ws: ClientConnection, out_path: Path) -> int:
             event = json.loads(message)
             if event.get("type") == "Termination":
                 break
-            if event.get("type") == "Turn" and event.get("end_of_turn") \
-                    and event.get("turn_is_formatted"):
-                out.write(str(message) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+            if is_final(event):
+                append_synced(out, str(message))
                 written += 1
     return written
 
@@ -66,13 +62,7 @@ async def stream(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wav", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--token-url", required=True)
-    parser.add_argument("--api-host", required=True)
-    parser.add_argument("--api-key", required=True)
-    args = parser.parse_args()
+    args = client_args(__doc__)
     written = asyncio.run(stream(args))
     print(f"min_client: {written} turns", file=sys.stderr)
 

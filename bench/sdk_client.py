@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-from pathlib import Path
 from typing import IO
 
 from assemblyai.streaming.v3 import (
@@ -31,7 +29,7 @@ from assemblyai.streaming.v3 import (
     StreamingParameters,
     TurnEvent,
 )
-from common import CHUNK_S, mint_token, read_pcm
+from common import CHUNK_S, append_synced, client_args, mint_token, read_pcm
 
 
 async def stream(args: argparse.Namespace) -> int:
@@ -44,9 +42,7 @@ async def stream(args: argparse.Namespace) -> int:
     def on_turn(_client: AsyncStreamingClient, event: TurnEvent) -> None:
         nonlocal written
         if event.end_of_turn and event.turn_is_formatted:
-            out.write(event.model_dump_json() + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+            append_synced(out, event.model_dump_json())
             written += 1
 
     def on_error(_client: AsyncStreamingClient, error: StreamingError) -> None:
@@ -72,14 +68,7 @@ async def stream(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wav", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--token-url", required=True)
-    parser.add_argument("--api-host", required=True)
-    parser.add_argument("--api-key", required=True)
-    args = parser.parse_args()
-    written = asyncio.run(stream(args))
+    written = asyncio.run(stream(client_args(__doc__)))
     print(f"sdk_client: {written} turns", file=sys.stderr)
 
 

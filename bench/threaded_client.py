@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CHUNK_S, mint_token, read_pcm
+from common import CHUNK_S, append_synced, client_args, is_final, mint_token, read_pcm
 
 
 def read_turns(ws: ClientConnection, out_path: Path, written: list[int]) -> None:
@@ -37,11 +36,8 @@ def read_turns(ws: ClientConnection, out_path: Path, written: list[int]) -> None
             event = json.loads(message)
             if event.get("type") == "Termination":
                 return
-            if event.get("type") == "Turn" and event.get("end_of_turn") \
-                    and event.get("turn_is_formatted"):
-                out.write(str(message) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+            if is_final(event):
+                append_synced(out, str(message))
                 written[0] += 1
 
 
@@ -67,13 +63,7 @@ def stream(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--wav", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--token-url", required=True)
-    parser.add_argument("--api-host", required=True)
-    parser.add_argument("--api-key", required=True)
-    args = parser.parse_args()
+    args = client_args(__doc__)
     print(f"threaded_client: {stream(args)} turns", file=sys.stderr)
 
 
