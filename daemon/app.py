@@ -148,6 +148,37 @@ def build_engine(
     )
 
 
+@dataclass
+class _Parts:
+    """What ``run`` composes before the engine exists; ``closers`` are closed on the way out."""
+
+    sinks: SinkBuilder
+    dispatcher: Dispatcher
+    listener: Listener
+    health: Health
+    capture: Heartbeat
+    source: AudioSource
+    closers: list[Any]
+    hub: LiveHub
+    meter: AudioMeter = field(default_factory=AudioMeter)
+
+
+def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, host: str) -> _Parts:
+    """Sinks (validated, their secrets taught to the masker), dispatcher, listener, source."""
+    closers: list[Any] = []
+    sinks = SinkBuilder(host, settings.state_path(), closers)
+    validated = validate_sinks(plugins, settings.effective_sinks())
+    runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
+    masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
+    dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
+    health = Health()
+    capture = health.heartbeat("capture")
+    health.watch(dispatcher.heartbeats)
+    return _Parts(sinks, dispatcher, Listener(dispatcher, plugins, settings.log.transcripts),
+                  health, capture, build_source(settings, capture), closers,
+                  LiveHub(engine=settings.engine_name()))
+
+
 async def run(
     settings: Settings,
     masker: SecretMasker,
@@ -167,67 +198,60 @@ async def run(
     """
     host = socket.gethostname()
     plugins = plugins or load_plugins()
-    closers: list[Any] = []
-    sinks = SinkBuilder(host, settings.state_path(), closers)
-    validated = validate_sinks(plugins, settings.effective_sinks())
-    runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
-    masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
-    dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
-    listener = Listener(dispatcher, plugins, settings.log.transcripts)
-    hub, meter = LiveHub(engine=settings.engine_name()), AudioMeter()
-    health = Health()
-    capture = health.heartbeat("capture")
-    health.watch(dispatcher.heartbeats)
-    source = build_source(settings, capture)
+    parts = _assemble(settings, masker, plugins, host)
+    listener, dispatcher = parts.listener, parts.dispatcher
     notifier = notifier or Notifier()
     try:
         async with httpx.AsyncClient() as client:
             engine = build_engine(settings, host, masker, client)
-            log.info(
-                "daemon.starting",
-                engine=engine.name,
-                source=settings.audio.source,
-                sinks=sorted(dispatcher.runners),
-            )
+            log.info("daemon.starting", engine=engine.name, source=settings.audio.source,
+                     sinks=sorted(dispatcher.runners))
             reporter = Reporter(
                 notifier,
-                health,
+                parts.health,
                 ready=lambda: _audio_flows(engine, listener),
-                status=lambda: status_line(engine, source, listener, dispatcher),
+                status=lambda: status_line(engine, parts.source, listener, dispatcher),
             )
             listener.on_change.append(reporter.changed)
-
-            def status() -> StatusSnapshot:
-                return snapshot_of(engine=engine, source=source, dispatcher=dispatcher,
-                                   meter=meter, sessions=listener.sessions, turns=listener.turns,
-                                   engine_live=_audio_flows(engine, listener))
-
             reloader = None
             if loader is not None:
                 reloader = Reloader(loader, settings, plugins=plugins, dispatcher=dispatcher,
-                                    sinks=sinks, masker=masker)
-            async with contextlib.AsyncExitStack() as web:
-                if settings.http.enabled:
-                    await web.enter_async_context(LiveServer.from_config(
-                        settings.http, hub, status, stale_s=settings.audio.stall_seconds))
-                async with asyncio.TaskGroup() as group:
-                    dispatcher.start(group)
-                    reporting = group.create_task(reporter.run(), name="systemd-reporter")
-                    hup = _Hangup(group, reloader, reporter)
-                    try:
-                        await _run_engine(engine, source, listener, reporter, hup, capture,
-                                          live=(hub, meter))
-                    finally:
-                        hub.state("stopped")
-                        reporter.stop("input ended")
-                        await dispatcher.close(FLUSH_TIMEOUT_S)
-                        reporting.cancel()
+                                    sinks=parts.sinks, masker=masker)
+            await _serve(settings, engine, parts, reporter, reloader)
     finally:
         notifier.close()
-        for closer in closers:
+        for closer in parts.closers:
             closer.close()
     log.info("daemon.stopped", turns=listener.turns, sessions=listener.sessions)
     return 0
+
+
+async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Reporter,
+                 reloader: Reloader | None) -> None:
+    """Run the live view (if enabled), sinks, reporter and engine; then flush the sinks."""
+    listener, dispatcher = parts.listener, parts.dispatcher
+
+    def status() -> StatusSnapshot:
+        return snapshot_of(engine=engine, source=parts.source, dispatcher=dispatcher,
+                           meter=parts.meter, sessions=listener.sessions, turns=listener.turns,
+                           engine_live=_audio_flows(engine, listener))
+
+    async with contextlib.AsyncExitStack() as web:
+        if settings.http.enabled:
+            await web.enter_async_context(LiveServer.from_config(
+                settings.http, parts.hub, status, stale_s=settings.audio.stall_seconds))
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            reporting = group.create_task(reporter.run(), name="systemd-reporter")
+            hup = _Hangup(group, reloader, reporter)
+            try:
+                await _run_engine(engine, parts.source, listener, reporter, hup, parts.capture,
+                                  live=(parts.hub, parts.meter))
+            finally:
+                parts.hub.state("stopped")
+                reporter.stop("input ended")
+                await dispatcher.close(FLUSH_TIMEOUT_S)
+                reporting.cancel()
 
 
 def _audio_flows(engine: Engine, listener: Listener) -> bool:
