@@ -169,6 +169,21 @@ def validate_sinks(
     return result
 
 
+@dataclass
+class _Retry:
+    """One record's retries: when it first failed, and the next backoff step."""
+
+    max_s: float | None                 # the sink's ``retry_max_s``: give up after this long
+    first_failure: float | None = None
+    delay: float = 0.2
+
+    def next_wait(self, asked: float | None) -> float:
+        """The sink's ``Retry-After`` if it gave one, else jittered exponential backoff."""
+        wait = asked if asked is not None else self.delay * (0.5 + random.random())
+        self.delay = min(self.delay * 2, 30.0)
+        return wait
+
+
 class Dispatcher:
     """Fans each record out to every sink's queue and runs one delivery worker per sink.
 
@@ -330,9 +345,7 @@ class Dispatcher:
 
         Returns False, leaving the record unacknowledged, when the sink retires mid-backoff.
         """
-        retry_max_s = getattr(runner.config, "retry_max_s", None)
-        first_failure: float | None = None
-        delay = 0.2
+        retry = _Retry(getattr(runner.config, "retry_max_s", None))
         while True:
             runner.heartbeat.beat(self.send_limit_s)
             try:
@@ -343,42 +356,43 @@ class Dispatcher:
                 self._dead_letter(runner, delivery, str(exc))
                 break
             except Exception as exc:  # supervision boundary: classify, then back off
-                reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
-                now = time.monotonic()
-                if first_failure is None:
-                    first_failure = now
-                    runner.stats.last_error = reason
-                    log.warning(
-                        "sink.send_failed",
-                        record_id=delivery.record.id,
-                        error=reason,
-                        retrying=True,
-                    )
-                if retry_max_s is not None and now - first_failure >= retry_max_s:
-                    gave_up = f"gave up after {retry_max_s:g} s: {reason}"
-                    self._dead_letter(runner, delivery, gave_up)
-                    break
-                runner.stats.failed += 1
-                asked = exc.retry_after if isinstance(exc, SinkError) else None
-                wait = asked if asked is not None else delay * (0.5 + random.random())
+                wait = self._failed(runner, delivery, exc, retry)
+                if wait is None:
+                    break                       # gave up: dead-lettered
                 if not await self._backoff(runner, wait):
                     return False
-                delay = min(delay * 2, 30.0)
                 continue
-            if first_failure is not None:
-                log.info(
-                    "sink.recovered",
-                    record_id=delivery.record.id,
-                    outage_s=round(time.monotonic() - first_failure, 3),
-                )
-            runner.stats.delivered += 1
-            latency = time.monotonic() - delivery.enqueued_at
-            runner.stats.latencies.append(latency)
-            if len(runner.stats.latencies) > 4096:
-                del runner.stats.latencies[:2048]
+            self._delivered(runner, delivery, retry.first_failure)
             break
         runner.queue.ack(delivery)
         return True
+
+    def _failed(self, runner: SinkRunner, delivery: Delivery, exc: Exception,
+                retry: _Retry) -> float | None:
+        """Log and count a failed send; the wait before the retry, or None once dead-lettered."""
+        reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if retry.first_failure is None:
+            retry.first_failure = now
+            runner.stats.last_error = reason
+            log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
+                        retrying=True)
+        if retry.max_s is not None and now - retry.first_failure >= retry.max_s:
+            self._dead_letter(runner, delivery, f"gave up after {retry.max_s:g} s: {reason}")
+            return None
+        runner.stats.failed += 1
+        return retry.next_wait(exc.retry_after if isinstance(exc, SinkError) else None)
+
+    @staticmethod
+    def _delivered(runner: SinkRunner, delivery: Delivery, first_failure: float | None) -> None:
+        """Count a delivery and its latency; log the end of an outage."""
+        if first_failure is not None:
+            log.info("sink.recovered", record_id=delivery.record.id,
+                     outage_s=round(time.monotonic() - first_failure, 3))
+        runner.stats.delivered += 1
+        runner.stats.latencies.append(time.monotonic() - delivery.enqueued_at)
+        if len(runner.stats.latencies) > 4096:
+            del runner.stats.latencies[:2048]
 
     def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> None:
         """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``."""
