@@ -193,6 +193,18 @@ class LiveHub:
         self._state = {**self._state, **update, "at": _now()}
         self._publish(self._state)
 
+    def capture_paused(self, paused: bool) -> None:
+        """The microphone is being reopened (``live`` → ``paused``) or flows again (→ ``live``).
+
+        Only a live view pauses: ``connecting``/``reconnecting`` say more, and a session event
+        that arrives meanwhile wins until the next refresh.
+        """
+        connection = self._state["connection"]
+        if paused and connection == "live":
+            self.state("paused")
+        elif not paused and connection == "paused":
+            self.state("live")
+
     @property
     def current(self) -> dict[str, Any]:
         """The current state event (a copy)."""

@@ -43,6 +43,7 @@ class StatusSnapshot:
     audio_seconds: float = 0.0
     audio_age_s: float | None = None  # seconds since the last chunk arrived; None = none yet
     chunks_dropped: int = 0
+    capture_recovering: bool = False  # the microphone is being reopened (capture paused)
     sessions: int = 0
     reconnects: int = 0
     backlog_seconds: float = 0.0
@@ -133,6 +134,7 @@ def snapshot_of(
         audio_seconds=meter.seconds,
         audio_age_s=meter.age(),
         chunks_dropped=int(getattr(source, "dropped_chunks", 0)),
+        capture_recovering=bool(getattr(source, "recovering", False)),
         sessions=sessions,
         reconnects=int(getattr(engine, "reconnects", 0)),
         backlog_seconds=float(ledger.seconds_held()) if ledger is not None else 0.0,

@@ -197,12 +197,13 @@ class LiveServer:
         close()
 
     async def _tick(self) -> None:
-        """Refresh backlog and audio flow in the state event (it only goes out on change)."""
+        """Refresh backlog, audio flow and capture in the state event (sent only on change)."""
         while True:
             try:
                 snap = self._status()
                 flowing = snap.audio_age_s is not None and snap.audio_age_s <= self._stale_s
                 self._hub.state(backlog_s=snap.backlog_seconds, audio=flowing)
+                self._hub.capture_paused(snap.capture_recovering)
             except Exception:  # supervision boundary: the view must not take the daemon down
                 log.exception("http.status_failed")
             await asyncio.sleep(self._poll_s)

@@ -114,7 +114,8 @@ class TestPage:
             await expect(banner).to_have_text("Reconnecting to assemblyai — 12 s of audio held")
             await page.screenshot(path=str(tmp_path / "live-reconnecting.png"))
             hub.state("paused")
-            await expect(banner).to_contain_text("Paused")
+            await expect(banner).to_have_text(
+                "Capture paused: reopening the microphone — 12 s of audio held")
         await expect(banner).to_contain_text("Lost contact with the daemon")
         async with live_server(hub, listen=f"127.0.0.1:{port}") as again:
             hub.state("live", session_id="sess-0002")

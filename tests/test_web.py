@@ -177,6 +177,32 @@ class TestFeed:
             await server.__aexit__(None, None, None)
             assert (await receive(ws))["connection"] == "stopped"
 
+    async def test_capture_paused(self) -> None:
+        """While the microphone is reopened a live view says paused; then live again."""
+        hub, status = LiveHub(engine="assemblyai"), StatusBox()
+        hub.session_started(began())
+        async with live_server(hub, status, poll_s=0.02) as server, connect(
+                server.url.replace("http", "ws") + "/events") as ws:
+
+            async def next_connection() -> str:
+                """The connection of the next state event that changes it."""
+                seen = hub.current["connection"]
+                async with asyncio.timeout(5):
+                    while True:
+                        event = await receive(ws)
+                        if event["type"] == "state" and event["connection"] != seen:
+                            return str(event["connection"])
+
+            status.set(capture_recovering=True)
+            assert await next_connection() == "paused"
+            status.set(capture_recovering=False)
+            assert await next_connection() == "live"
+            hub.session_ended(ended())
+            assert hub.current["connection"] == "reconnecting"
+            status.set(capture_recovering=True)         # only a live view pauses
+            hub.capture_paused(True)
+            assert hub.current["connection"] == "reconnecting"
+
     def test_rotation_stays_live(self) -> None:
         """A session that ends after its successor began leaves the state live on the new one."""
         hub = LiveHub(engine="assemblyai")
