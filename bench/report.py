@@ -25,7 +25,7 @@ SINKS = "## Turn → sink latency"
 STARTUP = "## Start-up"
 INDEX = """\
 All figures come from `bench/run_all.sh` (one command: runs every benchmark below and rewrites
-the generated sections of this file; about 17 minutes). Each section names its machine, command
+the generated sections of this file; about 14 minutes). Each section names its machine, command
 and date, and how busy the rest of the machine was (it is shared with other sessions' test
 suites, so expect some spread).
 
