@@ -24,7 +24,9 @@ Run:  .venv/bin/python bench/cloud.py [--reps 3]   (about 3.7 min per repetition
       patched copy: it runs with ``PYTHONPATH=DIR``), results in ``bench/results/NAME.json``;
       ``--clients daemon,sdk,minimal,threaded`` picks the clients (``threaded``:
       ``bench/threaded_client.py``, the minimal client on threads instead of an event loop) and
-      ``--long-only`` skips the short runs (then only the in-run steady CPU is computed).
+      ``--long-only`` skips the short runs (then only the in-run steady CPU is computed);
+      ``--clients base,daemon --base-tree DIR`` alternates the daemon from ``DIR`` (say
+      ``git archive REV | tar -x -C DIR``) with this tree's: before and after a change.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ WINDOW_SKIP_S = 5.0     # the in-run window starts this long after the first aud
 WINDOW_END_S = 2.0      # …and ends this long before the audio does
 TRANSCRIBED = str(REPO / ".venv" / "bin" / "transcribed")
 CLIENTS = ("daemon", "sdk", "minimal")
+DAEMONS = ("daemon", "base")  # "base": the daemon from --base-tree (a before/after comparison)
 SCRIPTS = {"sdk": "sdk_client.py", "minimal": "min_client.py", "threaded": "threaded_client.py"}
 
 
@@ -157,7 +160,7 @@ fsync = true
 
 def command(kind: str, work: Path, fake: FakeService, wav: Path, out: Path) -> list[str]:
     """The measured client's command line."""
-    if kind == "daemon":
+    if kind in DAEMONS:
         return [TRANSCRIBED, "run", "--config", str(daemon_config(work, fake, wav, out))]
     info = fake.info
     return [PY, str(REPO / "bench" / SCRIPTS[kind]), "--wav", str(wav), "--out", str(out),
@@ -222,7 +225,7 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     fake_cpu, busy = process_cpu_s(fake.info["pid"]), busy_cpu_s()
     with log.open("w") as err:
         spawned, started = time.time(), time.monotonic()
-        env = {**os.environ, "PYTHONPATH": str(tree)} if tree and kind == "daemon" else None
+        env = {**os.environ, "PYTHONPATH": str(tree)} if tree and kind in DAEMONS else None
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
                                    env=env)
         samples = sample_until_exit(process.pid)
@@ -236,7 +239,7 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     others = busy_cpu_s() - busy - ours - (process_cpu_s(fake.info["pid"]) - fake_cpu)
     turns = len(out.read_text().splitlines()) if out.exists() else 0
     first = session["first_frame_wall"]
-    loaded = config_loaded_at(log) if kind == "daemon" else None
+    loaded = config_loaded_at(log) if kind in DAEMONS else None
     window = samples.rate_per_min(first + WINDOW_SKIP_S, first + audio_s - WINDOW_END_S) \
         if first and audio_s > 4 * WINDOW_SKIP_S else None
     return {
@@ -288,16 +291,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the A B C block")
     parser.add_argument("--clients", default=",".join(CLIENTS),
-                        help=f"comma-separated, from {', '.join((*CLIENTS, 'threaded'))}")
+                        help="comma-separated, from "
+                             f"{', '.join((*CLIENTS, 'threaded', 'base'))}")
+    parser.add_argument("--base-tree", type=Path,
+                        help="client 'base': the daemon from this source tree (e.g. an older "
+                             "commit's `git archive`), to compare before and after")
     parser.add_argument("--long-only", action="store_true",
                         help="skip the short runs (in-run steady CPU only)")
     parser.add_argument("--daemon-tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--name", default="cloud", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     clients = args.clients.split(",")
-    unknown = sorted(set(clients) - {"daemon", *SCRIPTS})
+    unknown = sorted(set(clients) - {*DAEMONS, *SCRIPTS})
     if unknown:
         parser.error(f"--clients: unknown {', '.join(unknown)}")
+    if "base" in clients and args.base_tree is None:
+        parser.error("--clients base needs --base-tree")
     with tempfile.TemporaryDirectory(prefix="bench-cloud-") as tmp:
         work = Path(tmp)
         long_s = build_wav(LONG, work / "long.wav")
@@ -312,15 +321,17 @@ def main() -> None:
                     lengths.append((work / "short.wav", short_s))
                 for wav, audio_s in lengths:
                     for kind in clients:
-                        run = run_once(kind, wav, audio_s, fake, work, args.daemon_tree)
+                        tree = args.base_tree if kind == "base" else args.daemon_tree
+                        run = run_once(kind, wav, audio_s, fake, work, tree)
                         run["rep"] = rep
                         runs.append(run)
                         print(json.dumps(run), file=sys.stderr, flush=True)
         finally:
             fake.close()
     result = {"date": started, "finished": now(), "machine": machine(),
-              "revision": revision() + (f", daemon from {args.daemon_tree}" if args.daemon_tree
-                                        else ""),
+              "revision": revision()
+              + (f", daemon from {args.daemon_tree}" if args.daemon_tree else "")
+              + (f", base from {args.base_tree}" if "base" in clients else ""),
               "command": " ".join([".venv/bin/python bench/cloud.py", *sys.argv[1:]]),
               "long_audio_s": long_s, "short_audio_s": short_s,
               "summary": summarise(runs, short_s, long_s, clients), "runs": runs}
