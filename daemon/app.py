@@ -49,8 +49,8 @@ class Listener:
     turns: int = 0
     sessions: int = 0
     open_sessions: int = 0  # sessions begun and not yet ended (two overlap during a rollover)
-    chunks: int = 0  # audio chunks read from the source so far
-    chunks_at_session: int = 0  # ``chunks`` when the current session began
+    meter: AudioMeter = field(default_factory=AudioMeter)  # the audio read from the source
+    chunks_at_session: int = 0  # ``meter.chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
 
     def turn(self, record: TurnRecord) -> None:
@@ -74,7 +74,7 @@ class Listener:
         """A session began."""
         self.sessions += 1
         self.open_sessions += 1
-        self.chunks_at_session = self.chunks
+        self.chunks_at_session = self.meter.chunks
         self._hook(self.plugins.session_started, session)
         self._changed()
 
@@ -160,7 +160,6 @@ class _Parts:
     source: AudioSource
     closers: list[Any]
     hub: LiveHub
-    meter: AudioMeter = field(default_factory=AudioMeter)
 
 
 def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, host: str) -> _Parts:
@@ -233,7 +232,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
 
     def status() -> StatusSnapshot:
         return snapshot_of(engine=engine, source=parts.source, dispatcher=dispatcher,
-                           meter=parts.meter, sessions=listener.sessions, turns=listener.turns,
+                           meter=listener.meter, sessions=listener.sessions, turns=listener.turns,
                            engine_live=_audio_flows(engine, listener))
 
     async with contextlib.AsyncExitStack() as web:
@@ -246,7 +245,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
             hup = _Hangup(group, reloader, reporter)
             try:
                 await _run_engine(engine, parts.source, listener, reporter, hup, parts.capture,
-                                  live=(parts.hub, parts.meter))
+                                  parts.hub)
             finally:
                 parts.hub.state("stopped")
                 reporter.stop("input ended")
@@ -257,7 +256,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
 def _audio_flows(engine: Engine, listener: Listener) -> bool:
     """READY: a live session (the cloud engine's own flag when it has one) receiving audio."""
     live = bool(getattr(engine, "live", listener.live)) and listener.live
-    return live and listener.chunks > listener.chunks_at_session
+    return live and listener.meter.chunks > listener.chunks_at_session
 
 
 def status_line(engine: Engine, source: AudioSource, listener: Listener,
@@ -280,16 +279,19 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
 
 
 async def _beating(
-    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, listener: Listener, within: float
+    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, meter: AudioMeter, within: float
 ) -> AsyncIterator[AudioChunk]:
-    """Pass chunks through, beating the capture heartbeat and counting them."""
+    """Pass chunks through, beating the capture heartbeat and counting them on ``meter``."""
     try:
         async for chunk in chunks:
             heartbeat.beat(within)
-            listener.chunks += 1
+            meter.count(chunk)
             yield chunk
     finally:
         heartbeat.idle()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @dataclass
@@ -321,7 +323,7 @@ async def _run_engine(
     reporter: Reporter,
     hup: Callable[[], None],
     capture: Heartbeat,
-    live: tuple[LiveHub, AudioMeter],
+    hub: LiveHub,
 ) -> None:
     """Run the engine over the source, stopping gracefully on SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
@@ -345,8 +347,7 @@ async def _run_engine(
     within = _chunk_deadline(source)
     try:
         async with source:
-            hub, meter = live
-            chunks = meter.wrap(_beating(source.chunks(), capture, listener, within))
+            chunks = _beating(source.chunks(), capture, listener.meter, within)
             await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -91,13 +91,17 @@ class AudioMeter:
         self.chunks = 0
         self.last_at: float | None = None
 
+    def count(self, chunk: AudioChunk) -> None:
+        """One more chunk reached the engine."""
+        self.seconds += chunk.duration
+        self.chunks += 1
+        self.last_at = self._clock()
+
     async def wrap(self, chunks: AsyncIterator[AudioChunk]) -> AsyncIterator[AudioChunk]:
         """Yield ``chunks`` unchanged, counting each one."""
         try:
             async for chunk in chunks:
-                self.seconds += chunk.duration
-                self.chunks += 1
-                self.last_at = self._clock()
+                self.count(chunk)
                 yield chunk
         finally:
             aclose = getattr(chunks, "aclose", None)
