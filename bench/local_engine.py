@@ -42,8 +42,10 @@ import structlog
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from recorder import Recorder  # noqa: E402
+
 from daemon.config import LocalConfig  # noqa: E402
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord  # noqa: E402
+from daemon.events import AudioChunk  # noqa: E402
 from daemon.local import LocalEngine, load_model  # noqa: E402
 
 SPEECH = next(
@@ -96,25 +98,6 @@ def read_wav(path: Path) -> np.ndarray[Any, np.dtype[np.int16]]:
         if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (16000, 1, 2):
             raise SystemExit(f"{path}: expected 16 kHz mono 16-bit")
         return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
-
-
-class Recorder:
-    """An EngineListener that notes when each turn arrived."""
-
-    def __init__(self) -> None:
-        self.turns: list[tuple[float, TurnRecord]] = []
-
-    def turn(self, record: TurnRecord) -> None:
-        self.turns.append((time.monotonic(), record))
-
-    def partial(self, partial: PartialTurn) -> None:
-        pass
-
-    def session_started(self, session: SessionInfo) -> None:
-        pass
-
-    def session_ended(self, summary: SessionSummary) -> None:
-        pass
 
 
 async def feed(

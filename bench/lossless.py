@@ -40,9 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import machine  # noqa: E402
+from recorder import Recorder  # noqa: E402
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig  # noqa: E402
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord  # noqa: E402
+from daemon.events import AudioChunk  # noqa: E402
 from daemon.stream import AssemblyAIEngine  # noqa: E402
 from daemon.tokens import TokenProvider  # noqa: E402
 from tests.fake_assemblyai import FakeAssemblyAI  # noqa: E402
@@ -50,25 +51,6 @@ from tests.fake_assemblyai_speech import load_speech_references  # noqa: E402
 
 SPEECH = REPO / "tests" / "data" / "speech"
 RATE = 16000
-
-
-class Counter:
-    """A listener that counts turns."""
-
-    def __init__(self) -> None:
-        self.turns: list[TurnRecord] = []
-
-    def turn(self, record: TurnRecord) -> None:
-        self.turns.append(record)
-
-    def partial(self, partial: PartialTurn) -> None:
-        pass
-
-    def session_started(self, session: SessionInfo) -> None:
-        pass
-
-    def session_ended(self, summary: SessionSummary) -> None:
-        pass
 
 
 def sentences() -> list[np.ndarray]:
@@ -120,7 +102,7 @@ async def drops(count: int) -> list[float]:
     async with FakeAssemblyAI(refs) as fake, httpx.AsyncClient() as client:
         engine = engine_for(fake, client)
         stop = asyncio.Event()
-        task = asyncio.create_task(engine.run(live_chunks(pcm, stop), Counter()))
+        task = asyncio.create_task(engine.run(live_chunks(pcm, stop), Recorder()))
         loop = asyncio.get_running_loop()
         session = await fake.wait_for_session(0)
         for _ in range(count):
@@ -147,7 +129,7 @@ async def catch_up(pause_s: float, outage_s: float = 10.0) -> dict[str, Any]:
         engine = engine_for(fake, client)
         stop = asyncio.Event()
         with capture_logs() as logs:
-            counter = Counter()
+            counter = Recorder()
             task = asyncio.create_task(engine.run(live_chunks(pcm, stop), counter))
             first = await fake.wait_for_session(0)
             await first.wait_for(lambda s: s.audio_ms >= 5000)

@@ -150,18 +150,13 @@ async def measure(kind: str, turns: int, work: Path, mqtt_port: int,
     try:
         async with asyncio.TaskGroup() as group:
             dispatcher.start(group)
-            await _warm_up(dispatcher, runners, pending, done, sent)
+            for order in range(-20, 0):     # warm-up (connections made, files open): not counted
+                await _deliver_one(dispatcher, runners, pending, done, sent, order)
             for name in acked:
                 acked[name].clear()
                 removed[name].clear()
             for order in range(1, turns + 1):
-                turn = record(order)
-                pending.update((r.name, turn.id) for r in runners)
-                done.clear()
-                sent[turn.id] = time.monotonic()
-                dispatcher.dispatch(turn)
-                async with asyncio.timeout(30):
-                    await done.wait()
+                await _deliver_one(dispatcher, runners, pending, done, sent, order)
                 await asyncio.sleep(GAP_S)
             await dispatcher.close(5)
     finally:
@@ -172,17 +167,17 @@ async def measure(kind: str, turns: int, work: Path, mqtt_port: int,
             for name in acked} | {"_busy_cores": (busy_cpu_s() - busy) / elapsed}
 
 
-async def _warm_up(dispatcher: Dispatcher, runners: list[Any], pending: set[tuple[str, str]],
-                   done: asyncio.Event, sent: dict[str, float]) -> None:
-    """Deliver 20 turns first (connections made, files open); not counted."""
-    for order in range(-20, 0):
-        turn = record(order)
-        pending.update((r.name, turn.id) for r in runners)
-        done.clear()
-        sent[turn.id] = time.monotonic()
-        dispatcher.dispatch(turn)
-        async with asyncio.timeout(30):
-            await done.wait()
+async def _deliver_one(dispatcher: Dispatcher, runners: list[Any],
+                       pending: set[tuple[str, str]], done: asyncio.Event,
+                       sent: dict[str, float], order: int) -> None:
+    """Dispatch turn ``order`` and wait until every sink has acknowledged it."""
+    turn = record(order)
+    pending.update((r.name, turn.id) for r in runners)
+    done.clear()
+    sent[turn.id] = time.monotonic()
+    dispatcher.dispatch(turn)
+    async with asyncio.timeout(30):
+        await done.wait()
 
 
 def _stats(acked: list[float], removed: list[float]) -> dict[str, Any]:
