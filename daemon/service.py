@@ -141,6 +141,23 @@ class Plan:
     commands: tuple[str, ...]
 
 
+SYSTEM_COMMANDS: Final = (
+    "sudo install -m 600 /dev/stdin /etc/transcribed/assemblyai_api_key"
+    "   # paste the key, then Ctrl-D (skip for the offline engine)",
+    "sudo systemctl daemon-reload",
+    "sudo systemctl enable --now transcribed.service",
+    "systemctl status transcribed.service",
+    "journalctl -u transcribed.service -f",
+)
+USER_COMMANDS: Final = (
+    "systemctl --user daemon-reload",
+    "systemctl --user enable --now transcribed.service",
+    "systemctl --user status transcribed.service",
+    "journalctl --user -u transcribed.service -f",
+    "loginctl enable-linger \"$USER\"   # optional: keep running while logged out",
+)
+
+
 def plan(*, system: bool, root: Path | None = None, executable: str | None = None,
          env: dict[str, str] | None = None) -> Plan:
     """Decide the unit and config paths for a user or system installation.
@@ -159,14 +176,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             unit_path=base / "etc/systemd/system/transcribed.service",
             unit_text=render(SYSTEM_UNIT, exe),
             config_path=base / "etc/transcribed/config.toml",
-            commands=(
-                "sudo install -m 600 /dev/stdin /etc/transcribed/assemblyai_api_key"
-                "   # paste the key, then Ctrl-D (skip for the offline engine)",
-                "sudo systemctl daemon-reload",
-                "sudo systemctl enable --now transcribed.service",
-                "systemctl status transcribed.service",
-                "journalctl -u transcribed.service -f",
-            ),
+            commands=SYSTEM_COMMANDS,
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -175,13 +185,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
         unit_path=config_home / "systemd/user/transcribed.service",
         unit_text=render(USER_UNIT, exe),
         config_path=config_home / "transcribed/config.toml",
-        commands=(
-            "systemctl --user daemon-reload",
-            "systemctl --user enable --now transcribed.service",
-            "systemctl --user status transcribed.service",
-            "journalctl --user -u transcribed.service -f",
-            "loginctl enable-linger \"$USER\"   # optional: keep running while logged out",
-        ),
+        commands=USER_COMMANDS,
     )
 
 

@@ -182,13 +182,8 @@ class AssemblyAIEngine:
                     self._maybe_split(group)
                 outcome = await self._drive(session, listener, group)
             except TokenError as exc:
-                if exc.rejected:
-                    auth_failures += 1
-                    if auth_failures >= 2:
-                        raise AuthError(_auth_message(str(exc))) from None
-                delay = exc.retry_after if exc.retry_after is not None else next(delays)
-                log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+                auth_failures += exc.rejected
+                await _token_failed(exc, auth_failures, delays)
                 continue
             except _Failed as failed:
                 outcome = failed.outcome
@@ -356,6 +351,15 @@ class AssemblyAIEngine:
             await ws.close()
             raise _Failed(Outcome(CloseKind.TRANSIENT, "first frame was not Begin"))
         return StreamSession(self, ws, begin, listener, stop=stop)
+
+
+async def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> None:
+    """Wait before the next attempt after a failed token; the second rejection is fatal."""
+    if auth_failures >= 2:
+        raise AuthError(_auth_message(str(exc))) from None
+    delay = exc.retry_after if exc.retry_after is not None else next(delays)
+    log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
+    await asyncio.sleep(delay)
 
 
 def _auth_message(reason: str) -> str:
