@@ -1,12 +1,16 @@
-"""The CPU floor of any asyncio client streaming 100 ms chunks, on this machine.
+"""The CPU floor of any client streaming 100 ms chunks, on this machine: event loop vs threads.
 
-Three minimal clients, each for ``--seconds`` of real time, CPU from ``getrusage``:
+Minimal clients, each for ``--seconds`` of real time, CPU from ``getrusage`` (all threads), the
+fake v3 service (``bench/fake_server.py``) in its own process:
 
 1. a bare event loop that wakes every 100 ms and does nothing else;
-2. the smallest streaming client: wake, ``ws.send`` 3.2 KB of PCM to the fake v3 service
-   (``bench/fake_server.py``, its own process), and a reader that ``json.loads`` every message,
-   without ``permessage-deflate``;
-3. the same with ``permessage-deflate`` (the ``websockets`` default, which the SDK uses).
+2. the smallest asyncio streaming client: wake, ``ws.send`` 3.2 KB of PCM, and a reader that
+   ``json.loads`` every message, without ``permessage-deflate``;
+3. the same with ``permessage-deflate`` (the ``websockets`` default, which the SDK uses);
+4. a bare thread that wakes every 100 ms (``time.sleep``) and does nothing else;
+5. the smallest threaded client on ``websockets.sync`` (no compression);
+6. the smallest threaded client there can be: the ``websockets`` sans-I/O protocol on a blocking
+   socket, the sending thread writing each frame, one reader thread parsing every message.
 
 Run:  .venv/bin/python bench/floor.py [--seconds 30]
 """
@@ -17,14 +21,22 @@ import argparse
 import asyncio
 import json
 import resource
+import socket
 import sys
 import tempfile
+import threading
+import time
 import wave
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from websockets.asyncio.client import connect
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.sync.client import connect as connect_sync
+from websockets.uri import parse_uri
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -49,15 +61,89 @@ async def paced(chunks: int, each: Any = None) -> float:
     return (cpu_s() - before) / (chunks / 600)
 
 
+def session_url(fake: FakeService) -> str:
+    """A streaming URL with a fresh temporary token."""
+    info = fake.info
+    reply = httpx.get(info["token_url"], headers={"Authorization": info["api_key"]},
+                      params={"expires_in_seconds": 60})
+    return (f"{info['streaming_url']}?sample_rate=16000&encoding=pcm_s16le&format_turns=true"
+            f"&token={reply.json()['token']}")
+
+
+def paced_thread(chunks: int, each: Callable[[int], None] | None = None) -> float:
+    """Like ``paced`` on a plain thread: ``time.sleep`` to each 100 ms tick."""
+    start, before = time.monotonic(), cpu_s()
+    for index in range(chunks):
+        time.sleep(max(0.0, start + (index + 1) * 0.1 - time.monotonic()))
+        if each is not None:
+            each(index)
+    return (cpu_s() - before) / (chunks / 600)
+
+
+def threaded_sync(fake: FakeService, pcm: bytes, chunks: int) -> float:
+    """The smallest client on ``websockets.sync`` (its own thread reads the socket)."""
+    with connect_sync(session_url(fake), compression=None) as ws:
+        ws.recv()                                               # Begin
+
+        def read() -> None:
+            for message in ws:
+                json.loads(message)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        rate = paced_thread(chunks, lambda index: ws.send(pcm[index * 3200 : (index + 1) * 3200]))
+    reader.join(5)
+    return rate
+
+
+def threaded_sans_io(fake: FakeService, pcm: bytes, chunks: int) -> float:
+    """The smallest threaded client: sans-I/O ``websockets`` on a blocking socket."""
+    uri = parse_uri(session_url(fake))
+    protocol = ClientProtocol(uri)
+    lock = threading.Lock()                    # the protocol is shared by the two threads
+    began = threading.Event()
+    with socket.create_connection((uri.host, uri.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def flush() -> None:
+            for data in protocol.data_to_send():
+                if data:
+                    sock.sendall(data)
+
+        def read() -> None:
+            while data := sock.recv(65536):
+                with lock:
+                    protocol.receive_data(data)
+                    events = protocol.events_received()
+                    flush()
+                for event in events:
+                    if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                        json.loads(bytes(event.data))
+                        began.set()
+
+        def send(index: int) -> None:
+            with lock:
+                protocol.send_binary(pcm[index * 3200 : (index + 1) * 3200])
+                flush()
+
+        with lock:
+            protocol.send_request(protocol.connect())
+            flush()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        began.wait(5)
+        rate = paced_thread(chunks, send)
+        with lock:
+            protocol.send_close()
+            flush()
+        reader.join(5)
+    return rate
+
+
 async def streaming(fake: FakeService, pcm: bytes, chunks: int,
                     compression: Literal["deflate"] | None) -> float:
-    """The smallest streaming client; CPU s per audio minute."""
-    info = fake.info
-    async with httpx.AsyncClient() as http:
-        reply = await http.get(info["token_url"], headers={"Authorization": info["api_key"]},
-                               params={"expires_in_seconds": 60})
-    url = (f"{info['streaming_url']}?sample_rate=16000&encoding=pcm_s16le&format_turns=true"
-           f"&token={reply.json()['token']}")
+    """The smallest asyncio streaming client; CPU s per audio minute."""
+    url = session_url(fake)
     async with connect(url, compression=compression) as ws:
         await ws.recv()
 
@@ -94,6 +180,9 @@ def main() -> None:
                     streaming(fake, pcm, chunks, None)),
                 "minimal client, permessage-deflate": asyncio.run(
                     streaming(fake, pcm, chunks, "deflate")),
+                "bare thread, 10 wakes/s": paced_thread(chunks),
+                "threaded client, websockets.sync": threaded_sync(fake, pcm, chunks),
+                "threaded client, sans-I/O": threaded_sans_io(fake, pcm, chunks),
             }
         finally:
             fake.close()
