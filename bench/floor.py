@@ -41,7 +41,7 @@ from websockets.uri import parse_uri
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cloud import LONG, FakeService, build_wav
-from common import machine, now, save
+from common import busy_cpu_s, machine, now, revision, save
 
 
 def cpu_s() -> float:
@@ -173,6 +173,7 @@ def main() -> None:
         with wave.open(str(work / "long.wav")) as wav:
             pcm = wav.readframes(wav.getnframes())
         fake = FakeService(work)
+        busy, wall = busy_cpu_s(), time.monotonic()
         try:
             result = {
                 "bare loop, 10 wakes/s": asyncio.run(paced(chunks)),
@@ -186,7 +187,9 @@ def main() -> None:
             }
         finally:
             fake.close()
-    print(save("floor", {"date": started, "machine": machine(), "seconds": args.seconds,
+    print(save("floor", {"date": started, "machine": machine(), "revision": revision(),
+                         "seconds": args.seconds,
+                         "machine_busy_cores": (busy_cpu_s() - busy) / (time.monotonic() - wall),
                          "command": f".venv/bin/python bench/floor.py --seconds {args.seconds:g}",
                          "cpu_s_per_audio_min": result}))
     print(json.dumps(result, indent=2))

@@ -23,6 +23,7 @@ DOCS = REPO / "docs" / "benchmarks.md"
 CLOUD = "## Cloud path: transcribed vs the official SDK"
 SINKS = "## Turn → sink latency"
 STARTUP = "## Start-up"
+FLOOR = "## The floor: event loop vs threads"
 INDEX = """\
 All figures come from `bench/run_all.sh` (one command: runs every benchmark below and rewrites
 the generated sections of this file; about 14 minutes). Each section names its machine, command
@@ -32,6 +33,7 @@ suites, so expect some spread).
 - [Cloud path: transcribed vs the official SDK](#cloud-path-transcribed-vs-the-official-sdk)
 - [Turn → sink latency](#turn--sink-latency)
 - [Start-up](#start-up)
+- [The floor: event loop vs threads](#the-floor-event-loop-vs-threads)
 - [Profile and fixes](#profile-and-fixes)
 - [Lossless sessions](#lossless-sessions) (`bench/lossless.py`)
 - [Local engine](#local-engine) (`bench/local_engine.py`)
@@ -219,6 +221,28 @@ def startup_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def floor_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
+    sdk = cloud["summary"]["sdk"].get("window_cpu_s_per_min") if cloud else None
+    lines = [
+        FLOOR, "",
+        f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
+        f"Command: `{data['command']}`. Machine busy (this, the fake and everything else): "
+        f"{data.get('machine_busy_cores', float('nan')):.2f} cores.", "",
+        "The cheapest possible client of each kind, in one process for "
+        f"{data['seconds']:g} s of real time each, one after another, streaming 100 ms "
+        "chunks of the same WAV to the fake v3 service in its own process (CPU of all the "
+        "process's threads, `getrusage`, while streaming only). It shows what the steady CPU "
+        "target can and cannot be met with: a bare event loop waking 10 times a second already "
+        "costs about as much as a thread doing all the work of a client.", "",
+        "| client | CPU per audio minute | / SDK (in-run, cloud table) |",
+        "| --- | --- | --- |",
+    ]
+    for label, value in data["cpu_s_per_audio_min"].items():
+        share = f"{value / sdk['median']:.2f}" if sdk else "-"
+        lines.append(f"| {label} | {value:.3f} s | {share} |")
+    return "\n".join(lines) + "\n"
+
+
 def put_section(text: str, heading: str, body: str) -> str:
     """Replace the section under ``heading`` or insert it before ``## Local engine``."""
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
@@ -246,6 +270,9 @@ def main() -> None:
         text = put_section(text, SINKS, sinks_section(sinks))
     if startup is not None:
         text = put_section(text, STARTUP, startup_section(startup, cloud))
+    floor = load("floor")
+    if floor is not None:
+        text = put_section(text, FLOOR, floor_section(floor, cloud))
     DOCS.write_text(put_index(text).rstrip("\n") + "\n")
     print(DOCS)
 
