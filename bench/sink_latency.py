@@ -75,6 +75,13 @@ class TimedQueue:
     def close(self) -> None:
         self.inner.close()
 
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    def requeue(self, delivery: Delivery) -> None:
+        self.inner.requeue(delivery)
+
 
 def record(order: int) -> TurnRecord:
     """A realistic turn: 12 words, about 700 bytes of JSON."""

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import structlog
 from pydantic import ValidationError
 
+from daemon.backoff import backoff
 from daemon.config import validation_lines
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
@@ -30,6 +31,8 @@ from daemon.plugins import PluginHost, Sink, SinkConfig, SinkType
 log = structlog.get_logger("daemon.dispatch")
 
 SEND_LIMIT_S = 120.0  # one send attempt running longer than this means the sink is stuck
+CRASH_RETRY_S = 1.0  # a crashed sink worker restarts at once, then after 1, 2, 4 ... s
+CRASH_RETRY_MAX_S = 60.0
 
 
 @dataclass
@@ -58,6 +61,13 @@ class SinkQueue(Protocol):
 
     def close(self) -> None:
         """No more ``put``; ``get`` returns ``None`` once drained."""
+
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand back a record taken by ``get`` but not acknowledged (its worker crashed)."""
 
 
 class MemoryQueue:
@@ -93,6 +103,15 @@ class MemoryQueue:
         """Let ``get`` return ``None`` once the queue is empty."""
         self._closed = True
         self._ready.set()
+
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+        return self._closed
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Put a record taken by ``get`` back at the head."""
+        self.push_front([delivery])
 
     def take_all(self) -> list[Delivery]:
         """Remove and return everything waiting (to hand it to a rebuilt sink)."""
@@ -131,6 +150,7 @@ class SinkRunner:
     heartbeat: Heartbeat = field(init=False)
     retiring: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     abandoned: Delivery | None = field(init=False, default=None)
+    holding: Delivery | None = field(init=False, default=None)  # taken, not yet acknowledged
 
     def __post_init__(self) -> None:
         self.heartbeat = Heartbeat(f"sink {self.name}")
@@ -299,19 +319,46 @@ class Dispatcher:
             await asyncio.wait(pending)
 
     async def _work(self, runner: SinkRunner) -> None:
+        """Run a sink's worker; restart it (with backoff) whenever it crashes."""
+        delays = backoff(CRASH_RETRY_S, CRASH_RETRY_MAX_S)
         with structlog.contextvars.bound_contextvars(sink=runner.name):
             try:
-                async with runner.sink:
-                    while (delivery := await self._next(runner)) is not None:
-                        if not await self._deliver(runner, delivery):
-                            runner.abandoned = delivery
-                            break
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # supervision boundary: a broken sink never reaches capture
-                log.exception("sink.crashed", sink_type=runner.sink_type.name)
+                while True:
+                    try:
+                        await self._serve(runner)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # supervision boundary: never reaches capture
+                        if not await self._crashed(runner, exc, next(delays)):
+                            return
             finally:
                 runner.heartbeat.idle()
+
+    async def _serve(self, runner: SinkRunner) -> None:
+        """Open the sink and deliver its queue until it closes or the sink retires."""
+        async with runner.sink:
+            while (delivery := await self._next(runner)) is not None:
+                runner.holding = delivery
+                if not await self._deliver(runner, delivery):
+                    runner.abandoned = delivery
+                    break
+                runner.holding = None
+
+    async def _crashed(self, runner: SinkRunner, exc: Exception, delay: float) -> bool:
+        """Log a crashed worker and put back its record; wait, then True to restart it."""
+        held, runner.holding = runner.holding, None
+        if held is not None:
+            runner.queue.requeue(held)
+        expected = isinstance(exc, SinkError | OSError)
+        reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+        runner.stats.last_error = reason
+        log.error("sink.crashed", sink_type=runner.sink_type.name, error=reason,
+                  queued=runner.queue.depth(), retry_in_s=round(delay, 2),
+                  exc_info=not expected)          # a traceback only for what is a bug
+        if runner.queue.closed and runner.queue.depth() == 0:
+            return False
+        return await self._backoff(runner, delay)
 
     async def _next(self, runner: SinkRunner) -> Delivery | None:
         """The next record, or ``None`` when the queue is closed and drained or the sink retires."""

@@ -190,6 +190,16 @@ class OutboxQueue:
         self._closed = True
         self._wakeup.set()
 
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+        return self._closed
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Let ``get`` hand out ``delivery`` again (it is still in the outbox until ``ack``)."""
+        self._cursor = min(self._cursor, delivery.key - 1)
+        self._wakeup.set()
+
     def _decode(self, body: str) -> TurnRecord | None:
         try:
             return TurnRecord.from_dict(json.loads(body))

@@ -12,11 +12,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import structlog
 from pydantic import Field, field_validator
 
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+
+log = structlog.get_logger("plugins.file")
 
 
 class FileSinkConfig(SinkConfig):
@@ -45,7 +48,10 @@ class FileSink:
         self._handle: IO[bytes] | None = None
 
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self._open)
+        try:
+            await asyncio.to_thread(self._open)
+        except SinkError as exc:   # not fatal: every send retries the open (and is retried)
+            log.warning("file.open_failed", path=str(self.path), error=str(exc))
         return self
 
     async def __aexit__(

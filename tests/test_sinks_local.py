@@ -14,7 +14,7 @@ from typing import Self
 import pytest
 
 from daemon.commands import synthetic_turn
-from daemon.dispatch import Dispatcher, MemoryQueue, SinkRunner
+from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, load_plugins
@@ -75,6 +75,18 @@ class TestFileSink:
         with pytest.raises(SinkError, match=r"x\.jsonl"):
             await sink.send(record(0))
 
+    async def test_unopenable_at_start_retries_on_send(self, tmp_path: Path) -> None:
+        """A file that cannot be opened at start fails each send (to be retried), not the sink."""
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        path = blocker / "x.jsonl"
+        async with FileSink("j", FileSinkConfig(type="file", path=str(path)), CONTEXT) as sink:
+            with pytest.raises(SinkError, match=r"cannot open .*x\.jsonl"):
+                await sink.send(record(0))
+            blocker.unlink()
+            await sink.send(record(0))
+        assert json.loads(path.read_text())["id"] == "s:0"
+
 
 async def test_console_text_and_json() -> None:
     """The console sink writes a text line or a JSON line."""
@@ -90,15 +102,20 @@ async def test_console_text_and_json() -> None:
 
 
 class ScriptedSink:
-    """A sink whose behaviour each test scripts: fail, hang, or record."""
+    """A sink whose behaviour each test scripts: fail to open, fail, hang, or record."""
 
-    def __init__(self, failures: list[Exception] | None = None, hang: bool = False) -> None:
+    def __init__(self, failures: list[Exception] | None = None, hang: bool = False,
+                 open_failures: int = 0) -> None:
         self.failures = failures or []
         self.hang = hang
+        self.open_failures = open_failures
         self.got: list[str] = []
         self.arrived = asyncio.Event()
 
     async def __aenter__(self) -> Self:
+        if self.open_failures:
+            self.open_failures -= 1
+            raise ConnectionRefusedError("scripted: cannot open")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -191,7 +208,46 @@ class FullQueue(MemoryQueue):
         raise RuntimeError("outbox full for sink 's'")
 
 
+class AckFailsOnce(MemoryQueue):
+    """A queue whose first acknowledgement fails, like a disk error deleting from the outbox."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def ack(self, delivery: Delivery) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("scripted: disk I/O error")
+
+
 class TestDispatcherEdges:
+    async def test_crashed_worker_restarts(self, tmp_path: Path) -> None:
+        """A sink that cannot be opened is retried; its queued turns arrive, in order."""
+        sink = ScriptedSink(open_failures=2)
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            for i in range(3):
+                dispatcher.dispatch(record(i))
+            await dispatcher.close(10)
+        assert sink.got == ["s:0", "s:1", "s:2"]
+        assert dispatcher.runners["s"].stats.last_error == \
+            "ConnectionRefusedError: scripted: cannot open"
+
+    async def test_crash_mid_delivery_loses_nothing(self, tmp_path: Path) -> None:
+        """A worker crashing before it acknowledged a record delivers that record again."""
+        sink = ScriptedSink()
+        flaky = SinkRunner("s", SinkType("scripted", SinkConfig, lambda *_: sink),
+                           SinkConfig(type="scripted"), sink, AckFailsOnce())
+        dispatcher = Dispatcher([flaky], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(record(0))
+            dispatcher.dispatch(record(1))
+            await dispatcher.close(10)
+        assert sink.got == ["s:0", "s:0", "s:1"]     # at least once: s:0 again, nothing lost
+
     async def test_retry_after_is_honoured(self, tmp_path: Path) -> None:
         """A sink asking to retry in an hour is not retried within the flush window."""
         sink = ScriptedSink([SinkError("busy", retry_after=3600)])
