@@ -9,6 +9,7 @@ built-in defaults. Unknown keys are errors. Every problem becomes one line namin
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -239,9 +241,21 @@ def load_settings(path: Path | None) -> Settings:
         settings = Settings()
     except ValidationError as exc:
         raise ConfigError([where + line for line in validation_lines(exc)]) from None
+    except SettingsError as exc:
+        raise ConfigError(_environment_error(exc, os.environ)) from None
     finally:
         Settings._toml_path = None
     return _resolve_secrets(settings, where, os.environ)
+
+
+def _environment_error(exc: SettingsError, env: Mapping[str, str]) -> str:
+    """One line naming the environment variables of a value that could not be parsed."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    prefix = ENV_PREFIX + (found.group(1).upper() if found else "")
+    names = sorted(name for name in env if name.upper().startswith(prefix))
+    cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+    return (f"environment: {', '.join(names) or prefix + '*'}: cannot parse the value{cause}; "
+            "lists and tables are written as JSON, e.g. '[\"a\", \"b\"]'")
 
 
 def _check_toml(path: Path) -> None:

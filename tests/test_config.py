@@ -57,6 +57,15 @@ class TestValues:
         sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
         assert sinks["j"][1].model_dump()["fsync"] is False
 
+    def test_unparsable_env_value_is_one_line(self, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+        """A list or table in the environment that is not JSON names the variable: exit 78."""
+        path = write(tmp_path / "c.toml", '[sinks.c]\ntype = "console"\n')
+        monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI__KEYTERMS", "notjson")
+        with pytest.raises(ConfigError, match=r"^environment: TRANSCRIBED_ASSEMBLYAI__KEYTERMS: "
+                                              r"cannot parse the value \(Expecting value"):
+            load_settings(path)
+
     def test_api_key_file_and_credentials(self, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
         """The key comes from api_key_file, else from $CREDENTIALS_DIRECTORY."""
