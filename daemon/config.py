@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, EngineError
 
 ENV_PREFIX: Final = "TRANSCRIBED_"
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
@@ -384,6 +384,13 @@ def check_semantics(settings: Settings) -> list[str]:
         )
     if settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
+    if settings.engine_name() == "local":
+        from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
+
+        try:
+            resolve_model_path(settings.local.model)
+        except EngineError as exc:
+            problems.append(str(exc))
     from daemon.web import check_http
 
     problems += check_http(settings.http)

@@ -151,6 +151,17 @@ class TestCheckConfigCommand:
         assert result.returncode == 78
         assert "sinks.alerts.path: Value error, must name a file" in result.stderr
 
+    def test_missing_local_model_exit_78(self, tmp_path: Path) -> None:
+        """A local model directory that is not one fails check-config (and run) with 78."""
+        path = write(tmp_path / "c.toml", '[transcriber]\nengine = "local"\n'
+                     f'[local]\nmodel = "{tmp_path / "nope"}"\n')
+        for command in ("check-config", "run"):
+            result = self.run(command, "--config", str(path))
+            assert result.returncode == 78, result.stderr
+            assert result.stderr.strip().endswith(
+                "local.model: " + str(tmp_path / "nope") + " is not a CTranslate2 Whisper "
+                "model directory (missing model.bin, config.json, tokenizer.json)")
+
     def test_version_is_fast_to_import(self) -> None:
         """--version prints the version without importing the daemon's heavy modules."""
         result = self.run("--version")
