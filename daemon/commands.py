@@ -9,7 +9,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,16 +25,54 @@ from daemon.config import (
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
 from daemon.events import TurnRecord, Word
 
+if TYPE_CHECKING:
+    from daemon.dispatch import ValidatedSinks
+
 log = structlog.get_logger("daemon.cli")
 
 
-def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+def _validated(args: argparse.Namespace) -> tuple[Settings, Path | None, ValidatedSinks]:
+    """The settings and the sink tables; cross-key and sink problems are reported together."""
+    from daemon.dispatch import validate_sinks
+    from daemon.plugins import load_plugins
+
     path = find_config(getattr(args, "config", None))
-    settings = load_settings(path)
+    where = f"{path}: " if path else ""
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:        # report the file's sink problems with the others
+        raise ConfigError(exc.problems + _file_sink_problems(path, where)) from None
     problems = check_semantics(settings)
+    sinks: ValidatedSinks = {}
+    try:
+        sinks = validate_sinks(load_plugins(), settings.effective_sinks())
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
-        where = f"{path}: " if path else ""
         raise ConfigError([where + p for p in problems])
+    return settings, path, sinks
+
+
+def _file_sink_problems(path: Path | None, where: str) -> list[str]:
+    """The problems of a config file's ``[sinks]`` tables, if the file parses."""
+    import tomllib
+
+    from daemon.dispatch import validate_sinks
+    from daemon.plugins import load_plugins
+
+    try:
+        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
+        if isinstance(tables, dict):
+            validate_sinks(load_plugins(), tables)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass                                # load_settings has reported it
+    except ConfigError as exc:
+        return [where + p for p in exc.problems]
+    return []
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
+    settings, path, _sinks = _validated(args)
     return settings, path
 
 
@@ -97,12 +135,8 @@ def check_config(args: argparse.Namespace) -> int:
     """``transcribed check-config``: validate everything, print the effective config masked."""
     import tomli_w
 
-    from daemon.dispatch import validate_sinks
-    from daemon.plugins import load_plugins
-
     try:
-        settings, path = _settings(args)
-        validated = validate_sinks(load_plugins(), settings.effective_sinks())
+        settings, path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
     sinks = {name: config.model_dump(mode="python") for name, (_t, config) in validated.items()}
@@ -140,12 +174,10 @@ def devices(_args: argparse.Namespace) -> int:
 
 def test_sinks(args: argparse.Namespace) -> int:
     """``transcribed test-sinks``: one synthetic turn through every sink, reported per sink."""
-    from daemon.dispatch import validate_sinks
-    from daemon.plugins import SinkContext, load_plugins
+    from daemon.plugins import SinkContext
 
     try:
-        settings, _path = _settings(args)
-        validated = validate_sinks(load_plugins(), settings.effective_sinks())
+        settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
     context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path())

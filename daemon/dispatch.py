@@ -156,13 +156,14 @@ class SinkRunner:
         self.heartbeat = Heartbeat(f"sink {self.name}")
 
 
-def validate_sinks(
-    host: PluginHost, tables: Mapping[str, Mapping[str, Any]]
-) -> dict[str, tuple[SinkType, SinkConfig]]:
+ValidatedSinks = dict[str, tuple[SinkType, SinkConfig]]   # sink name -> its type and config
+
+
+def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) -> ValidatedSinks:
     """Validate every sink table with its type's model. Problems name ``sinks.<name>.<key>``."""
     known = host.sink_types()
     problems: list[str] = []
-    result: dict[str, tuple[SinkType, SinkConfig]] = {}
+    result: ValidatedSinks = {}
     for name, table in tables.items():
         if not isinstance(table, Mapping):
             problems.append(f"sinks.{name}: must be a table")

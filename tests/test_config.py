@@ -138,7 +138,7 @@ class TestCheckConfigCommand:
         assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
 
     def test_invalid_config_exit_78(self, tmp_path: Path) -> None:
-        """check-config exits 78 with one readable line per problem and no secret."""
+        """check-config exits 78 with one line per problem, all at once, and no secret."""
         path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
                      'token_expires_in = 0\n[sinks.alerts]\ntype = "file"\npath = ""\n')
         result = self.run("check-config", "--config", str(path))
@@ -146,10 +146,14 @@ class TestCheckConfigCommand:
         lines = result.stderr.strip().splitlines()
         assert any("assemblyai.token_expires_in" in line for line in lines)
         assert "sk-live-abcdef" not in result.stdout + result.stderr
-        path.write_text('[sinks.alerts]\ntype = "file"\npath = ""\n')
+        assert f"{path}: sinks.alerts.path: Value error, must name a file" in lines[-1]
+        path.write_text('[audio]\nsource = "file"\n[sinks.alerts]\ntype = "file"\npath = ""\n')
         result = self.run("check-config", "--config", str(path))
         assert result.returncode == 78
-        assert "sinks.alerts.path: Value error, must name a file" in result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"transcribed: config error: {path}: audio.path: required when audio.source = 'file'",
+            f"transcribed: config error: {path}: sinks.alerts.path: Value error, must name a file",
+        ]
 
     def test_missing_local_model_exit_78(self, tmp_path: Path) -> None:
         """A local model directory that is not one fails check-config (and run) with 78."""
