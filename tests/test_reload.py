@@ -76,7 +76,7 @@ async def test_reload_good_then_bad(fake: FakeAssemblyAI, tmp_path: Path) -> Non
     assert applied_line["added"] == ["extra"] and applied_line["kept"] == ["main"]
     (rejected,) = result.events("reload.rejected")
     (problem,) = rejected["problems"]
-    assert problem.startswith("sinks.broken.type: unknown type 'nope'")
+    assert problem.startswith(f"{config}: sinks.broken.type: unknown type 'nope'")
     assert rejected["path"] == str(config)
     assert not result.events("reload.restart_required")
 
