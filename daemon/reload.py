@@ -135,8 +135,8 @@ class Reloader:
                 for name in (*plan.added, *plan.changed)
             }
         except ConfigError as exc:
-            log.error("reload.rejected", problems=exc.problems, path=str(path or "?"),
-                      kept="running config")
+            where = {"path": str(path)} if path else {}   # else each problem names the file
+            log.error("reload.rejected", problems=exc.problems, kept="running config", **where)
             return "rejected"
         self.masker.add(*secret_values(settings, {n: c for n, (_t, c) in wanted.items()}))
         for name in plan.removed:
