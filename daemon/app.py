@@ -36,7 +36,7 @@ from daemon.web import LiveServer
 log = structlog.get_logger("daemon.app")
 
 SHUTDOWN_DEADLINE_S: Final = 12.0  # SIGTERM → engine finished; sinks then get FLUSH_TIMEOUT_S
-FLUSH_TIMEOUT_S: Final = 3.0
+FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the slowest timeout_s
 
 
 @dataclass
@@ -243,14 +243,28 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
             dispatcher.start(group)
             reporting = group.create_task(reporter.run(), name="systemd-reporter")
             hup = _Hangup(group, reloader, reporter)
+            signalled = True                 # until the engine returns of its own accord
             try:
-                await _run_engine(engine, parts.source, listener, reporter, hup, parts.capture,
-                                  parts.hub)
+                signalled = await _run_engine(engine, parts.source, listener, reporter, hup,
+                                              parts.capture, parts.hub)
             finally:
                 parts.hub.state("stopped")
                 reporter.stop("input ended")
-                await dispatcher.close(FLUSH_TIMEOUT_S)
+                await dispatcher.close(_flush_bound(dispatcher, signalled))
                 reporting.cancel()
+
+
+def _flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:
+    """How long the sinks get to deliver their queues when the daemon stops.
+
+    After a signal, ``FLUSH_TIMEOUT_S`` (systemd is waiting). At the end of a file nobody is:
+    long enough for the slowest sink's own timeout (``timeout_s``) plus that, so a webhook that
+    answers slowly still gets the last turns before the process exits.
+    """
+    if signalled:
+        return FLUSH_TIMEOUT_S
+    timeouts = (float(getattr(r.config, "timeout_s", 0.0)) for r in dispatcher.runners.values())
+    return max(timeouts, default=0.0) + FLUSH_TIMEOUT_S
 
 
 def _audio_flows(engine: Engine, listener: Listener) -> bool:
@@ -324,8 +338,11 @@ async def _run_engine(
     hup: Callable[[], None],
     capture: Heartbeat,
     hub: LiveHub,
-) -> None:
-    """Run the engine over the source, stopping gracefully on SIGTERM/SIGINT."""
+) -> bool:
+    """Run the engine over the source, stopping gracefully on SIGTERM/SIGINT.
+
+    Returns True if a signal stopped it, False if the input ended.
+    """
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -354,6 +371,7 @@ async def _run_engine(
             loop.remove_signal_handler(signum)
         for handle in stopping:
             handle.cancel()
+    return bool(stopping)
 
 
 def _chunk_deadline(source: AudioSource) -> float:

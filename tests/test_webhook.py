@@ -19,9 +19,14 @@ from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from plugins.webhook import WebhookConfig, WebhookSink, retry_after_s
 from plugins.webhook import transcribed_sink_types as webhook_types
+from tests.conftest import SPEECH_DIR, TRANSCRIPTS
+from tests.daemon_proc import cloud_config, run_daemon
+from tests.fake_assemblyai import FakeAssemblyAI
+from tests.fake_assemblyai_speech import load_speech_references
 from tests.http_receiver import HttpReceiver, Reply
 from tests.test_outbox import make_turn, run_and_kill
 
+S1 = "espeak-s1.wav"
 SECRET = "whsec_" + base64.b64encode(b"first secret key for tests 0123").decode()
 SECRET2 = "whsec_" + base64.b64encode(b"second secret key for rotation!!").decode()
 
@@ -291,3 +296,19 @@ class TestCrash:
             assert box.depth("hook") == 0
         finally:
             box.close()
+
+
+class TestDaemonEnd:
+    async def test_end_of_file_waits_for_a_slow_webhook(self, tmp_path: Path,
+                                                        receiver: HttpReceiver) -> None:
+        """When a file ends, the last turn still reaches a webhook that asked for 4 s."""
+        receiver.script(Reply(503, {"Retry-After": "4"}))
+        async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1)) as fake:
+            sinks = f'[sinks.hook]\ntype = "webhook"\nurl = "{receiver.url}/hook"\n'
+            config_path = cloud_config(tmp_path, fake, SPEECH_DIR / S1, sinks=sinks)
+            result = await run_daemon("run", "--config", str(config_path))
+        assert result.code == 0, result.stderr
+        assert [r.status for r in receiver.received] == [503, 200]
+        assert json.loads(receiver.received[1].body)["data"]["transcript"] == TRANSCRIPTS[S1]
+        assert not result.events("sink.flush_timeout")
+        assert Outbox(tmp_path / "state" / "outbox.sqlite3").depth("hook") == 0
