@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -326,9 +327,33 @@ def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> d
 _SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
 
 
+def url_secrets(url: str) -> list[str]:
+    """The parts of a sink's URL that may be credentials: user info, and path with query.
+
+    Webhook URLs (Slack, Discord, Zapier …) are often bearer secrets in their path.
+    """
+    parts = urlsplit(url)
+    found = [part for part in (parts.username, parts.password) if part]
+    rest = url.split(parts.netloc, 1)[-1] if parts.netloc else ""
+    if rest.strip("/"):
+        found.append(rest)
+    return found
+
+
+def _masked_url(url: str) -> str:
+    """``scheme://host:port/********`` when the URL carries anything that may be a secret."""
+    if not url_secrets(url):
+        return url
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}/{MASK}"
+
+
 def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, SecretStr):
         return MASK if value.get_secret_value() else ""
+    if key == "url" and isinstance(value, str):
+        return _masked_url(value)
     if key == "headers" and isinstance(value, dict):
         return {k: MASK for k in value}       # header values are often credentials
     if isinstance(value, dict):
@@ -360,6 +385,8 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
                 walk(v, key)
         elif isinstance(value, str) and key in _SECRET_KEYS:
             found.append(value)
+        elif isinstance(value, str) and key == "url":
+            found.extend(url_secrets(value))
 
     walk(dict(sinks))
     return [s for s in found if s]

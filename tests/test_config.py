@@ -128,12 +128,16 @@ class TestCheckConfigCommand:
         """check-config exits 0 and prints the effective config with secrets masked."""
         path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
                      '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n'
-                     '[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/h"\n'
-                     'headers = { Authorization = "Bearer hdr-secret-42" }\n')
+                     '[sinks.hook]\ntype = "webhook"\n'
+                     'url = "http://user:pw-77@127.0.0.1:9/services/T0/PATHSECRET?k=q-secret"\n'
+                     'headers = { Authorization = "Bearer hdr-secret-42" }\n'
+                     '[sinks.plain]\ntype = "webhook"\nurl = "http://127.0.0.1:9"\n')
         result = self.run("check-config", "--config", str(path))
         assert result.returncode == 0, result.stderr
-        assert "sk-live-abcdef" not in result.stdout + result.stderr
-        assert "hdr-secret-42" not in result.stdout + result.stderr
+        for secret in ("sk-live-abcdef", "hdr-secret-42", "pw-77", "PATHSECRET", "q-secret"):
+            assert secret not in result.stdout + result.stderr
+        assert 'url = "http://127.0.0.1:9/********"' in result.stdout
+        assert 'url = "http://127.0.0.1:9"' in result.stdout
         assert 'api_key = "********"' in result.stdout
         assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
 

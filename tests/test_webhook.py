@@ -301,14 +301,19 @@ class TestCrash:
 class TestDaemonEnd:
     async def test_end_of_file_waits_for_a_slow_webhook(self, tmp_path: Path,
                                                         receiver: HttpReceiver) -> None:
-        """When a file ends, the last turn still reaches a webhook that asked for 4 s."""
+        """When a file ends, the last turn still reaches a webhook that asked for 4 s.
+
+        The URL's path (a secret for many webhook services) stays out of the debug logs.
+        """
         receiver.script(Reply(503, {"Retry-After": "4"}))
         async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1)) as fake:
-            sinks = f'[sinks.hook]\ntype = "webhook"\nurl = "{receiver.url}/hook"\n'
+            sinks = f'[sinks.hook]\ntype = "webhook"\nurl = "{receiver.url}/hook/PATHSECRET"\n'
             config_path = cloud_config(tmp_path, fake, SPEECH_DIR / S1, sinks=sinks)
             result = await run_daemon("run", "--config", str(config_path))
         assert result.code == 0, result.stderr
         assert [r.status for r in receiver.received] == [503, 200]
         assert json.loads(receiver.received[1].body)["data"]["transcript"] == TRANSCRIPTS[S1]
         assert not result.events("sink.flush_timeout")
+        assert "PATHSECRET" not in result.stdout + result.stderr
+        assert "HTTP Request: POST" in result.stderr    # httpx logged it, masked
         assert Outbox(tmp_path / "state" / "outbox.sqlite3").depth("hook") == 0
