@@ -174,12 +174,15 @@ def devices(_args: argparse.Namespace) -> int:
 
 def test_sinks(args: argparse.Namespace) -> int:
     """``transcribed test-sinks``: one synthetic turn through every sink, reported per sink."""
+    from daemon import logs
     from daemon.plugins import SinkContext
 
     try:
         settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
+    logs.configure(level=settings.log.level, fmt=settings.log.format,   # stderr, masked
+                   secrets=secret_values(settings, {n: c for n, (_t, c) in validated.items()}))
     context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path())
     record = synthetic_turn(context.host)
     failures = 0

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import ssl
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
 from plugins.webhook import WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
+from tests.conftest import TRANSCRIBED
 from tests.http_receiver import HttpReceiver, Reply
 from tests.mosquitto import Mosquitto, Subscriber, make_certs
 from tests.test_outbox import ROOT, make_turn
@@ -226,6 +228,22 @@ class TestSecurity:
         assert "wr0ng-pw" not in text
         assert "s3cret-pw" not in text
         assert [e["event"] for e in logs].count("mqtt.connect_failed") == 1
+
+    def test_test_sinks_keeps_stdout_for_results(self, tmp_path: Path) -> None:
+        """``test-sinks``: one result line per sink on stdout; logs on stderr, password masked."""
+        with Mosquitto(tmp_path / "auth", users={"daemon": "s3cret-pw"}) as broker:
+            path = tmp_path / "c.toml"
+            path.write_text(f'[log]\nlevel = "debug"\n[sinks.bus]\ntype = "mqtt"\n'
+                            f'host = "127.0.0.1"\nport = {broker.port}\nusername = "daemon"\n'
+                            f'password = "wr0ng-pw"\ntimeout_s = 1\n'
+                            f'[state]\ndir = "{tmp_path / "state"}"\n')
+            result = subprocess.run([*TRANSCRIBED, "test-sinks", "--config", str(path)],
+                                    capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1
+        (line,) = result.stdout.splitlines()
+        assert line.startswith("bus (mqtt): FAILED: ") and "check username and password" in line
+        assert "mqtt.connect_failed" in result.stderr
+        assert "wr0ng-pw" not in result.stdout + result.stderr
 
     async def test_tls_with_generated_ca(self, tmp_path: Path) -> None:
         """TLS delivers when the broker's certificate is signed by the configured CA file."""
