@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ log = structlog.get_logger("daemon.dispatch")
 SEND_LIMIT_S = 120.0  # one send attempt running longer than this means the sink is stuck
 CRASH_RETRY_S = 1.0  # a crashed sink worker restarts at once, then after 1, 2, 4 ... s
 CRASH_RETRY_MAX_S = 60.0
+SINK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 @dataclass
@@ -165,6 +167,10 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) ->
     problems: list[str] = []
     result: ValidatedSinks = {}
     for name, table in tables.items():
+        if not SINK_NAME.fullmatch(name):
+            problems.append(f"sinks.{name}: a sink name is lower-case letters, digits, '_' or '-' "
+                            "(environment overrides are matched in lower case)")
+            continue
         if not isinstance(table, Mapping):
             problems.append(f"sinks.{name}: must be a table")
             continue

@@ -57,6 +57,12 @@ class TestValues:
         sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
         assert sinks["j"][1].model_dump()["fsync"] is False
 
+    def test_sink_names_are_lower_case(self, tmp_path: Path) -> None:
+        """A sink name the environment could not address is refused, naming it."""
+        path = write(tmp_path / "c.toml", '[sinks.MyJournal]\ntype = "console"\n')
+        with pytest.raises(ConfigError, match=r"^sinks\.MyJournal: a sink name is lower-case"):
+            validate_sinks(load_plugins(entry_points=False), load_settings(path).effective_sinks())
+
     def test_unparsable_env_value_is_one_line(self, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
         """A list or table in the environment that is not JSON names the variable: exit 78."""
