@@ -231,9 +231,11 @@ def floor_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
         "The cheapest possible client of each kind, in one process for "
         f"{data['seconds']:g} s of real time each, one after another, streaming 100 ms "
         "chunks of the same WAV to the fake v3 service in its own process (CPU of all the "
-        "process's threads, `getrusage`, while streaming only). It shows what the steady CPU "
-        "target can and cannot be met with: a bare event loop waking 10 times a second already "
-        "costs about as much as a thread doing all the work of a client.", "",
+        "process's threads, `getrusage`, while streaming only). Each row is a lower bound for "
+        "a daemon built that way, before any work of its own (ledger, reconnects, turn "
+        "assembly, sinks, logging): compare it with the steady CPU target of 0.5 x the SDK. "
+        "The SDK's figure is the in-run median of the cloud table above (another block of "
+        "runs: figures move by up to ~15 % between blocks here).", "",
         "| client | CPU per audio minute | / SDK (in-run, cloud table) |",
         "| --- | --- | --- |",
     ]
