@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import re
 import time
@@ -205,9 +206,14 @@ class _Retry:
     delay: float = 0.2
 
     def next_wait(self, asked: float | None) -> float:
-        """The sink's ``Retry-After`` if it gave one, else jittered exponential backoff."""
-        wait = asked if asked is not None else self.delay * (0.5 + random.random())
+        """Jittered exponential backoff, or the sink's ``Retry-After`` when that is longer.
+
+        A ``Retry-After`` of 0, in the past or not a number never makes a tight retry loop.
+        """
+        wait = self.delay * (0.5 + random.random())
         self.delay = min(self.delay * 2, 30.0)
+        if asked is not None and math.isfinite(asked):
+            wait = max(wait, asked)
         return wait
 
 

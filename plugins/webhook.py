@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import time
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -137,6 +138,8 @@ def retry_after_s(value: str | None) -> float | None:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
+    if not math.isfinite(seconds):
+        return None                     # "nan", "inf": not a delay
     return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
 
 

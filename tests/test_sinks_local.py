@@ -258,6 +258,17 @@ class TestDispatcherEdges:
             await dispatcher.close(1.0)
         assert sink.got == []
 
+    async def test_retry_after_zero_is_no_tight_loop(self, tmp_path: Path) -> None:
+        """A sink that keeps asking to retry at once still gets the normal backoff."""
+        sink = ScriptedSink([SinkError("busy", retry_after=0.0) for _ in range(10_000)])
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(record(0))
+            await dispatcher.close(1.0)
+        attempts = 10_000 - len(sink.failures)
+        assert 1 <= attempts <= 8      # 0.1-0.3 s, 0.2-0.6 s, ... : a handful in one second
+
     async def test_unqueueable_turn_is_dead_lettered(self, tmp_path: Path) -> None:
         """A turn a sink's queue refuses (full outbox) lands in its dead-letter file."""
         sink = ScriptedSink()

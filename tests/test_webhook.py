@@ -157,6 +157,8 @@ class TestClassification:
         assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
         assert retry_after_s("999999") == 3600.0
         assert retry_after_s("soon") is None
+        assert retry_after_s("nan") is None and retry_after_s("inf") is None
+        assert retry_after_s("-5") == 0.0
 
 
 class TestDelivery:
