@@ -33,7 +33,7 @@ MASK: Final = "********"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class AudioConfig(_Section):
@@ -103,7 +103,9 @@ class LocalConfig(_Section):
     """``[local]``: the embedded offline engine (extra ``local``)."""
 
     model: str = Field("", description="'' = bundled tiny.en; else a CTranslate2 Whisper dir")
-    compute_type: str = "int8"
+    compute_type: Literal["int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+                          "float16", "bfloat16", "float32", "default", "auto"] = Field(
+        "int8", description="CTranslate2 compute type; on a CPU int8, int8_float32 or float32")
     beam_size: int = Field(5, ge=1, le=10)
     language: str = "en"
     threads: int = Field(0, ge=0, description="0 = all cores")
@@ -118,7 +120,7 @@ class ReconnectConfig(_Section):
 
     initial_delay: float = Field(0.5, gt=0)
     max_delay: float = Field(30.0, gt=0)
-    backlog_seconds: float = Field(120, ge=0)
+    backlog_seconds: float = Field(120, ge=1, le=86400)
 
 
 class LogConfig(_Section):
@@ -265,6 +267,8 @@ def _check_toml(path: Path) -> None:
             tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
@@ -275,6 +279,8 @@ def read_secret_file(path: str, key: str) -> str:
         value = Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
     if not value:
         raise ConfigError(f"{key}: {path} is empty")
     return value
@@ -392,6 +398,19 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
     return [s for s in found if s]
 
 
+def _compute_type_problems(compute_type: str) -> list[str]:
+    """The compute type must be one this machine's CTranslate2 can run on the CPU."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return []                        # resolve_model_path reports the missing extra
+    supported = set(ctranslate2.get_supported_compute_types("cpu")) | {"default", "auto"}
+    if compute_type in supported:
+        return []
+    return [f"local.compute_type: {compute_type!r} is not supported on this CPU "
+            f"(supported: {', '.join(sorted(supported))})"]
+
+
 def check_semantics(settings: Settings) -> list[str]:
     """Cross-key problems that field validation cannot see (one line each)."""
     problems = []
@@ -418,6 +437,7 @@ def check_semantics(settings: Settings) -> list[str]:
             resolve_model_path(settings.local.model)
         except EngineError as exc:
             problems.append(str(exc))
+        problems += _compute_type_problems(settings.local.compute_type)
     from daemon.web import check_http
 
     problems += check_http(settings.http)

@@ -176,7 +176,7 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) ->
             problems.append(f"sinks.{name}: must be a table")
             continue
         type_name = table.get("type")
-        if type_name not in known:
+        if not isinstance(type_name, str) or type_name not in known:
             choices = ", ".join(sorted(known))
             got = "missing" if type_name is None else f"unknown type {type_name!r}"
             problems.append(f"sinks.{name}.type: {got} (known types: {choices})")

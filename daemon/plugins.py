@@ -32,7 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class SinkConfig(BaseModel):
     """Base of every sink's config table; subclasses add their own keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: str
     enabled: bool = True

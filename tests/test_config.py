@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from daemon.commands import check_config
 from daemon.config import find_config, load_settings, masked_dict, secret_values
 from daemon.dispatch import validate_sinks
 from daemon.errors import ConfigError
@@ -122,6 +124,44 @@ class TestErrors:
         assert any(p.startswith("sinks.alerts.type: unknown type 'carrier-pigeon' (known types:")
                    and "file" in p for p in info.value.problems)
         assert "sinks.j.x: unknown key" in info.value.problems
+
+
+BAD_VALUES = [
+    ("[reconnect]\nbacklog_seconds = 0\n",
+     "reconnect.backlog_seconds: Input should be greater than or equal to 1"),
+    ("[reconnect]\nbacklog_seconds = inf\n",
+     "reconnect.backlog_seconds: Input should be a finite number"),
+    ('[local]\ncompute_type = "bogus"\n', "local.compute_type: Input should be 'int8'"),
+    ('[transcriber]\nengine = "local"\n[local]\ncompute_type = "int8_bfloat16"\n',
+     "local.compute_type: 'int8_bfloat16' is not supported on this CPU (supported: auto, "),
+    ('[sinks.q]\ntype = ["file"]\n', "sinks.q.type: unknown type ['file'] (known types: "),
+    ('[sinks.f]\ntype = "file"\npath = "/tmp/x.jsonl"\nrotate_bytes = nan\n',
+     "sinks.f.rotate_bytes: Input should be a finite number"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_VALUES)
+def test_bad_values_one_line_each(text: str, expected: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Values the daemon could not run with are config errors naming the key (exit 78)."""
+    path = write(tmp_path / "c.toml", text)
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"transcribed: config error: {path}: {expected}"), line
+
+
+def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config file or key file that is not UTF-8 is one line naming the file."""
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe key")
+    assert check_config(argparse.Namespace(config=str(binary))) == 78
+    assert capsys.readouterr().err == (
+        f"transcribed: config error: {binary}: not UTF-8 text (byte 0)\n")
+    path = write(tmp_path / "c.toml", f'[assemblyai]\napi_key_file = "{binary}"\n')
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    assert capsys.readouterr().err == (f"transcribed: config error: {path}: "
+                                       f"assemblyai.api_key_file: {binary} is not UTF-8 text "
+                                       "(byte 0)\n")
 
 
 class TestCheckConfigCommand:
