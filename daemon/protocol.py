@@ -29,6 +29,7 @@ class Begin:
     id: str
     expires_at: datetime | None
     configuration: dict[str, Any]
+    unreadable_expiry: str | None = None   # an ``expires_at`` we could not read (then None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +107,7 @@ def parse_message(frame: str | bytes) -> Message:
         if kind == "Turn":
             return _turn(data)
         if kind == "Begin":
-            return Begin(
-                str(data["id"]),
-                parse_expires_at(data.get("expires_at")),
-                dict(data.get("configuration") or {}),
-            )
+            return _begin(data)
         if kind == "Termination":
             return Termination(
                 float(data.get("audio_duration_seconds") or 0),
@@ -124,11 +121,21 @@ def parse_message(frame: str | bytes) -> Message:
             return ServerWarning(
                 int(code) if code is not None else None, str(data.get("warning", ""))
             )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:   # 1e400 is inf to JSON
         raise ProtocolError(f"malformed {kind} frame ({type(exc).__name__}: {exc})") from None
     if not isinstance(kind, str):
         raise ProtocolError(f"frame without a type: {_preview(frame)}")
     return Unknown(kind)
+
+
+def _begin(data: dict[str, Any]) -> Begin:
+    """A session with an ``expires_at`` we cannot read still begins: it just has no expiry."""
+    raw = data.get("expires_at")
+    try:
+        expires, unreadable = parse_expires_at(raw), None
+    except (TypeError, ValueError, OverflowError, OSError):
+        expires, unreadable = None, repr(raw)[:40]
+    return Begin(str(data["id"]), expires, dict(data.get("configuration") or {}), unreadable)
 
 
 def _turn(data: dict[str, Any]) -> Turn:

@@ -107,6 +107,9 @@ class StreamSession:
         """Stream from ledger position ``start`` until the session ends; return how it ended."""
         ledger = self.engine.ledger
         behind = (ledger.end - start) / ledger.sample_rate
+        if self.begin.unreadable_expiry is not None:
+            self.log.warning("session.expiry_unreadable", expires_at=self.begin.unreadable_expiry,
+                             effect="no rollover before it; the service's close is handled")
         self.log.info("session.began", expires_at=str(self.begin.expires_at),
                       model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2),
                       lane=self.lane)

@@ -62,8 +62,18 @@ class TestParse:
         """New message types are returned as Unknown, to be ignored."""
         assert parse_message('{"type":"Heartbeat","realtime_factor":1.0}') == Unknown("Heartbeat")
 
+    @pytest.mark.parametrize("value", ["1795636993000", "1795636993000000000", "1e400",
+                                       '"next tuesday"', "[1]"])
+    def test_begin_with_unreadable_expiry_still_begins(self, value: str) -> None:
+        """An expires_at in ms, ns, out of range or of a strange type: no expiry, not a failure."""
+        begin = parse_message(f'{{"type":"Begin","id":"s1","expires_at":{value}}}')
+        assert isinstance(begin, Begin) and begin.id == "s1"
+        assert begin.expires_at is None and begin.unreadable_expiry is not None
+
     @pytest.mark.parametrize("frame", ["garbage", "[1,2]", '{"type":"Turn"}', '{"x":1}',
-                                       '{"type":"Begin"}', b"\xff\xfe"])
+                                       '{"type":"Begin"}', b"\xff\xfe",
+                                       '{"type":"Turn","turn_order":1e400}',
+                                       '{"type":"Error","error_code":1e400,"error":"x"}'])
     def test_garbage_raises_protocol_error(self, frame: str | bytes) -> None:
         """Malformed frames raise ProtocolError (the caller logs and survives)."""
         with pytest.raises(ProtocolError):
