@@ -7,6 +7,7 @@ import asyncio
 import socket
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,9 +77,9 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
     return settings, path
 
 
-def _config_failed(exc: ConfigError) -> int:
+def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:
     for problem in exc.problems:
-        print(f"transcribed: config error: {problem}", file=sys.stderr)
+        print(f"transcribed: config error: {mask(problem)}", file=sys.stderr)
     return EX_CONFIG
 
 
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(error, ConfigError):
             for problem in error.problems:
                 log.error("config.invalid", problem=problem)
-            return _config_failed(error)
+            return _config_failed(error, masker.mask)     # a server may echo what we sent
         if error is not None:
             log.error(
                 "daemon.failed",
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 kind=type(error).__name__,
                 exit_code=error.exit_code,
             )
-            print(f"transcribed: {error}", file=sys.stderr)
+            print(f"transcribed: {masker.mask(str(error))}", file=sys.stderr)
             return error.exit_code
         if isinstance(exc, KeyboardInterrupt):
             return EX_OK

@@ -244,7 +244,8 @@ class FakeAssemblyAI:
         if key is None:
             return 401, {"error": "Missing Authorization header"}
         if key != self.api_key or self.faults.key_revoked:
-            return 401, {"error": "Invalid API key"}
+            return 401, {"error": f"Invalid API key: {key}" if self.faults.echo_key
+                         else "Invalid API key"}
         one = {k: v[-1] for k, v in params.items()}
         if "expires_in_seconds" not in one:
             return 400, {"error": "Missing required query parameter 'expires_in_seconds'"}

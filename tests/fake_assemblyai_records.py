@@ -54,6 +54,7 @@ class Faults:
         reject_handshake: close codes (1008, 1011, 3009, …) for the next sessions: the upgrade is
             accepted (and its token consumed), then closed before ``Begin``.
         key_revoked: the API key is rejected from now on: 401 on tokens, 1008 on sessions.
+        echo_key: a rejected key is quoted back in the 401's error text (as some services do).
         no_termination: ``Terminate`` is recorded but never answered.
         session_faults: faults for the next sessions that reach ``Begin`` (see the methods).
     """
@@ -62,6 +63,7 @@ class Faults:
     http_status_on_upgrade: list[int] = field(default_factory=list)
     reject_handshake: list[int] = field(default_factory=list)
     key_revoked: bool = False
+    echo_key: bool = False
     no_termination: bool = False
     session_faults: list[SessionFault] = field(default_factory=list)
 

@@ -59,8 +59,11 @@ class TestHappyPath:
 
 class TestFailures:
     async def test_rejected_key_exits_77(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
-        """A key the token endpoint rejects: one retry, then exit 77 naming what to fix."""
-        fake.faults.key_revoked = True
+        """A key the token endpoint rejects: one retry, then exit 77 naming what to fix.
+
+        The service quotes the key back in its error; it still appears nowhere.
+        """
+        fake.faults.key_revoked = fake.faults.echo_key = True
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
         result = await run_daemon("run", "--config", str(config), limit_s=20)
         assert result.code == 77
