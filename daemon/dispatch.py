@@ -321,15 +321,23 @@ class Dispatcher:
         _done, pending = await asyncio.wait(workers, timeout=flush_s)
         for task in pending:
             runner = tasks[task]
-            log.warning(
-                "sink.flush_timeout",
-                sink=runner.name,
-                queued=runner.queue.depth(),
-                timeout_s=flush_s,
-            )
+            held = runner.holding is not None and isinstance(runner.queue, MemoryQueue)
+            log.warning("sink.flush_timeout", sink=runner.name, timeout_s=flush_s,
+                        queued=runner.queue.depth() + held)
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        for task in pending:
+            self._spill(tasks[task])
+
+    def _spill(self, runner: SinkRunner) -> None:
+        """Dead-letter what an in-memory queue still holds at exit (an outbox keeps its own)."""
+        if not isinstance(runner.queue, MemoryQueue):
+            return
+        held, runner.holding = runner.holding, None
+        reason = f"not delivered before exit ({runner.stats.last_error or 'sink too slow'})"
+        for delivery in ([held] if held is not None else []) + runner.queue.take_all():
+            self._dead_letter(runner, delivery, reason)
 
     async def _work(self, runner: SinkRunner) -> None:
         """Run a sink's worker; restart it (with backoff) whenever it crashes."""

@@ -258,6 +258,24 @@ class TestDispatcherEdges:
             await dispatcher.close(1.0)
         assert sink.got == []
 
+    async def test_undelivered_at_exit_is_dead_lettered(self, tmp_path: Path) -> None:
+        """Turns a failing file sink still holds when the flush ends go to its dead-letter file."""
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        config = FileSinkConfig(type="file", path=str(blocker / "x.jsonl"))
+        sink = FileSink("j", config, CONTEXT)
+        sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
+        dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
+                                dead_letter_dir=tmp_path / "dead")
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            for i in range(3):
+                dispatcher.dispatch(record(i))
+            await dispatcher.close(0.5)
+        lines = [json.loads(x) for x in (tmp_path / "dead" / "j.jsonl").read_text().splitlines()]
+        assert [x["record"]["id"] for x in lines] == ["s:0", "s:1", "s:2"]
+        assert lines[0]["error"].startswith("not delivered before exit (cannot open ")
+
     async def test_retry_after_zero_is_no_tight_loop(self, tmp_path: Path) -> None:
         """A sink that keeps asking to retry at once still gets the normal backoff."""
         sink = ScriptedSink([SinkError("busy", retry_after=0.0) for _ in range(10_000)])
