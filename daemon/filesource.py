@@ -10,9 +10,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+import structlog
+
 from daemon.errors import AudioError
 from daemon.events import AudioChunk, SourceName
 from daemon.pcm import Converter, Rechunker, WavReader, open_wav
+
+log = structlog.get_logger("daemon.filesource")
 
 # WAV decode block, read and converted in one thread hop (each hop wakes an executor thread and
 # the loop's self-pipe); 2 s of 48 kHz stereo float is 0.8 MB.
@@ -61,7 +65,11 @@ class WavFileSource:
         return reader.frames / reader.fmt.rate
 
     async def __aenter__(self) -> Self:
-        self._reader = await asyncio.to_thread(open_wav, self.path)
+        self._reader = reader = await asyncio.to_thread(open_wav, self.path)
+        if reader.truncated:
+            log.warning("audio.file_truncated", path=str(self.path),
+                        header_s=round(reader.declared / reader.fmt.rate, 2),
+                        present_s=round(reader.frames / reader.fmt.rate, 2))
         return self
 
     async def __aexit__(

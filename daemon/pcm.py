@@ -20,6 +20,9 @@ from daemon.events import AudioChunk
 _FORMAT_PCM: Final = 0x0001
 _FORMAT_FLOAT: Final = 0x0003
 _FORMAT_EXTENSIBLE: Final = 0xFFFE
+_MIN_HEADER: Final = 44             # bytes before the audio in the smallest WAV file
+MIN_RATE: Final = 4000              # sample rates a WAV file may have (Hz)
+MAX_RATE: Final = 384_000
 
 if TYPE_CHECKING:  # numpy and soxr load only when a conversion is needed
     import numpy as np
@@ -131,9 +134,16 @@ class WavReader:
     """An open WAV file: its format, its length and a blocking frame reader."""
 
     def __init__(
-        self, fmt: PcmFormat, frames: int, read: Callable[[int], bytes], close: Callable[[], None]
+        self, fmt: PcmFormat, frames: int, read: Callable[[int], bytes], close: Callable[[], None],
+        *, declared: int | None = None,
     ) -> None:
         self.fmt, self.frames, self.read, self.close = fmt, frames, read, close
+        self.declared = frames if declared is None else declared   # what the header says
+
+    @property
+    def truncated(self) -> bool:
+        """The file holds fewer frames than its header declares (an interrupted copy)."""
+        return self.frames < self.declared
 
 
 def open_wav(path: Path) -> WavReader:
@@ -149,7 +159,11 @@ def open_wav(path: Path) -> WavReader:
     except OSError as exc:
         raise AudioError(f"audio file {path}: cannot open ({exc.strerror or exc})") from None
     fmt = PcmFormat(wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
-    reader = WavReader(fmt, wav.getnframes(), wav.readframes, wav.close)
+    declared = wav.getnframes()
+    frame_bytes = max(1, fmt.width * fmt.channels)
+    present = (os.stat(path).st_size - _MIN_HEADER) // frame_bytes   # an upper bound
+    reader = WavReader(fmt, max(0, min(declared, present)), wav.readframes, wav.close,
+                       declared=declared)
     _check_wav(path, reader)
     return reader
 
@@ -164,18 +178,20 @@ def _open_riff(path: Path) -> WavReader:
                 f"audio file {path}: unsupported WAV encoding (format tag 0x{tag:04x}, compressed);"
                 " only PCM and float WAV files are supported"
             )
+        declared = size
         size = min(size, os.fstat(file.fileno()).st_size - offset)
         file.seek(offset)
     except BaseException:
         file.close()
         raise
-    frame_bytes = fmt.width * fmt.channels
+    frame_bytes = max(1, fmt.width * fmt.channels)
     end = offset + size - size % frame_bytes
 
     def read(frames: int) -> bytes:
         return file.read(max(0, min(frames * frame_bytes, end - file.tell())))
 
-    reader = WavReader(fmt, size // frame_bytes, read, file.close)
+    reader = WavReader(fmt, size // frame_bytes, read, file.close,
+                       declared=declared // frame_bytes)
     _check_wav(path, reader)  # closes the file when it rejects it
     return reader
 
@@ -203,7 +219,7 @@ def _check_wav(path: Path, reader: WavReader) -> None:
     """Reject formats we cannot decode and files without audio."""
     fmt = reader.fmt
     widths = (4, 8) if fmt.is_float else (1, 2, 3, 4)
-    if fmt.width not in widths or fmt.channels < 1 or fmt.rate < 1:
+    if fmt.width not in widths or fmt.channels < 1 or not MIN_RATE <= fmt.rate <= MAX_RATE:
         reader.close()
         raise AudioError(
             f"audio file {path}: unsupported WAV format "
@@ -211,4 +227,5 @@ def _check_wav(path: Path, reader: WavReader) -> None:
         )
     if reader.frames == 0:
         reader.close()
-        raise AudioError(f"audio file {path}: contains no audio (0 frames)")
+        cut = f" of the {reader.declared} its header declares" if reader.truncated else ""
+        raise AudioError(f"audio file {path}: contains no audio (0 frames{cut})")

@@ -60,6 +60,13 @@ def encode(samples: Floats, width: int) -> bytes:
     return bytes(ints.astype(f"<i{width}").tobytes())
 
 
+def cut(path: Path, size: int) -> Path:
+    """Truncate a file to ``size`` bytes (a copy that was interrupted)."""
+    with path.open("r+b") as file:
+        file.truncate(size)
+    return path
+
+
 def write_wav(path: Path, samples: Floats, rate: int, width: int) -> Path:
     """Write an integer PCM WAV with the stdlib ``wave`` module."""
     with wave.open(str(path), "wb") as wav:
@@ -191,8 +198,13 @@ class TestWavErrors:
             (lambda p: write_riff(p, 0x55, 1, 16000, 16, b"\x01" * 100), "compressed"),
             (lambda p: write_riff(p, 3, 1, 16000, 16, b"\x01" * 100), "unsupported WAV format"),
             (lambda p: (p.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk"), p)[1], "not"),
+            (lambda p: cut(write_wav(p, sine(440, 1.0, 16000), 16000, 2), 44),
+             "contains no audio (0 frames of the 16000 its header declares)"),
+            (lambda p: write_riff(p, 1, 1, 1_000_000_000, 16, b"\x01" * 100),
+             "unsupported WAV format (16-bit, 1 ch, 1000000000 Hz)"),
         ],
-        ids=["missing", "directory", "text", "empty", "zero-frames", "mp3", "float16", "truncated"],
+        ids=["missing", "directory", "text", "empty", "zero-frames", "mp3", "float16", "truncated",
+             "header-only", "absurd-rate"],
     )
     async def test_bad_file_gives_one_line_error_naming_path(
         self, tmp_path: Path, make: object, reason: str
@@ -206,6 +218,16 @@ class TestWavErrors:
         assert str(path) in message
         assert reason in message
         assert "\n" not in message
+
+    async def test_cut_short_file_plays_what_is_there_with_a_warning(self, tmp_path: Path) -> None:
+        """A WAV cut short (an interrupted copy) is read to its end, with one warning."""
+        path = cut(write_wav(tmp_path / "cut.wav", sine(440, 1.0, 16000), 16000, 2), 44 + 16000)
+        with capture_logs() as logs:
+            async with WavFileSource(path, realtime=False) as source:
+                chunks = [c async for c in source.chunks()]
+        assert len(chunks) == 5                 # 0.5 s of the 1 s header
+        (warning,) = [e for e in logs if e["event"] == "audio.file_truncated"]
+        assert (warning["header_s"], warning["present_s"]) == (1.0, 0.5)
 
     async def test_chunks_outside_context_is_an_error(self, tmp_path: Path) -> None:
         """Iterating a source that was never entered raises AudioError naming the file."""
