@@ -28,6 +28,8 @@ from pydantic_settings import (
 from daemon.errors import ConfigError, EngineError
 
 ENV_PREFIX: Final = "TRANSCRIBED_"
+DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
+SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
 MASK: Final = "********"
 
@@ -63,9 +65,10 @@ class AssemblyAIConfig(_Section):
     api_key: SecretStr = Field(SecretStr(""), description="API key (prefer api_key_file)")
     api_key_file: str = Field("", description="file holding the API key")
     streaming_url: str = "wss://streaming.assemblyai.com/v3/ws"
-    token_url: str = "https://streaming.assemblyai.com/v3/token"
+    token_url: str = DEFAULT_TOKEN_URL
     token_expires_in: int = Field(60, ge=1, le=600)
-    max_session_seconds: int = Field(10800, ge=10, le=10800)
+    max_session_seconds: int = Field(10800, ge=10, le=10800,   # >= 10 for test services only
+                                     description="session cap asked for (the service: 60..10800)")
     speech_model: str = "universal-streaming-english"
     format_turns: bool = True
     end_of_turn_confidence_threshold: float = Field(0.4, ge=0.0, le=1.0)
@@ -428,6 +431,13 @@ def check_semantics(settings: Settings) -> list[str]:
             "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
             "(set api_key, api_key_file or the assemblyai_api_key credential)"
         )
+    cloud = settings.assemblyai
+    if cloud.token_url == DEFAULT_TOKEN_URL and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
+        problems.append(f"assemblyai.max_session_seconds: the service accepts "
+                        f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
+    state = settings.state_path()
+    if state.exists() and not state.is_dir():
+        problems.append(f"state.dir: {state} exists and is not a directory")
     if settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
     if settings.engine_name() == "local":

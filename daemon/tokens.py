@@ -73,7 +73,10 @@ class TokenProvider:
                 f"token endpoint rejected the API key ({status}: {detail})", rejected=True
             )
         if status == 400:
-            raise ConfigError(f"assemblyai: token endpoint refused our parameters: {detail}")
+            raise ConfigError(
+                "assemblyai.token_expires_in / max_session_seconds: the token endpoint refused "
+                f"them ({detail})"
+            )
         if status != 200:
             raise TokenError(
                 f"token endpoint answered {status}: {detail}", retry_after=_retry_after(response)

@@ -134,16 +134,20 @@ BAD_VALUES = [
     ('[local]\ncompute_type = "bogus"\n', "local.compute_type: Input should be 'int8'"),
     ('[transcriber]\nengine = "local"\n[local]\ncompute_type = "int8_bfloat16"\n',
      "local.compute_type: 'int8_bfloat16' is not supported on this CPU (supported: auto, "),
+    ('[assemblyai]\napi_key = "k"\nmax_session_seconds = 30\n',
+     "assemblyai.max_session_seconds: the service accepts 60..10800 (got 30)"),
     ('[sinks.q]\ntype = ["file"]\n', "sinks.q.type: unknown type ['file'] (known types: "),
     ('[sinks.f]\ntype = "file"\npath = "/tmp/x.jsonl"\nrotate_bytes = nan\n',
      "sinks.f.rotate_bytes: Input should be a finite number"),
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), BAD_VALUES)
+@pytest.mark.parametrize(("text", "expected"), [
+    *BAD_VALUES, ('[state]\ndir = "{tmp}/c.toml"\n', "state.dir: {tmp}/c.toml exists and is not")])
 def test_bad_values_one_line_each(text: str, expected: str, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Values the daemon could not run with are config errors naming the key (exit 78)."""
+    text, expected = text.replace("{tmp}", str(tmp_path)), expected.replace("{tmp}", str(tmp_path))
     path = write(tmp_path / "c.toml", text)
     assert check_config(argparse.Namespace(config=str(path))) == 78
     (line,) = capsys.readouterr().err.splitlines()
