@@ -246,12 +246,21 @@ def load_settings(path: Path | None) -> Settings:
         Settings._toml_path = path
         settings = Settings()
     except ValidationError as exc:
-        raise ConfigError([where + line for line in validation_lines(exc)]) from None
+        raise ConfigError([_origin(line, where, os.environ) + line
+                           for line in validation_lines(exc)]) from None
     except SettingsError as exc:
         raise ConfigError(_environment_error(exc, os.environ)) from None
     finally:
         Settings._toml_path = None
     return _resolve_secrets(settings, where, os.environ)
+
+
+def _origin(line: str, where: str, env: Mapping[str, str]) -> str:
+    """Who set the key a problem line names: its environment variable if one is set."""
+    name = ENV_PREFIX + line.split(":", 1)[0].upper().replace(".", "__")
+    if any(variable.upper() == name for variable in env):
+        return f"environment {name}: "
+    return where
 
 
 def _environment_error(exc: SettingsError, env: Mapping[str, str]) -> str:

@@ -59,6 +59,17 @@ class TestValues:
         sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
         assert sinks["j"][1].model_dump()["fsync"] is False
 
+    def test_env_problem_names_the_variable(self, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A bad value from the environment is blamed on its variable, not on the file."""
+        path = write(tmp_path / "c.toml", '[audio]\nchunk_ms = 100\n')
+        monkeypatch.setenv("TRANSCRIBED_AUDIO__CHUNK_MS", "abc")
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert info.value.problems == [
+            "environment TRANSCRIBED_AUDIO__CHUNK_MS: audio.chunk_ms: Input should be a valid "
+            "integer, unable to parse string as an integer"]
+
     def test_sink_names_are_lower_case(self, tmp_path: Path) -> None:
         """A sink name the environment could not address is refused, naming it."""
         path = write(tmp_path / "c.toml", '[sinks.MyJournal]\ntype = "console"\n')
