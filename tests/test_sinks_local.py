@@ -136,6 +136,15 @@ def runner(name: str, sink: ScriptedSink) -> SinkRunner:
     return SinkRunner(name, sink_type, SinkConfig(type="scripted"), sink, MemoryQueue())
 
 
+async def run_through(dispatcher: Dispatcher, count: int, flush_s: float) -> None:
+    """Start ``dispatcher``, dispatch records 0 .. count-1, then close it (flushing)."""
+    async with asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        for i in range(count):
+            dispatcher.dispatch(record(i))
+        await dispatcher.close(flush_s)
+
+
 class TestDispatcher:
     async def test_hung_sink_stalls_nothing(self, tmp_path: Path) -> None:
         """A sink that never answers delays no other sink."""
@@ -154,22 +163,14 @@ class TestDispatcher:
         """Transient failures are retried; records still arrive once each, in order."""
         sink = ScriptedSink([SinkError("down"), SinkError("still down")])
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            for i in range(3):
-                dispatcher.dispatch(record(i))
-            await dispatcher.close(10)
+        await run_through(dispatcher, 3, flush_s=10)
         assert sink.got == ["s:0", "s:1", "s:2"]
 
     async def test_permanent_dead_lettered(self, tmp_path: Path) -> None:
         """A permanent failure moves the record to the dead-letter file and goes on."""
         sink = ScriptedSink([PermanentSinkError("400 bad request")])
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            dispatcher.dispatch(record(0))
-            dispatcher.dispatch(record(1))
-            await dispatcher.close(10)
+        await run_through(dispatcher, 2, flush_s=10)
         assert sink.got == ["s:1"]
         dead = json.loads((tmp_path / "s.jsonl").read_text())
         assert dead["record"]["id"] == "s:0" and "400" in dead["error"]
@@ -226,11 +227,7 @@ class TestDispatcherEdges:
         """A sink that cannot be opened is retried; its queued turns arrive, in order."""
         sink = ScriptedSink(open_failures=2)
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            for i in range(3):
-                dispatcher.dispatch(record(i))
-            await dispatcher.close(10)
+        await run_through(dispatcher, 3, flush_s=10)
         assert sink.got == ["s:0", "s:1", "s:2"]
         assert dispatcher.runners["s"].stats.last_error == \
             "ConnectionRefusedError: scripted: cannot open"
@@ -241,21 +238,14 @@ class TestDispatcherEdges:
         flaky = SinkRunner("s", SinkType("scripted", SinkConfig, lambda *_: sink),
                            SinkConfig(type="scripted"), sink, AckFailsOnce())
         dispatcher = Dispatcher([flaky], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            dispatcher.dispatch(record(0))
-            dispatcher.dispatch(record(1))
-            await dispatcher.close(10)
+        await run_through(dispatcher, 2, flush_s=10)
         assert sink.got == ["s:0", "s:0", "s:1"]     # at least once: s:0 again, nothing lost
 
     async def test_retry_after_is_honoured(self, tmp_path: Path) -> None:
         """A sink asking to retry in an hour is not retried within the flush window."""
         sink = ScriptedSink([SinkError("busy", retry_after=3600)])
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            dispatcher.dispatch(record(0))
-            await dispatcher.close(1.0)
+        await run_through(dispatcher, 1, flush_s=1.0)
         assert sink.got == []
 
     async def test_undelivered_at_exit_is_dead_lettered(self, tmp_path: Path) -> None:
@@ -267,11 +257,7 @@ class TestDispatcherEdges:
         sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
         dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
                                 dead_letter_dir=tmp_path / "dead")
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            for i in range(3):
-                dispatcher.dispatch(record(i))
-            await dispatcher.close(0.5)
+        await run_through(dispatcher, 3, flush_s=0.5)
         lines = [json.loads(x) for x in (tmp_path / "dead" / "j.jsonl").read_text().splitlines()]
         assert [x["record"]["id"] for x in lines] == ["s:0", "s:1", "s:2"]
         assert lines[0]["error"].startswith("not delivered before exit (cannot open ")
@@ -280,10 +266,7 @@ class TestDispatcherEdges:
         """A sink that keeps asking to retry at once still gets the normal backoff."""
         sink = ScriptedSink([SinkError("busy", retry_after=0.0) for _ in range(10_000)])
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
-        async with asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            dispatcher.dispatch(record(0))
-            await dispatcher.close(1.0)
+        await run_through(dispatcher, 1, flush_s=1.0)
         attempts = 10_000 - len(sink.failures)
         assert 1 <= attempts <= 8      # 0.1-0.3 s, 0.2-0.6 s, ... : a handful in one second
 
