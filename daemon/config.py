@@ -146,6 +146,13 @@ class HttpConfig(_Section):
     listen: str = "127.0.0.1:8765"
     token: SecretStr = SecretStr("")
 
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr) -> SecretStr:
+        if not re.fullmatch(r"[!-~]*", value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (it is sent in a header)")
+        return value
+
 
 class StateConfig(_Section):
     """``[state]``: where durable queues live."""

@@ -29,6 +29,8 @@ RestartSec=5
 RestartPreventExitStatus=77 78
 WatchdogSec=30
 TimeoutStopSec=30
+# room for sinks, the cloud engine and the live view's (capped) clients, above the 1024 default
+LimitNOFILE=8192
 Environment=PYTHONUNBUFFERED=1
 """
 

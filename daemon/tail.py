@@ -76,6 +76,8 @@ async def follow(url: str, token: str, screen: Screen) -> None:
         raise TailError(f"the daemon at {feed} answered HTTP {code}") from None
     except ConnectionClosedError as exc:
         raise TailError(f"the feed at {feed} closed: {exc}") from None
+    except BrokenPipeError:
+        raise                               # our reader went away (| head): not the daemon
     except (OSError, TimeoutError, WebSocketException) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise TailError(f"cannot reach the daemon at {feed}: {reason} "

@@ -20,11 +20,11 @@ from http import HTTPStatus
 from importlib import resources
 from types import TracebackType
 from typing import Any, Final, Self
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -42,6 +42,8 @@ PAGE_CSP: Final = (
 )
 METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 POLL_S: Final = 1.0  # how often backlog and audio flow are refreshed into the state event
+MAX_CONNECTIONS: Final = 256  # open at once (handshakes included): each holds a file descriptor
+CLOSE_TIMEOUT_S: Final = 1.0  # a viewer that does not answer the close is cut off after this
 
 # websockets logs each request line at debug level, query (token) included: keep it quiet.
 _WS_LOGGER: Final = logging.getLogger("daemon.web.websockets")
@@ -111,8 +113,10 @@ class LiveServer:
         token: str = "",
         stale_s: float = 5.0,
         poll_s: float = POLL_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._host, self._port = parse_listen(listen)
+        self._max_connections = max_connections
         if not is_loopback(self._host) and not token:
             raise ConfigError(check_http(HttpConfig(listen=listen))[0])
         self._hub = hub
@@ -155,7 +159,8 @@ class LiveServer:
             self._server = await serve(
                 self._feed, self._host, self._port, process_request=self._route,
                 compression=None, max_size=4096, max_queue=4, logger=_WS_LOGGER,
-                server_header=None,
+                server_header=None, close_timeout=CLOSE_TIMEOUT_S,
+                create_connection=_capped(self._max_connections),
             )
         except OSError as exc:  # the live view is optional: capture goes on without it
             log.error("http.listen_failed", listen=f"{self._host}:{self._port}",
@@ -212,6 +217,12 @@ class LiveServer:
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP; return ``None`` to let ``/events`` upgrade to a WebSocket."""
+        try:
+            return self._answer(request)
+        except MultipleValuesError as exc:
+            return _text(HTTPStatus.BAD_REQUEST, f"header sent more than once: {exc}\n")
+
+    def _answer(self, request: Request) -> Response | None:
         url = urlsplit(request.path)
         if request.method != "GET":
             return _text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n", allow="GET")
@@ -236,8 +247,9 @@ class LiveServer:
             return True
         given = request.headers.get("Authorization", "")
         offered = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        if not offered:
-            offered = (parse_qs(query).get("token") or [""])[0]
+        if not offered:         # ?token=…: a "+" is a "+" (tokens are often base64)
+            values = [part[6:] for part in query.split("&") if part.startswith("token=")]
+            offered = unquote(values[0]) if values else ""
         return hmac.compare_digest(offered.encode(), self._token)
 
     def _upgrade_check(self, request: Request) -> Response | None:
@@ -265,6 +277,35 @@ class LiveServer:
         ]
         text = self._metrics.render(self._status(), extra)
         return _response(HTTPStatus.OK, text.encode(), METRICS_TYPE)
+
+
+def _capped(limit: int) -> type[ServerConnection]:
+    """A connection class that cuts off TCP connections beyond ``limit`` open at once.
+
+    Viewers and half-open handshakes alike hold a file descriptor; without a cap a flood of
+    them exhausts the process's descriptors, and the sinks and the cloud engine need those.
+    """
+    open_now: set[ServerConnection] = set()
+    refusing = [False]
+
+    class Capped(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if len(open_now) >= limit:
+                if not refusing[0]:
+                    log.warning("http.too_many_connections", limit=limit)
+                refusing[0] = True
+                assert isinstance(transport, asyncio.Transport)
+                transport.abort()
+                return
+            refusing[0] = False
+            open_now.add(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            open_now.discard(self)
+            super().connection_lost(exc)
+
+    return Capped
 
 
 def _host_name(host_header: str) -> str:

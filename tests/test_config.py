@@ -147,6 +147,8 @@ BAD_VALUES = [
      "local.compute_type: 'int8_bfloat16' is not supported on this CPU (supported: auto, "),
     ('[assemblyai]\napi_key = "k"\nmax_session_seconds = 30\n',
      "assemblyai.max_session_seconds: the service accepts 60..10800 (got 30)"),
+    ('[http]\ntoken = "two words"\n',
+     "http.token: Value error, must be printable ASCII without spaces"),
     ('[sinks.q]\ntype = ["file"]\n', "sinks.q.type: unknown type ['file'] (known types: "),
     ('[sinks.f]\ntype = "file"\npath = "/tmp/x.jsonl"\nrotate_bytes = nan\n',
      "sinks.f.rotate_bytes: Input should be a finite number"),

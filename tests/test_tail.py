@@ -135,6 +135,24 @@ class TestPipes:
             _out, err = await process.communicate()
             assert process.returncode == 0 and err == b""
 
+    async def test_closed_pipe_is_a_quiet_exit(self) -> None:
+        """``tail --json | head -1``: when the reader goes away tail exits 0, saying nothing."""
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server:
+            reader, writer = os.pipe()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, server.url, "", "json", cwd=REPO,
+                stdout=writer, stderr=asyncio.subprocess.PIPE,
+            )
+            os.close(writer)
+            with os.fdopen(reader, "rb") as out:
+                async with asyncio.timeout(10):
+                    assert json.loads(await asyncio.to_thread(out.readline))["type"] == "state"
+            hub.turn(turn(0, "Nobody reads this."))        # the write that finds the pipe closed
+            async with asyncio.timeout(10):
+                _out, err = await process.communicate()
+        assert process.returncode == 0 and err == b""
+
     async def test_daemon_stopping_ends_tail(self) -> None:
         """When the daemon stops, tail says so and exits 0."""
         hub = LiveHub()

@@ -295,6 +295,37 @@ class TestAccess:
             async with connect(ws_url, origin=server.url) as ws:  # type: ignore[arg-type]
                 assert (await receive(ws))["type"] == "state"
 
+    async def test_token_in_query_keeps_its_plus(self) -> None:
+        """A base64 token pasted into ``?token=`` works as typed ("+" is not a space)."""
+        token = "s3cr3t+tok/en=="
+        async with live_server(LiveHub(), token=token) as server, httpx.AsyncClient(
+                base_url=server.url) as http:
+            assert (await http.get(f"/healthz?token={token}")).status_code in (200, 503)
+            assert (await http.get("/healthz?token=s3cr3t%2Btok%2Fen%3D%3D")).status_code != 401
+            assert (await http.get("/healthz?token=s3cr3t tok/en==")).status_code == 401
+
+    async def test_repeated_header_is_a_400(self) -> None:
+        """Two Authorization (or Host) headers: a plain 400, not a server error."""
+        async with live_server(LiveHub(), token=TOKEN) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                         f"{TOKEN}\r\nAuthorization: Bearer x\r\n\r\n".encode())
+            async with asyncio.timeout(5):
+                status = await reader.readline()
+            writer.close()
+        assert status.startswith(b"HTTP/1.1 400 ")
+
+    async def test_connections_are_capped(self) -> None:
+        """Beyond the cap a connection is cut at once, so a flood cannot use up descriptors."""
+        async with live_server(LiveHub(), max_connections=2) as server:
+            held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""              # closed without an answer
+            writer.close()
+            for _reader, held_writer in held:
+                held_writer.close()
+
     async def test_page_is_self_contained(self) -> None:
         """The page is served with a CSP that forbids any other origin."""
         async with live_server(LiveHub()) as server, httpx.AsyncClient(
@@ -325,6 +356,20 @@ class TestSlowClient:
                 assert hub.subscribers == 1 and sent < 400
                 hub.turn(turn(sent, "still here"))
                 assert (await receive(fast))["transcript"] == "still here"
+            slow.close()
+
+    async def test_stalled_viewer_does_not_hold_up_shutdown(self) -> None:
+        """A viewer that never reads cannot keep the daemon from stopping."""
+        hub = LiveHub()
+        server = LiveServer(hub, StatusBox(), listen="127.0.0.1:0")
+        await server.__aenter__()
+        slow = await _stalled_feed_client(server.port)
+        for order in range(40):                           # fill its socket buffers
+            hub.turn(turn(order, f"{order} " + "x" * 4096))
+        try:
+            async with asyncio.timeout(5):                # the close handshake waits 1 s at most
+                await server.__aexit__(None, None, None)
+        finally:
             slow.close()
 
 
