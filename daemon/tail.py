@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
 
+from daemon.config import MASK
 from daemon.errors import EX_FAILURE, EX_OK
 from daemon.events import parse_iso_utc
 
@@ -80,6 +81,8 @@ async def follow(url: str, token: str, screen: Screen) -> None:
         raise                               # our reader went away (| head): not the daemon
     except (OSError, TimeoutError, WebSocketException) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if token:
+            reason = reason.replace(token, MASK)    # a library error may quote our header
         raise TailError(f"cannot reach the daemon at {feed}: {reason} "
                         "(is `transcribed run` running with http.enabled?)") from None
     screen.note("the daemon stopped")
