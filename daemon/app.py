@@ -293,7 +293,8 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
 
 
 async def _beating(
-    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, meter: AudioMeter, within: float
+    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, meter: AudioMeter, within: float,
+    ended: Callable[[], None],
 ) -> AsyncIterator[AudioChunk]:
     """Pass chunks through, beating the capture heartbeat and counting them on ``meter``."""
     try:
@@ -302,6 +303,7 @@ async def _beating(
             meter.count(chunk)
             yield chunk
     finally:
+        ended()
         heartbeat.idle()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
@@ -364,7 +366,7 @@ async def _run_engine(
     within = _chunk_deadline(source)
     try:
         async with source:
-            chunks = _beating(source.chunks(), capture, listener.meter, within)
+            chunks = _beating(source.chunks(), capture, listener.meter, within, hub.input_ended)
             await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -113,6 +113,7 @@ class LiveHub:
         self._partial: PartialTurn | None = None
         self._subscribers: set[Subscription] = set()
         self._client_queue = client_queue
+        self._input_ended = False
         self.dropped_clients = 0
 
     # -- EngineListener --------------------------------------------------------------------
@@ -142,10 +143,15 @@ class LiveHub:
         self._publish(self._session)
         self.state("live", engine=session.engine, session_id=session.session_id)
 
+    def input_ended(self) -> None:
+        """No more audio will come (end of file, or stopping): sessions now end for good."""
+        self._input_ended = True
+
     def session_ended(self, summary: SessionSummary) -> None:
         """A session ended: unless a newer one is already live, the engine is reconnecting.
 
-        The app says ``state("stopped")`` when it is shutting down, which this never overrides.
+        Not once the input has ended: then the daemon is finishing, and the app says
+        ``state("stopped")`` when it is done (which this never overrides).
         """
         current = self._state["session_id"] in (None, summary.session_id)
         if self._session is not None and self._session["session_id"] == summary.session_id:
@@ -157,7 +163,7 @@ class LiveHub:
             "engine": summary.engine, "duration_s": summary.duration_s,
             "audio_s": summary.audio_s, "turns": summary.turns, "reason": summary.reason,
         })
-        if current and self._state["connection"] != "stopped":
+        if current and not self._input_ended and self._state["connection"] != "stopped":
             self.state("reconnecting", session_id=None)
 
     # -- state -----------------------------------------------------------------------------

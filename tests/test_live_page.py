@@ -102,7 +102,7 @@ class TestPage:
     async def test_banners_and_feed_reconnect(self, browser: Browser, tmp_path: Path) -> None:
         """Reconnecting and backlog show a banner; the page re-attaches when the daemon returns."""
         hub = LiveHub(engine="assemblyai")
-        async with live_server(hub) as server:
+        async with live_server(hub, poll_s=3600) as server:   # the test sets the state, not polls
             port = server.port
             page, requests = await open_page(browser, server.url + "/")
             hub.session_started(began())
@@ -117,7 +117,7 @@ class TestPage:
             await expect(banner).to_have_text(
                 "Capture paused: reopening the microphone — 12 s of audio held")
         await expect(banner).to_contain_text("Lost contact with the daemon")
-        async with live_server(hub, listen=f"127.0.0.1:{port}") as again:
+        async with live_server(hub, listen=f"127.0.0.1:{port}", poll_s=3600) as again:
             hub.state("live", session_id="sess-0002")
             await expect(page.locator("#connection")).to_have_text("live", timeout=10_000)
             hub.turn(turn(1, "After the drop."))

@@ -218,6 +218,16 @@ class TestFeed:
         hub.session_ended(ended("new"))
         assert hub.current["connection"] == "stopped"
 
+    def test_no_reconnecting_once_the_input_ended(self) -> None:
+        """The last session ending at the end of the input is not shown as a reconnect."""
+        hub = LiveHub(engine="assemblyai")
+        hub.session_started(began())
+        hub.input_ended()
+        hub.session_ended(ended())
+        assert hub.current["connection"] == "live"
+        hub.state("stopped")
+        assert hub.current["connection"] == "stopped"
+
     def test_tee_isolates_the_view(self) -> None:
         """Tee forwards to every listener; a failing live view never reaches the engine."""
         seen: list[str] = []
