@@ -136,7 +136,7 @@ def build_engine(
     from daemon.stream import AssemblyAIEngine
     from daemon.tokens import TokenProvider
 
-    tokens = TokenProvider(settings.assemblyai, client, on_token=masker.add)
+    tokens = TokenProvider(settings.assemblyai, client, on_token=masker.add_token)
     return AssemblyAIEngine(
         settings.assemblyai,
         settings.reconnect,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final, Literal, TextIO
 
@@ -30,23 +31,41 @@ _LEVELS: Final = {
 class SecretMasker:
     """A processor that replaces every known secret (and URL tokens) in an event with ``MASK``."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str] = (), *, recent_tokens: int = 16) -> None:
         self._secrets: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._tokens: deque[str] = deque(maxlen=recent_tokens)
+        self._ordered: tuple[str, ...] = ()
         self.add(*secrets)
 
     def add(self, *secrets: str) -> None:
-        """Start masking these values too (e.g. a freshly minted temporary token)."""
+        """Start masking these values too (the config's secrets, also those a reload brings)."""
         fresh = {s for s in secrets if s and len(s) >= 4}
         if fresh - self._secrets:
             self._secrets |= fresh
-            ordered = sorted(self._secrets, key=len, reverse=True)
-            self._pattern = re.compile("|".join(re.escape(s) for s in ordered))
+            self._order()
+
+    def add_token(self, token: str) -> None:
+        """Mask a freshly minted temporary token; only the most recent ones are kept.
+
+        A daemon that runs for weeks mints thousands; older ones have long expired, and
+        keeping them all would grow memory and the cost of every log line without bound.
+        """
+        if token and len(token) >= 4 and token not in self._tokens:
+            self._tokens.append(token)
+            self._order()
+
+    def __len__(self) -> int:
+        """How many values are masked (URL token parameters aside)."""
+        return len(self._ordered)
+
+    def _order(self) -> None:
+        self._ordered = tuple(sorted({*self._secrets, *self._tokens}, key=len, reverse=True))
 
     def mask(self, text: str) -> str:
         """Return ``text`` with secrets and URL token parameters masked."""
-        if self._pattern is not None:
-            text = self._pattern.sub(MASK, text)
+        for secret in self._ordered:          # longest first: a secret inside another one
+            if secret in text:
+                text = text.replace(secret, MASK)
         return _TOKEN_IN_URL.sub(rf"\g<1>{MASK}", text)
 
     def _walk(self, value: Any) -> Any:

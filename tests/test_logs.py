@@ -8,7 +8,7 @@ import logging
 
 import structlog
 
-from daemon.logs import configure
+from daemon.logs import SecretMasker, configure
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -20,7 +20,7 @@ class TestMasking:
         """A secret in any field, nested value or URL token never reaches the output."""
         out = io.StringIO()
         masker = configure(fmt="json", secrets=["sk-live-123456"], stream=out)
-        masker.add("tok-abcdef")
+        masker.add_token("tok-abcdef")
         log = structlog.get_logger("t")
         log.info("x.happened", url="wss://h/v3/ws?sample_rate=1&token=tok-abcdef",
                  nested={"k": ["sk-live-123456"]}, note="key=sk-live-123456!")
@@ -31,6 +31,15 @@ class TestMasking:
         first = lines(out)[0]
         assert first["event"] == "x.happened" and first["level"] == "info"
         assert "timestamp" in first
+
+    def test_only_recent_tokens_are_kept(self) -> None:
+        """Weeks of sessions mint thousands of tokens; the masker keeps the recent ones only."""
+        masker = SecretMasker(["sk-live-123456"], recent_tokens=3)
+        for index in range(1000):
+            masker.add_token(f"temporary-token-{index:04d}")
+        text = "sk-live-123456 temporary-token-0999 temporary-token-0997 temporary-token-0000"
+        assert masker.mask(text) == "******** ******** ******** temporary-token-0000"
+        assert len(masker) == 4            # the key and three tokens, not 1001
 
     def test_exceptions_masked(self) -> None:
         """A traceback that mentions a secret is masked too."""
