@@ -372,7 +372,7 @@ class Dispatcher:
         if held is not None:
             runner.queue.requeue(held)
         expected = isinstance(exc, SinkError | OSError)
-        reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+        reason = _reason(exc)
         runner.stats.last_error = reason
         log.error("sink.crashed", sink_type=runner.sink_type.name, error=reason,
                   queued=runner.queue.depth(), retry_in_s=round(delay, 2),
@@ -438,7 +438,7 @@ class Dispatcher:
     def _failed(self, runner: SinkRunner, delivery: Delivery, exc: Exception,
                 retry: _Retry) -> float | None:
         """Log and count a failed send; the wait before the retry, or None once dead-lettered."""
-        reason = str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+        reason = _reason(exc)
         now = time.monotonic()
         if retry.first_failure is None:
             retry.first_failure = now
@@ -475,3 +475,8 @@ class Dispatcher:
                 handle.write(line + "\n")
         except OSError as exc:
             log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
+
+
+def _reason(exc: Exception) -> str:
+    """A sink failure as one line: a ``SinkError``'s own message, else the exception's type too."""
+    return str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
