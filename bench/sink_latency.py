@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,6 +61,9 @@ class TimedQueue:
 
     def put(self, record: TurnRecord) -> None:
         self.inner.put(record)
+
+    def batch(self) -> AbstractContextManager[object]:
+        return self.inner.batch()
 
     async def get(self) -> Delivery | None:
         return await self.inner.get()

@@ -1,7 +1,8 @@
 """The dispatcher: one queue and one worker per sink, so a slow sink stalls nothing.
 
 ``dispatch()`` is synchronous and never blocks the caller: it appends the record to every sink's
-queue (in memory, or the on-disk outbox for durable sinks) and returns. Each worker delivers its
+queue (in memory, or the on-disk outbox for durable sinks: one write and one fsync for all of
+them) and returns. Each worker delivers its
 queue in order, retrying transient failures with jittered backoff (logged once per state change,
 not per attempt) and moving records that fail permanently to a dead-letter file.
 """
@@ -15,7 +16,8 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 
 from daemon.backoff import backoff
 from daemon.config import validation_lines
-from daemon.errors import ConfigError, PermanentSinkError, SinkError
+from daemon.errors import ConfigError, DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
 from daemon.plugins import PluginHost, Sink, SinkConfig, SinkType
@@ -47,11 +49,26 @@ class Delivery:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
+class BatchError(DaemonError):
+    """A batched write failed: the records ``put`` into ``queues`` inside it were not stored."""
+
+    def __init__(self, reason: str, queues: Sequence[SinkQueue]) -> None:
+        super().__init__(reason)
+        self.queues = tuple(queues)
+
+
 class SinkQueue(Protocol):
     """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
 
     def put(self, record: TurnRecord) -> None:
         """Append a record; must not block."""
+
+    def batch(self) -> AbstractContextManager[object]:
+        """Group the ``put``s made inside into one write with those of queues sharing storage.
+
+        One fsync per turn, not one per durable sink. Leaving it raises ``BatchError`` naming
+        the queues whose records could not be stored; nested batches join the outer one.
+        """
 
     async def get(self) -> Delivery | None:
         """The oldest undelivered record, or ``None`` once closed and empty."""
@@ -85,6 +102,10 @@ class MemoryQueue:
         """Append a record."""
         self._items.append(Delivery(record))
         self._ready.set()
+
+    def batch(self) -> AbstractContextManager[object]:
+        """Nothing to group: a ``put`` is complete when it returns."""
+        return nullcontext()
 
     async def get(self) -> Delivery | None:
         """Next record, or ``None`` when closed and drained. Cancelling loses nothing."""
@@ -235,14 +256,30 @@ class Dispatcher:
         self._group: asyncio.TaskGroup | None = None
 
     def dispatch(self, record: TurnRecord) -> None:
-        """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake."""
-        for runner in self.runners.values():
-            try:
-                runner.queue.put(record)
-            except Exception as exc:  # supervision boundary: one sink's queue must not hurt others
-                log.exception("sink.enqueue_failed", sink=runner.name, record_id=record.id)
-                # never a silent drop: the turn lands in the sink's dead-letter file instead
-                self._dead_letter(runner, Delivery(record), f"could not queue: {exc}")
+        """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake.
+
+        The durable sinks' queues share one outbox: their appends are one transaction, so a turn
+        costs one fsync however many of them there are.
+        """
+        try:
+            with ExitStack() as batches:
+                for runner in self.runners.values():
+                    try:
+                        batches.enter_context(runner.queue.batch())
+                        runner.queue.put(record)
+                    except Exception as exc:  # supervision boundary: one sink's queue must not
+                        self._not_queued(runner, record, exc)   # hurt the others
+        except BatchError as exc:         # the shared write failed: those sinks have nothing
+            for runner in self.runners.values():
+                if any(runner.queue is queue for queue in exc.queues):
+                    self._not_queued(runner, record, exc)
+
+    def _not_queued(self, runner: SinkRunner, record: TurnRecord, exc: Exception) -> None:
+        """Never a silent drop: a turn a sink's queue refused lands in its dead-letter file."""
+        expected = isinstance(exc, DaemonError)         # a traceback only for what is a bug
+        log.error("sink.enqueue_failed", sink=runner.name, record_id=record.id,
+                  error=str(exc) if expected else _reason(exc), exc_info=not expected)
+        self._dead_letter(runner, Delivery(record), f"could not queue: {exc}")
 
     def start(self, group: asyncio.TaskGroup) -> None:
         """Start one worker per sink inside the caller's task group."""

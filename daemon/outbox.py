@@ -5,7 +5,8 @@ sink has delivered it, so a turn survives a crash, a kill -9 or a power loss at 
 is delivered at least once, in order, per sink.
 
 Durability: WAL journal with ``synchronous=FULL``: each append is one transaction whose WAL frames
-are fsynced before the commit returns. A crash can lose only a transaction that had not yet
+are fsynced before the commit returns (``Outbox.batch`` makes the appends of one turn to several
+sinks a single transaction: one fsync). A crash can lose only a transaction that had not yet
 returned (so the caller never saw it acknowledged), and a half-written WAL frame fails its
 checksum and is discarded on recovery, so no record is ever torn. (``NORMAL`` would also never
 tear a record but could lose the last acknowledged ones on power loss.)
@@ -23,13 +24,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Final
 
 import structlog
 
-from daemon.dispatch import Delivery
+from daemon.dispatch import BatchError, Delivery
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
 
@@ -72,6 +73,7 @@ class Outbox:
             os.close(self._lock_fd)
             raise
         self._queues: dict[str, OutboxQueue] = {}
+        self._batched: list[OutboxQueue] | None = None   # appended in the open batch
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
 
     def queue(self, sink: str) -> OutboxQueue:
@@ -88,6 +90,43 @@ class Outbox:
         """Depth of every sink with undelivered records (including ones no longer configured)."""
         return {name: n for name, n in self._depths.items() if n}
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make every append inside one transaction: one fsync for all of them.
+
+        Leaving commits them (also when the body raised: what was appended is kept). If the
+        commit fails nothing of the batch is stored and ``BatchError`` names the queues that
+        lost their record. Nested calls join the open batch.
+
+        Raises:
+            OutboxError: the transaction could not be started (nothing was appended).
+            BatchError: the commit failed.
+        """
+        if self._batched is not None:
+            yield
+            return
+        with _sqlite_errors(self.path, "write to"):
+            self._db.execute("BEGIN IMMEDIATE")
+        self._batched = batched = list[OutboxQueue]()
+        try:
+            yield
+        finally:
+            self._batched = None
+            self._commit(batched)
+
+    def _commit(self, batched: list[OutboxQueue]) -> None:
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass                    # the failed commit already ended the transaction
+            for queue in batched:
+                self._depths[queue.sink] = max(0, self._depths.get(queue.sink, 0) - 1)
+            raise BatchError(f"{self.path}: cannot append to the outbox database: {exc}",
+                             batched) from None
+
     def close(self) -> None:
         """Close the database and release the lock. Undelivered records stay for the next run."""
         if self._lock_fd < 0:
@@ -98,19 +137,25 @@ class Outbox:
 
     # -- used by OutboxQueue ----------------------------------------------------------------
 
-    def _append(self, sink: str, record: TurnRecord) -> int:
+    def _append(self, queue: OutboxQueue, record: TurnRecord) -> int:
+        sink = queue.sink
         depth = self._depths.get(sink, 0)
         if depth >= self.max_records:
             raise OutboxError(
                 f"{self.path}: outbox is full for sink {sink!r} ({depth} undelivered records); "
                 f"turn {record.id} was not queued"
             )
+        if self._batched is not None and not self._db.in_transaction:
+            raise OutboxError(f"{self.path}: an earlier failure in this batch rolled it back; "
+                              f"turn {record.id} was not queued")
         seq = self._next_seq.get(sink, 1)
         row = (sink, seq, record.id, record.to_json(), time.time())
         with _sqlite_errors(self.path, "append to"):
             self._db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)", row)
         self._next_seq[sink] = seq + 1
         self._depths[sink] = depth + 1
+        if self._batched is not None:
+            self._batched.append(queue)
         return seq
 
     def _first_after(self, sink: str, seq: int) -> tuple[int, str] | None:
@@ -154,13 +199,19 @@ class OutboxQueue:
         self._closed = False
 
     def put(self, record: TurnRecord) -> None:
-        """Append ``record`` durably; when this returns the turn survives a crash.
+        """Append ``record`` durably; once this returns the turn survives a crash.
+
+        Inside ``batch`` that holds once the batch has ended without ``BatchError``.
 
         Raises:
             OutboxError: the sink's queue is full or the database cannot be written.
         """
-        self._outbox._append(self.sink, record)
+        self._outbox._append(self, record)
         self._wakeup.set()
+
+    def batch(self) -> AbstractContextManager[object]:
+        """The outbox's batch: appends of every sink inside it share one transaction."""
+        return self._outbox.batch()
 
     async def get(self) -> Delivery | None:
         """The oldest record not yet handed out; waits for one; ``None`` once closed and empty."""

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkQueue, SinkRunner
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
@@ -109,7 +110,7 @@ class TestQueue:
 CHILD = """
 import sys
 from datetime import UTC, datetime
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from daemon.events import TurnRecord
 from daemon.outbox import Outbox
@@ -176,6 +177,70 @@ class NullSink:
 
     async def send(self, record: TurnRecord) -> None:
         return None
+
+
+def null_runner(name: str, queue: SinkQueue) -> SinkRunner:
+    """A runner whose sink accepts everything (only its queue matters here)."""
+    return SinkRunner(name, SinkType("null", SinkConfig, lambda *_: NullSink()),
+                      SinkConfig(type="null"), NullSink(), queue)
+
+
+class TestBatch:
+    """One turn to several durable sinks is one transaction: one fsync, all or nothing."""
+
+    def test_one_transaction_for_all_durable_sinks(self, outbox: Outbox, tmp_path: Path) -> None:
+        memory = MemoryQueue()
+        dispatcher = Dispatcher([null_runner("mqtt", outbox.queue("mqtt")),
+                                 null_runner("file", memory),
+                                 null_runner("hook", outbox.queue("hook"))],
+                                dead_letter_dir=tmp_path / "dead")
+        statements: list[str] = []
+        outbox._db.set_trace_callback(statements.append)   # SQLite's own statement trace
+        dispatcher.dispatch(make_turn(1))
+        outbox._db.set_trace_callback(None)
+        assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
+        assert (outbox.depth("mqtt"), outbox.depth("hook"), memory.depth()) == (1, 1, 1)
+
+    async def test_failed_commit_dead_letters_each_durable_sink(self, outbox: Outbox,
+                                                                tmp_path: Path) -> None:
+        """A commit the database refuses: no durable sink holds the turn, each dead-letters it
+        with one line naming the file, the in-memory sink still gets it, the next turn is fine."""
+        memory = MemoryQueue()
+        dispatcher = Dispatcher([null_runner("mqtt", outbox.queue("mqtt")),
+                                 null_runner("file", memory),
+                                 null_runner("hook", outbox.queue("hook"))],
+                                dead_letter_dir=tmp_path / "dead")
+
+        def refuse_commit(action: int, what: str | None, *_: object) -> int:
+            denied = action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT"
+            return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+
+        outbox._db.set_authorizer(refuse_commit)        # a real refusal by SQLite itself
+        with capture_logs() as logs:
+            dispatcher.dispatch(make_turn(1))
+        outbox._db.set_authorizer(None)
+        failed = [e for e in logs if e["event"] == "sink.enqueue_failed"]
+        assert [e["sink"] for e in failed] == ["mqtt", "hook"]
+        assert all(e["error"].startswith(f"{outbox.path}: cannot append") for e in failed)
+        assert all("\n" not in e["error"] for e in failed)
+        for sink in ("mqtt", "hook"):
+            assert "sess:1" in (tmp_path / "dead" / f"{sink}.jsonl").read_text()
+            assert outbox.depth(sink) == 0
+        assert memory.depth() == 1
+
+        dispatcher.dispatch(make_turn(2))
+        for sink in ("mqtt", "hook"):
+            queue = outbox.queue(sink)
+            assert queue.depth() == 1
+            queue.close()
+            got = [d.record.turn_order async for d in _drain(queue)]
+            assert got == [2]
+
+
+async def _drain(queue: SinkQueue) -> AsyncIterator[Delivery]:
+    while (delivery := await queue.get()) is not None:
+        queue.ack(delivery)
+        yield delivery
 
 
 class TestErrors:
