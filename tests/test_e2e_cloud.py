@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -41,6 +42,12 @@ class TestHappyPath:
         assert all(d == 100 for d in durations[:-1]) and 50 <= durations[-1] <= 100
         assert session.close_code == 1000 and session.closed_by != "abort"
         assert "Terminate" in "".join(session.texts)
+        with wave.open(str(SPEECH_DIR / S1)) as wav:
+            pcm = wav.readframes(wav.getnframes())
+        audio = bytes(session.audio)                # the file exactly, padded to a whole chunk
+        assert audio[: len(pcm)] == pcm and not audio[len(pcm):].strip(b"\0")
+        [ended] = result.events("session.ended")     # once caught up, the ledger pump sends
+        assert ended["pushed_s"] >= ended["audio_s"] - 0.5, ended
 
     async def test_credentials_stay_private(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """The API key goes only to the token endpoint, never to the socket or any output."""
