@@ -52,8 +52,8 @@ class Ledger:
 
     # -- writer side ----------------------------------------------------------------------
 
-    def append(self, chunk: AudioChunk) -> Piece:
-        """Add a captured chunk (returned as its ``Piece``); drop audio beyond the bound."""
+    def append(self, chunk: AudioChunk) -> None:
+        """Add a captured chunk; drop the oldest audio beyond the backlog bound."""
         piece = Piece(self._next, chunk.pcm, chunk.captured_at)
         self._pieces.append(piece)
         self._next = piece.end
@@ -62,7 +62,6 @@ class Ledger:
             self.dropped_samples += gone.samples
             self._covered = max(self._covered, gone.end)
         self._changed.set()
-        return piece
 
     def finish(self) -> None:
         """No more audio will come (end of file, or shutdown)."""

@@ -10,13 +10,6 @@ then are discarded, because the next session replays their audio from the ledger
 
 A replay session (``stop`` set, see ``daemon.catchup``) sends the ledger only up to ``stop``,
 then terminates; its Termination means that range is done.
-
-Once caught up with live audio, a live session *hands its sending to the ledger pump*: the pump
-sends each chunk it has just appended (``push``) instead of waking the sender task, which saves
-a pass of the event loop per chunk (``bench/cloud.py``: the loop's wake-ups are most of the
-daemon's steady CPU). Anything out of the ordinary (a rollover switch, the end of the input,
-audio ahead of real time, a busy or closing socket) hands sending back to the sender task,
-which resumes from the ledger where the pump stopped: the same logic, nothing lost.
 """
 
 from __future__ import annotations
@@ -29,7 +22,6 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from daemon.engine import EngineListener
 from daemon.events import SessionInfo, SessionSummary
@@ -101,9 +93,6 @@ class StreamSession:
         self._switch_deadline: float | None = None
         self._switched = asyncio.Event()
         self._skipped = 0
-        self._push_at = 0                  # the next position the pump may send (push mode)
-        self._push_done = asyncio.Event()  # the pump handed sending back to the sender task
-        self._pushed_samples = 0           # samples the pump sent (logged at the end)
         self.assembler = TurnAssembler(
             begin.id, self.timeline, format_turns=engine.config.format_turns,
             source=engine.source, host=engine.host, emit=listener.turn,
@@ -143,7 +132,6 @@ class StreamSession:
     async def switch_over(self, deadline: float) -> None:
         """Stop sending at the next turn boundary (or at ``deadline``) and ``Terminate``."""
         self._switch_deadline = deadline
-        self.end_push()                     # the sender task looks for the boundary
         await self._switched.wait()
 
     async def abandon(self) -> None:
@@ -166,7 +154,6 @@ class StreamSession:
         except ConnectionClosed:
             return                              # the reader reports why
         finally:
-            self.end_push()
             self.engine.senders -= 1
             self._switched.set()
 
@@ -177,9 +164,6 @@ class StreamSession:
         while True:
             if self.stop is not None and position >= self.stop:
                 return                          # a replay session's range is sent
-            if position >= ledger.end and self._may_push():
-                position = await self._pushed(position)
-                continue
             await ledger.wait_beyond(position)
             piece = self._next_piece(position)
             if piece is None:
@@ -200,53 +184,6 @@ class StreamSession:
             if catching_up and self.stop is None and ledger.end - position < live:
                 catching_up = False
                 self._report_caught_up()
-
-    # -- push mode: the ledger pump sends live chunks ----------------------------------------
-
-    def _may_push(self) -> bool:
-        """Caught up, live, already sending, and nothing else is pushing."""
-        return (self.stop is None and self._switch_deadline is None and not self.engine.ledger.eof
-                and self._first_send is not None and self.engine.pusher is None)
-
-    async def _pushed(self, position: int) -> int:
-        """Let the pump send from ``position``; return where it handed sending back."""
-        self._push_at = position
-        self._push_done.clear()
-        self.engine.pusher = self
-        try:
-            await self._push_done.wait()
-        finally:
-            self.end_push()
-        return self._push_at
-
-    def end_push(self) -> None:
-        """Hand sending back to the sender task (idempotent)."""
-        if self.engine.pusher is self:
-            self.engine.pusher = None
-        self._push_done.set()
-
-    async def push(self, piece: Piece) -> None:
-        """Send a chunk the pump just appended, or hand sending back if it needs more than that.
-
-        Never waits: a closing connection or a socket with unsent data (the only cases where
-        ``send`` could) go back to the sender task, so the pump keeps draining the source.
-        """
-        now = time.monotonic()
-        assert self._first_send is not None
-        ahead = self.timeline.sent_seconds - (now - self._first_send)
-        if (piece.start != self._push_at or piece.samples != self.engine.chunk_samples
-                or ahead > PACE_SLACK_S or self.ws.state is not State.OPEN
-                or self.ws.transport.get_write_buffer_size() > 0):
-            self.end_push()
-            return
-        self._push_at = piece.end
-        try:
-            await self.ws.send(piece.pcm)
-        except ConnectionClosed:
-            self.end_push()                     # the reader reports why
-            return
-        self.timeline.add(piece)
-        self._pushed_samples += piece.samples
 
     def _report_caught_up(self) -> None:
         assert self._first_send is not None
@@ -406,6 +343,5 @@ class StreamSession:
         self.log.info("session.ended", duration_s=summary.duration_s, audio_s=summary.audio_s,
                       turns=summary.turns, reconnects=self.engine.reconnects,
                       reason=outcome.reason, lane=self.lane,
-                      silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2),
-                      pushed_s=round(self._pushed_samples / self.engine.sample_rate, 2))
+                      silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2))
         self.listener.session_ended(summary)

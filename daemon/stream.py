@@ -112,7 +112,6 @@ class AssemblyAIEngine:
         self.ledger = Ledger(sample_rate, reconnect.backlog_seconds)
         self.reconnects = 0
         self.senders = 0                 # sessions currently sending audio
-        self.pusher: StreamSession | None = None   # the live session the pump sends for
         self.catch_up: CatchUp | None = None
         self._listener: EngineListener | None = None     # the caller's (replay sessions use it)
         self._replaying: set[asyncio.Task[Outcome]] = set()   # replay sessions still running
@@ -160,13 +159,9 @@ class AssemblyAIEngine:
     async def _pump(self, chunks: AsyncIterator[AudioChunk]) -> None:
         try:
             async for chunk in chunks:
-                piece = self.ledger.append(chunk)
-                if self.pusher is not None:     # a caught-up live session: send it from here
-                    await self.pusher.push(piece)
+                self.ledger.append(chunk)
         finally:
             self.ledger.finish()
-            if self.pusher is not None:
-                self.pusher.end_push()
 
     def _done(self, stop: int | None) -> bool:
         if stop is not None:

@@ -46,8 +46,6 @@ class TestHappyPath:
             pcm = wav.readframes(wav.getnframes())
         audio = bytes(session.audio)                # the file exactly, padded to a whole chunk
         assert audio[: len(pcm)] == pcm and not audio[len(pcm):].strip(b"\0")
-        [ended] = result.events("session.ended")     # once caught up, the ledger pump sends
-        assert ended["pushed_s"] >= ended["audio_s"] - 0.5, ended
 
     async def test_credentials_stay_private(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """The API key goes only to the token endpoint, never to the socket or any output."""

@@ -53,11 +53,9 @@ class TestSingleFaults:
     async def test_error_3005_mid_turn(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """An Error 3005 mid-turn: the next session replays the turn; every word once."""
         fake.faults.error_after_audio_ms(2000, code=3005)
-        result = await stream(fake, tmp_path, S2)
+        await stream(fake, tmp_path, S2)
         assert delivered(tmp_path) == words(TRANSCRIPTS[S2])
         assert fake.sessions[0].close_code == 3005
-        first = result.events("session.ended")[0]     # the error came while the pump sent
-        assert first["pushed_s"] > 1.0, first
         no_rate_or_expiry_closes(fake)
 
     async def test_token_endpoint_failing_for_a_while(self, fake: FakeAssemblyAI,
@@ -129,8 +127,6 @@ async def test_three_failures_and_12_second_sessions(fake: FakeAssemblyAI,
     assert 3005 in codes and 1011 in codes and fake.sessions[0].closed_by == "abort"
     ids = [t["id"] for t in read_turns(tmp_path / "turns.jsonl")]
     assert len(ids) == len(set(ids))
-    # sessions that caught up had their live audio sent by the ledger pump (push mode)
-    assert any(e["pushed_s"] > 0 for e in result.events("session.ended"))
     times = [(t["started_at"], t["ended_at"]) for t in read_turns(tmp_path / "turns.jsonl")]
     assert times == sorted(times) and all(a < b for a, b in times)
 
