@@ -12,7 +12,9 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,8 +39,8 @@ def tail_main(url: str, token: str, json_lines: bool) -> int:
     """Follow the daemon's feed at ``url`` until Ctrl-C (0) or a failure (1, one line)."""
     screen = Screen(sys.stdout, sys.stderr, json_lines=json_lines)
     try:
-        asyncio.run(follow(url, token, screen))
-    except KeyboardInterrupt:
+        asyncio.run(_until_interrupted(follow(url, token, screen)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         screen.finish()
         return EX_OK
     except TailError as exc:
@@ -49,6 +51,18 @@ def tail_main(url: str, token: str, json_lines: bool) -> int:
         return EX_OK
     screen.finish()
     return EX_OK
+
+
+async def _until_interrupted(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work``; Ctrl-C (SIGINT) cancels it, whichever thread the kernel hands it to.
+
+    ``asyncio.run``'s own SIGINT handler only runs once the main thread executes Python again:
+    a signal delivered to another thread (the resolver's executor thread, say) left the loop
+    asleep until the feed's next keepalive. The loop's handler wakes it through its self-pipe.
+    """
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, task.cancel)
+    await task
 
 
 def feed_of(url: str) -> str:
@@ -67,6 +81,7 @@ async def follow(url: str, token: str, screen: Screen) -> None:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         async with connect(feed, additional_headers=headers, open_timeout=OPEN_TIMEOUT_S,
+                           close_timeout=1.0,       # Ctrl-C never waits long on a stuck daemon
                            compression=None, max_size=2**22) as ws:
             async for message in ws:
                 screen.event(json.loads(message))

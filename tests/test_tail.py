@@ -23,6 +23,17 @@ _RUN_TAIL = ("import sys; from daemon.tail import tail_main; "
              "sys.exit(tail_main(sys.argv[1], sys.argv[2], sys.argv[3] == 'json'))")
 
 
+# A helper thread that, once a byte arrives on stdin, sends SIGINT to itself (not to the main
+# thread): what the kernel may do with a Ctrl-C when the process has more than one thread.
+_SIGINT_FROM_THREAD = (
+    "import signal, sys, threading\n"
+    "def _poke():\n"
+    "    sys.stdin.buffer.read(1)\n"
+    "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)\n"
+    "threading.Thread(target=_poke, daemon=True).start()\n"
+)
+
+
 class Terminal:
     """A child process on a pseudo-terminal, with everything it writes collected."""
 
@@ -134,6 +145,28 @@ class TestPipes:
             process.send_signal(signal.SIGINT)
             _out, err = await process.communicate()
             assert process.returncode == 0 and err == b""
+
+    async def test_ctrl_c_caught_by_another_thread(self) -> None:
+        """SIGINT delivered to a thread other than the main one still ends tail at once.
+
+        Linux hands a process's signal to any thread; the loop must wake for it even when it
+        lands on, say, the resolver's executor thread (a flaky hang before the fix).
+        """
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _SIGINT_FROM_THREAD + _RUN_TAIL, server.url, "", "json",
+                cwd=REPO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            assert process.stdin is not None and process.stdout is not None
+            async with asyncio.timeout(10):
+                assert json.loads(await process.stdout.readline())["type"] == "state"
+            process.stdin.write(b"!")          # the helper thread signals itself now
+            await process.stdin.drain()
+            async with asyncio.timeout(5):      # well before the feed's 20 s keepalive ping
+                _out, err = await process.communicate()
+        assert process.returncode == 0 and err == b""
 
     async def test_closed_pipe_is_a_quiet_exit(self) -> None:
         """``tail --json | head -1``: when the reader goes away tail exits 0, saying nothing."""
