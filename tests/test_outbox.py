@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkQueue, SinkRunner
+from daemon.dispatch import BatchError, Delivery, Dispatcher, MemoryQueue, SinkQueue, SinkRunner
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
@@ -235,6 +235,28 @@ class TestBatch:
             queue.close()
             got = [d.record.turn_order async for d in _drain(queue)]
             assert got == [2]
+
+
+    def test_rolled_back_batch_refuses_the_rest(self, outbox: Outbox) -> None:
+        """SQLite rolls a transaction back by itself on a full disk or an I/O error: later
+        appends in the batch are refused (never committed on their own) and the batch names
+        the queues whose records were lost with it."""
+        mqtt, hook = outbox.queue("mqtt"), outbox.queue("hook")
+        batch = outbox.batch()
+        batch.__enter__()
+        mqtt.put(make_turn(1))
+        outbox._db.execute("ROLLBACK")                # what SQLITE_FULL / SQLITE_IOERR do
+        with pytest.raises(OutboxError, match="rolled it back; turn sess:1 was not queued"):
+            hook.put(make_turn(1))
+        with pytest.raises(BatchError) as info:
+            batch.__exit__(None, None, None)
+        assert info.value.queues == (mqtt,)
+        assert str(info.value).startswith(f"{outbox.path}: cannot append")
+        assert (mqtt.depth(), hook.depth()) == (0, 0)
+        with outbox.batch():                          # the next turn is stored normally
+            mqtt.put(make_turn(2))
+            hook.put(make_turn(2))
+        assert (mqtt.depth(), hook.depth()) == (1, 1)
 
 
 async def _drain(queue: SinkQueue) -> AsyncIterator[Delivery]:
