@@ -2,9 +2,9 @@
 
 ``dispatch()`` is synchronous and never blocks the caller: it appends the record to every sink's
 queue (in memory, or the on-disk outbox for durable sinks: one write and one fsync for all of
-them) and returns. Each worker delivers its
-queue in order, retrying transient failures with jittered backoff (logged once per state change,
-not per attempt) and moving records that fail permanently to a dead-letter file.
+them) and returns. Each worker delivers its queue in order, retrying transient failures with
+jittered backoff (logged once per state change, not per attempt) and moving records that fail
+permanently to a dead-letter file.
 """
 
 from __future__ import annotations
