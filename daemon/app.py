@@ -21,7 +21,7 @@ import structlog
 
 from daemon.audio_base import AudioSource
 from daemon.config import Settings, secret_values
-from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
+from daemon.dispatch import Dispatcher, ValidatedSinks, validate_sinks
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.health import Health, Heartbeat, Reporter
@@ -100,15 +100,6 @@ class Listener:
             callback()
 
 
-def build_runners(
-    settings: Settings, plugins: PluginHost, host: str, stack: list[Any]
-) -> list[SinkRunner]:
-    """Validate the sink tables and build each sink with its queue."""
-    validated = validate_sinks(plugins, settings.effective_sinks())
-    builder = SinkBuilder(host, settings.state_path(), stack)
-    return [builder.build(name, t, config) for name, (t, config) in validated.items()]
-
-
 def build_source(settings: Settings, heartbeat: Heartbeat | None = None) -> AudioSource:
     """The configured audio source (the microphone recovers from stalls and lost devices)."""
     from daemon.audio import MicrophoneSource, WavFileSource
@@ -162,11 +153,13 @@ class _Parts:
     hub: LiveHub
 
 
-def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, host: str) -> _Parts:
+def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, host: str,
+              validated: ValidatedSinks | None) -> _Parts:
     """Sinks (validated, their secrets taught to the masker), dispatcher, listener, source."""
     closers: list[Any] = []
     sinks = SinkBuilder(host, settings.state_path(), closers)
-    validated = validate_sinks(plugins, settings.effective_sinks())
+    if validated is None:
+        validated = validate_sinks(plugins, settings.effective_sinks())
     runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
@@ -183,6 +176,7 @@ async def run(
     masker: SecretMasker,
     plugins: PluginHost | None = None,
     *,
+    sinks: ValidatedSinks | None = None,
     loader: Loader | None = None,
     notifier: Notifier | None = None,
 ) -> int:
@@ -192,12 +186,13 @@ async def run(
         settings: the validated configuration.
         masker: the log masker (learns every secret, also those a reload brings).
         plugins: the plugin host (default: built-ins and installed entry points).
+        sinks: the sink tables already validated with ``plugins`` (default: validate them).
         loader: re-reads the config on SIGHUP; without one SIGHUP is logged and ignored.
         notifier: systemd notifications (default: from ``$NOTIFY_SOCKET``).
     """
     host = socket.gethostname()
     plugins = plugins or load_plugins()
-    parts = _assemble(settings, masker, plugins, host)
+    parts = _assemble(settings, masker, plugins, host, sinks)
     listener, dispatcher = parts.listener, parts.dispatcher
     notifier = notifier or Notifier()
     try:

@@ -28,25 +28,28 @@ from daemon.events import TurnRecord, Word
 
 if TYPE_CHECKING:
     from daemon.dispatch import ValidatedSinks
+    from daemon.plugins import PluginHost
 
 log = structlog.get_logger("daemon.cli")
 
 
-def _validated(args: argparse.Namespace) -> tuple[Settings, Path | None, ValidatedSinks]:
+def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
+               ) -> tuple[Settings, Path | None, ValidatedSinks]:
     """The settings and the sink tables; cross-key and sink problems are reported together."""
     from daemon.dispatch import validate_sinks
     from daemon.plugins import load_plugins
 
     path = find_config(getattr(args, "config", None))
     where = f"{path}: " if path else ""
+    plugins = plugins or load_plugins()
     try:
         settings = load_settings(path)
     except ConfigError as exc:        # report the file's sink problems with the others
-        raise ConfigError(exc.problems + _file_sink_problems(path, where)) from None
+        raise ConfigError(exc.problems + _file_sink_problems(plugins, path, where)) from None
     problems = check_semantics(settings)
     sinks: ValidatedSinks = {}
     try:
-        sinks = validate_sinks(load_plugins(), settings.effective_sinks())
+        sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
         problems += exc.problems
     if problems:
@@ -54,17 +57,16 @@ def _validated(args: argparse.Namespace) -> tuple[Settings, Path | None, Validat
     return settings, path, sinks
 
 
-def _file_sink_problems(path: Path | None, where: str) -> list[str]:
+def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> list[str]:
     """The problems of a config file's ``[sinks]`` tables, if the file parses."""
     import tomllib
 
     from daemon.dispatch import validate_sinks
-    from daemon.plugins import load_plugins
 
     try:
         tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
         if isinstance(tables, dict):
-            validate_sinks(load_plugins(), tables)
+            validate_sinks(plugins, tables)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         pass                                # load_settings has reported it
     except ConfigError as exc:
@@ -72,8 +74,9 @@ def _file_sink_problems(path: Path | None, where: str) -> list[str]:
     return []
 
 
-def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None]:
-    settings, path, _sinks = _validated(args)
+def _settings(args: argparse.Namespace, plugins: PluginHost | None = None
+              ) -> tuple[Settings, Path | None]:
+    settings, path, _sinks = _validated(args, plugins)
     return settings, path
 
 
@@ -97,9 +100,11 @@ def _find_daemon_error(exc: BaseException) -> DaemonError | None:
 def run(args: argparse.Namespace) -> int:
     """``transcribed run``."""
     from daemon import app, logs
+    from daemon.plugins import load_plugins
 
+    plugins = load_plugins()
     try:
-        settings, path = _settings(args)
+        settings, path, sinks = _validated(args, plugins)
     except ConfigError as exc:
         return _config_failed(exc)
     masker = logs.configure(
@@ -110,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:
-        return asyncio.run(app.run(settings, masker, loader=lambda: _settings(args)))
+        return asyncio.run(app.run(settings, masker, plugins, sinks=sinks,
+                                   loader=lambda: _settings(args, plugins)))
     except BaseException as exc:  # the outermost boundary: classify and pick the exit code
         error = _find_daemon_error(exc)
         if isinstance(error, ConfigError):
