@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ CLOUD = "## Cloud path: transcribed vs the official SDK"
 SINKS = "## Turn → sink latency"
 STARTUP = "## Start-up"
 FLOOR = "## The floor: event loop vs threads"
+SOAK = "## Long run"
 INDEX = """\
 All figures come from `bench/run_all.sh` (one command: runs every benchmark below and rewrites
 the generated sections of this file; about 14 minutes). Each section names its machine, command
@@ -34,6 +36,7 @@ suites, so expect some spread).
 - [Turn → sink latency](#turn--sink-latency)
 - [Start-up](#start-up)
 - [The floor: event loop vs threads](#the-floor-event-loop-vs-threads)
+- [Long run](#long-run) (`bench/soak.py`, not part of `run_all.sh`: it takes hours)
 - [Profile and fixes](#profile-and-fixes)
 - [Lossless sessions](#lossless-sessions) (`bench/lossless.py`)
 - [Local engine](#local-engine) (`bench/local_engine.py`)
@@ -245,6 +248,66 @@ def floor_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def soak_section(data: dict[str, Any]) -> str:
+    """The long run: stability over hours (memory, descriptors, delivery), not speed."""
+    rss, turns, dups = data["rss_mb"], data["turns"], data["duplicates"]
+    slope = data["rss_slope_second_half_mb_per_h"]
+    problems = Counter(f"{p.get('level')} `{p.get('event')}`" for p in data["problems"])
+    lines = [
+        SOAK, "",
+        f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
+        f"Command: `{data['command']}`. Machine busy (everything, this run included): "
+        f"{data['machine_busy_cores']:.2f} cores.", "",
+        "The daemon as a user runs it, for hours: `transcribed run` on the *microphone* (a "
+        "private PulseAudio whose default source is the virtual microphone of `tests/vmic.py`, "
+        f"fed the {data['speech_loop_s']:g} s benchmark WAV over and over at real time), "
+        "streaming to the fake v3 service with sessions capped at "
+        f"{data['session_s']} s (so it rolls over every few minutes), which also drops the live "
+        f"connection every {data['drop_every_s']:g} s (so it reconnects and replays from the "
+        "ledger); a file sink (fsync), an MQTT sink (mosquitto, a QoS 1 subscriber counting) and "
+        "a webhook sink (an HTTP receiver), the live view on with `transcribed tail --json` "
+        f"following it, JSON logs at info. Every {data.get('sample_s', 30):g} s the harness "
+        "reads the daemon's `/proc`; at the end it stops the daemon with SIGTERM. Raw "
+        "samples: `bench/results/soak.json`.", "",
+        "| measure | result |",
+        "| --- | --- |",
+        f"| run | {data['elapsed_s'] / 60:.1f} min, exit code {data['exit_code']}"
+        f"{' (exited early)' if data['exited_early'] else ''} |",
+        f"| sessions opened (rollovers + reconnects) / connections dropped by the service | "
+        f"{data['sessions']} / {data['drops']} |",
+        f"| audio received by the service | {data['audio_at_service_s'] / 60:.1f} min |",
+        f"| turns delivered: file / MQTT / webhook / live view | {turns['file']} / "
+        f"{turns['mqtt']} / {turns['webhook']} / {turns['tail']} |",
+        f"| duplicates: file / MQTT / webhook | {dups['file']} / {dups['mqtt']} / "
+        f"{dups['webhook']} |",
+        f"| the same turns in every sink | {'yes' if data['same_turns_everywhere'] else 'no'} |",
+        f"| RSS after 10 min / at the end / highest sample | {rss['after_10_min']:.1f} / "
+        f"{rss['last']:.1f} / {rss['max']:.1f} MB |",
+        "| RSS trend over the second half (least squares) | "
+        + (f"{slope:+.2f} MB per hour |" if slope is not None else "- |"),
+        f"| open file descriptors, threads (min-max after 10 min) | {data['fds']['min']}-"
+        f"{data['fds']['max']}, {data['threads']['min']}-{data['threads']['max']} |",
+        f"| CPU, whole run (capture, three sinks, live view, start-up) | {data['cpu_s']:.1f} s "
+        f"({data['cpu_s_per_audio_min']:.3f} s per minute) |",
+        "| log lines by level | " + ", ".join(f"{k} {v}" for k, v in
+                                              sorted(data["log_levels"].items())) + " |",
+        "| warnings and errors | " + (", ".join(f"{k} x {v}" for k, v in problems.items())
+                                      or "none") + " |",
+        "", "Every 10 minutes:", "",
+        "| minute | RSS | fds | threads | CPU so far | turns (file) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    step = 600.0
+    mark = 0.0
+    for sample in data["samples"]:
+        if sample["t_s"] >= mark:
+            lines.append(f"| {sample['t_s'] / 60:.0f} | {sample['rss_kb'] / 1024:.1f} MB | "
+                         f"{sample['fds']} | {sample['threads']} | {sample['cpu_s']:.1f} s | "
+                         f"{sample['file']} |")
+            mark += step
+    return "\n".join(lines) + "\n"
+
+
 def put_section(text: str, heading: str, body: str) -> str:
     """Replace the section under ``heading`` or insert it before ``## Local engine``."""
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
@@ -275,6 +338,9 @@ def main() -> None:
     floor = load("floor")
     if floor is not None:
         text = put_section(text, FLOOR, floor_section(floor, cloud))
+    soak = load("soak")
+    if soak is not None:
+        text = put_section(text, SOAK, soak_section(soak))
     DOCS.write_text(put_index(text).rstrip("\n") + "\n")
     print(DOCS)
 
