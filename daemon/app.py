@@ -209,8 +209,8 @@ async def run(
             listener.on_change.append(reporter.changed)
             reloader = None
             if loader is not None:
-                reloader = Reloader(loader, settings, plugins=plugins, dispatcher=dispatcher,
-                                    sinks=parts.sinks, masker=masker)
+                reloader = Reloader(loader, settings, dispatcher=dispatcher, sinks=parts.sinks,
+                                    masker=masker)
             await _serve(settings, engine, parts, reporter, reloader)
     finally:
         notifier.close()

@@ -74,12 +74,6 @@ def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> l
     return []
 
 
-def _settings(args: argparse.Namespace, plugins: PluginHost | None = None
-              ) -> tuple[Settings, Path | None]:
-    settings, path, _sinks = _validated(args, plugins)
-    return settings, path
-
-
 def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:
     for problem in exc.problems:
         print(f"transcribed: config error: {mask(problem)}", file=sys.stderr)
@@ -116,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:
         return asyncio.run(app.run(settings, masker, plugins, sinks=sinks,
-                                   loader=lambda: _settings(args, plugins)))
+                                   loader=lambda: _validated(args, plugins)))
     except BaseException as exc:  # the outermost boundary: classify and pick the exit code
         error = _find_daemon_error(exc)
         if isinstance(error, ConfigError):

@@ -18,16 +18,17 @@ from typing import Any
 import structlog
 
 from daemon.config import Settings, secret_values
-from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, validate_sinks
+from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, ValidatedSinks
 from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
-from daemon.plugins import PluginHost, SinkConfig, SinkContext, SinkType
+from daemon.plugins import SinkConfig, SinkContext, SinkType
 
 log = structlog.get_logger("daemon.reload")
 
-Loader = Callable[[], tuple[Settings, Path | None]]
+Loader = Callable[[], tuple[Settings, Path | None, ValidatedSinks]]
 """Finds, loads and checks the config (``ConfigError`` when invalid), as ``check-config`` does;
-returns the settings and the file they came from (``None``: built-in defaults)."""
+returns the settings, the file they came from (``None``: built-in defaults) and the sink tables
+validated against the running plugin host."""
 
 
 @dataclass
@@ -68,9 +69,7 @@ class SinkPlan:
     kept: tuple[str, ...]
 
 
-def plan_sinks(
-    running: dict[str, SinkRunner], wanted: dict[str, tuple[SinkType, SinkConfig]]
-) -> SinkPlan:
+def plan_sinks(running: dict[str, SinkRunner], wanted: ValidatedSinks) -> SinkPlan:
     """Diff running sinks against the wanted ones (equal type and config = kept)."""
     changed = tuple(
         n for n in running if n in wanted
@@ -100,14 +99,12 @@ class Reloader:
         loader: Loader,
         settings: Settings,
         *,
-        plugins: PluginHost,
         dispatcher: Dispatcher,
         sinks: SinkBuilder,
         masker: SecretMasker,
     ) -> None:
         self.loader = loader
         self.settings = settings
-        self.plugins = plugins
         self.dispatcher = dispatcher
         self.sinks = sinks
         self.masker = masker
@@ -127,8 +124,7 @@ class Reloader:
         log.info("reload.started")
         path: Path | None = None
         try:
-            settings, path = await asyncio.to_thread(self.loader)
-            wanted = validate_sinks(self.plugins, settings.effective_sinks())
+            settings, path, wanted = await asyncio.to_thread(self.loader)
             plan = plan_sinks(self.dispatcher.runners, wanted)
             built = {
                 name: self.sinks.build(name, *wanted[name], fresh=name in plan.changed)
