@@ -122,13 +122,16 @@ class FakeService:
         self.process.wait(10)
 
 
-def daemon_config(work: Path, fake: FakeService, wav: Path, out: Path) -> Path:
+def daemon_config(work: Path, fake: FakeService, wav: Path, out: Path,
+                  chunk_ms: int | None = None) -> Path:
     """A config: file source, the fake, one fsyncing file sink, no live view."""
     info = fake.info
+    chunk = f"chunk_ms = {chunk_ms}" if chunk_ms else ""
     text = f"""
 [audio]
 source = "file"
 path = "{wav}"
+{chunk}
 
 [transcriber]
 engine = "assemblyai"
@@ -158,10 +161,12 @@ fsync = true
     return path
 
 
-def command(kind: str, work: Path, fake: FakeService, wav: Path, out: Path) -> list[str]:
-    """The measured client's command line."""
+def command(kind: str, work: Path, fake: FakeService, wav: Path, out: Path,
+            chunk_ms: int | None = None) -> list[str]:
+    """The measured client's command line (``chunk_ms``: the daemon's, default 100)."""
     if kind in DAEMONS:
-        return [TRANSCRIBED, "run", "--config", str(daemon_config(work, fake, wav, out))]
+        return [TRANSCRIBED, "run", "--config",
+                str(daemon_config(work, fake, wav, out, chunk_ms))]
     info = fake.info
     return [PY, str(REPO / "bench" / SCRIPTS[kind]), "--wav", str(wav), "--out", str(out),
             "--token-url", info["token_url"], "--api-host", info["api_host"],
@@ -216,12 +221,12 @@ def sample_until_exit(pid: int) -> Samples:
 
 
 def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path,
-             tree: Path | None = None) -> dict[str, Any]:
+             tree: Path | None = None, chunk_ms: int | None = None) -> dict[str, Any]:
     """One measured run of ``kind`` (one of ``CLIENTS``) over ``wav``."""
     out = work / f"{kind}-turns.jsonl"
     out.unlink(missing_ok=True)
     log = work / f"{kind}.log"
-    argv = command(kind, work, fake, wav, out)
+    argv = command(kind, work, fake, wav, out, chunk_ms)
     fake_cpu, busy = process_cpu_s(fake.info["pid"]), busy_cpu_s()
     with log.open("w") as err:
         spawned, started = time.time(), time.monotonic()
@@ -299,6 +304,8 @@ def main() -> None:
     parser.add_argument("--long-only", action="store_true",
                         help="skip the short runs (in-run steady CPU only)")
     parser.add_argument("--daemon-tree", type=Path, help="run the daemon from this source tree")
+    parser.add_argument("--daemon-chunk-ms", type=int,
+                        help="the daemon's audio.chunk_ms (default 100, as the other clients)")
     parser.add_argument("--name", default="cloud", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     clients = args.clients.split(",")
@@ -322,7 +329,8 @@ def main() -> None:
                 for wav, audio_s in lengths:
                     for kind in clients:
                         tree = args.base_tree if kind == "base" else args.daemon_tree
-                        run = run_once(kind, wav, audio_s, fake, work, tree)
+                        run = run_once(kind, wav, audio_s, fake, work, tree,
+                                       args.daemon_chunk_ms)
                         run["rep"] = rep
                         runs.append(run)
                         print(json.dumps(run), file=sys.stderr, flush=True)
