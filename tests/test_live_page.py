@@ -125,11 +125,12 @@ class TestPage:
                 ["Before the drop.", "After the drop."])  # the replay is not duplicated
             assert_same_origin(requests, again)
 
-    async def test_token_from_page_url(self, browser: Browser) -> None:
-        """With a token, the page opened with ?token= passes it on to its feed."""
+    @pytest.mark.parametrize("token", ["page-token", "a+b/c=d"])
+    async def test_token_from_page_url(self, browser: Browser, token: str) -> None:
+        """The page opened with ?token= pasted as it is (a "+" too) passes it on to its feed."""
         hub = LiveHub(engine="local")
-        async with live_server(hub, token="page-token") as server:
-            page, _requests = await open_page(browser, server.url + "/?token=page-token")
+        async with live_server(hub, token=token) as server:
+            page, _requests = await open_page(browser, server.url + "/?token=" + token)
             hub.session_started(SessionInfo("local-1", "local"))
             await expect(page.locator("#connection")).to_have_text("live")
 
