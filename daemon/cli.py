@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so ``transcribed --version`` stay
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -82,7 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tail": commands.tail,
         "install-service": commands.install_service,
     }
-    return handlers[args.command](args)
+    try:
+        code = handlers[args.command](args)
+        sys.stdout.flush()
+    except BrokenPipeError:             # `transcribed check-config | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -204,6 +204,19 @@ class TestCheckConfigCommand:
         assert 'api_key = "********"' in result.stdout
         assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
 
+    def test_closed_pipe_is_a_quiet_exit(self, tmp_path: Path) -> None:
+        """``check-config | head -1``: output cut short by its reader is exit 0, no traceback."""
+        path = write(tmp_path / "c.toml", '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n')
+        reader, writer = os.pipe()
+        os.close(reader)                     # the reader is gone before anything is written
+        try:
+            result = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(path)],
+                                    stdout=writer, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                    timeout=60, check=False)
+        finally:
+            os.close(writer)
+        assert (result.returncode, result.stderr) == (0, "")
+
     def test_invalid_config_exit_78(self, tmp_path: Path) -> None:
         """check-config exits 78 with one line per problem, all at once, and no secret."""
         path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "sk-live-abcdef"\n'
