@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import re
 import time
@@ -507,8 +508,9 @@ class Dispatcher:
         entry = {"sink": runner.name, "error": reason, "record": delivery.record.to_dict()}
         line = json.dumps(entry, ensure_ascii=False)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # like the outbox
+            with open(fd, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
         except OSError as exc:
             log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)

@@ -199,6 +199,7 @@ class TestDelivery:
             await dispatcher.close(flush_s=5)
         assert delivered(receiver) == ["sess:2"]
         lines = (tmp_path / "dead" / "hook.jsonl").read_text().splitlines()
+        assert (tmp_path / "dead" / "hook.jsonl").stat().st_mode & 0o777 == 0o600  # transcripts
         assert len(lines) == 1
         dead = json.loads(lines[0])
         assert dead["record"]["id"] == "sess:1"
