@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 import uuid
@@ -21,6 +22,7 @@ from daemon.config import (
     find_config,
     load_settings,
     masked_dict,
+    problem_origin,
     secret_values,
 )
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
@@ -52,8 +54,8 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
         sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
         problems += exc.problems
-    if problems:
-        raise ConfigError([where + p for p in problems])
+    if problems:             # each names its environment variable, if one set the key
+        raise ConfigError([problem_origin(p, where, os.environ) + p for p in problems])
     return settings, path, sinks
 
 
@@ -240,6 +242,8 @@ def install_service(args: argparse.Namespace) -> int:
         hint = " (run it as root: sudo transcribed install-service --system)" if args.system else ""
         print(f"transcribed: cannot write {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
         return EX_FAILURE
+    for warning in target.warnings:
+        print(f"transcribed: warning: {warning}", file=sys.stderr)
     print("\nNow run:")
     for command in target.commands:
         print(f"  {command}")

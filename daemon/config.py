@@ -253,7 +253,7 @@ def load_settings(path: Path | None) -> Settings:
         Settings._toml_path = path
         settings = Settings()
     except ValidationError as exc:
-        raise ConfigError([_origin(line, where, os.environ) + line
+        raise ConfigError([problem_origin(line, where, os.environ) + line
                            for line in validation_lines(exc)]) from None
     except SettingsError as exc:
         raise ConfigError(_environment_error(exc, os.environ)) from None
@@ -262,7 +262,7 @@ def load_settings(path: Path | None) -> Settings:
     return _resolve_secrets(settings, where, os.environ)
 
 
-def _origin(line: str, where: str, env: Mapping[str, str]) -> str:
+def problem_origin(line: str, where: str, env: Mapping[str, str]) -> str:
     """Who set the key a problem line names: its environment variable if one is set."""
     name = ENV_PREFIX + line.split(":", 1)[0].upper().replace(".", "__")
     if any(variable.upper() == name for variable in env):

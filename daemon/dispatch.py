@@ -18,10 +18,10 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_origin
 
 import structlog
 from pydantic import ValidationError
@@ -205,7 +205,7 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) ->
             continue
         sink_type = known[type_name]
         try:
-            config = sink_type.config_model.model_validate(dict(table))
+            config = sink_type.config_model.model_validate(_json_values(sink_type, table))
         except ValidationError as exc:
             problems.extend(validation_lines(exc, prefix=f"sinks.{name}"))
             continue
@@ -217,6 +217,25 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) ->
     if problems:
         raise ConfigError(problems)
     return result
+
+
+def _json_values(sink_type: SinkType, table: Mapping[str, Any]) -> dict[str, Any]:
+    """The table with JSON text read for keys that take a table or a list.
+
+    Environment overrides are text (``TRANSCRIBED_SINKS__HOOK__HEADERS='{"X-Team": "ops"}'``):
+    written as JSON, as for the other sections' lists and tables.
+    """
+    fields = sink_type.config_model.model_fields
+    values = dict(table)
+    for key, value in table.items():
+        field = fields.get(key)
+        if field is None or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "["):
+            continue
+        if get_origin(field.annotation) in (dict, list, tuple, set, frozenset) \
+                or field.annotation in (dict, list, tuple, set, frozenset):
+            with suppress(ValueError):
+                values[key] = json.loads(value)
+    return values
 
 
 @dataclass

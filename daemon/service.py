@@ -7,6 +7,7 @@ the same texts rendered with the default paths, and a test keeps the two identic
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -140,12 +141,15 @@ class Plan:
     unit_path: Path
     unit_text: str
     config_path: Path
+    config_text: str
     commands: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
 
 SYSTEM_COMMANDS: Final = (
     "sudo install -m 600 /dev/stdin /etc/transcribed/assemblyai_api_key"
-    "   # paste the key, then Ctrl-D (skip for the offline engine)",
+    "   # paste the key, then Ctrl-D (offline engine: delete the unit's LoadCredential= line "
+    "instead; the unit does not start while that file is missing)",
     "sudo systemctl daemon-reload",
     "sudo systemctl enable --now transcribed.service",
     "systemctl status transcribed.service",
@@ -178,7 +182,9 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             unit_path=base / "etc/systemd/system/transcribed.service",
             unit_text=render(SYSTEM_UNIT, exe),
             config_path=base / "etc/transcribed/config.toml",
+            config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
+            warnings=_hidden_from_system_unit(exe),
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -187,20 +193,47 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
         unit_path=config_home / "systemd/user/transcribed.service",
         unit_text=render(USER_UNIT, exe),
         config_path=config_home / "transcribed/config.toml",
+        config_text=example_config(),
         commands=USER_COMMANDS,
     )
 
 
-def example_config() -> str:
-    """The commented example config (from the checkout), else a minimal one."""
+HIDDEN_BY_PROTECT_HOME: Final = ("/home", "/root", "/run/user")
+
+
+def _hidden_from_system_unit(executable: str) -> tuple[str, ...]:
+    """The system unit's ``ProtectHome=yes`` hides these trees: it could not start from there."""
+    path = Path(executable)
+    tree = next((t for t in HIDDEN_BY_PROTECT_HOME if path.is_relative_to(t)), None)
+    if tree is None:
+        return ()
+    return (f"ExecStart={executable} is under {tree}, which "
+            "the system unit's ProtectHome=yes hides: it would not start. Install transcribed "
+            "outside it (e.g. a venv in /opt/transcribed) and run that one's install-service "
+            "--system, or use the user unit (--user)",)
+
+
+USER_JOURNAL: Final = 'path = "~/transcripts/turns.jsonl"'
+SYSTEM_JOURNAL: Final = ('path = "/var/lib/transcribed/turns.jsonl"   # the unit\'s '
+                         'StateDirectory (its dynamic user\'s ~ is /, read-only)')
+
+
+def example_config(*, system: bool = False) -> str:
+    """The commented example config (from the checkout), else a minimal one.
+
+    For the system unit the file sink writes below its ``StateDirectory`` instead of ``~``.
+    """
     example = Path(__file__).resolve().parents[1] / "config" / "example.toml"
     if example.is_file():
-        return example.read_text(encoding="utf-8")
-    return (
-        "# transcribed configuration: see the README for every key.\n"
-        "[transcriber]\nengine = \"auto\"\n\n[sinks.journal]\ntype = \"file\"\n"
-        "path = \"~/transcripts.jsonl\"\n"
-    )
+        text = example.read_text(encoding="utf-8")
+    else:
+        text = ("# transcribed configuration: see the README for every key.\n"
+                "[transcriber]\nengine = \"auto\"\n\n[sinks.journal]\ntype = \"file\"\n"
+                f"{USER_JOURNAL}\n")
+    if system:
+        text = re.sub(rf"^{re.escape(USER_JOURNAL)}[^\n]*$", SYSTEM_JOURNAL, text, count=1,
+                      flags=re.M)
+    return text
 
 
 def install(target: Plan) -> list[str]:
@@ -213,6 +246,6 @@ def install(target: Plan) -> list[str]:
         done.append(f"kept the existing config {target.config_path}")
     else:
         target.config_path.parent.mkdir(parents=True, exist_ok=True)
-        target.config_path.write_text(example_config(), encoding="utf-8")
+        target.config_path.write_text(target.config_text, encoding="utf-8")
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done

@@ -70,6 +70,30 @@ class TestValues:
             "environment TRANSCRIBED_AUDIO__CHUNK_MS: audio.chunk_ms: Input should be a valid "
             "integer, unable to parse string as an integer"]
 
+    def test_env_sink_table_value_is_json(self, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        """A sink key that takes a table is written as JSON in the environment, as elsewhere."""
+        path = write(tmp_path / "c.toml", '[sinks.hook]\ntype = "webhook"\n'
+                     'url = "http://127.0.0.1:9/h"\n')
+        monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__HEADERS", '{"X-Team": "ops"}')
+        settings = load_settings(path)
+        sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
+        assert sinks["hook"][1].model_dump()["headers"] == {"X-Team": "ops"}
+
+    def test_env_sink_problem_names_the_variable(self, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        """check-config blames a bad sink value from the environment on its variable."""
+        path = write(tmp_path / "c.toml", '[sinks.hook]\ntype = "webhook"\n'
+                     'url = "http://127.0.0.1:9/h"\n')
+        result = subprocess.run(
+            [*TRANSCRIBED, "check-config", "--config", str(path)], capture_output=True,
+            text=True, cwd=REPO, timeout=60, check=False,
+            env={**os.environ, "TRANSCRIBED_SINKS__HOOK__TIMEOUT_S": "soon"})
+        assert result.returncode == 78
+        assert result.stderr.startswith("transcribed: config error: environment "
+                                        "TRANSCRIBED_SINKS__HOOK__TIMEOUT_S: "
+                                        "sinks.hook.timeout_s: "), result.stderr
+
     def test_sink_names_are_lower_case(self, tmp_path: Path) -> None:
         """A sink name the environment could not address is refused, naming it."""
         path = write(tmp_path / "c.toml", '[sinks.MyJournal]\ntype = "console"\n')

@@ -266,8 +266,25 @@ class TestInstallService:
         assert done.returncode == 0, done.stderr
         unit = (tmp_path / "etc/systemd/system/transcribed.service").read_text()
         assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
-        assert (tmp_path / "etc/transcribed/config.toml").is_file()
+        config = (tmp_path / "etc/transcribed/config.toml").read_text()
+        assert 'path = "/var/lib/transcribed/turns.jsonl"' in config   # ~ is / for DynamicUser
+        assert "~/" not in config.split("[sinks.journal]")[1].split("[")[0]
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
+        assert "delete the unit's LoadCredential= line" in done.stdout
+
+    @pytest.mark.parametrize(("executable", "warned"), [
+        ("/home/ada/src/transcribed/.venv/bin/transcribed", True),
+        ("/root/.venv/bin/transcribed", True),
+        ("/opt/transcribed/bin/transcribed", False),
+        ("/usr/local/bin/transcribed", False),
+    ])
+    def test_system_unit_warns_of_protect_home(self, tmp_path: Path, executable: str,
+                                                warned: bool) -> None:
+        """An ExecStart the system unit's ProtectHome=yes would hide is named in a warning."""
+        target = service.plan(system=True, root=tmp_path, executable=executable)
+        assert bool(target.warnings) is warned
+        assert all(executable in w and "ProtectHome=yes" in w for w in target.warnings)
+        assert not service.plan(system=False, root=tmp_path, executable=executable).warnings
 
     def test_help_lists_install_service(self) -> None:
         """``--help`` names the command."""
