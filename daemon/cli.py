@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"transcribed {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    config_help = "config file (default: see lookup order above)"
+    config_help = ("config file (default: $TRANSCRIBED_CONFIG, "
+                   "$XDG_CONFIG_HOME/transcribed/config.toml, /etc/transcribed/config.toml, "
+                   "else built-in defaults)")
     run = commands.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
     run.add_argument("--config", metavar="PATH", help=config_help)
     check = commands.add_parser(
