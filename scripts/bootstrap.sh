@@ -29,8 +29,10 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 EXTRAS="local"; [[ $DEV == 1 ]] && EXTRAS="local,dev"
-stamp=".venv/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)-$EXTRAS"
-if [[ ! -e "$stamp" ]]; then
+base=".venv/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
+stamp="$base-$EXTRAS"
+# the dev install includes the runtime one: scripts/demo.sh after scripts/test.sh installs nothing
+if [[ ! -e "$stamp" && ! ( $DEV == 0 && -e "$base-local,dev" ) ]]; then
   echo "bootstrap: installing Python packages into .venv ($EXTRAS)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[$EXTRAS]"
