@@ -219,11 +219,13 @@ SYSTEM_JOURNAL: Final = ('path = "/var/lib/transcribed/turns.jsonl"   # the unit
 
 
 def example_config(*, system: bool = False) -> str:
-    """The commented example config (from the checkout), else a minimal one.
+    """The commented example config, else a minimal one.
 
-    For the system unit the file sink writes below its ``StateDirectory`` instead of ``~``.
+    ``config/example.toml`` is in the package as ``daemon/assets/example.toml`` (a link to it in
+    the repository), so an installed wheel copies the same file. For the system unit the file
+    sink writes below its ``StateDirectory`` instead of ``~``.
     """
-    example = Path(__file__).resolve().parents[1] / "config" / "example.toml"
+    example = Path(__file__).resolve().parent / "assets" / "example.toml"
     if example.is_file():
         text = example.read_text(encoding="utf-8")
     else:
