@@ -52,6 +52,13 @@ class Listener:
     meter: AudioMeter = field(default_factory=AudioMeter)  # the audio read from the source
     chunks_at_session: int = 0  # ``meter.chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
+    _awaiting_audio: bool = False  # a session began and no chunk has been read since
+
+    def audio_read(self) -> None:
+        """A chunk was read: the first one after a session began is news (READY)."""
+        if self._awaiting_audio:
+            self._awaiting_audio = False
+            self._changed()
 
     def turn(self, record: TurnRecord) -> None:
         """A finished turn: log it and queue it for every sink."""
@@ -75,6 +82,7 @@ class Listener:
         self.sessions += 1
         self.open_sessions += 1
         self.chunks_at_session = self.meter.chunks
+        self._awaiting_audio = True
         self._hook(self.plugins.session_started, session)
         self._changed()
 
@@ -288,14 +296,15 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
 
 
 async def _beating(
-    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, meter: AudioMeter, within: float,
+    chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, listener: Listener, within: float,
     ended: Callable[[], None],
 ) -> AsyncIterator[AudioChunk]:
-    """Pass chunks through, beating the capture heartbeat and counting them on ``meter``."""
+    """Pass chunks through, beating the capture heartbeat and counting them for ``listener``."""
     try:
         async for chunk in chunks:
             heartbeat.beat(within)
-            meter.count(chunk)
+            listener.meter.count(chunk)
+            listener.audio_read()
             yield chunk
     finally:
         ended()
@@ -361,7 +370,7 @@ async def _run_engine(
     within = _chunk_deadline(source)
     try:
         async with source:
-            chunks = _beating(source.chunks(), capture, listener.meter, within, hub.input_ended)
+            chunks = _beating(source.chunks(), capture, listener, within, hub.input_ended)
             await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

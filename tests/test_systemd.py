@@ -68,6 +68,18 @@ class TestNotifyFromTheDaemon:
         assert len(pings) >= 6 and max(gaps) < WATCHDOG_USEC / 1e6 and min(gaps) > 0.15
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    async def test_ready_with_the_first_audio(self, fake: FakeAssemblyAI,
+                                              tmp_path: Path) -> None:
+        """READY follows the first chunk sent to a live session, not the next status poll or
+        turn (without watchdog pings nothing else wakes the reporter for 5 s)."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+            daemon = await Daemon.start("run", "--config", str(config), env=sock.env())
+            result = await daemon.finish(30)
+        assert result.code == 0, result.stderr
+        ready = [m for m in sock.messages if "READY" in m.fields]
+        assert len(ready) == 1 and "session live, 0 turns" in ready[0].fields["STATUS"]
+
     async def test_sigterm_mid_turn(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """SIGTERM mid-turn: STOPPING names the signal, the partial turn is delivered, exit 0."""
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S2)
