@@ -337,6 +337,8 @@ def validation_lines(exc: ValidationError, prefix: str = "") -> list[str]:
             message = "unknown key"
         elif error["type"] == "missing":
             message = "required key is missing"
+        elif error["type"] in ("value_error", "assertion_error"):
+            message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         lines.append(f"{key}: {message}")
     return lines
 
@@ -357,7 +359,10 @@ def url_secrets(url: str) -> list[str]:
 
     Webhook URLs (Slack, Discord, Zapier …) are often bearer secrets in their path.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:                  # unparsable (a third-party sink's own url key): all of it
+        return [url] if url else []
     found = [part for part in (parts.username, parts.password) if part]
     rest = url.split(parts.netloc, 1)[-1] if parts.netloc else ""
     if rest.strip("/"):
@@ -369,8 +374,11 @@ def _masked_url(url: str) -> str:
     """``scheme://host:port/********`` when the URL carries anything that may be a secret."""
     if not url_secrets(url):
         return url
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:                  # unparsable, or a port that is not a number
+        return MASK
     return f"{parts.scheme}://{parts.hostname}{port}/{MASK}"
 
 

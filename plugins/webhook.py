@@ -23,6 +23,7 @@ import time
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, Final, Self
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -70,9 +71,17 @@ class WebhookConfig(SinkConfig):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        url = httpx.URL(value)
+        problem = "must be an http:// or https:// URL with a host"
+        try:
+            url = httpx.URL(value)
+            _port = urlsplit(value).port  # what the masker and the log lines parse it with
+        except (httpx.InvalidURL, ValueError):
+            raise ValueError(problem) from None
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be an http:// or https:// URL with a host")
+            raise ValueError(problem)
+        if any(c.isspace() for c in value) or "%" in url.host:
+            raise ValueError("must not contain spaces, and its host only letters, digits, "
+                             "'.' and '-'")
         return value
 
     @field_validator("secret", mode="before")

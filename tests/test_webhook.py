@@ -102,7 +102,10 @@ class TestConfig:
     @pytest.mark.parametrize(
         ("table", "expected"),
         [
-            ({"url": "ftp://x"}, "sinks.hook.url: Value error, must be an http:// or https://"),
+            ({"url": "ftp://x"}, "sinks.hook.url: must be an http:// or https://"),
+            ({"url": "http://[bad/x"}, "sinks.hook.url: must be an http:// or https://"),
+            ({"url": "http://h:port/x"}, "sinks.hook.url: must be an http:// or https://"),
+            ({"url": "https://exa mple.invalid/x"}, "sinks.hook.url: must not contain spaces"),
             ({"url": "http://x", "secret": "nope"}, "secret #1 must start with 'whsec_'"),
             ({"url": "http://x", "secret": "whsec_!!!"}, "secret #1 is not valid base64"),
             ({"url": "http://x", "secret": SECRET, "secret_file": "/x"}, "not both"),
