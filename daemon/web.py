@@ -176,10 +176,10 @@ class LiveServer:
         if self._ticker is not None:
             self._ticker.cancel()
         self._hub.state("stopped", session_id=None)
-        if self._server is not None:
+        if self._server is not None:         # never listened (http.listen_failed): nothing stops
             self._server.close()
             await self._server.wait_closed()
-        log.info("http.stopped")
+            log.info("http.stopped")
 
     # -- the feed --------------------------------------------------------------------------
 
