@@ -73,7 +73,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``transcribed`` console script."""
+    """Entry point of the ``transcribed`` console script.
+
+    Output cut short by its reader (``transcribed check-config | head``) ends it quietly, with
+    no traceback: the command's own exit code if it had finished, else 1 (as a program killed
+    by SIGPIPE fails), so a failure is never reported as success. ``tail`` handles this itself
+    and exits 0.
+    """
+    code = 1
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     from daemon import commands
 
@@ -85,13 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tail": commands.tail,
         "install-service": commands.install_service,
     }
-    try:
-        code = handlers[args.command](args)
-        sys.stdout.flush()
-    except BrokenPipeError:             # `transcribed check-config | head`: the reader has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
-        return 0
-    return code
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":

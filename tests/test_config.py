@@ -236,7 +236,8 @@ class TestCheckConfigCommand:
         assert "[sinks.j]" in result.stdout and "rotate_bytes = 0" in result.stdout
 
     def test_closed_pipe_is_a_quiet_exit(self, tmp_path: Path) -> None:
-        """``check-config | head -1``: output cut short by its reader is exit 0, no traceback."""
+        """``check-config | head -1``: output cut short by its reader ends it quietly (exit 1, as
+        SIGPIPE would, never a success that was not one), no traceback."""
         path = write(tmp_path / "c.toml", '[sinks.j]\ntype = "file"\npath = "/tmp/x.jsonl"\n')
         reader, writer = os.pipe()
         os.close(reader)                     # the reader is gone before anything is written
@@ -246,7 +247,7 @@ class TestCheckConfigCommand:
                                     timeout=60, check=False)
         finally:
             os.close(writer)
-        assert (result.returncode, result.stderr) == (0, "")
+        assert (result.returncode, result.stderr) == (1, "")
 
     def test_invalid_config_exit_78(self, tmp_path: Path) -> None:
         """check-config exits 78 with one line per problem, all at once, and no secret."""

@@ -125,7 +125,7 @@ class TestPage:
                 ["Before the drop.", "After the drop."])  # the replay is not duplicated
             assert_same_origin(requests, again)
 
-    @pytest.mark.parametrize("token", ["page-token", "a+b/c=d"])
+    @pytest.mark.parametrize("token", ["page-token", "a+b/c=d", "p%ss"])
     async def test_token_from_page_url(self, browser: Browser, token: str) -> None:
         """The page opened with ?token= pasted as it is (a "+" too) passes it on to its feed."""
         hub = LiveHub(engine="local")
