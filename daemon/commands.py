@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log.level,
         fmt=settings.log.format,
         transcripts=settings.log.transcripts,
-        secrets=secret_values(settings, settings.sinks),
+        secrets=[*secret_values(settings, settings.sinks),    # as written, and as validated:
+                 *secret_values(settings, {n: c for n, (_t, c) in sinks.items()})],  # JSON lists
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:

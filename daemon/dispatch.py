@@ -18,13 +18,15 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, get_origin
+from types import UnionType
+from typing import Annotated, Any, Protocol, Union, get_args, get_origin
 
 import structlog
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from daemon.backoff import backoff
 from daemon.config import validation_lines
@@ -231,11 +233,21 @@ def _json_values(sink_type: SinkType, table: Mapping[str, Any]) -> dict[str, Any
         field = fields.get(key)
         if field is None or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "["):
             continue
-        if get_origin(field.annotation) in (dict, list, tuple, set, frozenset) \
-                or field.annotation in (dict, list, tuple, set, frozenset):
-            with suppress(ValueError):
+        if _takes_json(field.annotation):
+            with suppress(ValueError, RecursionError):
                 values[key] = json.loads(value)
     return values
+
+
+def _takes_json(annotation: Any) -> bool:
+    """A table, a list or a model (also inside ``X | None`` or ``Annotated``), not text."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType, Annotated):
+        members = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
+        return any(_takes_json(member) for member in members)
+    target = origin or annotation
+    return isinstance(target, type) and not issubclass(target, str | bytes) \
+        and issubclass(target, Mapping | Sequence | AbstractSet | BaseModel)
 
 
 @dataclass

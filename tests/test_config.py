@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import pytest
+from pydantic import BaseModel
 
 from daemon.commands import check_config
 from daemon.config import find_config, load_settings, masked_dict, secret_values
-from daemon.dispatch import validate_sinks
+from daemon.dispatch import _takes_json, validate_sinks
 from daemon.errors import ConfigError
 from daemon.plugins import load_plugins
 from tests.conftest import REPO, TRANSCRIBED
@@ -79,6 +82,17 @@ class TestValues:
         settings = load_settings(path)
         sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
         assert sinks["hook"][1].model_dump()["headers"] == {"X-Team": "ops"}
+
+    @pytest.mark.parametrize(("annotation", "json"), [
+        (dict[str, str], True), (dict[str, str] | None, True),
+        (Optional[list[str]], True),  # noqa: UP045  (a plugin may write it so)
+        (Mapping[str, int], True), (Sequence[str], True), (tuple[str, ...], True),
+        (Annotated[list[int], "x"], True), (BaseModel, True),
+        (str, False), (str | None, False), (int, False), (bytes, False), (Path, False),
+    ])
+    def test_which_sink_keys_read_json(self, annotation: Any, json: bool) -> None:
+        """Keys taking a table, a list or a model read JSON text; text keys never do."""
+        assert _takes_json(annotation) is json
 
     def test_env_sink_problem_names_the_variable(self, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
