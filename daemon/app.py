@@ -52,12 +52,15 @@ class Listener:
     meter: AudioMeter = field(default_factory=AudioMeter)  # the audio read from the source
     chunks_at_session: int = 0  # ``meter.chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
-    _awaiting_audio: bool = False  # a session began and no chunk has been read since
+    _news_chunks: int = 0  # chunks after a session began that still wake the reporter
 
     def audio_read(self) -> None:
-        """A chunk was read: the first one after a session began is news (READY)."""
-        if self._awaiting_audio:
-            self._awaiting_audio = False
+        """A chunk was read: the first few after a session began are news (READY).
+
+        A few, not one: the cloud session's sender may not have run yet at the first.
+        """
+        if self._news_chunks:
+            self._news_chunks -= 1
             self._changed()
 
     def turn(self, record: TurnRecord) -> None:
@@ -82,7 +85,7 @@ class Listener:
         self.sessions += 1
         self.open_sessions += 1
         self.chunks_at_session = self.meter.chunks
-        self._awaiting_audio = True
+        self._news_chunks = 3
         self._hook(self.plugins.session_started, session)
         self._changed()
 

@@ -158,9 +158,9 @@ def _tomlable(value: Any) -> Any:
         return {k: _tomlable(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
         return [_tomlable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    if isinstance(value, str | bool | int | float | datetime):
+        return value
+    return str(value)             # a Path, a plugin's HttpUrl or Enum: what TOML can show
 
 
 def devices(_args: argparse.Namespace) -> int:

@@ -379,14 +379,15 @@ def _masked_url(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:                  # unparsable, or a port that is not a number
         return MASK
-    return f"{parts.scheme}://{parts.hostname}{port}/{MASK}"
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{port}/{MASK}"
 
 
 def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, SecretStr):
         return MASK if value.get_secret_value() else ""
-    if key == "url" and isinstance(value, str):
-        return _masked_url(value)
+    if key == "url" and value is not None and not isinstance(value, dict | list | tuple):
+        return _masked_url(str(value))        # str, or a plugin's pydantic HttpUrl
     if key == "headers" and isinstance(value, dict):
         return {k: MASK for k in value}       # header values are often credentials
     if isinstance(value, dict):
@@ -418,8 +419,8 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
                 walk(v, key)
         elif isinstance(value, str) and key in _SECRET_KEYS:
             found.append(value)
-        elif isinstance(value, str) and key == "url":
-            found.extend(url_secrets(value))
+        elif key == "url" and value is not None and not isinstance(value, dict | list | tuple):
+            found.extend(url_secrets(str(value)))
 
     walk(dict(sinks))
     return [s for s in found if s]

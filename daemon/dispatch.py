@@ -540,7 +540,10 @@ class Dispatcher:
         line = json.dumps(entry, ensure_ascii=False)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # like the outbox
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with suppress(OSError):             # transcripts: private, like the outbox, also
+                path.parent.chmod(0o700)        # what an older version left 0644 / 0755
+                os.fchmod(fd, 0o600)
             with open(fd, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
         except OSError as exc:

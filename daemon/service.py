@@ -165,13 +165,14 @@ USER_COMMANDS: Final = (
 
 
 def plan(*, system: bool, root: Path | None = None, executable: str | None = None,
-         env: dict[str, str] | None = None) -> Plan:
+         interpreter: str | None = None, env: dict[str, str] | None = None) -> Plan:
     """Decide the unit and config paths for a user or system installation.
 
     Args:
         system: the headless system unit instead of the user unit.
         root: an alternative root directory (like ``systemctl --root``), for images and tests.
         executable: the ``transcribed`` path for ``ExecStart`` (default: this installation's).
+        interpreter: the Python that script runs on (default: this one), checked like it.
         env: the environment (default ``os.environ``) for ``$XDG_CONFIG_HOME``.
     """
     env = dict(os.environ) if env is None else env
@@ -184,7 +185,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             config_path=base / "etc/transcribed/config.toml",
             config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
-            warnings=_hidden_from_system_unit(exe),
+            warnings=_hidden_from_system_unit(exe, interpreter or sys.executable),
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -201,16 +202,24 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
 HIDDEN_BY_PROTECT_HOME: Final = ("/home", "/root", "/run/user")
 
 
-def _hidden_from_system_unit(executable: str) -> tuple[str, ...]:
-    """The system unit's ``ProtectHome=yes`` hides these trees: it could not start from there."""
-    path = Path(executable)
-    tree = next((t for t in HIDDEN_BY_PROTECT_HOME if path.is_relative_to(t)), None)
-    if tree is None:
-        return ()
-    return (f"ExecStart={executable} is under {tree}, which "
-            "the system unit's ProtectHome=yes hides: it would not start. Install transcribed "
-            "outside it (e.g. a venv in /opt/transcribed) and run that one's install-service "
-            "--system, or use the user unit (--user)",)
+def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ...]:
+    """The system unit's ``ProtectHome=yes`` hides these trees: it could not start from there.
+
+    Both the script and the Python it runs on count, links followed (a venv in /opt made with
+    a pyenv or uv Python in ~ runs that one).
+    """
+    python = Path(interpreter).resolve()
+    candidates = ((Path(executable), f"ExecStart={executable}"),
+                  (Path(executable).resolve(), f"ExecStart={executable}"),
+                  (python, f"its Python ({python})"))
+    for path, what in candidates:
+        tree = next((t for t in HIDDEN_BY_PROTECT_HOME if path.is_relative_to(t)), None)
+        if tree is not None:
+            return (f"{what} is under {tree}, which the system unit's ProtectHome=yes hides: it "
+                    "would not start. Install transcribed outside it (e.g. a venv in "
+                    "/opt/transcribed on a system Python) and run that one's install-service "
+                    "--system, or use the user unit (--user)",)
+    return ()
 
 
 USER_JOURNAL: Final = 'path = "~/transcripts/turns.jsonl"'

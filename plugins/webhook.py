@@ -79,9 +79,8 @@ class WebhookConfig(SinkConfig):
             raise ValueError(problem) from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(problem)
-        if any(c.isspace() for c in value) or "%" in url.host:
-            raise ValueError("must not contain spaces, and its host only letters, digits, "
-                             "'.' and '-'")
+        if any(c.isspace() for c in value) or ("%" in url.host and ":" not in url.host):
+            raise ValueError("must not contain spaces or a percent-encoded host name")
         return value
 
     @field_validator("secret", mode="before")

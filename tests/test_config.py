@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, HttpUrl
 
 from daemon.commands import check_config
 from daemon.config import find_config, load_settings, masked_dict, secret_values
@@ -151,6 +151,15 @@ class TestValues:
         sinks = {"x": {"type": "custom", "url": "http://[bad/p-secret-3"}}
         assert masked_dict(settings, sinks)["sinks"]["x"]["url"] == "********"
         assert "http://[bad/p-secret-3" in secret_values(settings, sinks)
+
+    def test_non_text_url_of_a_third_party_sink_is_masked(self, tmp_path: Path) -> None:
+        """A plugin's ``url: HttpUrl`` is masked and learnt like a text one."""
+        settings = load_settings(write(tmp_path / "c.toml", ""))
+        sinks = {"x": {"type": "custom", "url": HttpUrl("https://h.example/p-secret-4")}}
+        assert masked_dict(settings, sinks)["sinks"]["x"]["url"] == "https://h.example/********"
+        assert "/p-secret-4" in secret_values(settings, sinks)
+        ipv6 = {"x": {"type": "custom", "url": "http://[::1]:8080/p"}}
+        assert masked_dict(settings, ipv6)["sinks"]["x"]["url"] == "http://[::1]:8080/********"
 
 
 class TestErrors:

@@ -284,19 +284,23 @@ class TestInstallService:
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
         assert "delete the unit's LoadCredential= line" in done.stdout
 
-    @pytest.mark.parametrize(("executable", "warned"), [
-        ("/home/ada/src/transcribed/.venv/bin/transcribed", True),
-        ("/root/.venv/bin/transcribed", True),
-        ("/opt/transcribed/bin/transcribed", False),
-        ("/usr/local/bin/transcribed", False),
+    @pytest.mark.parametrize(("executable", "interpreter", "named"), [
+        ("/home/ada/src/transcribed/.venv/bin/transcribed", "/usr/bin/python3", "ExecStart"),
+        ("/root/.venv/bin/transcribed", "/usr/bin/python3", "ExecStart"),
+        ("/opt/transcribed/bin/transcribed", "/home/ada/.pyenv/bin/python3", "its Python"),
+        ("/opt/transcribed/bin/transcribed", "/usr/bin/python3", None),
+        ("/usr/local/bin/transcribed", "/usr/bin/python3", None),
     ])
     def test_system_unit_warns_of_protect_home(self, tmp_path: Path, executable: str,
-                                                warned: bool) -> None:
-        """An ExecStart the system unit's ProtectHome=yes would hide is named in a warning."""
-        target = service.plan(system=True, root=tmp_path, executable=executable)
-        assert bool(target.warnings) is warned
-        assert all(executable in w and "ProtectHome=yes" in w for w in target.warnings)
-        assert not service.plan(system=False, root=tmp_path, executable=executable).warnings
+                                                interpreter: str, named: str | None) -> None:
+        """A script or Python the system unit's ProtectHome=yes would hide is warned of."""
+        target = service.plan(system=True, root=tmp_path, executable=executable,
+                              interpreter=interpreter)
+        assert [w.split(" is under")[0].split("=")[0].split(" (")[0] for w in target.warnings] \
+            == ([named] if named else [])
+        assert all("ProtectHome=yes" in w for w in target.warnings)
+        assert not service.plan(system=False, root=tmp_path, executable=executable,
+                                interpreter=interpreter).warnings
 
     def test_help_lists_install_service(self) -> None:
         """``--help`` names the command."""

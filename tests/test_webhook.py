@@ -106,6 +106,7 @@ class TestConfig:
             ({"url": "http://[bad/x"}, "sinks.hook.url: must be an http:// or https://"),
             ({"url": "http://h:port/x"}, "sinks.hook.url: must be an http:// or https://"),
             ({"url": "https://exa mple.invalid/x"}, "sinks.hook.url: must not contain spaces"),
+            ({"url": "https://exa%20mple.invalid/x"}, "sinks.hook.url: must not contain spaces"),
             ({"url": "http://x", "secret": "nope"}, "secret #1 must start with 'whsec_'"),
             ({"url": "http://x", "secret": "whsec_!!!"}, "secret #1 is not valid base64"),
             ({"url": "http://x", "secret": SECRET, "secret_file": "/x"}, "not both"),
@@ -192,6 +193,8 @@ class TestDelivery:
     ) -> None:
         """A permanent 4xx moves the turn to the dead-letter file and delivery moves on."""
         receiver.script(Reply(400))
+        (tmp_path / "dead").mkdir(mode=0o755)             # as an older version left them
+        (tmp_path / "dead" / "hook.jsonl").touch(mode=0o644)
         dispatcher = Dispatcher([runner("hook", config(receiver.url), outbox)],
                                 dead_letter_dir=tmp_path / "dead")
         async with asyncio.TaskGroup() as group:
@@ -203,6 +206,7 @@ class TestDelivery:
         assert delivered(receiver) == ["sess:2"]
         lines = (tmp_path / "dead" / "hook.jsonl").read_text().splitlines()
         assert (tmp_path / "dead" / "hook.jsonl").stat().st_mode & 0o777 == 0o600  # transcripts
+        assert (tmp_path / "dead").stat().st_mode & 0o777 == 0o700
         assert len(lines) == 1
         dead = json.loads(lines[0])
         assert dead["record"]["id"] == "sess:1"
