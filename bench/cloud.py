@@ -226,7 +226,7 @@ def run_once(kind: str, wav: Path, audio_s: float, fake: FakeService, work: Path
     out = work / f"{kind}-turns.jsonl"
     out.unlink(missing_ok=True)
     log = work / f"{kind}.log"
-    argv = command(kind, work, fake, wav, out, chunk_ms)
+    argv = command(kind, work, fake, wav, out, chunk_ms if kind == "daemon" else None)
     fake_cpu, busy = process_cpu_s(fake.info["pid"]), busy_cpu_s()
     with log.open("w") as err:
         spawned, started = time.time(), time.monotonic()
@@ -305,7 +305,8 @@ def main() -> None:
                         help="skip the short runs (in-run steady CPU only)")
     parser.add_argument("--daemon-tree", type=Path, help="run the daemon from this source tree")
     parser.add_argument("--daemon-chunk-ms", type=int,
-                        help="the daemon's audio.chunk_ms (default 100, as the other clients)")
+                        help="client 'daemon''s audio.chunk_ms (default 100, as the other "
+                             "clients; 'base' keeps 100: one block compares both)")
     parser.add_argument("--name", default="cloud", help="results file bench/results/NAME.json")
     args = parser.parse_args()
     clients = args.clients.split(",")
