@@ -7,6 +7,7 @@
 #
 # Needs the dev environment (scripts/bootstrap.sh or scripts/test.sh), mosquitto, and
 # optionally hyperfine (apt install hyperfine; without it start-up is timed with subprocess).
+# The long run (hours) is separate: .venv/bin/python bench/soak.py --minutes 120, then report.py.
 # Raw results land in bench/results/*.json. The machine should be otherwise idle: every
 # section reports how busy the rest of it was.
 set -euo pipefail
