@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from cloud import LONG, build_wav  # noqa: E402
 from common import RESULTS, busy_cpu_s, machine, now, process_cpu_s, revision  # noqa: E402
 
+from tests.daemon_proc import fake_engine_tables  # noqa: E402
 from tests.fake_assemblyai import FakeAssemblyAI, load_speech_references  # noqa: E402
 from tests.http_receiver import HttpReceiver  # noqa: E402
 from tests.mosquitto import Mosquitto, Subscriber, free_port  # noqa: E402
@@ -55,16 +56,7 @@ def daemon_config(work: Path, fake: FakeAssemblyAI, broker: Mosquitto, hook_url:
     text = f"""
 [audio]
 source = "microphone"
-
-[transcriber]
-engine = "assemblyai"
-
-[assemblyai]
-api_key = "{fake.api_key}"
-streaming_url = "{fake.streaming_url}"
-token_url = "{fake.token_url}"
-max_session_seconds = {session_s}
-
+{fake_engine_tables(fake, f"max_session_seconds = {session_s}")}
 [log]
 format = "json"
 level = "info"

@@ -14,6 +14,21 @@ from tests.conftest import REPO, TRANSCRIBED
 from tests.fake_assemblyai import FakeAssemblyAI
 
 
+def fake_engine_tables(fake: FakeAssemblyAI, *assemblyai: str) -> str:
+    """``[transcriber]`` and ``[assemblyai]`` pointing at ``fake`` (and more assemblyai keys)."""
+    more = "\n".join(assemblyai)
+    return f"""
+[transcriber]
+engine = "assemblyai"
+
+[assemblyai]
+api_key = "{fake.api_key}"
+streaming_url = "{fake.streaming_url}"
+token_url = "{fake.token_url}"
+{more}
+"""
+
+
 def cloud_config(
     tmp_path: Path, fake: FakeAssemblyAI, wav: Path | None, *, extra: str = "",
     sinks: str | None = None,
@@ -26,17 +41,7 @@ def cloud_config(
     text = f"""
 [audio]
 {source}
-
-[transcriber]
-engine = "assemblyai"
-
-[assemblyai]
-api_key = "{fake.api_key}"
-streaming_url = "{fake.streaming_url}"
-token_url = "{fake.token_url}"
-connect_timeout = 5
-terminate_timeout = 5
-
+{fake_engine_tables(fake, "connect_timeout = 5", "terminate_timeout = 5")}
 [reconnect]
 initial_delay = 0.05
 max_delay = 0.2
