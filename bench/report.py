@@ -268,7 +268,9 @@ def soak_section(data: dict[str, Any]) -> str:
         "a webhook sink (an HTTP receiver), the live view on with `transcribed tail --json` "
         f"following it, JSON logs at info. Every {data.get('sample_s', 30):g} s the harness "
         "reads the daemon's `/proc`; at the end it stops the daemon with SIGTERM. Raw "
-        "samples: `bench/results/soak.json`.", "",
+        "samples: `bench/results/soak.json`. Its RSS is above the cloud table's (one file sink, a "
+        "WAV) because it carries more: PortAudio with the ALSA plugins it loads to list devices, "
+        "the MQTT and webhook clients, the outbox and the live view.", "",
         "| measure | result |",
         "| --- | --- |",
         f"| run | {data['elapsed_s'] / 60:.1f} min, exit code {data['exit_code']}"
