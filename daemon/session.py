@@ -285,17 +285,22 @@ class StreamSession:
                 async with asyncio.timeout(self._recv_timeout()):
                     frame = await self.ws.recv()
             except TimeoutError:
-                if self.terminating:
+                if self._termination_overdue():
                     self.log.warning("session.termination_timeout",
                                      timeout_s=self.engine.config.terminate_timeout)
                     return self._terminated("no Termination")
-                self._tick()
+                if not self.terminating:    # else: the idle timer of a wait begun before
+                    self._tick()            # Terminate went out; wait on for Termination
                 continue
             except ConnectionClosed as exc:
                 return self._closed(exc)
             outcome = self._handle(frame)
             if outcome is not None:
                 return outcome
+
+    def _termination_overdue(self) -> bool:
+        waited = time.monotonic() - self.terminate_sent
+        return self.terminating and waited >= self.engine.config.terminate_timeout
 
     def _recv_timeout(self) -> float:
         if self.terminating:

@@ -47,8 +47,9 @@ a live session; ``fake.expire_tokens()`` ages every minted token past its window
 
 Faults (``fake.faults``, see ``Faults`` in ``fake_assemblyai_records``): queues consumed one per
 request or session (``token_status``, ``http_status_on_upgrade``, ``reject_handshake``), flags
-(``key_revoked``, ``no_termination``) and per-session faults armed for the next session that
-reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``, ``send_garbage``).
+(``key_revoked``, ``no_termination``, ``termination_delay_s``) and per-session faults armed for
+the next session that reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``,
+``send_garbage``).
 
 ``time_scale`` (default 1): the fake's notion of time runs that many times faster than the
 event loop's clock, for the audio-rate limit, the session cap (``expires_at`` is in real wall
@@ -468,6 +469,8 @@ class _Session:
         assert self.turns is not None
         if self.fake.faults.no_termination:
             return True
+        if self.fake.faults.termination_delay_s:    # a slow service, not test synchronisation
+            await asyncio.sleep(self.fake.faults.termination_delay_s)
         for turn in self.turns.end_turn():
             await self.send(turn)
         await self.send(

@@ -56,6 +56,7 @@ class Faults:
         key_revoked: the API key is rejected from now on: 401 on tokens, 1008 on sessions.
         echo_key: a rejected key is quoted back in the 401's error text (as some services do).
         no_termination: ``Terminate`` is recorded but never answered.
+        termination_delay_s: ``Terminate`` is answered this many seconds late (a slow service).
         session_faults: faults for the next sessions that reach ``Begin`` (see the methods).
     """
 
@@ -65,6 +66,7 @@ class Faults:
     key_revoked: bool = False
     echo_key: bool = False
     no_termination: bool = False
+    termination_delay_s: float = 0.0
     session_faults: list[SessionFault] = field(default_factory=list)
 
     def drop_after_audio_ms(self, ms: int) -> None:

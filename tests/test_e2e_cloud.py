@@ -160,6 +160,25 @@ class TestTimeoutsAndLimits:
         assert result.events("session.termination_timeout")
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    async def test_slow_termination_is_awaited(self, fake: FakeAssemblyAI,
+                                               tmp_path: Path) -> None:
+        """Terminate sent while the session is idle: the idle timer of the wait already begun
+        (1 s) is not taken for the termination timeout; Termination 2.5 s later is awaited."""
+        fake.faults.termination_delay_s = 2.5
+        wav = tmp_path / "speech-then-silence.wav"
+        with wave.open(str(SPEECH_DIR / S1)) as source, wave.open(str(wav), "wb") as out:
+            out.setparams(source.getparams())
+            out.writeframes(source.readframes(source.getnframes()))
+            out.writeframes(bytes(2 * source.getframerate() * 3))     # 3 s of silence
+        config = cloud_config(tmp_path, fake, wav)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        assert not result.events("session.termination_timeout")
+        [ended] = result.events("session.ended")
+        assert ended["reason"] == "terminated"
+        assert fake.sessions[0].closed_by == "server" and fake.sessions[0].close_code == 1000
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     async def test_rate_limit_backs_off_long(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """A 3009 (too many sessions) waits at least reconnect.max_delay, then carries on."""
         fake.faults.reject_handshake = [3009]
