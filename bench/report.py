@@ -255,7 +255,8 @@ def soak_section(data: dict[str, Any]) -> str:
     problems = Counter(f"{p.get('level')} `{p.get('event')}`" for p in data["problems"])
     lines = [
         SOAK, "",
-        f"Machine: {data['machine']}. Date: {data['date']}. Code: {data.get('revision', '?')}. "
+        f"Machine: {data['machine']}. Date: {data['date']} - {data.get('finished', '?')}. "
+        f"Code: {data.get('revision', '?')}. "
         f"Command: `{data['command']}`. Machine busy (everything, this run included): "
         f"{data['machine_busy_cores']:.2f} cores.", "",
         "The daemon as a user runs it, for hours: `transcribed run` on the *microphone* (a "

@@ -133,6 +133,8 @@ class Soak:
         self.tail_restarts = 0
         self.drops = 0
         self.plays = 0
+        self.revision = revision()              # the code the daemon runs: at its start
+        self.started = now()
         self._mqtt_arrived = asyncio.Event()
 
     async def run(self) -> dict[str, Any]:
@@ -268,7 +270,8 @@ class Soak:
         half = self.samples[len(self.samples) // 2:]
         rss = [s["rss_kb"] for s in self.samples]
         return {
-            "machine": machine(), "date": now(), "revision": revision(),
+            "machine": machine(), "date": self.started, "finished": now(),
+            "revision": self.revision,
             "command": f".venv/bin/python bench/soak.py --minutes {self.args.minutes:g} "
                        f"--session-s {self.args.session_s} --drop-every-s "
                        f"{self.args.drop_every_s:g}",
