@@ -72,7 +72,7 @@ class TestPage:
     async def test_partial_settles_into_final(self, browser: Browser, tmp_path: Path) -> None:
         """A partial turn updates in place, then settles into the final text with its time."""
         hub = LiveHub(engine="assemblyai")
-        async with live_server(hub) as server:
+        async with live_server(hub, poll_s=3600) as server:   # the test sets the state, not polls
             page, requests = await open_page(browser, server.url + "/")
             await expect(page.locator("#connection")).to_have_text("connecting")
             await expect(page.locator("#banner")).to_contain_text("Connecting to assemblyai")
