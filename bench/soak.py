@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from cloud import LONG, build_wav  # noqa: E402
-from common import RESULTS, busy_cpu_s, machine, now, process_cpu_s, revision  # noqa: E402
+from common import busy_cpu_s, machine, now, process_cpu_s, revision, save  # noqa: E402
 
 from tests.daemon_proc import fake_engine_tables  # noqa: E402
 from tests.fake_assemblyai import FakeAssemblyAI, load_speech_references  # noqa: E402
@@ -322,8 +322,7 @@ def main() -> None:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
         result = asyncio.run(Soak(args, work).run())
-    out = RESULTS / f"{args.name}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = save(args.name, result)
     brief = {k: v for k, v in result.items() if k not in ("samples", "log_events", "problems")}
     print(json.dumps(brief, indent=1))
     print(out)
