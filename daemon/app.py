@@ -37,6 +37,7 @@ log = structlog.get_logger("daemon.app")
 
 SHUTDOWN_DEADLINE_S: Final = 12.0  # SIGTERM → engine finished; sinks then get FLUSH_TIMEOUT_S
 FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the slowest timeout_s
+NEWS_CHUNKS: Final = 3             # chunks after a session began that wake the reporter (READY)
 
 
 @dataclass
@@ -52,15 +53,13 @@ class Listener:
     meter: AudioMeter = field(default_factory=AudioMeter)  # the audio read from the source
     chunks_at_session: int = 0  # ``meter.chunks`` when the current session began
     on_change: list[Callable[[], None]] = field(default_factory=list)
-    _news_chunks: int = 0  # chunks after a session began that still wake the reporter
 
     def audio_read(self) -> None:
-        """A chunk was read: the first few after a session began are news (READY).
+        """A chunk was read (and counted): the first few after a session began are news (READY).
 
         A few, not one: the cloud session's sender may not have run yet at the first.
         """
-        if self._news_chunks:
-            self._news_chunks -= 1
+        if self.live and self.meter.chunks - self.chunks_at_session <= NEWS_CHUNKS:
             self._changed()
 
     def turn(self, record: TurnRecord) -> None:
@@ -85,7 +84,6 @@ class Listener:
         self.sessions += 1
         self.open_sessions += 1
         self.chunks_at_session = self.meter.chunks
-        self._news_chunks = 3
         self._hook(self.plugins.session_started, session)
         self._changed()
 

@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         level=settings.log.level,
         fmt=settings.log.format,
         transcripts=settings.log.transcripts,
-        secrets=[*secret_values(settings, settings.sinks),    # as written, and as validated:
-                 *secret_values(settings, {n: c for n, (_t, c) in sinks.items()})],  # JSON lists
+        secrets=secret_values(settings, settings.sinks),   # app.run adds the validated sinks'
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     try:

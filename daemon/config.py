@@ -383,11 +383,19 @@ def _masked_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}/{MASK}"
 
 
+def _url_text(key: str, value: Any) -> str | None:
+    """A sink's ``url`` value as text: a str, or a plugin's pydantic ``HttpUrl``."""
+    if key != "url" or value is None or isinstance(value, dict | list | tuple):
+        return None
+    return str(value)
+
+
 def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, SecretStr):
         return MASK if value.get_secret_value() else ""
-    if key == "url" and value is not None and not isinstance(value, dict | list | tuple):
-        return _masked_url(str(value))        # str, or a plugin's pydantic HttpUrl
+    url = _url_text(key, value)
+    if url is not None:
+        return _masked_url(url)
     if key == "headers" and isinstance(value, dict):
         return {k: MASK for k in value}       # header values are often credentials
     if isinstance(value, dict):
@@ -419,8 +427,8 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
                 walk(v, key)
         elif isinstance(value, str) and key in _SECRET_KEYS:
             found.append(value)
-        elif key == "url" and value is not None and not isinstance(value, dict | list | tuple):
-            found.extend(url_secrets(str(value)))
+        elif (url := _url_text(key, value)) is not None:
+            found.extend(url_secrets(url))
 
     walk(dict(sinks))
     return [s for s in found if s]

@@ -298,15 +298,15 @@ class StreamSession:
             if outcome is not None:
                 return outcome
 
+    def _termination_left(self) -> float:
+        """Seconds left to wait for ``Termination`` (after ``Terminate`` was sent)."""
+        return self.engine.config.terminate_timeout - (time.monotonic() - self.terminate_sent)
+
     def _termination_overdue(self) -> bool:
-        waited = time.monotonic() - self.terminate_sent
-        return self.terminating and waited >= self.engine.config.terminate_timeout
+        return self.terminating and self._termination_left() <= 0
 
     def _recv_timeout(self) -> float:
-        if self.terminating:
-            waited = time.monotonic() - self.terminate_sent
-            return max(0.05, self.engine.config.terminate_timeout - waited)
-        return 1.0
+        return max(0.05, self._termination_left()) if self.terminating else 1.0
 
     def _tick(self) -> None:
         """Once a second without frames: release late finals, forget covered silence."""
