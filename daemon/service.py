@@ -11,6 +11,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Final
 
@@ -228,19 +229,13 @@ SYSTEM_JOURNAL: Final = ('path = "/var/lib/transcribed/turns.jsonl"   # the unit
 
 
 def example_config(*, system: bool = False) -> str:
-    """The commented example config, else a minimal one.
+    """The commented example config.
 
-    ``config/example.toml`` is in the package as ``daemon/assets/example.toml`` (a link to it in
-    the repository), so an installed wheel copies the same file. For the system unit the file
-    sink writes below its ``StateDirectory`` instead of ``~``.
+    ``config/example.toml`` is package data, ``daemon/assets/example.toml`` (a link to it in
+    the repository), as the live page is, so an installed wheel copies the same file. For the
+    system unit the file sink writes below its ``StateDirectory`` instead of ``~``.
     """
-    example = Path(__file__).resolve().parent / "assets" / "example.toml"
-    if example.is_file():
-        text = example.read_text(encoding="utf-8")
-    else:
-        text = ("# transcribed configuration: see the README for every key.\n"
-                "[transcriber]\nengine = \"auto\"\n\n[sinks.journal]\ntype = \"file\"\n"
-                f"{USER_JOURNAL}\n")
+    text = (resources.files("daemon") / "assets" / "example.toml").read_text(encoding="utf-8")
     if system:
         text = re.sub(rf"^{re.escape(USER_JOURNAL)}[^\n]*$", SYSTEM_JOURNAL, text, count=1,
                       flags=re.M)
