@@ -23,6 +23,7 @@ from daemon.config import (
     load_settings,
     masked_dict,
     problem_origin,
+    read_settings,
     secret_values,
 )
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
@@ -44,18 +45,19 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
     path = find_config(getattr(args, "config", None))
     where = f"{path}: " if path else ""
     plugins = plugins or load_plugins()
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:        # report the file's sink problems with the others
-        raise ConfigError(exc.problems + _file_sink_problems(plugins, path, where)) from None
-    problems = check_semantics(settings)
+    settings, failed, problems = read_settings(path)
+    if settings is None:              # report the file's sink problems with the others
+        raise ConfigError(problems + _file_sink_problems(plugins, path, where))
+    late = check_semantics(settings, skip=failed)
     sinks: ValidatedSinks = {}
     try:
         sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
-        problems += exc.problems
-    if problems:             # each names its environment variable, if one set the key
-        raise ConfigError([problem_origin(p, where, os.environ) + p for p in problems])
+        late += exc.problems
+    # each names its environment variable, if one set the key
+    problems += [problem_origin(p, where, os.environ) + p for p in late]
+    if problems:
+        raise ConfigError(problems)
     return settings, path, sinks
 
 

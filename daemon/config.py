@@ -246,20 +246,61 @@ def load_settings(path: Path | None) -> Settings:
     Raises:
         ConfigError: with one line per problem, each naming the key (and file).
     """
+    settings, _failed, problems = read_settings(path)
+    if settings is None or problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]]:
+    """Load what validates and name every problem: ``(settings, failed sections, problems)``.
+
+    A section with a problem is taken at its defaults in the settings returned, so that the
+    cross-key checks of the others still run (``check_semantics(settings, skip=failed)``) and
+    one ``check-config`` names everything; ``None`` when no settings can be built (a problem
+    outside the sections, or a value the environment does not parse). Problems name their file
+    or environment variable.
+
+    Raises:
+        ConfigError: the file is not TOML (or cannot be read): nothing else can be checked.
+    """
     where = f"{path}: " if path else ""
     if path is not None:
         _check_toml(path)
+    failed: frozenset[str] = frozenset()
+    problems: list[str] = []
+    try:
+        settings = _settings(path)
+    except ValidationError as exc:
+        problems = [problem_origin(line, where, os.environ) + line
+                    for line in validation_lines(exc)]
+        failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
+        defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True)
+                    for name in failed if name in Settings.model_fields and name != "sinks"}
+        if len(defaults) < len(failed):
+            return None, failed, problems
+        try:
+            settings = _settings(path, **defaults)
+        except (ValidationError, SettingsError):
+            return None, failed, problems
+    except SettingsError as exc:
+        return None, failed, [_environment_error(exc, os.environ)]
+    if "assemblyai" not in failed:
+        try:
+            settings = _resolve_secrets(settings, where, os.environ)
+        except ConfigError as exc:
+            problems += exc.problems
+            failed |= {"assemblyai"}
+    return settings, failed, problems
+
+
+def _settings(path: Path | None, **sections: Any) -> Settings:
+    """Build ``Settings`` from the environment and ``path``; ``sections`` replace theirs."""
     try:
         Settings._toml_path = path
-        settings = Settings()
-    except ValidationError as exc:
-        raise ConfigError([problem_origin(line, where, os.environ) + line
-                           for line in validation_lines(exc)]) from None
-    except SettingsError as exc:
-        raise ConfigError(_environment_error(exc, os.environ)) from None
+        return Settings(**sections)
     finally:
         Settings._toml_path = None
-    return _resolve_secrets(settings, where, os.environ)
 
 
 def problem_origin(line: str, where: str, env: Mapping[str, str]) -> str:
@@ -447,33 +488,44 @@ def _compute_type_problems(compute_type: str) -> list[str]:
             f"(supported: {', '.join(sorted(supported))})"]
 
 
-def check_semantics(settings: Settings) -> list[str]:
-    """Cross-key problems that field validation cannot see (one line each)."""
-    problems = []
-    audio = settings.audio
+def _audio_problems(audio: AudioConfig) -> list[str]:
     if audio.source == "file":
         if not audio.path:
-            problems.append("audio.path: required when audio.source = 'file'")
-        elif not Path(audio.path).expanduser().is_file():
-            problems.append(f"audio.path: no such file: {audio.path}")
+            return ["audio.path: required when audio.source = 'file'"]
+        if not Path(audio.path).expanduser().is_file():
+            return [f"audio.path: no such file: {audio.path}"]
     elif audio.path:
-        problems.append("audio.path: only used when audio.source = 'file'")
+        return ["audio.path: only used when audio.source = 'file'"]
+    return []
+
+
+def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Cross-key problems that field validation cannot see (one line each).
+
+    Checks that read a section in ``skip`` (one with problems of its own) are left out.
+    """
+    def valid(*sections: str) -> bool:
+        return skip.isdisjoint(sections)
+
+    problems = _audio_problems(settings.audio) if valid("audio") else []
     has_key = bool(settings.assemblyai.api_key.get_secret_value())
-    if settings.transcriber.engine == "assemblyai" and not has_key:
+    if valid("transcriber", "assemblyai") and settings.transcriber.engine == "assemblyai" \
+            and not has_key:
         problems.append(
             "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
             "(set api_key, api_key_file or the assemblyai_api_key credential)"
         )
     cloud = settings.assemblyai
-    if cloud.token_url == DEFAULT_TOKEN_URL and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
+    if valid("assemblyai") and cloud.token_url == DEFAULT_TOKEN_URL \
+            and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
         problems.append(f"assemblyai.max_session_seconds: the service accepts "
                         f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
     state = settings.state_path()
-    if state.exists() and not state.is_dir():
+    if valid("state") and state.exists() and not state.is_dir():
         problems.append(f"state.dir: {state} exists and is not a directory")
-    if settings.reconnect.initial_delay > settings.reconnect.max_delay:
+    if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
-    if settings.engine_name() == "local":
+    if valid("transcriber", "assemblyai", "local") and settings.engine_name() == "local":
         from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
 
         try:
@@ -481,7 +533,8 @@ def check_semantics(settings: Settings) -> list[str]:
         except EngineError as exc:
             problems.append(str(exc))
         problems += _compute_type_problems(settings.local.compute_type)
-    from daemon.web import check_http
+    if valid("http"):
+        from daemon.web import check_http
 
-    problems += check_http(settings.http)
+        problems += check_http(settings.http)
     return problems

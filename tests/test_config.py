@@ -221,6 +221,30 @@ def test_bad_values_one_line_each(text: str, expected: str, tmp_path: Path,
     assert line.startswith(f"transcribed: config error: {path}: {expected}"), line
 
 
+def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """One check-config names every problem: a section's bad value does not hide the cross-key
+    problems of the other sections, nor the sinks'; the bad section's own checks wait."""
+    path = write(tmp_path / "c.toml", '[audio]\nsource = "file"\nchunk_ms = 5\n'
+                 '[transcriber]\nengine = "assemblyai"\n[reconnect]\ninitial_delay = 50\n'
+                 f'[assemblyai]\napi_key_file = "{tmp_path / "nokey"}"\n'
+                 '[sinks.j]\ntype = "file"\npath = ""\n')
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    lines = [line.removeprefix(f"transcribed: config error: {path}: ")
+             for line in capsys.readouterr().err.splitlines()]
+    assert lines == [
+        "audio.chunk_ms: Input should be greater than or equal to 50",
+        f"assemblyai.api_key_file: cannot read {tmp_path / 'nokey'}: No such file or directory",
+        "reconnect.initial_delay: must not exceed reconnect.max_delay",
+        "sinks.j.path: must name a file",
+    ]        # not "audio.path: required …" (audio is unchecked) nor a missing key (unreadable)
+    path.write_text('[nosuch]\nx = 1\n[sinks.j]\ntype = "file"\npath = ""\n')
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    assert capsys.readouterr().err.splitlines() == [
+        f"transcribed: config error: {path}: nosuch: unknown key",
+        f"transcribed: config error: {path}: sinks.j.path: must name a file"]
+
+
 def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A config file or key file that is not UTF-8 is one line naming the file."""
     binary = tmp_path / "binary"
