@@ -20,13 +20,14 @@ import httpx
 import structlog
 
 from daemon.audio_base import AudioSource
-from daemon.config import Settings, secret_values
+from daemon.config import Settings
 from daemon.dispatch import Dispatcher, ValidatedSinks, validate_sinks
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.health import Health, Heartbeat, Reporter
 from daemon.live import LiveHub, Tee
 from daemon.logs import SecretMasker
+from daemon.masking import secret_values
 from daemon.metrics import AudioMeter, StatusSnapshot, snapshot_of
 from daemon.notify import Notifier
 from daemon.plugins import PluginHost, load_plugins

@@ -16,18 +16,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.config import (
-    MASK,
     Settings,
     check_semantics,
     find_config,
     load_settings,
-    masked_dict,
     problem_origin,
     read_settings,
-    secret_values,
 )
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
 from daemon.events import TurnRecord, Word
+from daemon.masking import MASK, masked_dict, secret_values
 
 if TYPE_CHECKING:
     from daemon.dispatch import ValidatedSinks

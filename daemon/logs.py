@@ -17,7 +17,8 @@ from typing import Any, Final, Literal, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-MASK: Final = "********"
+from daemon.masking import MASK
+
 _TOKEN_IN_URL: Final = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
 _TRANSCRIPT_KEYS: Final = frozenset({"transcript", "text", "words", "partial"})
 _LEVELS: Final = {

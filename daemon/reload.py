@@ -17,10 +17,11 @@ from typing import Any
 
 import structlog
 
-from daemon.config import Settings, secret_values
+from daemon.config import Settings
 from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, ValidatedSinks
 from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
+from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
 
 log = structlog.get_logger("daemon.reload")

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
 
-from daemon.config import MASK
 from daemon.errors import EX_FAILURE, EX_OK
 from daemon.events import parse_iso_utc
+from daemon.masking import MASK
 
 CLEAR: Final = "\r\x1b[2K"
 DIM: Final = "\x1b[2m"

@@ -13,9 +13,10 @@ import pytest
 from pydantic import BaseModel, HttpUrl
 
 from daemon.commands import check_config
-from daemon.config import find_config, load_settings, masked_dict, secret_values
+from daemon.config import find_config, load_settings
 from daemon.dispatch import _takes_json, validate_sinks
 from daemon.errors import ConfigError
+from daemon.masking import masked_dict, secret_values
 from daemon.plugins import load_plugins
 from tests.conftest import REPO, TRANSCRIBED
 

@@ -1,0 +1,111 @@
+"""Secrets out of sight: the config as printed by ``check-config``, and the values to mask in logs.
+
+Secret keys (``api_key``, ``secret``, ``password``, ``token``), header values, and the parts of a
+sink ``url`` that may be credentials (user info, path and query: webhook URLs are often bearer
+secrets) are replaced by ``MASK``; ``secret_values`` lists the same strings for the log masker
+(``daemon.logs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, SecretStr
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+
+MASK: Final = "********"
+
+
+def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The effective config as plain data with every secret replaced by ``MASK``."""
+    data = settings.model_dump(mode="python")
+    data["sinks"] = {name: dict(table) for name, table in sinks.items()}
+    masked: dict[str, Any] = _mask(data)
+    return masked
+
+
+_SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of a sink's URL that may be credentials: user info, and path with query.
+
+    Webhook URLs (Slack, Discord, Zapier …) are often bearer secrets in their path.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:                  # unparsable (a third-party sink's own url key): all of it
+        return [url] if url else []
+    found = [part for part in (parts.username, parts.password) if part]
+    rest = url.split(parts.netloc, 1)[-1] if parts.netloc else ""
+    if rest.strip("/"):
+        found.append(rest)
+    return found
+
+
+def _masked_url(url: str) -> str:
+    """``scheme://host:port/********`` when the URL carries anything that may be a secret."""
+    if not url_secrets(url):
+        return url
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:                  # unparsable, or a port that is not a number
+        return MASK
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{port}/{MASK}"
+
+
+def _url_text(key: str, value: Any) -> str | None:
+    """A sink's ``url`` value as text: a str, or a plugin's pydantic ``HttpUrl``."""
+    if key != "url" or value is None or isinstance(value, dict | list | tuple):
+        return None
+    return str(value)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, SecretStr):
+        return MASK if value.get_secret_value() else ""
+    url = _url_text(key, value)
+    if url is not None:
+        return _masked_url(url)
+    if key == "headers" and isinstance(value, dict):
+        return {k: MASK for k in value}       # header values are often credentials
+    if isinstance(value, dict):
+        return {k: _mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if key == "secret":
+            return [MASK for _ in value]
+        return [_mask(v) for v in value]
+    if key in _SECRET_KEYS and value:
+        return MASK
+    return value
+
+
+def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
+    """Every secret string in the config, for the log masker."""
+    found = [settings.assemblyai.api_key.get_secret_value(), settings.http.token.get_secret_value()]
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, SecretStr):
+            found.append(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and key in _SECRET_KEYS:
+            found.append(value)
+        elif (url := _url_text(key, value)) is not None:
+            found.extend(url_secrets(url))
+
+    walk(dict(sinks))
+    return [s for s in found if s]
