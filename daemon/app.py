@@ -21,7 +21,7 @@ import structlog
 
 from daemon.audio_base import AudioSource
 from daemon.config import Settings
-from daemon.dispatch import Dispatcher, ValidatedSinks, validate_sinks
+from daemon.dispatch import Dispatcher
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.health import Health, Heartbeat, Reporter
@@ -32,6 +32,7 @@ from daemon.metrics import AudioMeter, StatusSnapshot, snapshot_of
 from daemon.notify import Notifier
 from daemon.plugins import PluginHost, load_plugins
 from daemon.reload import Loader, Reloader, SinkBuilder
+from daemon.sinktables import ValidatedSinks, validate_sinks
 from daemon.web import LiveServer
 
 log = structlog.get_logger("daemon.app")

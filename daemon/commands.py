@@ -28,8 +28,8 @@ from daemon.events import TurnRecord, Word
 from daemon.masking import MASK, masked_dict, secret_values
 
 if TYPE_CHECKING:
-    from daemon.dispatch import ValidatedSinks
     from daemon.plugins import PluginHost
+    from daemon.sinktables import ValidatedSinks
 
 log = structlog.get_logger("daemon.cli")
 
@@ -37,8 +37,8 @@ log = structlog.get_logger("daemon.cli")
 def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
                ) -> tuple[Settings, Path | None, ValidatedSinks]:
     """The settings and the sink tables; cross-key and sink problems are reported together."""
-    from daemon.dispatch import validate_sinks
     from daemon.plugins import load_plugins
+    from daemon.sinktables import validate_sinks
 
     path = find_config(getattr(args, "config", None))
     where = f"{path}: " if path else ""
@@ -63,7 +63,7 @@ def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> l
     """The problems of a config file's ``[sinks]`` tables, if the file parses."""
     import tomllib
 
-    from daemon.dispatch import validate_sinks
+    from daemon.sinktables import validate_sinks
 
     try:
         tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None

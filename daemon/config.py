@@ -239,7 +239,7 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
 
 
 def load_settings(path: Path | None) -> Settings:
-    """Load and validate everything except sink tables (see ``daemon.dispatch.build_sinks``).
+    """Load and validate everything except sink tables (see ``daemon.sinktables.validate_sinks``).
 
     Raises:
         ConfigError: with one line per problem, each naming the key (and file).

@@ -18,11 +18,12 @@ from typing import Any
 import structlog
 
 from daemon.config import Settings
-from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner, ValidatedSinks
+from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner
 from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
+from daemon.sinktables import ValidatedSinks
 
 log = structlog.get_logger("daemon.reload")
 

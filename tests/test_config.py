@@ -14,10 +14,10 @@ from pydantic import BaseModel, HttpUrl
 
 from daemon.commands import check_config
 from daemon.config import find_config, load_settings
-from daemon.dispatch import _takes_json, validate_sinks
 from daemon.errors import ConfigError
 from daemon.masking import masked_dict, secret_values
 from daemon.plugins import load_plugins
+from daemon.sinktables import _takes_json, validate_sinks
 from tests.conftest import REPO, TRANSCRIBED
 
 

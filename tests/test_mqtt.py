@@ -18,10 +18,11 @@ import pytest
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
+from daemon.sinktables import validate_sinks
 from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
 from plugins.webhook import WebhookConfig, WebhookSink

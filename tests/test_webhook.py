@@ -13,10 +13,11 @@ import pytest
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner, validate_sinks
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
+from daemon.sinktables import validate_sinks
 from plugins.webhook import WebhookConfig, WebhookSink, retry_after_s
 from plugins.webhook import transcribed_sink_types as webhook_types
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
