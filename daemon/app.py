@@ -287,7 +287,7 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
     else:
         session = "reconnecting" if listener.sessions else "connecting"
     if engine.name == "local":
-        session = "ready" if listener.live else "loading"
+        session = "ready" if listener.live else "session ended" if listener.sessions else "loading"
     ledger = getattr(engine, "ledger", None)
     backlog = f", backlog {ledger.seconds_held():.0f} s" if ledger is not None else ""
     capture = "reopening the device" if getattr(source, "recovering", False) else "ok"

@@ -19,22 +19,27 @@ PLACEHOLDER: Final = "@TRANSCRIBED@"
 USER_DEFAULT_EXEC: Final = "%h/.local/bin/transcribed"
 SYSTEM_DEFAULT_EXEC: Final = "/usr/local/bin/transcribed"
 
-_COMMON_SERVICE: Final = """\
+
+def _service_common(no_restart: str) -> str:
+    """The ``[Service]`` lines both units share; ``no_restart``: exit statuses never retried."""
+    return f"""\
 Type=notify
 NotifyAccess=main
-ExecStartPre=@TRANSCRIBED@ check-config
 ExecStart=@TRANSCRIBED@ run
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=5
-# 77: credentials rejected, 78: configuration error; restarting will not fix either
-RestartPreventExitStatus=77 78
+# a restart fixes none of: 77 credentials rejected, 78 configuration error, (system unit) 243 the
+# key's credential file is missing. `run` checks the config itself: a failing ExecStartPre check
+# would be restarted in a loop (RestartPreventExitStatus reads the main process's status only).
+RestartPreventExitStatus={no_restart}
 WatchdogSec=30
 TimeoutStopSec=30
 # room for sinks, the cloud engine and the live view's (capped) clients, above the 1024 default
 LimitNOFILE=8192
 Environment=PYTHONUNBUFFERED=1
 """
+
 
 USER_UNIT: Final = f"""\
 # transcribed as a user service (the default on a workstation: the microphone belongs to the
@@ -46,7 +51,7 @@ StartLimitIntervalSec=600
 StartLimitBurst=10
 
 [Service]
-{_COMMON_SERVICE}\
+{_service_common("77 78")}\
 NoNewPrivileges=yes
 LockPersonality=yes
 RestrictSUIDSGID=yes
@@ -70,7 +75,7 @@ StartLimitIntervalSec=600
 StartLimitBurst=10
 
 [Service]
-{_COMMON_SERVICE}\
+{_service_common("77 78 243")}\
 Environment=TRANSCRIBED_CONFIG=/etc/transcribed/config.toml
 Environment=XDG_CACHE_HOME=%C/transcribed
 LoadCredential=assemblyai_api_key:/etc/transcribed/assemblyai_api_key
@@ -101,7 +106,7 @@ ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
 ProtectProc=invisible
-ProcSubset=pid
+# not ProcSubset=pid: the offline engine's onnxruntime reads /proc/cpuinfo
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 RestrictNamespaces=yes
 RestrictRealtime=yes
@@ -119,7 +124,7 @@ WantedBy=multi-user.target
 
 
 def render(template: str, executable: str) -> str:
-    """The unit text with ``ExecStart``/``ExecStartPre`` pointing at ``executable``."""
+    """The unit text with ``ExecStart`` pointing at ``executable``."""
     return template.replace(PLACEHOLDER, executable)
 
 
@@ -145,6 +150,8 @@ class Plan:
     config_text: str
     commands: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    config_mode: int = 0o600     # a user's config may hold secrets; the system unit's dynamic
+                                 # user must read /etc/transcribed/config.toml (0644, no secrets)
 
 
 SYSTEM_COMMANDS: Final = (
@@ -187,6 +194,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
             warnings=_hidden_from_system_unit(exe, interpreter or sys.executable),
+            config_mode=0o644,
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -252,6 +260,7 @@ def install(target: Plan) -> list[str]:
         done.append(f"kept the existing config {target.config_path}")
     else:
         target.config_path.parent.mkdir(parents=True, exist_ok=True)
+        target.config_path.touch(mode=target.config_mode)
         target.config_path.write_text(target.config_text, encoding="utf-8")
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done

@@ -58,7 +58,8 @@ path = "{turns}"
 
 
 async def test_demo_config_on_a_file(tmp_path: Path) -> None:
-    """The quick start's config (config/demo.toml) turns a WAV into records and exits 0."""
+    """The quick start's config (config/demo.toml) turns a WAV into records and exits 0; systemd
+    is told the model is loading, then ready, then that the session ended with the input."""
     from tests.conftest import REPO
     from tests.daemon_proc import run_daemon
 
@@ -67,8 +68,14 @@ async def test_demo_config_on_a_file(tmp_path: Path) -> None:
            "TRANSCRIBED_AUDIO__PATH": str(SPEECH_DIR / "espeak-s5.wav"),
            "TRANSCRIBED_SINKS__JOURNAL__PATH": str(turns),
            "TRANSCRIBED_STATE__DIR": str(tmp_path / "state")}
-    result = await run_daemon("run", limit_s=60, env=env)
+    async with NotifySocket.listening(tmp_path / "notify.sock") as notify:
+        result = await run_daemon("run", limit_s=60, env={**env, **notify.env()})
     assert result.code == 0, result.stderr[-2000:]
+    statuses = [m.fields["STATUS"] for m in notify.with_key("STATUS")]
+    assert statuses[0].startswith("local: loading, 0 turns"), statuses
+    assert any(s.startswith("local: ready") for s in statuses), statuses
+    assert statuses[-1].startswith("stopping (input ended); local: session ended, 1 turns"), \
+        statuses
     [record] = read_turns(turns)
     assert record["transcript"] in result.stdout               # the console sink printed it
     error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s5.wav"]), normalise(record["transcript"]))

@@ -245,12 +245,13 @@ class TestUnits:
 
     @pytest.mark.parametrize("template", [service.USER_UNIT, service.SYSTEM_UNIT])
     def test_units_carry_the_contract(self, template: str) -> None:
-        """Both units: notify, watchdog, reload by SIGHUP, no restart on 77/78, check first."""
+        """Both units: notify, watchdog, reload by SIGHUP, no restart on 77/78; no ExecStartPre
+        (its failure is outside RestartPreventExitStatus: a bad config would restart in a loop)."""
         for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure",
                      "RestartPreventExitStatus=77 78", "WatchdogSec=",
-                     "ExecReload=/bin/kill -HUP $MAINPID",
-                     "ExecStartPre=@TRANSCRIBED@ check-config"):
+                     "ExecReload=/bin/kill -HUP $MAINPID", "ExecStart=@TRANSCRIBED@ run"):
             assert line in template
+        assert "ExecStartPre=" not in template
 
 
 class TestInstallService:
@@ -264,6 +265,7 @@ class TestInstallService:
         assert f"ExecStart={_transcribed_script()} run" in unit
         config = tmp_path / "cfg/transcribed/config.toml"
         assert config.read_text() == (REPO / "config/example.toml").read_text()
+        assert config.stat().st_mode & 0o777 == 0o600          # it may come to hold secrets
         assert "systemctl --user enable --now transcribed.service" in done.stdout
         config.write_text("# mine\n")
         again = subprocess.run([*_cli(), "install-service"], env=env, cwd=REPO,
@@ -280,6 +282,8 @@ class TestInstallService:
         assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
         config = (tmp_path / "etc/transcribed/config.toml").read_text()
         assert 'path = "/var/lib/transcribed/turns.jsonl"' in config   # ~ is / for DynamicUser
+        mode = (tmp_path / "etc/transcribed/config.toml").stat().st_mode & 0o777
+        assert mode == 0o644 & ~_umask()                 # readable by the unit's dynamic user
         assert "~/" not in config.split("[sinks.journal]")[1].split("[")[0]
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
         assert "delete the unit's LoadCredential= line" in done.stdout
@@ -311,3 +315,9 @@ class TestInstallService:
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "daemon"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
