@@ -227,15 +227,23 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     named = explicit or env.get("TRANSCRIBED_CONFIG")
     if named:
         path = Path(named).expanduser()
-        if not path.is_file():
+        if not _is_file(path):
             raise ConfigError(f"{path}: config file not found")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
     for candidate in candidates:
-        if candidate.is_file():
+        if _is_file(candidate):
             return candidate
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; one we may not look at (a 0700 folder) is a config error."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
 
 def load_settings(path: Path | None) -> Settings:

@@ -259,8 +259,13 @@ def install(target: Plan) -> list[str]:
     if target.config_path.exists():
         done.append(f"kept the existing config {target.config_path}")
     else:
-        target.config_path.parent.mkdir(parents=True, exist_ok=True)
+        folder = target.config_path.parent
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        if made and target.config_mode & 0o044:     # the system unit's dynamic user reads it,
+            folder.chmod(0o755)                     # whatever the installer's umask
         target.config_path.touch(mode=target.config_mode)
+        target.config_path.chmod(target.config_mode)
         target.config_path.write_text(target.config_text, encoding="utf-8")
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done

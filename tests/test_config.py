@@ -50,6 +50,15 @@ class TestLookup:
         with pytest.raises(ConfigError, match="config file not found"):
             find_config(str(tmp_path / "nope.toml"))
 
+    def test_a_path_that_cannot_be_looked_at(self, tmp_path: Path) -> None:
+        """A lookup path the system refuses to stat (e.g. a 0700 folder of another user: EACCES,
+        seen under systemd; here a name too long, which root cannot bypass) is a config error
+        naming it, not a traceback."""
+        folder = tmp_path / ("x" * 300)
+        with pytest.raises(ConfigError, match=r"/x{300}/transcribed/config\.toml: cannot read "
+                                              r"config: File name too long"):
+            find_config(None, env={"XDG_CONFIG_HOME": str(folder)})
+
 
 class TestValues:
     def test_env_overrides_toml(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

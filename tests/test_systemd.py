@@ -274,16 +274,18 @@ class TestInstallService:
         assert "kept the existing config" in again.stdout
 
     def test_system_install_under_root(self, tmp_path: Path) -> None:
-        """--system --root DIR: the hardened unit and the config below DIR/etc."""
+        """--system --root DIR: the hardened unit and the config below DIR/etc, readable by the
+        unit's dynamic user whatever the installer's umask."""
         done = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
-                              cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+                              cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
+                              preexec_fn=lambda: os.umask(0o077))
         assert done.returncode == 0, done.stderr
         unit = (tmp_path / "etc/systemd/system/transcribed.service").read_text()
         assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
         config = (tmp_path / "etc/transcribed/config.toml").read_text()
         assert 'path = "/var/lib/transcribed/turns.jsonl"' in config   # ~ is / for DynamicUser
-        mode = (tmp_path / "etc/transcribed/config.toml").stat().st_mode & 0o777
-        assert mode == 0o644 & ~_umask()                 # readable by the unit's dynamic user
+        for path, mode in (("etc/transcribed", 0o755), ("etc/transcribed/config.toml", 0o644)):
+            assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
         assert "~/" not in config.split("[sinks.journal]")[1].split("[")[0]
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
         assert "delete the unit's LoadCredential= line" in done.stdout
@@ -315,9 +317,3 @@ class TestInstallService:
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "daemon"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
