@@ -60,17 +60,26 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
 
 
 def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> list[str]:
-    """The problems of a config file's ``[sinks]`` tables, if the file parses."""
+    """The problems of a config file's ``[sinks]`` tables, when the settings could not be built.
+
+    Left out (reported once the settings load): entries that are not tables (the settings'
+    validation has named them) and sinks the environment overrides (their file table alone may
+    lack what the environment supplies).
+    """
     import tomllib
 
     from daemon.sinktables import validate_sinks
 
+    prefix = "TRANSCRIBED_SINKS__"
+    overridden = {name[len(prefix):].split("__", 1)[0].lower()
+                  for name in os.environ if name.upper().startswith(prefix)}
     try:
         tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
         if isinstance(tables, dict):
-            validate_sinks(plugins, tables)
+            validate_sinks(plugins, {name: table for name, table in tables.items()
+                                     if isinstance(table, dict) and name not in overridden})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        pass                                # load_settings has reported it
+        pass                                # read_settings has reported it
     except ConfigError as exc:
         return [where + p for p in exc.problems]
     return []

@@ -30,6 +30,7 @@ ENV_PREFIX: Final = "TRANSCRIBED_"
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
+KEY_UNKNOWN: Final = "assemblyai.api_key"   # a failed "section": the key file could not be read
 
 
 class _Section(BaseModel):
@@ -227,23 +228,27 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     named = explicit or env.get("TRANSCRIBED_CONFIG")
     if named:
         path = Path(named).expanduser()
-        if not _is_file(path):
+        if not _is_file(path, "config"):
             raise ConfigError(f"{path}: config file not found")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
     for candidate in candidates:
-        if _is_file(candidate):
+        if _is_file(candidate, "config"):
             return candidate
     return None
 
 
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is a file; one we may not look at (a 0700 folder) is a config error."""
+def _is_file(path: Path, key: str) -> bool:
+    """Whether ``path`` is a file; one we may not look at is a config error naming ``key``.
+
+    EACCES (a 0700 folder, or /home behind the system unit's ProtectHome=yes) would otherwise be
+    a traceback, exit 1, which systemd restarts in a loop.
+    """
     try:
         return path.is_file()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot look at {path}: {exc.strerror}") from None
 
 
 def load_settings(path: Path | None) -> Settings:
@@ -263,9 +268,10 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
 
     A section with a problem is taken at its defaults in the settings returned, so that the
     cross-key checks of the others still run (``check_semantics(settings, skip=failed)``) and
-    one ``check-config`` names everything; ``None`` when no settings can be built (a problem
-    outside the sections, or a value the environment does not parse). Problems name their file
-    or environment variable.
+    one ``check-config`` names everything (an unreadable API key file "fails" ``KEY_UNKNOWN``
+    only); ``None`` when no settings can be built (an unknown section, ``[sinks]`` entries that
+    are not tables, or a value the environment does not parse). Problems name their file or
+    environment variable.
 
     Raises:
         ConfigError: the file is not TOML (or cannot be read): nothing else can be checked.
@@ -296,8 +302,8 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
             settings = _resolve_secrets(settings, where, os.environ)
         except ConfigError as exc:
             problems += exc.problems
-            failed |= {"assemblyai"}
-    return settings, failed, problems
+            failed |= {KEY_UNKNOWN}
+    return settings, failed, problems + unknown_variables(os.environ)
 
 
 def _settings(path: Path | None, **sections: Any) -> Settings:
@@ -310,11 +316,30 @@ def _settings(path: Path | None, **sections: Any) -> Settings:
 
 
 def problem_origin(line: str, where: str, env: Mapping[str, str]) -> str:
-    """Who set the key a problem line names: its environment variable if one is set."""
-    name = ENV_PREFIX + line.split(":", 1)[0].upper().replace(".", "__")
-    if any(variable.upper() == name for variable in env):
-        return f"environment {name}: "
+    """Who set the key a problem line names: the environment variable that set it, else ``where``.
+
+    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``).
+    """
+    parts = line.split(":", 1)[0].split(" ", 1)[0].upper().split(".")
+    names = {variable.upper() for variable in env}
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(parts[:end])
+        if name in names:
+            return f"environment {name}: "
     return where
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``TRANSCRIBED_*`` variables that name no section, one line each.
+
+    ``TRANSCRIBED_ASSEMBLYAI_API_KEY`` (one underscore) would otherwise be ignored without a word.
+    """
+    sections = set(Settings.model_fields)
+    return [f"environment {name}: unknown setting (TRANSCRIBED_<SECTION>__<KEY>, sections: "
+            f"{', '.join(sorted(sections))})"
+            for name in sorted(env) if name.upper().startswith(ENV_PREFIX)
+            and name.upper() != "TRANSCRIBED_CONFIG"
+            and name[len(ENV_PREFIX):].split("__", 1)[0].lower() not in sections]
 
 
 def _environment_error(exc: SettingsError, env: Mapping[str, str]) -> str:
@@ -362,10 +387,10 @@ def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> 
         try:
             key = read_secret_file(section.api_key_file, "assemblyai.api_key_file")
         except ConfigError as exc:
-            raise ConfigError([where + p for p in exc.problems]) from None
+            raise ConfigError([problem_origin(p, where, env) + p for p in exc.problems]) from None
     elif env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
-        if candidate.is_file():
+        if _is_file(candidate, "assemblyai.api_key (credential)"):
             key = read_secret_file(str(candidate), "assemblyai.api_key (credential)")
     if key is None:
         return settings
@@ -407,25 +432,38 @@ def _audio_problems(audio: AudioConfig) -> list[str]:
     if audio.source == "file":
         if not audio.path:
             return ["audio.path: required when audio.source = 'file'"]
-        if not Path(audio.path).expanduser().is_file():
-            return [f"audio.path: no such file: {audio.path}"]
+        try:
+            if not _is_file(Path(audio.path).expanduser(), "audio.path"):
+                return [f"audio.path: no such file: {audio.path}"]
+        except ConfigError as exc:
+            return exc.problems
     elif audio.path:
         return ["audio.path: only used when audio.source = 'file'"]
+    return []
+
+
+def _state_problems(state: Path) -> list[str]:
+    try:
+        if state.exists() and not state.is_dir():
+            return [f"state.dir: {state} exists and is not a directory"]
+    except OSError as exc:
+        return [f"state.dir: cannot look at {state}: {exc.strerror}"]
     return []
 
 
 def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
     """Cross-key problems that field validation cannot see (one line each).
 
-    Checks that read a section in ``skip`` (one with problems of its own) are left out.
+    Checks that read a section in ``skip`` (one with problems of its own, or ``KEY_UNKNOWN``:
+    the API key file could not be read) are left out.
     """
     def valid(*sections: str) -> bool:
         return skip.isdisjoint(sections)
 
     problems = _audio_problems(settings.audio) if valid("audio") else []
     has_key = bool(settings.assemblyai.api_key.get_secret_value())
-    if valid("transcriber", "assemblyai") and settings.transcriber.engine == "assemblyai" \
-            and not has_key:
+    if valid("transcriber", "assemblyai", KEY_UNKNOWN) \
+            and settings.transcriber.engine == "assemblyai" and not has_key:
         problems.append(
             "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
             "(set api_key, api_key_file or the assemblyai_api_key credential)"
@@ -435,12 +473,13 @@ def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> l
             and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
         problems.append(f"assemblyai.max_session_seconds: the service accepts "
                         f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
-    state = settings.state_path()
-    if valid("state") and state.exists() and not state.is_dir():
-        problems.append(f"state.dir: {state} exists and is not a directory")
+    if valid("state"):
+        problems += _state_problems(settings.state_path())
     if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
-    if valid("transcriber", "assemblyai", "local") and settings.engine_name() == "local":
+    engine_known = valid("transcriber") and (settings.transcriber.engine != "auto"
+                                             or valid("assemblyai", KEY_UNKNOWN))
+    if engine_known and valid("local") and settings.engine_name() == "local":
         from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
 
         try:

@@ -55,8 +55,8 @@ class TestLookup:
         seen under systemd; here a name too long, which root cannot bypass) is a config error
         naming it, not a traceback."""
         folder = tmp_path / ("x" * 300)
-        with pytest.raises(ConfigError, match=r"/x{300}/transcribed/config\.toml: cannot read "
-                                              r"config: File name too long"):
+        with pytest.raises(ConfigError, match=r"^config: cannot look at .*/x{300}/transcribed/"
+                                              r"config\.toml: File name too long$"):
             find_config(None, env={"XDG_CONFIG_HOME": str(folder)})
 
 
@@ -253,6 +253,69 @@ def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
     assert capsys.readouterr().err.splitlines() == [
         f"transcribed: config error: {path}: nosuch: unknown key",
         f"transcribed: config error: {path}: sinks.j.path: must name a file"]
+
+
+def _problems(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """check-config's problem lines for ``path`` (it must exit 78), without the common prefix."""
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    return [line.removeprefix("transcribed: config error: ")
+            for line in capsys.readouterr().err.splitlines()]
+
+
+class TestEveryProblemOnce:
+    def test_paths_that_cannot_be_looked_at(self, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        """audio.path and state.dir the system refuses to stat (EACCES under ProtectHome=yes;
+        here names too long) are one line each, not a traceback (exit 1, restarted in a loop)."""
+        long = tmp_path / ("x" * 300)
+        path = write(tmp_path / "c.toml", f'[audio]\nsource = "file"\npath = "{long}/a.wav"\n'
+                     f'[state]\ndir = "{long}/state"\n')
+        assert _problems(path, capsys) == [
+            f"{path}: audio.path: cannot look at {long}/a.wav: File name too long",
+            f"{path}: state.dir: cannot look at {long}/state: File name too long"]
+
+    def test_unreadable_key_file_holds_back_only_the_key(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """An unreadable api_key_file, set from the environment, is blamed on its variable and
+        hides no check that does not need the key."""
+        monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE", str(tmp_path / "nokey"))
+        path = write(tmp_path / "c.toml", '[transcriber]\nengine = "local"\n'
+                     f'[local]\nmodel = "{tmp_path / "nomodel"}"\n'
+                     '[assemblyai]\nmax_session_seconds = 20\n')
+        lines = _problems(path, capsys)
+        assert lines[0] == ("environment TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE: assemblyai."
+                            f"api_key_file: cannot read {tmp_path / 'nokey'}: No such file or "
+                            "directory")
+        assert lines[1].startswith(f"{path}: assemblyai.max_session_seconds: the service accepts")
+        assert lines[2].startswith(f"{path}: local.model: ") and len(lines) == 3, lines
+
+    def test_environment_names_and_typos(self, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        """A table set from the environment is blamed for its keys' problems; a TRANSCRIBED_*
+        variable that names no section (one underscore) is an error, not silently ignored."""
+        monkeypatch.setenv("TRANSCRIBED_AUDIO", '{"chunk_ms": 5}')
+        monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI_API_KEY", "sk-typo-secret")
+        lines = _problems(write(tmp_path / "c.toml", ""), capsys)
+        assert lines[0] == ("environment TRANSCRIBED_AUDIO: audio.chunk_ms: Input should be "
+                            "greater than or equal to 50")
+        assert lines[1].startswith("environment TRANSCRIBED_ASSEMBLYAI_API_KEY: unknown setting "
+                                   "(TRANSCRIBED_<SECTION>__<KEY>, sections: assemblyai, audio,")
+        assert len(lines) == 2 and "sk-typo-secret" not in "".join(lines)
+
+    def test_sinks_when_the_settings_cannot_be_built(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """With an unknown section the file's sink tables are still checked, but an entry that
+        is not a table is named once, and a sink the environment completes is not blamed."""
+        monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__URL", "http://127.0.0.1:9/x")
+        path = write(tmp_path / "c.toml", '[nosuch]\nx = 1\n[sinks]\nx = 1\n'
+                     '[sinks.hook]\ntype = "webhook"\n[sinks.j]\ntype = "file"\npath = ""\n')
+        assert _problems(path, capsys) == [
+            f"{path}: sinks.x: Input should be a valid dictionary",
+            f"{path}: nosuch: unknown key",
+            f"{path}: sinks.j.path: must name a file"]
 
 
 def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
