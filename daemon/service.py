@@ -150,8 +150,7 @@ class Plan:
     config_text: str
     commands: tuple[str, ...]
     warnings: tuple[str, ...] = ()
-    config_mode: int = 0o600     # a user's config may hold secrets; the system unit's dynamic
-                                 # user must read /etc/transcribed/config.toml (0644, no secrets)
+    shared: bool = False         # the system unit's dynamic user reads what is written
 
 
 SYSTEM_COMMANDS: Final = (
@@ -193,8 +192,9 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             config_path=base / "etc/transcribed/config.toml",
             config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
-            warnings=_hidden_from_system_unit(exe, interpreter or sys.executable),
-            config_mode=0o644,
+            warnings=(*_hidden_from_system_unit(exe, interpreter or sys.executable),
+                      *_unreadable_by_others(base / "etc/transcribed/config.toml")),
+            shared=True,
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -231,6 +231,18 @@ def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ..
     return ()
 
 
+def _unreadable_by_others(config: Path) -> tuple[str, ...]:
+    """An existing system config (kept as it is) that the unit's dynamic user could not read."""
+    if not config.exists():
+        return ()
+    for path, need in ((config.parent, 0o005), (config, 0o004)):
+        if path.stat().st_mode & need != need:
+            return (f"{path} is not readable by the system unit's dynamic user (mode "
+                    f"{path.stat().st_mode & 0o777:04o}): chmod {755 if need == 0o005 else 644} "
+                    "it; keep secrets out of it (the key as the credential, *_file keys)",)
+    return ()
+
+
 USER_JOURNAL: Final = 'path = "~/transcripts/turns.jsonl"'
 SYSTEM_JOURNAL: Final = ('path = "/var/lib/transcribed/turns.jsonl"   # the unit\'s '
                          'StateDirectory (its dynamic user\'s ~ is /, read-only)')
@@ -251,21 +263,29 @@ def example_config(*, system: bool = False) -> str:
 
 
 def install(target: Plan) -> list[str]:
-    """Write the unit (always) and the example config (only if none exists); report lines."""
-    done = []
-    target.unit_path.parent.mkdir(parents=True, exist_ok=True)
-    target.unit_path.write_text(target.unit_text, encoding="utf-8")
-    done.append(f"wrote {target.unit_path}")
+    """Write the unit (always) and the example config (only if none exists); report lines.
+
+    Modes do not depend on the installer's umask: a user's config is 0600 (it may come to hold
+    secrets); for the system unit the config is 0644 (its dynamic user reads it) and folders
+    created are 0755 (an image built with ``--root`` keeps a readable ``/etc``). Units: 0644.
+    """
+    _write(target.unit_path, target.unit_text, 0o644, shared=target.shared)
+    done = [f"wrote {target.unit_path}"]
     if target.config_path.exists():
         done.append(f"kept the existing config {target.config_path}")
     else:
-        folder = target.config_path.parent
-        made = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        if made and target.config_mode & 0o044:     # the system unit's dynamic user reads it,
-            folder.chmod(0o755)                     # whatever the installer's umask
-        target.config_path.touch(mode=target.config_mode)
-        target.config_path.chmod(target.config_mode)
-        target.config_path.write_text(target.config_text, encoding="utf-8")
+        _write(target.config_path, target.config_text, 0o644 if target.shared else 0o600,
+               shared=target.shared)
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done
+
+
+def _write(path: Path, text: str, mode: int, *, shared: bool) -> None:
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if shared:
+        for folder in missing:
+            folder.chmod(0o755)
+    path.touch(mode=mode)
+    path.chmod(mode)
+    path.write_text(text, encoding="utf-8")

@@ -167,8 +167,9 @@ chroot_run '
   rm -rf /src/build /src/*.egg-info
   rm -f /srv/wheels/transcribed-*.whl; /opt/transcribed/bin/pip wheel -q --no-deps -w /srv/wheels /src
   rm -rf /src/build /src/*.egg-info
-  rm -f /etc/systemd/system/transcribed.service /etc/transcribed/config.toml /etc/transcribed/assemblyai_api_key
-  /opt/transcribed/bin/transcribed install-service --system > /srv/install-service.out 2>&1
+  rm -rf /etc/systemd/system/transcribed.service /etc/transcribed
+  # a hardened root umask: the config and its folder must still be readable by the dynamic user
+  (umask 077; /opt/transcribed/bin/transcribed install-service --system > /srv/install-service.out 2>&1)
   id alice >/dev/null 2>&1 || useradd -m -s /bin/bash alice
   runuser -u alice -- env HOME=/home/alice bash -c "
     set -e; [ -x ~/venv/bin/pip ] || python3 -m venv ~/venv

@@ -284,8 +284,16 @@ class TestInstallService:
         assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
         config = (tmp_path / "etc/transcribed/config.toml").read_text()
         assert 'path = "/var/lib/transcribed/turns.jsonl"' in config   # ~ is / for DynamicUser
-        for path, mode in (("etc/transcribed", 0o755), ("etc/transcribed/config.toml", 0o644)):
+        for path, mode in (("etc", 0o755), ("etc/systemd/system", 0o755),
+                           ("etc/systemd/system/transcribed.service", 0o644),
+                           ("etc/transcribed", 0o755), ("etc/transcribed/config.toml", 0o644)):
             assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
+        (tmp_path / "etc/transcribed/config.toml").chmod(0o600)      # kept as it is, but named
+        again = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
+                               cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        assert again.returncode == 0, again.stderr
+        assert (f"warning: {tmp_path}/etc/transcribed/config.toml is not readable by the system "
+                "unit's dynamic user (mode 0600): chmod 644 it") in again.stderr
         assert "~/" not in config.split("[sinks.journal]")[1].split("[")[0]
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
         assert "delete the unit's LoadCredential= line" in done.stdout
