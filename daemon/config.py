@@ -276,6 +276,11 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
     Raises:
         ConfigError: the file is not TOML (or cannot be read): nothing else can be checked.
     """
+    settings, failed, problems = _read(path)
+    return settings, failed, problems + unknown_variables(os.environ)
+
+
+def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]]:
     where = f"{path}: " if path else ""
     if path is not None:
         _check_toml(path)
@@ -303,7 +308,7 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
         except ConfigError as exc:
             problems += exc.problems
             failed |= {KEY_UNKNOWN}
-    return settings, failed, problems + unknown_variables(os.environ)
+    return settings, failed, problems
 
 
 def _settings(path: Path | None, **sections: Any) -> Settings:
