@@ -233,13 +233,16 @@ def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ..
 
 def _unreadable_by_others(config: Path) -> tuple[str, ...]:
     """An existing system config (kept as it is) that the unit's dynamic user could not read."""
-    if not config.exists():
+    try:
+        modes = [(path, path.stat().st_mode & 0o777, need)
+                 for path, need in ((config.parent, 0o005), (config, 0o004))]
+    except OSError:               # none yet (or not ours to look at: install() will say so)
         return ()
-    for path, need in ((config.parent, 0o005), (config, 0o004)):
-        if path.stat().st_mode & need != need:
+    for path, mode, need in modes:
+        if mode & need != need:
             return (f"{path} is not readable by the system unit's dynamic user (mode "
-                    f"{path.stat().st_mode & 0o777:04o}): chmod {755 if need == 0o005 else 644} "
-                    "it; keep secrets out of it (the key as the credential, *_file keys)",)
+                    f"{mode:04o}): chmod {755 if need == 0o005 else 644} it; keep secrets out "
+                    "of it (the key as the credential, *_file keys)",)
     return ()
 
 
