@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
@@ -228,25 +228,25 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     named = explicit or env.get("TRANSCRIBED_CONFIG")
     if named:
         path = Path(named).expanduser()
-        if not _is_file(path, "config"):
+        if not _look(path, "config"):
             raise ConfigError(f"{path}: config file not found")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
     for candidate in candidates:
-        if _is_file(candidate, "config"):
+        if _look(candidate, "config"):
             return candidate
     return None
 
 
-def _is_file(path: Path, key: str) -> bool:
-    """Whether ``path`` is a file; one we may not look at is a config error naming ``key``.
+def _look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> bool:
+    """``test(path)`` (is it a file?); a path we may not look at is a config error naming ``key``.
 
     EACCES (a 0700 folder, or /home behind the system unit's ProtectHome=yes) would otherwise be
     a traceback, exit 1, which systemd restarts in a loop.
     """
     try:
-        return path.is_file()
+        return test(path)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot look at {path}: {exc.strerror}") from None
 
@@ -395,7 +395,7 @@ def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> 
             raise ConfigError([problem_origin(p, where, env) + p for p in exc.problems]) from None
     elif env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
-        if _is_file(candidate, "assemblyai.api_key (credential)"):
+        if _look(candidate, "assemblyai.api_key (credential)"):
             key = read_secret_file(str(candidate), "assemblyai.api_key (credential)")
     if key is None:
         return settings
@@ -438,7 +438,7 @@ def _audio_problems(audio: AudioConfig) -> list[str]:
         if not audio.path:
             return ["audio.path: required when audio.source = 'file'"]
         try:
-            if not _is_file(Path(audio.path).expanduser(), "audio.path"):
+            if not _look(Path(audio.path).expanduser(), "audio.path"):
                 return [f"audio.path: no such file: {audio.path}"]
         except ConfigError as exc:
             return exc.problems
@@ -449,10 +449,10 @@ def _audio_problems(audio: AudioConfig) -> list[str]:
 
 def _state_problems(state: Path) -> list[str]:
     try:
-        if state.exists() and not state.is_dir():
+        if _look(state, "state.dir", lambda path: path.exists() and not path.is_dir()):
             return [f"state.dir: {state} exists and is not a directory"]
-    except OSError as exc:
-        return [f"state.dir: cannot look at {state}: {exc.strerror}"]
+    except ConfigError as exc:
+        return exc.problems
     return []
 
 

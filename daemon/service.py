@@ -186,14 +186,15 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
     exe = executable or current_executable()
     base = root or Path("/")
     if system:
+        config = base / "etc/transcribed/config.toml"
         return Plan(
             unit_path=base / "etc/systemd/system/transcribed.service",
             unit_text=render(SYSTEM_UNIT, exe),
-            config_path=base / "etc/transcribed/config.toml",
+            config_path=config,
             config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
             warnings=(*_hidden_from_system_unit(exe, interpreter or sys.executable),
-                      *_unreadable_by_others(base / "etc/transcribed/config.toml")),
+                      *_unreadable_by_others(config)),
             shared=True,
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")

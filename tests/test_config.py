@@ -231,6 +231,13 @@ def test_bad_values_one_line_each(text: str, expected: str, tmp_path: Path,
     assert line.startswith(f"transcribed: config error: {path}: {expected}"), line
 
 
+def _problems(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """check-config's problem lines for ``path`` (it must exit 78), without the common prefix."""
+    assert check_config(argparse.Namespace(config=str(path))) == 78
+    return [line.removeprefix("transcribed: config error: ")
+            for line in capsys.readouterr().err.splitlines()]
+
+
 def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """One check-config names every problem: a section's bad value does not hide the cross-key
@@ -239,27 +246,16 @@ def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
                  '[transcriber]\nengine = "assemblyai"\n[reconnect]\ninitial_delay = 50\n'
                  f'[assemblyai]\napi_key_file = "{tmp_path / "nokey"}"\n'
                  '[sinks.j]\ntype = "file"\npath = ""\n')
-    assert check_config(argparse.Namespace(config=str(path))) == 78
-    lines = [line.removeprefix(f"transcribed: config error: {path}: ")
-             for line in capsys.readouterr().err.splitlines()]
-    assert lines == [
-        "audio.chunk_ms: Input should be greater than or equal to 50",
-        f"assemblyai.api_key_file: cannot read {tmp_path / 'nokey'}: No such file or directory",
-        "reconnect.initial_delay: must not exceed reconnect.max_delay",
-        "sinks.j.path: must name a file",
+    assert _problems(path, capsys) == [
+        f"{path}: audio.chunk_ms: Input should be greater than or equal to 50",
+        f"{path}: assemblyai.api_key_file: cannot read {tmp_path / 'nokey'}: No such file or "
+        "directory",
+        f"{path}: reconnect.initial_delay: must not exceed reconnect.max_delay",
+        f"{path}: sinks.j.path: must name a file",
     ]        # not "audio.path: required …" (audio is unchecked) nor a missing key (unreadable)
     path.write_text('[nosuch]\nx = 1\n[sinks.j]\ntype = "file"\npath = ""\n')
-    assert check_config(argparse.Namespace(config=str(path))) == 78
-    assert capsys.readouterr().err.splitlines() == [
-        f"transcribed: config error: {path}: nosuch: unknown key",
-        f"transcribed: config error: {path}: sinks.j.path: must name a file"]
-
-
-def _problems(path: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
-    """check-config's problem lines for ``path`` (it must exit 78), without the common prefix."""
-    assert check_config(argparse.Namespace(config=str(path))) == 78
-    return [line.removeprefix("transcribed: config error: ")
-            for line in capsys.readouterr().err.splitlines()]
+    assert _problems(path, capsys) == [
+        f"{path}: nosuch: unknown key", f"{path}: sinks.j.path: must name a file"]
 
 
 class TestEveryProblemOnce:
