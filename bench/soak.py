@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import soak_trace  # noqa: E402
 from cloud import LONG, build_wav  # noqa: E402
 from common import busy_cpu_s, machine, now, process_cpu_s, revision, save  # noqa: E402
 
@@ -98,6 +99,8 @@ def proc_status(pid: int) -> dict[str, int] | None:
         return None
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return {"rss_kb": int(fields["VmRSS"].split()[0]), "hwm_kb": int(fields["VmHWM"].split()[0]),
+            "anon_kb": int(fields["RssAnon"].split()[0]),
+            "file_kb": int(fields["RssFile"].split()[0]),
             "threads": int(fields["Threads"]), "fds": fds}
 
 
@@ -150,9 +153,12 @@ class Soak:
                 config = daemon_config(work, fake, broker, receiver.url, free_port(),
                                        args.session_s)
                 log_path = work / "daemon.log"
+                env = mic.env()
+                if args.trace:
+                    env.update(soak_trace.prepare(work / "trace"))
                 with log_path.open("wb") as log_file:
                     daemon = await asyncio.create_subprocess_exec(
-                        TRANSCRIBED, "run", "--config", str(config), env=mic.env(),
+                        TRANSCRIBED, "run", "--config", str(config), env=env,
                         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                         stderr=log_file)
                     started = time.monotonic()
@@ -223,10 +229,14 @@ class Soak:
                 self.drops += 1
 
     async def _sample(self, pid: int, started: float, receiver: HttpReceiver) -> None:
+        traced_at = time.monotonic()            # the first dump after --trace-every-s
         while True:
             status = proc_status(pid)
             if status is None:
                 return
+            if self.args.trace and time.monotonic() - traced_at >= self.args.trace_every_s:
+                traced_at = time.monotonic()
+                os.kill(pid, signal.SIGUSR1)    # after the reading: the dump allocates
             self.samples.append({
                 "t_s": round(time.monotonic() - started, 1), **status,
                 "cpu_s": round(process_cpu_s(pid), 2),
@@ -303,6 +313,7 @@ class Soak:
             "tail_restarts": self.tail_restarts,
             "log_levels": dict(levels), "log_events": dict(events.most_common()),
             "problems": problems[:50],
+            "trace": soak_trace.summarise(self.work / "trace") if self.args.trace else None,
             "samples": self.samples,
         }
 
@@ -317,6 +328,11 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=30, help="sampling period")
     parser.add_argument("--work", type=Path, help="keep the run's files here (default: temp)")
     parser.add_argument("--name", default="soak", help="results file: bench/results/NAME.json")
+    parser.add_argument("--trace", action="store_true",
+                        help="trace the daemon's memory (tracemalloc, malloc statistics): "
+                             "diagnosis only, it slows the daemon and adds to its RSS")
+    parser.add_argument("--trace-every-s", type=float, default=600,
+                        help="with --trace: dump a snapshot this often")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
