@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import sys
 import uuid
@@ -15,14 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from daemon.config import (
-    Settings,
-    check_semantics,
-    find_config,
-    load_settings,
-    problem_origin,
-    read_settings,
-)
+from daemon.config import Settings, find_config, load_settings
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
 from daemon.events import TurnRecord, Word
 from daemon.masking import MASK, masked_dict, secret_values
@@ -36,53 +28,10 @@ log = structlog.get_logger("daemon.cli")
 
 def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
                ) -> tuple[Settings, Path | None, ValidatedSinks]:
-    """The settings and the sink tables; cross-key and sink problems are reported together."""
     from daemon.plugins import load_plugins
-    from daemon.sinktables import validate_sinks
+    from daemon.validate import validate
 
-    path = find_config(getattr(args, "config", None))
-    where = f"{path}: " if path else ""
-    plugins = plugins or load_plugins()
-    settings, failed, problems = read_settings(path)
-    if settings is None:              # report the file's sink problems with the others
-        raise ConfigError(problems + _file_sink_problems(plugins, path, where))
-    late = check_semantics(settings, skip=failed)
-    sinks: ValidatedSinks = {}
-    try:
-        sinks = validate_sinks(plugins, settings.effective_sinks())
-    except ConfigError as exc:
-        late += exc.problems
-    # each names its environment variable, if one set the key
-    problems += [problem_origin(p, where, os.environ) + p for p in late]
-    if problems:
-        raise ConfigError(problems)
-    return settings, path, sinks
-
-
-def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> list[str]:
-    """The problems of a config file's ``[sinks]`` tables, when the settings could not be built.
-
-    Left out (reported once the settings load): entries that are not tables (the settings'
-    validation has named them) and sinks the environment overrides (their file table alone may
-    lack what the environment supplies).
-    """
-    import tomllib
-
-    from daemon.sinktables import validate_sinks
-
-    prefix = "TRANSCRIBED_SINKS__"
-    overridden = {name[len(prefix):].split("__", 1)[0].lower()
-                  for name in os.environ if name.upper().startswith(prefix)}
-    try:
-        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
-        if isinstance(tables, dict):
-            validate_sinks(plugins, {name: table for name, table in tables.items()
-                                     if isinstance(table, dict) and name not in overridden})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        pass                                # read_settings has reported it
-    except ConfigError as exc:
-        return [where + p for p in exc.problems]
-    return []
+    return validate(getattr(args, "config", None), plugins or load_plugins())
 
 
 def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:

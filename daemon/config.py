@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon.errors import ConfigError, EngineError
+from daemon.errors import ConfigError
 
 ENV_PREFIX: Final = "TRANSCRIBED_"
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
@@ -228,18 +228,18 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     named = explicit or env.get("TRANSCRIBED_CONFIG")
     if named:
         path = Path(named).expanduser()
-        if not _look(path, "config"):
+        if not look(path, "config"):
             raise ConfigError(f"{path}: config file not found")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
     for candidate in candidates:
-        if _look(candidate, "config"):
+        if look(candidate, "config"):
             return candidate
     return None
 
 
-def _look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> bool:
+def look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> bool:
     """``test(path)`` (is it a file?); a path we may not look at is a config error naming ``key``.
 
     EACCES (a 0700 folder, or /home behind the system unit's ProtectHome=yes) would otherwise be
@@ -267,11 +267,11 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
     """Load what validates and name every problem: ``(settings, failed sections, problems)``.
 
     A section with a problem is taken at its defaults in the settings returned, so that the
-    cross-key checks of the others still run (``check_semantics(settings, skip=failed)``) and
-    one ``check-config`` names everything (an unreadable API key file "fails" ``KEY_UNKNOWN``
-    only); ``None`` when no settings can be built (an unknown section, ``[sinks]`` entries that
-    are not tables, or a value the environment does not parse). Problems name their file or
-    environment variable.
+    cross-key checks of the others still run (``daemon.validate.check_semantics`` with
+    ``skip=failed``) and one ``check-config`` names everything (an unreadable API key file
+    "fails" ``KEY_UNKNOWN`` only); ``None`` when no settings can be built (an unknown section,
+    ``[sinks]`` entries that are not tables, or a value the environment does not parse).
+    Problems name their file or environment variable.
 
     Raises:
         ConfigError: the file is not TOML (or cannot be read): nothing else can be checked.
@@ -334,6 +334,16 @@ def problem_origin(line: str, where: str, env: Mapping[str, str]) -> str:
     return where
 
 
+def variable_key(name: str) -> list[str] | None:
+    """The key path an environment variable sets, ``None`` for one that is not a setting.
+
+    ``TRANSCRIBED_SINKS__HOOK__URL`` → ``["sinks", "hook", "url"]``.
+    """
+    if not name.upper().startswith(ENV_PREFIX) or name.upper() == "TRANSCRIBED_CONFIG":
+        return None
+    return name[len(ENV_PREFIX):].lower().split("__")
+
+
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
     """``TRANSCRIBED_*`` variables that name no section, one line each.
 
@@ -342,9 +352,8 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     sections = set(Settings.model_fields)
     return [f"environment {name}: unknown setting (TRANSCRIBED_<SECTION>__<KEY>, sections: "
             f"{', '.join(sorted(sections))})"
-            for name in sorted(env) if name.upper().startswith(ENV_PREFIX)
-            and name.upper() != "TRANSCRIBED_CONFIG"
-            and name[len(ENV_PREFIX):].split("__", 1)[0].lower() not in sections]
+            for name in sorted(env)
+            if (key := variable_key(name)) is not None and key[0] not in sections]
 
 
 def _environment_error(exc: SettingsError, env: Mapping[str, str]) -> str:
@@ -395,7 +404,7 @@ def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> 
             raise ConfigError([problem_origin(p, where, env) + p for p in exc.problems]) from None
     elif env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
-        if _look(candidate, "assemblyai.api_key (credential)"):
+        if look(candidate, "assemblyai.api_key (credential)"):
             key = read_secret_file(str(candidate), "assemblyai.api_key (credential)")
     if key is None:
         return settings
@@ -418,82 +427,3 @@ def validation_lines(exc: ValidationError, prefix: str = "") -> list[str]:
             message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         lines.append(f"{key}: {message}")
     return lines
-
-
-def _compute_type_problems(compute_type: str) -> list[str]:
-    """The compute type must be one this machine's CTranslate2 can run on the CPU."""
-    try:
-        import ctranslate2
-    except ImportError:
-        return []                        # resolve_model_path reports the missing extra
-    supported = set(ctranslate2.get_supported_compute_types("cpu")) | {"default", "auto"}
-    if compute_type in supported:
-        return []
-    return [f"local.compute_type: {compute_type!r} is not supported on this CPU "
-            f"(supported: {', '.join(sorted(supported))})"]
-
-
-def _audio_problems(audio: AudioConfig) -> list[str]:
-    if audio.source == "file":
-        if not audio.path:
-            return ["audio.path: required when audio.source = 'file'"]
-        try:
-            if not _look(Path(audio.path).expanduser(), "audio.path"):
-                return [f"audio.path: no such file: {audio.path}"]
-        except ConfigError as exc:
-            return exc.problems
-    elif audio.path:
-        return ["audio.path: only used when audio.source = 'file'"]
-    return []
-
-
-def _state_problems(state: Path) -> list[str]:
-    try:
-        if _look(state, "state.dir", lambda path: path.exists() and not path.is_dir()):
-            return [f"state.dir: {state} exists and is not a directory"]
-    except ConfigError as exc:
-        return exc.problems
-    return []
-
-
-def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
-    """Cross-key problems that field validation cannot see (one line each).
-
-    Checks that read a section in ``skip`` (one with problems of its own, or ``KEY_UNKNOWN``:
-    the API key file could not be read) are left out.
-    """
-    def valid(*sections: str) -> bool:
-        return skip.isdisjoint(sections)
-
-    problems = _audio_problems(settings.audio) if valid("audio") else []
-    has_key = bool(settings.assemblyai.api_key.get_secret_value())
-    if valid("transcriber", "assemblyai", KEY_UNKNOWN) \
-            and settings.transcriber.engine == "assemblyai" and not has_key:
-        problems.append(
-            "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
-            "(set api_key, api_key_file or the assemblyai_api_key credential)"
-        )
-    cloud = settings.assemblyai
-    if valid("assemblyai") and cloud.token_url == DEFAULT_TOKEN_URL \
-            and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
-        problems.append(f"assemblyai.max_session_seconds: the service accepts "
-                        f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
-    if valid("state"):
-        problems += _state_problems(settings.state_path())
-    if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
-        problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
-    engine_known = valid("transcriber") and (settings.transcriber.engine != "auto"
-                                             or valid("assemblyai", KEY_UNKNOWN))
-    if engine_known and valid("local") and settings.engine_name() == "local":
-        from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
-
-        try:
-            resolve_model_path(settings.local.model)
-        except EngineError as exc:
-            problems.append(str(exc))
-        problems += _compute_type_problems(settings.local.compute_type)
-    if valid("http"):
-        from daemon.web import check_http
-
-        problems += check_http(settings.http)
-    return problems

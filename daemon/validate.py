@@ -1,0 +1,157 @@
+"""Everything a configuration is checked for, in one pass, as ``run`` and ``check-config`` see it.
+
+Field validation (``daemon.config.read_settings``), then the cross-key checks field validation
+cannot see (``check_semantics``), then each sink table by its own type (``validate_sinks``). A
+section with a problem of its own holds back only the checks that read it, so one run names
+every problem; each line names the key and who set it (the file or an environment variable).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.config import (
+    DEFAULT_TOKEN_URL,
+    KEY_UNKNOWN,
+    SERVICE_MIN_SESSION_S,
+    AudioConfig,
+    Settings,
+    find_config,
+    look,
+    problem_origin,
+    read_settings,
+    variable_key,
+)
+from daemon.errors import ConfigError, EngineError
+from daemon.sinktables import ValidatedSinks, validate_sinks
+
+if TYPE_CHECKING:
+    from daemon.plugins import PluginHost
+
+
+def validate(config: str | None, plugins: PluginHost
+             ) -> tuple[Settings, Path | None, ValidatedSinks]:
+    """The settings, their file and the validated sink tables.
+
+    Raises:
+        ConfigError: every problem found, one line each.
+    """
+    path = find_config(config)
+    where = f"{path}: " if path else ""
+    settings, failed, problems = read_settings(path)
+    if settings is None:              # report the file's sink problems with the others
+        raise ConfigError(problems + _file_sink_problems(plugins, path, where))
+    late = check_semantics(settings, skip=failed)
+    sinks: ValidatedSinks = {}
+    try:
+        sinks = validate_sinks(plugins, settings.effective_sinks())
+    except ConfigError as exc:
+        late += exc.problems
+    # each names its environment variable, if one set the key
+    problems += [problem_origin(p, where, os.environ) + p for p in late]
+    if problems:
+        raise ConfigError(problems)
+    return settings, path, sinks
+
+
+def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> list[str]:
+    """The problems of a config file's ``[sinks]`` tables, when the settings could not be built.
+
+    Left out (reported once the settings load): entries that are not tables (the settings'
+    validation has named them) and sinks the environment overrides (their file table alone may
+    lack what the environment supplies).
+    """
+    keys = [key for key in map(variable_key, os.environ) if key is not None]
+    overridden = {key[1] for key in keys if len(key) > 1 and key[0] == "sinks"}
+    try:
+        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
+        if isinstance(tables, dict):
+            validate_sinks(plugins, {name: table for name, table in tables.items()
+                                     if isinstance(table, dict) and name not in overridden})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass                                # read_settings has reported it
+    except ConfigError as exc:
+        return [where + p for p in exc.problems]
+    return []
+
+
+def _compute_type_problems(compute_type: str) -> list[str]:
+    """The compute type must be one this machine's CTranslate2 can run on the CPU."""
+    try:
+        import ctranslate2
+    except ImportError:
+        return []                        # resolve_model_path reports the missing extra
+    supported = set(ctranslate2.get_supported_compute_types("cpu")) | {"default", "auto"}
+    if compute_type in supported:
+        return []
+    return [f"local.compute_type: {compute_type!r} is not supported on this CPU "
+            f"(supported: {', '.join(sorted(supported))})"]
+
+
+def _audio_problems(audio: AudioConfig) -> list[str]:
+    if audio.source == "file":
+        if not audio.path:
+            return ["audio.path: required when audio.source = 'file'"]
+        try:
+            if not look(Path(audio.path).expanduser(), "audio.path"):
+                return [f"audio.path: no such file: {audio.path}"]
+        except ConfigError as exc:
+            return exc.problems
+    elif audio.path:
+        return ["audio.path: only used when audio.source = 'file'"]
+    return []
+
+
+def _state_problems(state: Path) -> list[str]:
+    try:
+        if look(state, "state.dir", lambda path: path.exists() and not path.is_dir()):
+            return [f"state.dir: {state} exists and is not a directory"]
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Cross-key problems that field validation cannot see (one line each).
+
+    Checks that read a section in ``skip`` (one with problems of its own, or ``KEY_UNKNOWN``:
+    the API key file could not be read) are left out.
+    """
+    def valid(*sections: str) -> bool:
+        return skip.isdisjoint(sections)
+
+    problems = _audio_problems(settings.audio) if valid("audio") else []
+    has_key = bool(settings.assemblyai.api_key.get_secret_value())
+    if valid("transcriber", "assemblyai", KEY_UNKNOWN) \
+            and settings.transcriber.engine == "assemblyai" and not has_key:
+        problems.append(
+            "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
+            "(set api_key, api_key_file or the assemblyai_api_key credential)"
+        )
+    cloud = settings.assemblyai
+    if valid("assemblyai") and cloud.token_url == DEFAULT_TOKEN_URL \
+            and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
+        problems.append(f"assemblyai.max_session_seconds: the service accepts "
+                        f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
+    if valid("state"):
+        problems += _state_problems(settings.state_path())
+    if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
+        problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
+    engine_known = valid("transcriber") and (settings.transcriber.engine != "auto"
+                                             or valid("assemblyai", KEY_UNKNOWN))
+    if engine_known and valid("local") and settings.engine_name() == "local":
+        from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
+
+        try:
+            resolve_model_path(settings.local.model)
+        except EngineError as exc:
+            problems.append(str(exc))
+        problems += _compute_type_problems(settings.local.compute_type)
+    if valid("http"):
+        from daemon.web import check_http
+
+        problems += check_http(settings.http)
+    return problems
