@@ -166,6 +166,38 @@ class TestCrash:
             box.close()
 
 
+    async def test_delete_has_no_fsync_of_its_own(self, tmp_path: Path) -> None:
+        """A delivered record's delete commits at synchronous=NORMAL; appends stay FULL.
+
+        A lost delete (power loss only) means one more delivery, never a lost record.
+        """
+        path = tmp_path / "outbox.sqlite3"
+        box = Outbox(path)
+        try:
+            queue = box.queue("hook")
+            queue.put(make_turn(1))
+            queue.put(make_turn(2))
+            delivery = await queue.get()
+            assert delivery is not None
+            statements: list[str] = []
+            box._db.set_trace_callback(statements.append)
+            queue.ack(delivery)
+            box._db.set_trace_callback(None)
+            assert statements == ["PRAGMA synchronous=NORMAL",
+                                  "DELETE FROM outbox WHERE sink = 'hook' AND seq = 1",
+                                  "PRAGMA synchronous=FULL"]
+            assert box._db.execute("PRAGMA synchronous").fetchone() == (2,)   # FULL again
+        finally:
+            box.close()
+        box = Outbox(path)
+        try:
+            assert box.depth("hook") == 1
+            again = await box.queue("hook").get()
+            assert again is not None and again.record.turn_order == 2
+        finally:
+            box.close()
+
+
 class NullSink:
     """A sink that accepts everything (only its queue matters here)."""
 
