@@ -54,7 +54,7 @@ CATCH_UP_AFTER_S: Final = 0.4      # skip silence while this far behind live (>=
 LIVE_S: Final = 0.5                 # this close to live counts as caught up
 HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
 COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
-PACE_SLACK_S: Final = 0.05          # timer jitter tolerated before pacing sleeps (service: 0.3 s)
+PACE_AHEAD_S: Final = 0.15          # audio the service may hold beyond real time (it allows 0.3 s)
 
 
 @dataclass
@@ -195,7 +195,7 @@ class StreamSession:
                 self._skipped += piece.samples
                 self.engine.skipped(piece.samples, replay=self.stop is not None)
                 continue
-            await self._pace()
+            await self._pace(piece.samples / ledger.sample_rate)
             await self.ws.send(piece.pcm)
             self.timeline.add(piece)
             if catching_up and self.stop is None and ledger.end - position < live:
@@ -263,19 +263,22 @@ class StreamSession:
             position = part.end
         return position >= stop
 
-    async def _pace(self) -> None:
-        """Never let the session's audio run ahead of the time since its first send.
+    async def _pace(self, seconds: float) -> None:
+        """Send ``seconds`` of audio only when the service will not hear it ahead of real time.
 
-        A live chunk that is a millisecond "early" (timer jitter against the first send) goes
-        out at once: sleeping that millisecond cost a second wake-up per chunk, about a third of
-        the steady CPU (bench/cloud.py). Further ahead (a replay), it waits until it is not.
+        The service counts the audio it received against the time since the session began and
+        closes 3007 beyond 0.3 s (protocol reference §5): with this piece counted, the session
+        may be at most ``PACE_AHEAD_S`` ahead of the time since ``Begin`` (which the service
+        sent a little before we read it). Live 100 ms chunks never wait (a sleep per chunk was a
+        second wake-up, about a third of the steady CPU: bench/cloud.py); a replay, or a chunk
+        longer than the tolerance, waits until the rule holds.
         """
         now = time.monotonic()
         if self._first_send is None:
             self._first_send = now
-        ahead = self.timeline.sent_seconds - (now - self._first_send)
-        if ahead > PACE_SLACK_S:
-            await asyncio.sleep(ahead)
+        ahead = self.timeline.sent_seconds + seconds - (now - self.began_at)
+        if ahead > PACE_AHEAD_S:
+            await asyncio.sleep(ahead - PACE_AHEAD_S)
 
     # -- receiving --------------------------------------------------------------------------
 

@@ -84,6 +84,23 @@ class TestSingleFaults:
         assert [s.closed_by for s in fake.sessions[:2]] == ["abort", "abort"]
         no_rate_or_expiry_closes(fake)
 
+    @pytest.mark.parametrize("chunk_ms", [400, 1000])
+    async def test_large_chunks_replayed_within_the_rate_limit(
+            self, fake: FakeAssemblyAI, tmp_path: Path, chunk_ms: int) -> None:
+        """With chunks over the service's 0.3 s tolerance, a replay after a drop and a rollover
+        still never runs ahead of real time (it was closed 3007 at once, in a loop)."""
+        fake.faults.drop_after_audio_ms(5000)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+        text = config.read_text().replace("[audio]\n", f"[audio]\nchunk_ms = {chunk_ms}\n")
+        config.write_text(text.replace("[assemblyai]\n",
+                                       "[assemblyai]\nmax_session_seconds = 12\n"))
+        result = await run_daemon("run", "--config", str(config), limit_s=90)
+        assert result.code == 0, result.stderr[-3000:]
+        assert delivered(tmp_path) == words(TRANSCRIPTS[FIVE])
+        no_rate_or_expiry_closes(fake)
+        assert result.events("stream.rolled_over")
+        assert fake.sessions[0].closed_by == "abort"
+
     async def test_outage_longer_than_backlog(self, fake: FakeAssemblyAI,
                                               tmp_path: Path) -> None:
         """Beyond backlog_seconds the oldest audio is dropped, and the loss is reported exactly."""
