@@ -49,6 +49,16 @@ class AudioConfig(_Section):
         5.0, gt=0, description="no audio for this long means the device stalled and is reopened"
     )
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _index(cls, value: Any) -> Any:
+        """``device = 3`` means the index, as ``device = "3"`` does."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError("a device index is 0 or more (see `transcribed devices`)")
+            return str(value)
+        return value
+
 
 class TranscriberConfig(_Section):
     """``[transcriber]``: which engine turns audio into text."""

@@ -68,10 +68,10 @@ class Outcome:
     finished: bool = False           # Termination received after the input ended
 
 
-def close_of(exc: ConnectionClosed) -> tuple[int | None, str]:
-    """The close code and reason the peer sent, if any."""
+def close_of(exc: ConnectionClosed) -> tuple[int, str]:
+    """The close code and reason the peer sent; 1006 when the connection ended without one."""
     frame = exc.rcvd
-    return (frame.code, frame.reason) if frame is not None else (None, "connection lost")
+    return (frame.code, frame.reason) if frame is not None else (1006, "abnormal closure")
 
 
 def _cover_of(session: StreamSession) -> Callable[[int], None]:

@@ -72,6 +72,17 @@ class TestValues:
         sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
         assert sinks["j"][1].model_dump()["fsync"] is False
 
+    def test_device_index_as_a_number(self, tmp_path: Path) -> None:
+        """``device = 3`` is the index, as ``"3"`` is; a negative index is named."""
+        settings = load_settings(write(tmp_path / "a.toml", "[audio]\ndevice = 3\n"))
+        assert settings.audio.device == "3"
+        with pytest.raises(ConfigError) as info:
+            load_settings(write(tmp_path / "b.toml", "[audio]\ndevice = -1\n"))
+        assert info.value.problems == [f"{tmp_path / 'b.toml'}: audio.device: a device index is "
+                                       "0 or more (see `transcribed devices`)"]
+        with pytest.raises(ConfigError):
+            load_settings(write(tmp_path / "c.toml", "[audio]\ndevice = true\n"))
+
     def test_env_problem_names_the_variable(self, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """A bad value from the environment is blamed on its variable, not on the file."""

@@ -79,9 +79,11 @@ class TestSingleFaults:
         """Two abrupt drops in a row, the second during the replay of the first's backlog."""
         fake.faults.drop_after_audio_ms(2500)
         fake.faults.drop_after_audio_ms(800)
-        await stream(fake, tmp_path, S2)
+        result = await stream(fake, tmp_path, S2)
         assert delivered(tmp_path) == words(TRANSCRIPTS[S2])
         assert [s.closed_by for s in fake.sessions[:2]] == ["abort", "abort"]
+        ended = result.events("session.ended")
+        assert [e["reason"] for e in ended[:2]] == ["1006 abnormal closure"] * 2
         no_rate_or_expiry_closes(fake)
 
     @pytest.mark.parametrize("chunk_ms", [400, 1000])
