@@ -25,7 +25,7 @@ from daemon.config import (
     read_settings,
     variable_key,
 )
-from daemon.errors import ConfigError, EngineError
+from daemon.errors import AudioError, ConfigError, EngineError
 from daemon.sinktables import ValidatedSinks, validate_sinks
 
 if TYPE_CHECKING:
@@ -95,13 +95,26 @@ def _audio_problems(audio: AudioConfig) -> list[str]:
     if audio.source == "file":
         if not audio.path:
             return ["audio.path: required when audio.source = 'file'"]
+        path = Path(audio.path).expanduser()
         try:
-            if not look(Path(audio.path).expanduser(), "audio.path"):
+            if not look(path, "audio.path"):
                 return [f"audio.path: no such file: {audio.path}"]
         except ConfigError as exc:
             return exc.problems
+        return _wav_problems(path)
     elif audio.path:
         return ["audio.path: only used when audio.source = 'file'"]
+    return []
+
+
+def _wav_problems(path: Path) -> list[str]:
+    """The header of the file source's WAV: what ``run`` would refuse is a config error (78)."""
+    from daemon.pcm import open_wav  # numpy: only for a file source
+
+    try:
+        open_wav(path).close()
+    except AudioError as exc:
+        return [f"audio.path: {path}: {str(exc).removeprefix(f'audio file {path}: ')}"]
     return []
 
 

@@ -394,6 +394,19 @@ class TestCheckConfigCommand:
             f"transcribed: config error: {path}: sinks.alerts.path: must name a file",
         ]
 
+    def test_file_source_that_is_not_a_wav_exit_78(self, tmp_path: Path) -> None:
+        """check-config reads the WAV header ``run`` would refuse: 78, not a failure (1) that
+        systemd restarts in a loop."""
+        audio = tmp_path / "notes.wav"
+        audio.write_text("not audio at all\n" * 10)
+        path = write(tmp_path / "c.toml", f'[audio]\nsource = "file"\npath = "{audio}"\n')
+        for command in ("check-config", "run"):
+            result = self.run(command, "--config", str(path))
+            assert result.returncode == 78, result.stderr
+            assert result.stderr.strip().splitlines() == [
+                f"transcribed: config error: {path}: audio.path: {audio}: not a usable WAV "
+                "file (file does not start with RIFF id)"]
+
     def test_missing_local_model_exit_78(self, tmp_path: Path) -> None:
         """A local model directory that is not one fails check-config (and run) with 78."""
         path = write(tmp_path / "c.toml", '[transcriber]\nengine = "local"\n'
