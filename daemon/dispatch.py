@@ -471,7 +471,8 @@ class Dispatcher:
             with suppress(OSError):             # transcripts: private, like the outbox, also
                 path.parent.chmod(0o700)        # what an older version left 0644 / 0755
                 os.fchmod(fd, 0o600)
-            with open(fd, "a", encoding="utf-8") as handle:
+            # the last place a turn can be kept: no character may stop it (backslashreplace)
+            with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
                 handle.write(line + "\n")
         except OSError as exc:
             log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)

@@ -9,6 +9,8 @@ types parse to ``Unknown`` and are ignored by the caller; frames that are not wh
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -98,7 +100,7 @@ def parse_message(frame: str | bytes) -> Message:
     """
     try:
         data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: [[[[…
         raise ProtocolError(f"not JSON: {_preview(frame)}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"not a JSON object: {_preview(frame)}")
@@ -135,30 +137,87 @@ def _begin(data: dict[str, Any]) -> Begin:
         expires, unreadable = parse_expires_at(raw), None
     except (TypeError, ValueError, OverflowError, OSError):
         expires, unreadable = None, repr(raw)[:40]
-    return Begin(str(data["id"]), expires, dict(data.get("configuration") or {}), unreadable)
+    session_id = data["id"]
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        # it becomes every record's id, a dead-letter line and an MQTT topic level
+        raise ValueError(f"id {repr(session_id)[:60]} is not a session id")
+    configuration = data.get("configuration") or {}
+    if not isinstance(configuration, dict):
+        raise TypeError("configuration is not an object")
+    return Begin(session_id, expires, configuration, unreadable)
+
+
+_SESSION_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def _turn(data: dict[str, Any]) -> Turn:
     words = tuple(
         WireWord(
-            str(w["text"]),
-            int(w["start"]),
-            int(w["end"]),
-            float(w.get("confidence", 0.0)),
-            bool(w.get("word_is_final", True)),
+            _text(w, "text"),
+            _integer(w, "start"),
+            _integer(w, "end"),
+            _confidence(w, "confidence"),
+            _flag(w, "word_is_final", True),
         )
-        for w in data.get("words") or ()
+        for w in _words(data)
     )
-    language = data.get("language_code")
     return Turn(
-        turn_order=int(data["turn_order"]),
-        end_of_turn=bool(data.get("end_of_turn", False)),
-        turn_is_formatted=bool(data.get("turn_is_formatted", False)),
-        transcript=str(data.get("transcript", "")),
-        end_of_turn_confidence=float(data.get("end_of_turn_confidence") or 0.0),
+        turn_order=_integer(data, "turn_order"),
+        end_of_turn=_flag(data, "end_of_turn", False),
+        turn_is_formatted=_flag(data, "turn_is_formatted", False),
+        transcript=_text(data, "transcript"),
+        end_of_turn_confidence=_confidence(data, "end_of_turn_confidence"),
         words=words,
-        language_code=str(language) if language else None,
+        language_code=_text(data, "language_code") or None,
     )
+
+
+# Field readers: a value of the wrong type makes the frame malformed (``ProtocolError``, the
+# caller logs it), so ``null`` never becomes the text "None" nor ``"false"`` a true flag. A
+# confidence that is not a finite number reads as 0.0 instead: it must not cost the turn.
+
+def _words(data: dict[str, Any]) -> list[dict[str, Any]]:
+    words = data.get("words") or []
+    if not isinstance(words, list) or not all(isinstance(w, dict) for w in words):
+        raise TypeError("words is not a list of objects")
+    return words
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    """A string field, missing or ``null`` read as empty.
+
+    Lone surrogates (valid JSON escapes that no UTF-8 file or request can carry) become U+FFFD.
+    """
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is {type(value).__name__}, not a string")
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _integer(data: dict[str, Any], key: str) -> int:
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value != int(value):
+        raise TypeError(f"{key} is {repr(value)[:30]}, not an integer")
+    return int(value)
+
+
+def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} is {repr(value)[:30]}, not true or false")
+    return value
+
+
+def _confidence(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return float(value)
 
 
 def parse_expires_at(value: Any) -> datetime | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import signal
 import sqlite3
@@ -268,6 +270,21 @@ class TestBatch:
             got = [d.record.turn_order async for d in _drain(queue)]
             assert got == [2]
 
+
+    def test_a_record_no_encoder_takes_is_still_dead_lettered(self, outbox: Outbox,
+                                                              tmp_path: Path) -> None:
+        """A lone surrogate (the protocol parser replaces them; a third-party engine might not)
+        is refused by SQLite's UTF-8 encoder: the turn still lands in the dead-letter file and
+        dispatch does not raise (it crashed the daemon)."""
+        memory = MemoryQueue()
+        dispatcher = Dispatcher([null_runner("hook", outbox.queue("hook")),
+                                 null_runner("file", memory)], dead_letter_dir=tmp_path / "dead")
+        record = dataclasses.replace(make_turn(1), transcript="caf\ud800e")
+        with capture_logs():
+            dispatcher.dispatch(record)
+        entry = json.loads((tmp_path / "dead" / "hook.jsonl").read_text())
+        assert entry["record"]["transcript"] == "caf\ud800e"     # written as a JSON escape
+        assert memory.depth() == 1
 
     def test_rolled_back_batch_refuses_the_rest(self, outbox: Outbox) -> None:
         """SQLite rolls a transaction back by itself on a full disk or an I/O error: later

@@ -79,6 +79,49 @@ class TestParse:
         with pytest.raises(ProtocolError):
             parse_message(frame)
 
+    @pytest.mark.parametrize("fields", [
+        {"transcript": None, "end_of_turn": "false"},      # a string is not a flag
+        {"transcript": 12},
+        {"turn_order": 1.5}, {"turn_order": True},
+        {"words": [{"text": 7, "start": 0, "end": 1}]},
+        {"words": [{"text": "a", "start": "0", "end": 1}]},
+        {"words": "hello"},
+    ])
+    def test_turn_fields_of_the_wrong_type(self, fields: dict[str, object]) -> None:
+        """null is not the text "None" and "false" not a true flag: the frame is malformed."""
+        frame = {"type": "Turn", "turn_order": 1, "end_of_turn": True, "transcript": "Hi.",
+                 "words": [], **fields}
+        with pytest.raises(ProtocolError):
+            parse_message(json.dumps(frame))
+
+    def test_turn_values_that_must_not_cost_the_turn(self) -> None:
+        """A null transcript is empty; a lone surrogate becomes U+FFFD (no UTF-8 file or request
+        can carry it); a NaN or infinite confidence reads as 0.0 (not non-standard JSON)."""
+        frame = ('{"type":"Turn","turn_order":3,"end_of_turn":true,"transcript":"caf\\ud800e",'
+                 '"end_of_turn_confidence":NaN,"words":[{"text":"caf\\ud800e","start":0,'
+                 '"end":5,"confidence":Infinity}]}')
+        turn = parse_message(frame)
+        assert isinstance(turn, Turn)
+        assert turn.transcript == turn.words[0].text
+        assert turn.transcript.encode("utf-8").decode("utf-8") == turn.transcript
+        assert turn.transcript.startswith("caf") and turn.transcript.endswith("e")
+        assert "\ufffd" in turn.transcript
+        assert (turn.end_of_turn_confidence, turn.words[0].confidence) == (0.0, 0.0)
+        empty = parse_message('{"type":"Turn","turn_order":1,"transcript":null,"words":null}')
+        assert isinstance(empty, Turn) and empty.transcript == "" and empty.words == ()
+
+    @pytest.mark.parametrize("session_id", ["null", "12", '""', '"a/b"', '"a\\nb"', '"x y"',
+                                            '"' + "a" * 200 + '"'])
+    def test_begin_id_must_be_a_session_id(self, session_id: str) -> None:
+        """The id becomes every record's id and an MQTT topic level: null, '/', a newline..."""
+        with pytest.raises(ProtocolError):
+            parse_message(f'{{"type":"Begin","id":{session_id},"expires_at":1759796682}}')
+
+    def test_deeply_nested_frame(self) -> None:
+        """200 KB of ``[[[[`` is a malformed frame, not a RecursionError that kills the daemon."""
+        with pytest.raises(ProtocolError):
+            parse_message("[" * 200_000 + "]" * 200_000)
+
 
 class TestUrl:
     def test_all_parameters_in_query(self) -> None:
