@@ -357,7 +357,9 @@ async def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[fl
     """Wait before the next attempt after a failed token; the second rejection is fatal."""
     if auth_failures >= 2:
         raise AuthError(_auth_message(str(exc))) from None
-    delay = exc.retry_after if exc.retry_after is not None else next(delays)
+    delay = next(delays)               # a floor: "Retry-After: 0" must not make a tight loop
+    if exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
     log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
     await asyncio.sleep(delay)
 

@@ -12,11 +12,13 @@ from typing import Final
 import httpx
 import structlog
 
+from daemon.backoff import retry_after_s
 from daemon.config import AssemblyAIConfig
 from daemon.errors import ConfigError, DaemonError
 
 log = structlog.get_logger("daemon.tokens")
 _TIMEOUT_S: Final = 10.0
+RETRY_AFTER_MAX_S: Final = 300.0    # a longer ask (or a proxy's) would stall transcription
 
 
 class TokenError(DaemonError):
@@ -72,15 +74,14 @@ class TokenProvider:
             raise TokenError(
                 f"token endpoint rejected the API key ({status}: {detail})", rejected=True
             )
-        if status == 400:
+        if status == 400 and _service_error(response) is not None:
             raise ConfigError(
                 "assemblyai.token_expires_in / max_session_seconds: the token endpoint refused "
                 f"them ({detail})"
             )
-        if status != 200:
-            raise TokenError(
-                f"token endpoint answered {status}: {detail}", retry_after=_retry_after(response)
-            )
+        if status != 200:               # a 400 without the service's JSON: a proxy, transient
+            asked = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
+            raise TokenError(f"token endpoint answered {status}: {detail}", retry_after=asked)
         try:
             token = response.json()["token"]
         except (ValueError, KeyError, TypeError):
@@ -91,19 +92,16 @@ class TokenProvider:
         return token
 
 
-def _error_text(response: httpx.Response) -> str:
+def _service_error(response: httpx.Response) -> str | None:
+    """The service's own ``{"error": "..."}`` text, if the body is that."""
     try:
         body = response.json()
-        if isinstance(body, dict) and isinstance(body.get("error"), str):
-            return str(body["error"])[:200]
-    except ValueError:
-        pass
-    return response.reason_phrase or "no detail"
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    try:
-        return max(0.0, float(value))
     except ValueError:
         return None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])[:200]
+    return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    return _service_error(response) or response.reason_phrase or "no detail"

@@ -216,7 +216,13 @@ class FakeAssemblyAI:
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
         if path == "/v3/token":
             status, body = self._mint(headers, parse_qs(urlsplit(request.path).query))
-            return _json_response(connection, status, body)
+            injected = str(body.get("error", "")).startswith("Injected")
+            if injected and self.faults.token_raw_body is not None:
+                response = connection.respond(HTTPStatus(status), self.faults.token_raw_body)
+                response.headers["Content-Type"] = "text/html"
+                return response
+            retry_after = self.faults.token_retry_after if status in (429, 503) else ""
+            return _json_response(connection, status, body, retry_after)
         if path != "/v3/ws":
             return _json_response(connection, 404, {"error": f"Not found: {path}"})
         status = (
@@ -502,11 +508,12 @@ class _Session:
         await self.ws.close(code, reason)
 
 
-def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
+def _json_response(connection: ServerConnection, status: int, body: dict[str, Any],
+                   retry_after: str = "1") -> Response:
     response = connection.respond(HTTPStatus(status), json.dumps(body))
     response.headers["Content-Type"] = "application/json"
-    if status == 429:
-        response.headers["Retry-After"] = "1"
+    if status in (429, 503) and retry_after:
+        response.headers["Retry-After"] = retry_after
     return response
 
 

@@ -50,6 +50,9 @@ class Faults:
 
     Attributes:
         token_status: statuses for the next token requests (e.g. ``[500, 429]``).
+        token_retry_after: the ``Retry-After`` of an injected 429 or 503 ("" = none).
+        token_raw_body: the body of injected token failures, as text/html (a proxy's page)
+            instead of the service's JSON ``{"error": …}``.
         http_status_on_upgrade: HTTP statuses for the next ``/v3/ws`` upgrades (e.g. ``[503]``).
         reject_handshake: close codes (1008, 1011, 3009, …) for the next sessions: the upgrade is
             accepted (and its token consumed), then closed before ``Begin``.
@@ -61,6 +64,8 @@ class Faults:
     """
 
     token_status: list[int] = field(default_factory=list)
+    token_retry_after: str = "1"
+    token_raw_body: str | None = None
     http_status_on_upgrade: list[int] = field(default_factory=list)
     reject_handshake: list[int] = field(default_factory=list)
     key_revoked: bool = False

@@ -60,12 +60,18 @@ class TestSingleFaults:
 
     async def test_token_endpoint_failing_for_a_while(self, fake: FakeAssemblyAI,
                                                       tmp_path: Path) -> None:
-        """Token requests failing (500, 429) delay the start; the backlog is replayed whole."""
+        """Token requests failing (500, 429) delay the start; the backlog is replayed whole.
+
+        The 429 asks for ``Retry-After: 0``: the backoff stays the floor (no tight loop).
+        """
         fake.faults.token_status = [500, 429, 500]
+        fake.faults.token_retry_after = "0"
         result = await stream(fake, tmp_path, S1)
         assert delivered(tmp_path) == words(TRANSCRIPTS[S1])
         assert [r.status for r in fake.token_requests[:4]] == [500, 429, 500, 200]
-        assert len(result.events("stream.token_failed")) == 3
+        failed = result.events("stream.token_failed")
+        assert len(failed) == 3
+        assert all(e["retry_in_s"] > 0 for e in failed[1:])     # the first retry is immediate
         no_rate_or_expiry_closes(fake)
 
     async def test_1011_at_handshake(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
