@@ -116,6 +116,21 @@ class Ledger:
             piece.captured_at + skip / self.sample_rate,
         )
 
+    def held_speech_s(self, part_samples: int, threshold: float,
+                      stop: int | None = None) -> float:
+        """Seconds held (up to ``stop``) if any part of it is speech, else 0 (only silence).
+
+        Speech: a part of ``part_samples`` whose RMS reaches ``threshold``.
+        """
+        position, end = self.head, self._next if stop is None else min(stop, self._next)
+        start = position
+        speech = False
+        while position < end and (piece := self.read(position, min(part_samples,
+                                                                    end - position))):
+            speech = speech or rms(piece.pcm) >= threshold
+            position = piece.end
+        return (position - start) / self.sample_rate if speech else 0.0
+
     def capture_time(self, position: int) -> float | None:
         """Wall-clock capture time of the sample at ``position``, if still held."""
         piece = self.read(position, 1)

@@ -291,7 +291,7 @@ class StreamSession:
                 if self._termination_overdue():
                     self.log.warning("session.termination_timeout",
                                      timeout_s=self.engine.config.terminate_timeout)
-                    return self._terminated("no Termination")
+                    return self._without_termination("no Termination")
                 if not self.terminating:    # else: the idle timer of a wait begun before
                     self._tick()            # Terminate went out; wait on for Termination
                 continue
@@ -356,9 +356,29 @@ class StreamSession:
             code = self.error.code if self.error.code is not None else code
             reason = self.error.message or reason
         kind = classify_close(code, reason)
-        if kind is CloseKind.NORMAL and not self.terminating:
+        if kind is CloseKind.NORMAL and self.terminating:     # closed after Terminate, but
+            self.log.warning("session.closed_without_termination", code=code, reason=reason)
+            return self._without_termination(f"{code} {reason}".strip())   # no Termination
+        if kind is CloseKind.NORMAL:
             kind = CloseKind.TRANSIENT
         return Outcome(kind, f"{code} {reason}".strip(), began=True)
+
+    def _without_termination(self, reason: str) -> Outcome:
+        """``Terminate`` went out and ``Termination`` never came: did the service hear it all?
+
+        Speech that no finished turn covers (a service that stopped reading, or closed before
+        its last finals) is replayed by the next session, after the usual backoff; trailing
+        silence is not worth a session. Held finals are released first: what they cover is
+        not replayed (it would be delivered twice).
+        """
+        self.assembler.flush()
+        speech_s = 0.0 if self.rolled_over else self.engine.ledger.held_speech_s(
+            self.engine.chunk_samples, SILENCE_RMS, self.stop)
+        if speech_s:
+            self.log.warning("session.replaying_unanswered", speech_s=round(speech_s, 2))
+            return Outcome(CloseKind.TRANSIENT, f"{reason}; {speech_s:.1f} s of speech unanswered",
+                           began=True)
+        return self._terminated(reason)
 
     def _summarise(self, outcome: Outcome) -> None:
         duration = time.monotonic() - self.began_at

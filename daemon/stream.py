@@ -131,6 +131,10 @@ class AssemblyAIEngine:
                 live = HoldingListener(listener, lambda: self.catch_up)
                 await self._lane(live, group, None)
         finally:
+            speech_s = self.ledger.held_speech_s(self.chunk_samples, SILENCE_RMS)
+            if speech_s:                        # stopped (SIGTERM) before the service answered
+                log.error("stream.untranscribed", held_s=round(speech_s, 2),
+                          effect="audio with speech that no finished turn covers is lost")
             if self.catch_up is not None:       # stopped before the replay finished
                 log.warning("stream.replay_unfinished", held_turns=len(self.catch_up.held))
                 self._finish_catch_up(listener)

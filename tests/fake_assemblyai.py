@@ -47,9 +47,10 @@ a live session; ``fake.expire_tokens()`` ages every minted token past its window
 
 Faults (``fake.faults``, see ``Faults`` in ``fake_assemblyai_records``): queues consumed one per
 request or session (``token_status``, ``http_status_on_upgrade``, ``reject_handshake``), flags
-(``key_revoked``, ``no_termination``, ``termination_delay_s``) and per-session faults armed for
-the next session that reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``,
-``send_garbage``).
+(``key_revoked``, ``no_termination``, ``close_without_termination``, ``termination_delay_s``,
+``token_retry_after``, ``token_raw_body``) and per-session faults armed for the next session
+that reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``,
+``deaf_after_audio_ms``, ``send_garbage``).
 
 ``time_scale`` (default 1): the fake's notion of time runs that many times faster than the
 event loop's clock, for the audio-rate limit, the session cap (``expires_at`` is in real wall
@@ -331,6 +332,7 @@ class _Session:
         self.loop = asyncio.get_running_loop()
         self.turns: TurnBuilder | None = None
         self.faults: list[SessionFault] = []
+        self.deaf = False                   # a "deaf" fault fired: audio is discarded
         self.began = 0.0
 
     async def run(self) -> None:
@@ -416,6 +418,8 @@ class _Session:
                 "Audio Transmission Rate Exceeded: "
                 f"Received {sent_s:.1f} sec. audio in {elapsed:.1f} sec",
             )
+        if self.deaf:
+            return True
         if params.encoding == "pcm_s16le" and params.sample_rate == 16_000:
             messages = self.turns.feed(
                 np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.int16)
@@ -435,6 +439,9 @@ class _Session:
                 return False
             if fault.kind == "error":
                 return await self.fail(fault.code, fault.message)
+            if fault.kind == "deaf":
+                self.deaf = True
+                continue
             await self.ws.send(fault.payload)
             self.record.sent.append(fault.payload)
             await self.fake._notify()
@@ -473,12 +480,15 @@ class _Session:
 
     async def terminate(self) -> bool:
         assert self.turns is not None
-        if self.fake.faults.no_termination:
+        if self.fake.faults.no_termination or self.deaf:
             return True
         if self.fake.faults.termination_delay_s:    # a slow service, not test synchronisation
             await asyncio.sleep(self.fake.faults.termination_delay_s)
         for turn in self.turns.end_turn():
             await self.send(turn)
+        if self.fake.faults.close_without_termination:
+            await self.close(1000, "")
+            return False
         await self.send(
             {
                 "type": "Termination",

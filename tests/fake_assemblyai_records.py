@@ -37,7 +37,7 @@ class InputError(Exception):
 class SessionFault:
     """A fault armed for one session, triggered once the session has received enough audio."""
 
-    kind: Literal["drop", "error", "garbage"]
+    kind: Literal["drop", "error", "garbage", "deaf"]
     after_audio_ms: int
     code: int = 3005
     message: str = ""
@@ -59,6 +59,8 @@ class Faults:
         key_revoked: the API key is rejected from now on: 401 on tokens, 1008 on sessions.
         echo_key: a rejected key is quoted back in the 401's error text (as some services do).
         no_termination: ``Terminate`` is recorded but never answered.
+        close_without_termination: ``Terminate`` is answered with the last finals and a close
+            1000, but no ``Termination`` frame.
         termination_delay_s: ``Terminate`` is answered this many seconds late (a slow service).
         session_faults: faults for the next sessions that reach ``Begin`` (see the methods).
     """
@@ -71,6 +73,7 @@ class Faults:
     key_revoked: bool = False
     echo_key: bool = False
     no_termination: bool = False
+    close_without_termination: bool = False
     termination_delay_s: float = 0.0
     session_faults: list[SessionFault] = field(default_factory=list)
 
@@ -82,6 +85,11 @@ class Faults:
         """Next session: send ``Error`` with ``code`` and close with ``code`` after ``ms``."""
         text = message or CLOSE_REASONS.get(code, "Session Cancelled: An error occurred")
         self.session_faults.append(SessionFault("error", ms, code, text))
+
+    def deaf_after_audio_ms(self, ms: int) -> None:
+        """Next session: after ``ms`` of audio, read and discard everything (no more turns) and
+        never answer ``Terminate`` (a service that stopped working but keeps the socket)."""
+        self.session_faults.append(SessionFault("deaf", ms))
 
     def send_garbage(self, kind: str = "non_json", after_audio_ms: int = 0) -> None:
         """Next session: send one bad frame (``kind`` is a key of ``GARBAGE``).

@@ -109,6 +109,50 @@ class TestSingleFaults:
         assert result.events("stream.rolled_over")
         assert fake.sessions[0].closed_by == "abort"
 
+    async def test_service_that_stops_answering_is_replayed(self, fake: FakeAssemblyAI,
+                                                             tmp_path: Path) -> None:
+        """The service takes audio but stops transcribing and never answers ``Terminate``: the
+        speech no turn covers is replayed by a new session (it ended "finished", exit 0, with
+        the speech silently lost)."""
+        fake.faults.deaf_after_audio_ms(1500)
+        result = await stream(fake, tmp_path, S2)
+        assert delivered(tmp_path) == words(TRANSCRIPTS[S2])
+        assert result.events("session.termination_timeout")
+        [replaying] = result.events("session.replaying_unanswered")
+        assert replaying["speech_s"] > 1
+        assert fake.sessions[0].closed_by == "client"  # the unanswered one; then the replay
+        no_rate_or_expiry_closes(fake)
+
+    async def test_stopped_while_speech_is_unanswered(self, fake: FakeAssemblyAI,
+                                                      tmp_path: Path) -> None:
+        """Stopped (two SIGTERMs) while the service has not answered some speech: one error
+        line says how much was lost (there was none)."""
+        for _ in range(5):
+            fake.faults.deaf_after_audio_ms(1500)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S2)
+        config.write_text(config.read_text().replace("terminate_timeout = 5",
+                                                     "terminate_timeout = 1"))
+        daemon = await Daemon.start("run", "--config", str(config))
+        await asyncio.wait_for(fake.wait_for_session(1), 30)       # the first replay
+        daemon.signal()
+        async with asyncio.timeout(30):                 # it is stopping: Terminate went out
+            await fake.sessions[1].wait_for(lambda s: any("Terminate" in t for t in s.texts))
+        daemon.signal()                                 # the second signal: stop now
+        result = await daemon.finish(30)
+        assert result.events("daemon.forced_stop")
+        [lost] = result.events("stream.untranscribed")
+        assert lost["level"] == "error" and lost["held_s"] > 1
+
+    async def test_closed_after_terminate_without_termination(self, fake: FakeAssemblyAI,
+                                                              tmp_path: Path) -> None:
+        """A close 1000 after the last finals but without ``Termination`` ends the run: every
+        word once, one session (it reconnected at once, forever)."""
+        fake.faults.close_without_termination = True
+        result = await stream(fake, tmp_path, S1)
+        assert delivered(tmp_path) == words(TRANSCRIPTS[S1])
+        assert len(result.events("session.closed_without_termination")) == 1
+        assert len(fake.sessions) == 1
+
     async def test_outage_longer_than_backlog(self, fake: FakeAssemblyAI,
                                               tmp_path: Path) -> None:
         """Beyond backlog_seconds the oldest audio is dropped, and the loss is reported exactly."""
