@@ -2,11 +2,15 @@
 
 Writes run in a worker thread so the event loop never blocks on the disk. A line torn by a crash
 (no trailing newline) is closed off on open, so the next record always starts on its own line.
+Before each write the path is checked to still name the open file (one ``stat``): a file deleted
+or rotated away, or a folder replaced, is reopened (created again) rather than written into a
+file nobody can see; if it cannot be reopened the send fails and the dispatcher retries it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -68,7 +72,7 @@ class FileSink:
         try:
             await asyncio.to_thread(self._write, line)
         except OSError as exc:
-            self._close()
+            self._close()   # the next send reopens (and closes off a torn line)
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def _open(self) -> None:
@@ -81,10 +85,17 @@ class FileSink:
                     if reader.read(1) != b"\n":
                         handle.write(b"\n")
             self._handle = handle
+        except FileExistsError:         # mkdir: the folder's name is taken by a file
+            raise SinkError(
+                f"cannot open {self.path}: {self.path.parent} is not a directory"
+            ) from None
         except OSError as exc:
             raise SinkError(f"cannot open {self.path}: {exc.strerror or exc}") from None
 
     def _write(self, line: bytes) -> None:
+        if self._handle is not None and (moved := self._moved(self._handle)):
+            log.warning("file.reopened", sink=self.name, path=str(self.path), reason=moved)
+            self._close()
         if self._handle is None:
             self._open()
         assert self._handle is not None
@@ -111,12 +122,28 @@ class FileSink:
             self.path.rename(f"{self.path}.1")
         self._open()
 
+    def _moved(self, handle: IO[bytes]) -> str:
+        """Why ``path`` no longer names the open file (deleted, rotated, replaced), or ``""``."""
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return "the file was deleted or renamed"
+        except OSError as exc:  # e.g. ENOTDIR: its folder was replaced by a file
+            return f"the path cannot be checked: {exc.strerror or exc}"
+        opened = os.fstat(handle.fileno())
+        if (on_disk.st_dev, on_disk.st_ino) != (opened.st_dev, opened.st_ino):
+            return "the path names another file now"
+        return ""
+
     def _close(self) -> None:
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            finally:
-                self._handle = None
+        """Close the file; a failing final flush (ENOSPC) is not raised again.
+
+        Nothing is lost: the send whose write failed has failed, and is retried whole.
+        """
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
 
 
 @hookimpl

@@ -6,18 +6,25 @@ availability topic (last will: retained ``offline``), watches the connection and
 jittered backoff when the broker goes away. ``send`` waits up to ``timeout_s`` for a connection,
 publishes under the same timeout and raises ``SinkError`` on any failure, so the record stays in
 the outbox and the dispatcher retries it. A clean shutdown publishes ``offline`` first.
+
+It speaks MQTT 5 (falling back to 3.1.1, once, for a broker that refuses 5) because only MQTT 5
+tells the client the broker's Maximum Packet Size (in CONNACK): a record whose PUBLISH would
+exceed it is a ``PermanentSinkError`` (dead-lettered) instead of a publish the broker answers by
+dropping the connection, again on every retry, with every later turn queued behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import random
 import ssl
 import string
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, cast
 
 import structlog
 from pydantic import (
@@ -30,12 +37,19 @@ from pydantic import (
 )
 
 from daemon.config import read_secret_file
-from daemon.errors import SinkError
+from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
     import aiomqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    class _Client(aiomqtt.Client):
+        """What ``_client_class()`` builds at run time."""
+
+        max_packet: int | None
 
 log = structlog.get_logger("plugins.mqtt")
 
@@ -45,6 +59,8 @@ TOPIC_FIELDS: Final = frozenset({"host", "session_id"})
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 30.0
 _AUTH_REFUSED: Final = frozenset({4, 5, 134, 135})  # CONNACK codes, MQTT 3.1.1 and 5
+_UNSUPPORTED_PROTOCOL: Final = 132  # CONNACK code (paho also maps a 3.1.1 broker's 1 to it)
+MQTT_MAX_PACKET: Final = 268_435_455 + 5  # the largest packet the protocol can encode at all
 
 
 def _check_template(value: str, allowed: frozenset[str]) -> str:
@@ -140,7 +156,9 @@ class MqttSink:
         self.availability = config.availability_topic.format(host=host)
         self._where = f"{config.host}:{config.port}"
         self._tls = _tls_context(config.ca_file) if config.tls else None
-        self._client: aiomqtt.Client | None = None
+        self._client: _Client | None = None
+        self._v5 = True         # until the broker refuses MQTT 5
+        self._logger = _client_logger(name, self._where)
         self._connected = asyncio.Event()
         self._last_error = "not connected yet"
         self._task: asyncio.Task[None] | None = None
@@ -176,14 +194,22 @@ class MqttSink:
 
         client = await self._ready_client()
         topic = self.config.topic.format(host=record.host, session_id=record.session_id)
+        payload = record.to_json().encode()
+        size = publish_size(topic, len(payload), self.config.qos, v5=self._v5)
+        limit = min(client.max_packet or MQTT_MAX_PACKET, MQTT_MAX_PACKET)
+        if size > limit:
+            raise PermanentSinkError(
+                f"mqtt broker {self._where}: record of {len(payload)} bytes is a {size}-byte "
+                f"PUBLISH, over the broker's maximum packet size of {limit} bytes"
+            )
         try:
-            await client.publish(topic, record.to_json(), qos=self.config.qos,
+            await client.publish(topic, payload, qos=self.config.qos,
                                  retain=self.config.retain, timeout=self.config.timeout_s)
         except aiomqtt.MqttError as exc:
             raise SinkError(f"mqtt broker {self._where}: publish to {topic!r} failed: {exc}") \
                 from None
 
-    async def _ready_client(self) -> aiomqtt.Client:
+    async def _ready_client(self) -> _Client:
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._connected.wait()
@@ -208,6 +234,12 @@ class MqttSink:
                     async for _ in client.messages:  # ends with MqttError on disconnect
                         pass
             except aiomqtt.MqttError as exc:
+                if self._v5 and _code(exc) == _UNSUPPORTED_PROTOCOL:
+                    self._v5 = False
+                    log.warning("mqtt.protocol_fallback", sink=self.name, broker=self._where,
+                                protocol="3.1.1", note="the broker does not announce its maximum "
+                                "packet size under 3.1.1: an oversized record is retried")
+                    continue
                 self._last_error = _describe(exc)
                 was_connected = self._connected.is_set()
                 if was_connected or not failing:
@@ -224,7 +256,7 @@ class MqttSink:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    async def _announce(self, client: aiomqtt.Client) -> None:
+    async def _announce(self, client: _Client) -> None:
         if self.availability:
             await client.publish(self.availability, ONLINE, qos=1, retain=True,
                                  timeout=self.config.timeout_s)
@@ -232,15 +264,18 @@ class MqttSink:
         self._connected.set()
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> _Client:
         import aiomqtt
 
         cfg = self.config
         will = None
         if self.availability:
             will = aiomqtt.Will(self.availability, OFFLINE, qos=1, retain=True)
-        return aiomqtt.Client(
+        version = aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311
+        return _client_class()(
             cfg.host, cfg.port,
+            protocol=version,
+            logger=self._logger,
             username=cfg.username or None,
             password=cfg.password.get_secret_value() or None,
             identifier=cfg.client_id or None,
@@ -251,14 +286,75 @@ class MqttSink:
         )
 
 
-def _describe(exc: aiomqtt.MqttError) -> str:
-    """One line about a connection failure, with a hint when credentials were refused."""
+def publish_size(topic: str, payload_len: int, qos: int, *, v5: bool) -> int:
+    """Bytes of the PUBLISH packet carrying ``payload_len`` bytes (no properties sent)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+    length_bytes = next((n for n in (1, 2, 3) if remaining < 128 ** n), 4)
+    return 1 + length_bytes + remaining
+
+
+@functools.cache
+def _client_class() -> type[_Client]:
+    """``aiomqtt.Client`` that keeps the broker's Maximum Packet Size from CONNACK (MQTT 5).
+
+    aiomqtt drops CONNACK properties (empicano/aiomqtt#362), so this overrides its callback,
+    keeping the value and calling the original. Defined on first use: aiomqtt loads lazily.
+    """
     import aiomqtt
 
+    class Client(aiomqtt.Client):
+        max_packet: int | None = None
+
+        def _on_connect(self, client: Any, userdata: Any, flags: Any,
+                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
+            value = getattr(properties, "MaximumPacketSize", None)
+            self.max_packet = value if isinstance(value, int) and value > 0 else None
+            super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    return cast("type[_Client]", Client)
+
+
+class _NameTheSink(logging.Filter):
+    """Adds ``sink`` and ``broker`` to paho's and aiomqtt's own log records."""
+
+    def __init__(self, sink: str, broker: str) -> None:
+        super().__init__()
+        self.sink = sink
+        self.broker = broker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tag the record (the structlog bridge turns record attributes into fields)."""
+        record.sink = self.sink
+        record.broker = self.broker
+        return True
+
+
+def _client_logger(sink: str, broker: str) -> logging.Logger:
+    """The stdlib logger given to aiomqtt (and by it to paho): its lines name the sink.
+
+    Without it paho logs ``failed to receive on socket: …`` to the shared ``mqtt`` logger, a line
+    that says neither which sink nor which broker.
+    """
+    logger = logging.getLogger(f"plugins.mqtt.{sink}")
+    for old in [f for f in logger.filters if isinstance(f, _NameTheSink)]:
+        logger.removeFilter(old)   # a sink rebuilt on reload: one filter, the current broker
+    logger.addFilter(_NameTheSink(sink, broker))
+    return logger
+
+
+def _code(exc: aiomqtt.MqttError) -> object:
+    """The numeric MQTT return/reason code of ``exc``, if it has one."""
+    import aiomqtt
+
+    return getattr(exc.rc, "value", exc.rc) if isinstance(exc, aiomqtt.MqttCodeError) else None
+
+
+def _describe(exc: aiomqtt.MqttError) -> str:
+    """One line about a connection failure, with a hint when credentials were refused."""
     text = str(exc) or type(exc).__name__
     if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
         text = f"{text}: {exc.__cause__}"
-    code = getattr(exc.rc, "value", exc.rc) if isinstance(exc, aiomqtt.MqttCodeError) else None
+    code = _code(exc)
     if code in _AUTH_REFUSED:
         return f"broker refused the connection ({text}): check username and password"
     return text

@@ -8,6 +8,10 @@ space-separated, so receivers can rotate secrets).
 Failures are classified here, at the I/O boundary: timeouts, connection errors, 408, 429 and 5xx
 raise ``SinkError`` (with ``retry_after`` from a ``Retry-After`` header); any other non-2xx raises
 ``PermanentSinkError``. Neither message carries a secret, a header value or the URL's path.
+
+Only the status line and headers of an answer decide; its body is read and discarded up to
+``BODY_READ_MAX`` bytes (so a normal connection can be reused) and a longer or endless body is
+not read on: the connection is closed instead, so a receiver cannot grow the daemon's memory.
 """
 
 from __future__ import annotations
@@ -18,17 +22,24 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
+import re
 import time
-from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Annotated, Any, Final, Self
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
+from daemon.backoff import retry_after_s
 from daemon.config import read_secret_file
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc
@@ -40,7 +51,21 @@ EVENT_TYPE: Final = "turn.completed"
 SECRET_PREFIX: Final = "whsec_"
 USER_AGENT: Final = "transcribed-webhook/1"
 _TRANSIENT_STATUS: Final = frozenset({408, 425, 429})
-_RETRY_AFTER_MAX_S: Final = 3600.0
+RETRY_AFTER_MAX_S: Final = 3600.0
+BODY_READ_MAX: Final = 64 * 1024     # bytes of an answer's body read (and discarded) at most
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an HTTP token (RFC 9110)
+_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")   # what httpx can send: printable ASCII
+
+
+def _header_value(value: str) -> str:
+    """A header value httpx can send; the message never shows the value (it may be a secret)."""
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ValueError("header value must be printable ASCII (no line breaks, control "
+                         "characters or non-ASCII letters)")
+    return value
+
+
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
 
 
 class WebhookConfig(SinkConfig):
@@ -53,7 +78,8 @@ class WebhookConfig(SinkConfig):
         default=(), description="Standard Webhooks secret(s) whsec_…; a list or space-separated"
     )
     secret_file: str = Field(default="", description="file holding the secret(s)")
-    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    headers: dict[str, HeaderValue] = Field(default_factory=dict,
+                                            description="extra request headers")
     timeout_s: float = Field(default=10.0, gt=0, description="per-request timeout, seconds")
     retry_max_s: float | None = Field(
         default=None, gt=0, description="dead-letter a turn after retrying this long; unset = never"
@@ -97,6 +123,18 @@ class WebhookConfig(SinkConfig):
             _secret_key(secret, number)
         return value
 
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _header_names(cls, value: Any) -> Any:
+        # Names are checked before the values, whose errors are located at headers.<name>:
+        # only a valid token may become part of that (one-line) location.
+        if isinstance(value, dict):
+            for name in value:
+                if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                    raise ValueError(f"{name!r} is not a valid header name (letters, digits and "
+                                     "!#$%&'*+-.^_`|~ only)")
+        return value
+
     @field_validator("headers")
     @classmethod
     def _own_headers(cls, value: dict[str, str]) -> dict[str, str]:
@@ -133,22 +171,6 @@ def event_body(record: TurnRecord) -> bytes:
     """The JSON body for one turn (identical on every attempt)."""
     event = {"type": EVENT_TYPE, "timestamp": iso_utc(record.ended_at), "data": record.to_dict()}
     return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds, capped at 1 h."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    if not math.isfinite(seconds):
-        return None                     # "nan", "inf": not a delay
-    return min(max(seconds, 0.0), _RETRY_AFTER_MAX_S)
 
 
 class WebhookSink:
@@ -188,12 +210,14 @@ class WebhookSink:
         if self._client is None:
             raise SinkError(f"webhook sink {self.name!r} is not open")
         body = event_body(record)
+        headers = self._headers(record.id, body)
         try:
             async with asyncio.timeout(self.config.timeout_s):  # total, not per read
-                response = await self._client.post(
-                    self.config.url, content=body, headers=self._headers(record.id, body),
+                async with self._client.stream(
+                    "POST", self.config.url, content=body, headers=headers,
                     timeout=self.config.timeout_s,
-                )
+                ) as response:
+                    await _drain(response)
         except (httpx.TimeoutException, TimeoutError):
             raise SinkError(
                 f"webhook {self._where} timed out after {self.config.timeout_s:g} s"
@@ -216,9 +240,22 @@ class WebhookSink:
             return
         message = f"webhook {self._where} answered {status} {response.reason_phrase}".rstrip()
         if status >= 500 or status in _TRANSIENT_STATUS:
-            delay = retry_after_s(response.headers.get("retry-after"))
+            delay = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
             raise SinkError(message, retry_after=delay)
         raise PermanentSinkError(message)
+
+
+async def _drain(response: httpx.Response) -> None:
+    """Read and discard the body, but stop after ``BODY_READ_MAX`` bytes.
+
+    Raw bytes, not decoded: a compressed body cannot inflate either. Stopping early leaves the
+    body unread, so leaving ``client.stream()`` closes the connection instead of reusing it.
+    """
+    seen = 0
+    async for chunk in response.aiter_raw():
+        seen += len(chunk)
+        if seen > BODY_READ_MAX:
+            return  # the caller's ``async with client.stream()`` closes the response
 
 
 def _factory(name: str, config: Any, context: SinkContext) -> WebhookSink:

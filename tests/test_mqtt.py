@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from standardwebhooks import Webhook
@@ -23,7 +24,7 @@ from daemon.errors import ConfigError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
-from plugins.mqtt import MqttConfig, MqttSink
+from plugins.mqtt import MqttConfig, MqttSink, publish_size
 from plugins.mqtt import transcribed_sink_types as mqtt_types
 from plugins.webhook import WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
@@ -128,6 +129,133 @@ class TestDelivery:
             await dispatcher.close(flush_s=5)
         assert seen == [f"sess:{i}" for i in range(15)]
         assert outbox.depth("bus") == 0
+
+
+class TestPacketLimit:
+    async def test_oversized_record_is_dead_lettered_and_later_turns_flow(
+        self, tmp_path: Path, outbox: Outbox
+    ) -> None:
+        """A record over the broker's maximum packet size is dead-lettered with one line giving
+        its size and the limit; the turns after it are delivered."""
+        broker = Mosquitto(tmp_path / "limited")
+        broker.conf.write_text(broker.conf.read_text() + "max_packet_size 700\n")
+        big = dataclasses.replace(make_turn(1), transcript="word " * 200)
+        dispatcher = Dispatcher([runner(config(broker), outbox)],
+                                dead_letter_dir=tmp_path / "dead")
+        with broker, capture_logs() as logs:
+            async with Subscriber(broker, "transcribed/+/turn") as subscriber, \
+                    asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for turn in (make_turn(0), big, make_turn(2)):
+                    dispatcher.dispatch(turn)
+                seen: list[str] = []
+                await collect_ids(subscriber, seen, 2)
+                await dispatcher.close(flush_s=5)
+        assert seen == ["sess:0", "sess:2"]
+        (dead,) = [json.loads(x) for x in
+                   (tmp_path / "dead" / "bus.jsonl").read_text().splitlines()]
+        size = len(big.to_json().encode())
+        topic = len("transcribed/testhost/turn")
+        assert dead["record"]["id"] == "sess:1"
+        assert dead["error"] == (
+            f"mqtt broker {broker.host}:{broker.port}: record of {size} bytes is a "
+            f"{1 + 2 + 2 + topic + 2 + 1 + size}-byte PUBLISH, over the broker's maximum packet "
+            "size of 700 bytes")
+        assert not [e for e in logs if e["event"] == "mqtt.disconnected"]
+        assert outbox.depth("bus") == 0
+
+    def test_publish_size(self) -> None:
+        """The PUBLISH size counts the fixed header, topic, packet id and (MQTT 5) properties."""
+        assert publish_size("t", 10, 0, v5=False) == 1 + 1 + 2 + 1 + 10
+        assert publish_size("t", 10, 1, v5=True) == 1 + 1 + 2 + 1 + 2 + 1 + 10
+        assert publish_size("t", 200, 1, v5=True) == 1 + 2 + 2 + 1 + 2 + 1 + 200
+
+    async def test_client_log_lines_name_the_sink(
+        self, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """paho's and aiomqtt's own log lines carry the sink's name and broker."""
+        caplog.set_level(logging.DEBUG)
+        async with MqttSink("bus", config(broker), HOST) as sink:
+            await sink.send(make_turn(1))
+        paho = [r for r in caplog.records if r.getMessage().startswith("Sending CONNECT")]
+        assert paho
+        assert all(getattr(r, "sink", None) == "bus" for r in paho)
+        assert all(getattr(r, "broker", None) == f"{broker.host}:{broker.port}" for r in paho)
+
+
+class Mqtt311Broker:
+    """A minimal MQTT 3.1.1-only broker on 127.0.0.1: refuses MQTT 5 as such a broker does
+    (CONNACK return code 1, then close), accepts 3.1.1 and acknowledges QoS 1 publishes."""
+
+    def __init__(self) -> None:
+        self.levels: list[int] = []           # protocol level of each CONNECT
+        self.published: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        header = (await reader.readexactly(1))[0]
+        length, shift = 0, 0
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return header, await reader.readexactly(length)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            _, connect = await self._packet(reader)
+            self.levels.append(connect[6])
+            if connect[6] != 4:
+                writer.write(b"\x20\x02\x00\x01")        # unacceptable protocol version
+                await writer.drain()
+                return
+            writer.write(b"\x20\x02\x00\x00")
+            while True:
+                header, body = await self._packet(reader)
+                if header >> 4 == 3:                         # PUBLISH
+                    topic_end = 2 + int.from_bytes(body[:2])
+                    qos = (header >> 1) & 3
+                    self.published.append(body[topic_end + (2 if qos else 0):])
+                    if qos:
+                        writer.write(b"\x40\x02" + body[topic_end:topic_end + 2])
+                elif header >> 4 == 12:                      # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif header >> 4 == 14:                      # DISCONNECT
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+class TestProtocol:
+    async def test_falls_back_to_311_when_the_broker_refuses_5(self) -> None:
+        """A broker that refuses MQTT 5 gets MQTT 3.1.1, with one log line saying so."""
+        async with Mqtt311Broker() as broker:
+            cfg = MqttConfig.model_validate({"type": "mqtt", "host": "127.0.0.1",
+                                             "port": broker.port, "availability_topic": "",
+                                             "timeout_s": 2})
+            with capture_logs() as logs:
+                async with MqttSink("bus", cfg, HOST) as sink:
+                    await sink.send(make_turn(1))
+        assert broker.levels == [5, 4]
+        assert [json.loads(p)["id"] for p in broker.published] == ["sess:1"]
+        fallback = [e for e in logs if e["event"] == "mqtt.protocol_fallback"]
+        assert len(fallback) == 1 and fallback[0]["sink"] == "bus"
+        assert not [e for e in logs if e["event"] == "mqtt.connect_failed"]
 
 
 class TestBothSinks:

@@ -6,12 +6,14 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.commands import synthetic_turn
 from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
@@ -29,6 +31,18 @@ def record(order: int, text: str = "hello") -> TurnRecord:
     base = synthetic_turn("h")
     return TurnRecord(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
                          "session_id": "s", "turn_order": order, "transcript": text})
+
+
+class WatchedFileSink(FileSink):
+    """The real file sink, with an event set after each successful send (to await, not sleep)."""
+
+    def __init__(self, name: str, config: FileSinkConfig, context: SinkContext) -> None:
+        super().__init__(name, config, context)
+        self.wrote = asyncio.Event()
+
+    async def send(self, record: TurnRecord) -> None:
+        await super().send(record)
+        self.wrote.set()
 
 
 class TestFileSink:
@@ -86,6 +100,72 @@ class TestFileSink:
             blocker.unlink()
             await sink.send(record(0))
         assert json.loads(path.read_text())["id"] == "s:0"
+
+    @pytest.mark.parametrize("how", ["delete", "rename"])
+    async def test_file_deleted_or_rotated_away_is_recreated(self, tmp_path: Path,
+                                                             how: str) -> None:
+        """A file deleted or renamed away mid-run is created again, with one log line."""
+        path = tmp_path / "turns.jsonl"
+        with capture_logs() as logs:
+            async with FileSink("j", FileSinkConfig(type="file", path=str(path)),
+                                CONTEXT) as sink:
+                await sink.send(record(0))
+                if how == "delete":
+                    path.unlink()
+                else:
+                    path.rename(tmp_path / "turns.jsonl.1")
+                await sink.send(record(1))
+                await sink.send(record(2))
+        assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["s:1", "s:2"]
+        if how == "rename":
+            assert json.loads((tmp_path / "turns.jsonl.1").read_text())["id"] == "s:0"
+        reopened = [e for e in logs if e["event"] == "file.reopened"]
+        assert len(reopened) == 1
+        assert reopened[0]["sink"] == "j" and reopened[0]["path"] == str(path)
+
+    async def test_folder_replaced_by_file_is_retried_then_dead_lettered(
+        self, tmp_path: Path
+    ) -> None:
+        """A folder replaced by a file fails each send with one clear line; nothing vanishes."""
+        folder = tmp_path / "out"
+        path = folder / "turns.jsonl"
+        config = FileSinkConfig(type="file", path=str(path))
+        sink = WatchedFileSink("j", config, CONTEXT)
+        sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
+        dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
+                                dead_letter_dir=tmp_path / "dead")
+        with capture_logs() as logs:
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                dispatcher.dispatch(record(0))
+                async with asyncio.timeout(2):
+                    await sink.wrote.wait()     # the file is open now
+                shutil.rmtree(folder)
+                folder.write_text("now a file\n")
+                dispatcher.dispatch(record(1))
+                await dispatcher.close(0.5)
+        expected = f"cannot open {path}: {folder} is not a directory"
+        failed = [e for e in logs if e["event"] == "sink.send_failed"]
+        assert [e["error"] for e in failed] == [expected]
+        dead = [json.loads(x) for x in (tmp_path / "dead" / "j.jsonl").read_text().splitlines()]
+        assert [x["record"]["id"] for x in dead] == ["s:1"]
+        assert dead[0]["error"] == f"not delivered before exit ({expected})"
+
+    async def test_full_disk_error_names_the_path(self, tmp_path: Path) -> None:
+        """ENOSPC (a sink writing to /dev/full) is a one-line SinkError naming the path."""
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        config = FileSinkConfig(type="file", path="/dev/full", fsync=False)
+        sink = FileSink("j", config, CONTEXT)
+        sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
+        dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
+                                dead_letter_dir=tmp_path / "dead")
+        with capture_logs() as logs:
+            await run_through(dispatcher, 1, flush_s=0.5)
+        expected = "cannot write /dev/full: No space left on device"
+        assert [e["error"] for e in logs if e["event"] == "sink.send_failed"] == [expected]
+        dead = json.loads((tmp_path / "dead" / "j.jsonl").read_text())
+        assert dead["error"] == f"not delivered before exit ({expected})"
 
 
 async def test_console_text_and_json() -> None:

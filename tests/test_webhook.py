@@ -7,18 +7,19 @@ import base64
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
+from daemon.backoff import retry_after_s
 from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
-from plugins.webhook import WebhookConfig, WebhookSink, retry_after_s
+from plugins.webhook import RETRY_AFTER_MAX_S, WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import cloud_config, run_daemon
@@ -127,6 +128,36 @@ class TestConfig:
         assert "!!!" not in str(info.value)
         assert SECRET not in str(info.value)
 
+    @pytest.mark.parametrize(
+        ("headers", "expected"),
+        [
+            ({"Authorization": "Bearer tok3n\n"},
+             "sinks.hook.headers.Authorization: header value must be printable ASCII"),
+            ({"X-Key": "tok3n\r\nX-Evil: 1"},
+             "sinks.hook.headers.X-Key: header value must be printable ASCII"),
+            ({"X-Key": "tok3n\x00"}, "sinks.hook.headers.X-Key: header value must be"),
+            ({"X-Key": "tok3n\u00e9"}, "sinks.hook.headers.X-Key: header value must be"),
+            ({"X Key": "tok3n"}, "sinks.hook.headers: 'X Key' is not a valid header name"),
+            ({"X-Key\r\n": "tok3n\n"},
+             "sinks.hook.headers: 'X-Key\\r\\n' is not a valid header name"),
+            ({"": "tok3n"}, "sinks.hook.headers: '' is not a valid header name"),
+        ],
+    )
+    def test_bad_headers_give_one_line_without_the_value(self, headers: dict[str, str],
+                                                         expected: str) -> None:
+        """A header an HTTP request cannot carry is refused at check time, never echoing its value.
+
+        (Accepted, it failed every send as a retried ``LocalProtocolError``, forever.)
+        """
+        host = load_plugins(entry_points=False)
+        with pytest.raises(ConfigError) as info:
+            validate_sinks(host, {"hook": {"type": "webhook", "url": "http://x",
+                                           "headers": headers}})
+        assert len(info.value.problems) == 1
+        assert expected in str(info.value)
+        assert "\n" not in str(info.value) and "\r" not in str(info.value)
+        assert "tok3n" not in str(info.value)
+
 
 class TestClassification:
     async def test_status_codes_and_retry_after(self, receiver: HttpReceiver) -> None:
@@ -158,12 +189,76 @@ class TestClassification:
 
     def test_retry_after_forms(self) -> None:
         """Retry-After parses seconds and HTTP dates, and is capped."""
-        assert retry_after_s("7") == 7.0
-        assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
-        assert retry_after_s("999999") == 3600.0
-        assert retry_after_s("soon") is None
-        assert retry_after_s("nan") is None and retry_after_s("inf") is None
-        assert retry_after_s("-5") == 0.0
+        assert retry_after_s("7", RETRY_AFTER_MAX_S) == 7.0
+        assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", RETRY_AFTER_MAX_S) == 0.0
+        assert retry_after_s("999999", RETRY_AFTER_MAX_S) == 3600.0
+        assert retry_after_s("soon", RETRY_AFTER_MAX_S) is None
+        assert retry_after_s("nan", RETRY_AFTER_MAX_S) is None
+        assert retry_after_s("inf", RETRY_AFTER_MAX_S) is None
+        assert retry_after_s("-5", RETRY_AFTER_MAX_S) == 0.0
+
+
+class EndlessBody:
+    """A raw HTTP server on 127.0.0.1 answering each POST with ``status`` and a chunked body
+    far longer than any answer worth reading (``BODY_BYTES``; endless to the client)."""
+
+    BODY_BYTES = 64 << 20
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.hung_up = asyncio.Event()     # the client closed the connection mid-body
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 %d Whatever\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         % self.status)
+            block = b"x" * (1 << 16)
+            for _ in range(self.BODY_BYTES // len(block)):
+                writer.write(b"%x\r\n%s\r\n" % (len(block), block))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.hung_up.set()
+        finally:
+            writer.close()
+
+
+class TestLargeAnswers:
+    @pytest.mark.parametrize(("status", "error"), [(200, None), (500, "answered 500")])
+    async def test_endless_body_is_not_read(self, status: int, error: str | None) -> None:
+        """An endless answer body is not read on: the status decides at once and the connection
+        is dropped, so the daemon's memory cannot grow with it."""
+        async with EndlessBody(status) as server, \
+                WebhookSink("hook", config(server.url + "/x", timeout_s=60)) as sink:
+            async with asyncio.timeout(5):      # far below timeout_s
+                if error is None:
+                    await sink.send(make_turn(1))
+                else:
+                    with pytest.raises(SinkError, match=error) as info:
+                        await sink.send(make_turn(1))
+                    assert not isinstance(info.value, PermanentSinkError)
+                await server.hung_up.wait()     # it did not read the body to its end
 
 
 class TestDelivery:
