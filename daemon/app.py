@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -256,8 +256,38 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
             finally:
                 parts.hub.state("stopped")
                 reporter.stop("input ended")
-                await dispatcher.close(_flush_bound(dispatcher, signalled))
+                with _flush_signals(dispatcher):
+                    bound = _flush_bound(dispatcher, signalled)
+                    log.info("sinks.flushing", queued=dispatcher.queued(), timeout_s=bound)
+                    await dispatcher.close(bound)
                 reporting.cancel()
+
+
+@contextlib.contextmanager
+def _flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
+    """While the sinks flush: SIGTERM/SIGINT cut the flush short, SIGHUP is ignored.
+
+    Without handlers a signal here (a second Ctrl-C, ``systemctl reload`` at the end of a file)
+    killed the process, and the turns a file or console sink still held were lost instead of
+    dead-lettered.
+    """
+    loop = asyncio.get_running_loop()
+
+    def cut(signum: int) -> None:
+        log.warning("daemon.flush_cut_short", signal=signal.Signals(signum).name)
+        dispatcher.cut_flush()
+
+    def ignore() -> None:
+        log.info("reload.ignored", reason="stopping")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, cut, signum)
+    loop.add_signal_handler(signal.SIGHUP, ignore)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 def _flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:
@@ -375,9 +405,7 @@ async def _run_engine(
         async with source:
             chunks = _beating(source.chunks(), capture, listener, within, hub.input_ended)
             await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+    finally:        # the handlers stay until the flush replaces them (_flush_signals)
         for handle in stopping:
             handle.cancel()
     return bool(stopping)

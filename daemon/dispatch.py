@@ -213,6 +213,7 @@ class Dispatcher:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._leaving: dict[asyncio.Task[None], SinkRunner] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._cut = asyncio.Event()                  # set: stop waiting for the flush
 
     def dispatch(self, record: TurnRecord) -> None:
         """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake.
@@ -314,7 +315,17 @@ class Dispatcher:
         workers = [t for t in tasks if not t.done()]
         if not workers:
             return
-        _done, pending = await asyncio.wait(workers, timeout=flush_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_s
+        cut = asyncio.create_task(self._cut.wait(), name="flush-cut")
+        try:                            # until every worker is done, the cut, or the deadline
+            while not cut.done() and (left := [t for t in workers if not t.done()]) \
+                    and (remaining := deadline - loop.time()) > 0:
+                await asyncio.wait([*left, cut], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+        pending = {t for t in workers if not t.done()}
         for task in pending:
             runner = tasks[task]
             held = runner.holding is not None and isinstance(runner.queue, MemoryQueue)
@@ -325,6 +336,13 @@ class Dispatcher:
             await asyncio.wait(pending)
         for task in pending:
             self._spill(tasks[task])
+
+    def cut_flush(self) -> None:
+        """End a running ``close`` now, as if its time were up.
+
+        What the sinks still hold is dead-lettered (memory queues) or stays in the outbox.
+        """
+        self._cut.set()
 
     def _spill(self, runner: SinkRunner) -> None:
         """Dead-letter what an in-memory queue still holds at exit (an outbox keeps its own)."""

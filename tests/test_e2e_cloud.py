@@ -160,6 +160,35 @@ class TestTimeoutsAndLimits:
         assert result.events("session.termination_timeout")
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    async def test_signals_while_the_sinks_flush(self, fake: FakeAssemblyAI,
+                                                 tmp_path: Path) -> None:
+        """At the end of a file the sinks flush: a SIGHUP then is ignored and a SIGTERM cuts the
+        flush short; the file sink's turn (it cannot write: /dev/full) is dead-lettered. Both
+        signals killed the process, losing the turn."""
+        sinks = '[sinks.journal]\ntype = "file"\npath = "/dev/full"\nfsync = false\n'
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1, sinks=sinks)
+        daemon = await Daemon.start("run", "--config", str(config))
+        assert daemon.process.stderr is not None
+        seen: list[str] = []
+
+        async def line_with(event: str) -> None:
+            assert daemon.process.stderr is not None
+            while f'"event": "{event}"' not in (line := (await daemon.process.stderr.readline())
+                                                .decode()):
+                assert line, f"the daemon ended before {event}: {''.join(seen)[-3000:]}"
+                seen.append(line)
+
+        async with asyncio.timeout(30):
+            await line_with("sinks.flushing")
+            daemon.signal(signal.SIGHUP)
+            await line_with("reload.ignored")
+            daemon.signal(signal.SIGTERM)
+            await line_with("daemon.flush_cut_short")
+        result = await daemon.finish(15)
+        assert result.code == 0, result.stderr
+        [entry] = read_turns(tmp_path / "state" / "dead-letter" / "journal.jsonl")
+        assert entry["record"]["transcript"] == TRANSCRIPTS[S1]
+
     async def test_slow_termination_is_awaited(self, fake: FakeAssemblyAI,
                                                tmp_path: Path) -> None:
         """Terminate sent while the session is idle: the idle timer of the wait already begun
