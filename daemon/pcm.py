@@ -47,8 +47,9 @@ def _to_float(data: bytes, fmt: PcmFormat) -> FloatArray:
 
     usable = len(data) - len(data) % (fmt.width * fmt.channels)
     raw = data[:usable]
-    if fmt.is_float:
-        samples = np.frombuffer(raw, f"<f{fmt.width}").astype(np.float32)
+    if fmt.is_float:    # NaN or infinite samples (a broken file) are silence / full scale
+        decoded = np.frombuffer(raw, f"<f{fmt.width}").astype(np.float32)
+        samples = np.nan_to_num(decoded, nan=0.0, posinf=1.0, neginf=-1.0)
     elif fmt.width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif fmt.width == 3:  # place each 24-bit sample in the top of an int32

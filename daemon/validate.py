@@ -98,7 +98,8 @@ def _audio_problems(audio: AudioConfig) -> list[str]:
         path = Path(audio.path).expanduser()
         try:
             if not look(path, "audio.path"):
-                return [f"audio.path: no such file: {audio.path}"]
+                what = "is not a file" if path.exists() else "no such file"
+                return [f"audio.path: {what}: {audio.path}"]
         except ConfigError as exc:
             return exc.problems
         return _wav_problems(path)

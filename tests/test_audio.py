@@ -7,6 +7,7 @@ import struct
 import sys
 import threading
 import time
+import warnings
 import wave
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -152,6 +153,16 @@ class TestWavConversion:
         path = write_riff(tmp_path / "f.wav", 3, 2, 32000, 32, data)
         samples = pcm_of(await read_all(WavFileSource(path, realtime=False)))
         assert abs(dominant_hz(samples[:8000], 16000) - 1000) <= 2
+
+    async def test_float_wav_with_nan_and_inf_samples(self, tmp_path: Path) -> None:
+        """NaN samples read as silence and infinite ones as full scale, without numpy's
+        two-line RuntimeWarning on stderr."""
+        data = np.array([np.nan, np.inf, -np.inf, 0.5] * 4000, "<f4").tobytes()
+        path = write_riff(tmp_path / "nan.wav", 3, 1, 16000, 32, data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            samples = pcm_of(await read_all(WavFileSource(path, realtime=False)))
+        assert samples[:4].tolist() == [0, 32767, -32768, 16384]
 
     async def test_extensible_24bit_wav_is_decoded(self, tmp_path: Path) -> None:
         """A WAVE_FORMAT_EXTENSIBLE 24-bit PCM file is decoded like plain PCM."""

@@ -406,6 +406,12 @@ class TestCheckConfigCommand:
             assert result.stderr.strip().splitlines() == [
                 f"transcribed: config error: {path}: audio.path: {audio}: not a usable WAV "
                 "file (file does not start with RIFF id)"]
+        folder = tmp_path / "recordings"
+        folder.mkdir()
+        path.write_text(f'[audio]\nsource = "file"\npath = "{folder}"\n')
+        result = self.run("check-config", "--config", str(path))
+        assert result.stderr.strip().splitlines() == [
+            f"transcribed: config error: {path}: audio.path: is not a file: {folder}"]
 
     def test_missing_local_model_exit_78(self, tmp_path: Path) -> None:
         """A local model directory that is not one fails check-config (and run) with 78."""
