@@ -172,6 +172,7 @@ def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, hos
     if validated is None:
         validated = validate_sinks(plugins, settings.effective_sinks())
     runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
+    sinks.warn_orphans(r.name for r in runners if r.sink_type.durable)
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
     health = Health()

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -481,19 +481,27 @@ class Dispatcher:
         runner.stats.dead_lettered += 1
         path = self._dead_letter_dir / f"{runner.name}.jsonl"
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
-        entry = {"sink": runner.name, "error": reason, "record": delivery.record.to_dict()}
-        line = json.dumps(entry, ensure_ascii=False)
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with suppress(OSError):             # transcripts: private, like the outbox, also
-                path.parent.chmod(0o700)        # what an older version left 0644 / 0755
-                os.fchmod(fd, 0o600)
-            # the last place a turn can be kept: no character may stop it (backslashreplace)
-            with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
-                handle.write(line + "\n")
-        except OSError as exc:
-            log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
+        append_dead_letter(path, {"sink": runner.name, "error": reason,
+                                  "record": delivery.record.to_dict()})
+
+
+def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
+    """One JSON line at the end of a dead-letter file (0600 in a 0700 folder: transcripts).
+
+    Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file.
+    """
+    line = json.dumps(entry, ensure_ascii=False)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with suppress(OSError):             # transcripts: private, like the outbox, also
+            path.parent.chmod(0o700)        # what an older version left 0644 / 0755
+            os.fchmod(fd, 0o600)
+        # the last place a turn can be kept: no character may stop it (backslashreplace)
+        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
 
 
 def _reason(exc: Exception) -> str:

@@ -37,7 +37,7 @@ from typing import Final
 
 import structlog
 
-from daemon.dispatch import BatchError, Delivery
+from daemon.dispatch import BatchError, Delivery, append_dead_letter
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
 
@@ -267,9 +267,13 @@ class OutboxQueue:
         try:
             return TurnRecord.from_dict(json.loads(body))
         except (ValueError, KeyError, TypeError) as exc:
-            # Cannot happen short of manual edits; keep it visible, never deliver garbage.
+            # Cannot happen short of manual edits: never deliver garbage, never lose it either
+            # (nor log it: it holds a transcript, which log.transcripts = false keeps out)
+            path = self._outbox.path.parent / "dead-letter" / f"{self.sink}.jsonl"
             log.error("outbox.record_unreadable", sink=self.sink, seq=self._cursor,
-                      error=str(exc), body=body[:500])
+                      error=str(exc), moved_to=str(path))
+            append_dead_letter(path, {"sink": self.sink,
+                                      "error": f"unreadable outbox record: {exc}", "body": body})
             self._outbox._delete(self.sink, self._cursor)
             return None
 
@@ -299,6 +303,9 @@ def _lock(path: Path) -> int:
     return fd
 
 
+_DAMAGED: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
 def _open(path: Path) -> sqlite3.Connection:
     """Open (or create) the database in WAL mode and check that it is readable."""
     try:
@@ -312,8 +319,10 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("SELECT COUNT(*) FROM outbox").fetchone()
     except sqlite3.Error as exc:
         db.close()
-        raise OutboxError(
-            f"{path}: outbox database is unreadable ({exc}); move it aside to start empty"
-        ) from None
+        if getattr(exc, "sqlite_errorcode", None) in _DAMAGED:    # not a full disk, say
+            raise OutboxError(
+                f"{path}: outbox database is unreadable ({exc}); move it aside to start empty"
+            ) from None
+        raise OutboxError(f"{path}: cannot open the outbox database: {exc}") from None
     os.chmod(path, 0o600)
     return db

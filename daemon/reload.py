@@ -10,7 +10,7 @@ engine, reconnect, log, http, state) need a restart: the reload says so in the l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +49,46 @@ class SinkBuilder:
         queue = self._durable_queue(name, fresh) if sink_type.durable else MemoryQueue()
         return SinkRunner(name, sink_type, config, sink_type.factory(name, config, context), queue)
 
-    def _durable_queue(self, name: str, fresh: bool) -> SinkQueue:
-        from daemon.outbox import Outbox, OutboxQueue
+    def warn_orphans(self, configured: Iterable[str]) -> None:
+        """At start: name the outbox's queued records that no configured sink will deliver.
+
+        A durable sink renamed or removed leaves its undelivered turns in the outbox, waiting
+        for a sink of that name; said once at start, also when no durable sink is left (the
+        outbox is then opened for this look only).
+        """
+        from daemon.outbox import FILENAME, Outbox, OutboxError
+
+        wanted = set(configured)
+        try:
+            if self._outbox is not None:
+                queued = self._outbox.sinks()
+            elif (self.state_dir / FILENAME).exists():
+                looked = Outbox(self.state_dir / FILENAME)
+                queued = looked.sinks()
+                looked.close()
+            else:
+                return
+        except OutboxError as exc:
+            log.warning("outbox.unchecked", error=str(exc))
+            return
+        for sink, count in sorted(queued.items()):
+            if sink not in wanted:
+                log.warning("outbox.orphaned", sink=sink, queued=count,
+                            path=str(self.state_dir / FILENAME), hint="configure a network "
+                            "sink of this name (e.g. rename yours back) to deliver them")
+
+    def _open_outbox(self) -> Any:
+        from daemon.outbox import FILENAME, Outbox
 
         if self._outbox is None:
-            self._outbox = Outbox(self.state_dir / "outbox.sqlite3")
+            self._outbox = Outbox(self.state_dir / FILENAME)
             self.closers.append(self._outbox)
+        return self._outbox
+
+    def _durable_queue(self, name: str, fresh: bool) -> SinkQueue:
+        from daemon.outbox import OutboxQueue
+
+        self._open_outbox()
         if fresh:
             return OutboxQueue(self._outbox, name)  # reads what the old queue left on disk
         queue: SinkQueue = self._outbox.queue(name)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -21,8 +22,14 @@ from daemon.dispatch import BatchError, Delivery, Dispatcher, MemoryQueue, SinkQ
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
+from daemon.reload import SinkBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_dead_letters(path: Path) -> list[dict[str, Any]]:
+    """The entries of a dead-letter file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def make_turn(order: int, session: str = "sess") -> TurnRecord:
@@ -114,6 +121,7 @@ import sys
 from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from daemon.events import TurnRecord
 from daemon.outbox import Outbox
 box = Outbox(Path(sys.argv[1]))
@@ -345,6 +353,53 @@ class TestErrors:
         message = str(info.value)
         assert message.startswith(f"{path}: outbox database is unreadable")
         assert "\n" not in message
+
+    def test_an_unopenable_database_is_not_called_damaged(self, tmp_path: Path) -> None:
+        """Only a damaged file is worth moving aside (the advice loses its queued turns); a
+        database SQLite cannot open (here: a folder; also a full disk) says what SQLite says."""
+        path = tmp_path / "outbox.sqlite3"
+        path.mkdir()
+        with pytest.raises(OutboxError) as info:
+            Outbox(path)
+        assert str(info.value).startswith(f"{path}: cannot open the outbox database: ")
+        assert "move it aside" not in str(info.value)
+
+    async def test_unreadable_record_goes_to_the_dead_letter_file(self, tmp_path: Path) -> None:
+        """A row that does not decode (a manual edit) is not delivered, not lost and not logged
+        (it holds a transcript): its body goes to the sink's dead-letter file."""
+        box = Outbox(tmp_path / "outbox.sqlite3")
+        try:
+            queue = box.queue("hook")
+            queue.put(make_turn(1))
+            queue.put(make_turn(2))
+            box._db.execute("UPDATE outbox SET body = ? WHERE seq = 1",
+                            ('{"transcript": "secret words", "broken": true}',))
+            with capture_logs() as logs:
+                delivery = await queue.get()
+            assert delivery is not None and delivery.record.turn_order == 2
+            [event] = [e for e in logs if e["event"] == "outbox.record_unreadable"]
+            assert "secret words" not in repr(event)
+            [entry] = read_dead_letters(tmp_path / "dead-letter" / "hook.jsonl")
+            assert "secret words" in entry["body"] and entry["error"].startswith("unreadable")
+            assert box.depth("hook") == 1
+        finally:
+            box.close()
+
+    def test_orphaned_records_are_named_at_start(self, tmp_path: Path) -> None:
+        """Records of a sink no longer configured (renamed, removed) are named at start, also
+        when no network sink is left; they stay for a sink of that name."""
+        box = Outbox(tmp_path / "outbox.sqlite3")
+        box.queue("old-hook").put(make_turn(1))
+        box.queue("bus").put(make_turn(1))
+        box.close()
+        with capture_logs() as logs:
+            SinkBuilder("h", tmp_path).warn_orphans(["bus"])
+            SinkBuilder("h", tmp_path).warn_orphans([])
+        orphaned = [(e["sink"], e["queued"]) for e in logs if e["event"] == "outbox.orphaned"]
+        assert orphaned == [("old-hook", 1), ("bus", 1), ("old-hook", 1)]
+        kept = Outbox(tmp_path / "outbox.sqlite3")
+        assert kept.depth("old-hook") == 1
+        kept.close()
 
     def test_second_process_is_refused(self, tmp_path: Path) -> None:
         """Opening an outbox that is already open fails instead of delivering twice."""
