@@ -92,22 +92,25 @@ class TestSingleFaults:
         assert [e["reason"] for e in ended[:2]] == ["1006 abnormal closure"] * 2
         no_rate_or_expiry_closes(fake)
 
-    @pytest.mark.parametrize("chunk_ms", [400, 1000])
+    @pytest.mark.parametrize(("chunk_ms", "name", "cap_s"), [(400, S2, None), (1000, FIVE, 12)])
     async def test_large_chunks_replayed_within_the_rate_limit(
-            self, fake: FakeAssemblyAI, tmp_path: Path, chunk_ms: int) -> None:
-        """With chunks over the service's 0.3 s tolerance, a replay after a drop and a rollover
-        still never runs ahead of real time (it was closed 3007 at once, in a loop)."""
-        fake.faults.drop_after_audio_ms(5000)
-        config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+            self, fake: FakeAssemblyAI, tmp_path: Path, chunk_ms: int, name: str,
+            cap_s: int | None) -> None:
+        """With chunks over the service's 0.3 s tolerance, a replay after a drop (and, with
+        1 s chunks, a rollover too) still never runs ahead of real time (it was closed 3007 at
+        once, in a loop)."""
+        fake.faults.drop_after_audio_ms(2000)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / name)
         text = config.read_text().replace("[audio]\n", f"[audio]\nchunk_ms = {chunk_ms}\n")
-        config.write_text(text.replace("[assemblyai]\n",
-                                       "[assemblyai]\nmax_session_seconds = 12\n"))
+        if cap_s is not None:
+            text = text.replace("[assemblyai]\n", f"[assemblyai]\nmax_session_seconds = {cap_s}\n")
+        config.write_text(text)
         result = await run_daemon("run", "--config", str(config), limit_s=90)
         assert result.code == 0, result.stderr[-3000:]
-        assert delivered(tmp_path) == words(TRANSCRIPTS[FIVE])
+        assert delivered(tmp_path) == words(TRANSCRIPTS[name])
         no_rate_or_expiry_closes(fake)
-        assert result.events("stream.rolled_over")
         assert fake.sessions[0].closed_by == "abort"
+        assert bool(result.events("stream.rolled_over")) == (cap_s is not None)
 
     async def test_service_that_stops_answering_is_replayed(self, fake: FakeAssemblyAI,
                                                              tmp_path: Path) -> None:
@@ -115,7 +118,11 @@ class TestSingleFaults:
         speech no turn covers is replayed by a new session (it ended "finished", exit 0, with
         the speech silently lost)."""
         fake.faults.deaf_after_audio_ms(1500)
-        result = await stream(fake, tmp_path, S2)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S2)
+        config.write_text(config.read_text().replace("terminate_timeout = 5",
+                                                     "terminate_timeout = 1"))
+        result = await run_daemon("run", "--config", str(config), limit_s=90)
+        assert result.code == 0, result.stderr[-3000:]
         assert delivered(tmp_path) == words(TRANSCRIPTS[S2])
         assert result.events("session.termination_timeout")
         [replaying] = result.events("session.replaying_unanswered")
