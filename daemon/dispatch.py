@@ -407,7 +407,9 @@ class Dispatcher:
         finally:
             retired.cancel()
             if not getter.done():
-                getter.cancel()
+                getter.cancel()     # takes effect at its next step: wait for it
+                with suppress(asyncio.CancelledError):
+                    await asyncio.wait((getter,))
         if getter.cancelled():
             return None
         return getter.result()  # a record that raced the retirement is still delivered

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
 from daemon.errors import SinkError
@@ -132,6 +133,22 @@ class TestDispatcherChanges:
             await new.wait_count(4)
             await dispatcher.close(5)
         assert new.received == [make_turn(i).id for i in range(4)] and old.received == []
+
+    async def test_replacing_an_idle_sink_is_not_a_crash(self, tmp_path: Path) -> None:
+        """The old worker, waiting for a record, retires quietly (it logged sink.crashed with
+        InvalidStateError at every reload that changed a sink)."""
+        old, new = _Recorder(), _Recorder()
+        dispatcher = Dispatcher([_runner("s", old)], dead_letter_dir=tmp_path)
+        with capture_logs() as logs:
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                dispatcher.dispatch(make_turn(0))
+                await old.wait_count(1)             # idle again: waiting in queue.get()
+                await dispatcher.replace(_runner("s", new))
+                dispatcher.dispatch(make_turn(1))
+                await new.wait_count(1)
+                await dispatcher.close(5)
+        assert not [e for e in logs if e["event"] == "sink.crashed"]
 
     async def test_remove_drains_then_stops(self, tmp_path: Path) -> None:
         """A removed sink delivers what it had queued and receives nothing new."""
