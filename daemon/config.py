@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -239,7 +240,8 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     if named:
         path = Path(named).expanduser()
         if not look(path, "config"):
-            raise ConfigError(f"{path}: config file not found")
+            problem = "not a regular file" if path.exists() else "config file not found"
+            raise ConfigError(f"{path}: {problem}")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
@@ -382,18 +384,35 @@ def _check_toml(path: Path) -> None:
             tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
 
 
+SECRET_MAX_BYTES: Final = 64 * 1024     # a key, a token or a few secrets: never more
+
+
 def read_secret_file(path: str, key: str) -> str:
-    """Read a secret from a file (trailing newline stripped); errors name the key, not the value."""
+    """Read a secret from a file (trailing newline stripped); errors name the key, not the value.
+
+    Only a regular file of at most ``SECRET_MAX_BYTES``: a FIFO would block (a reload, or
+    ``check-config``, forever) and ``/dev/zero`` would fill the memory.
+    """
+    file = Path(path).expanduser()
     try:
-        value = Path(path).expanduser().read_text(encoding="utf-8").strip()
+        if not stat.S_ISREG(file.stat().st_mode):
+            raise ConfigError(f"{key}: {path} is not a regular file")
+        with file.open("rb") as handle:
+            data = handle.read(SECRET_MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if len(data) > SECRET_MAX_BYTES:
+        raise ConfigError(f"{key}: {path} is larger than {SECRET_MAX_BYTES // 1024} KiB")
+    try:
+        value = data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
     if not value:

@@ -413,6 +413,34 @@ class TestCheckConfigCommand:
         assert result.stderr.strip().splitlines() == [
             f"transcribed: config error: {path}: audio.path: is not a file: {folder}"]
 
+    def test_files_that_would_hang_or_flood(self, tmp_path: Path) -> None:
+        """A secret file that is a FIFO (it blocked check-config and a reload forever), a device
+        (/dev/zero filled the memory) or too large, a config nested 100,000 deep (a RecursionError
+        traceback) or a config that is a FIFO: one line each, exit 78."""
+        fifo = tmp_path / "key.fifo"
+        os.mkfifo(fifo)
+        big = tmp_path / "big.key"
+        big.write_text("k" * 70_000)
+        cases = {str(fifo): "is not a regular file", "/dev/zero": "is not a regular file",
+                 str(big): "is larger than 64 KiB"}
+        for key_file, problem in cases.items():
+            path = write(tmp_path / "c.toml", f'[assemblyai]\napi_key_file = "{key_file}"\n')
+            result = self.run("check-config", "--config", str(path))
+            assert result.returncode == 78
+            assert result.stderr.strip().splitlines() == [
+                f"transcribed: config error: {path}: assemblyai.api_key_file: {key_file} "
+                f"{problem}"]
+        deep = tmp_path / "deep.toml"
+        deep.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+        result = self.run("check-config", "--config", str(deep))
+        assert (result.returncode, result.stderr.strip()) == (
+            78, f"transcribed: config error: {deep}: invalid TOML: nested too deeply")
+        config_fifo = tmp_path / "config.fifo"
+        os.mkfifo(config_fifo)
+        result = self.run("check-config", "--config", str(config_fifo))
+        assert (result.returncode, result.stderr.strip()) == (
+            78, f"transcribed: config error: {config_fifo}: not a regular file")
+
     def test_missing_local_model_exit_78(self, tmp_path: Path) -> None:
         """A local model directory that is not one fails check-config (and run) with 78."""
         path = write(tmp_path / "c.toml", '[transcriber]\nengine = "local"\n'
