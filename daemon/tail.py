@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -84,7 +85,7 @@ async def follow(url: str, token: str, screen: Screen) -> None:
                            close_timeout=1.0,       # Ctrl-C never waits long on a stuck daemon
                            compression=None, max_size=2**22) as ws:
             async for message in ws:
-                screen.event(json.loads(message))
+                screen.event(_event(message, feed))
     except InvalidStatus as exc:
         code = exc.response.status_code
         if code == 401:
@@ -101,6 +102,29 @@ async def follow(url: str, token: str, screen: Screen) -> None:
         raise TailError(f"cannot reach the daemon at {feed}: {reason} "
                         "(is `transcribed run` running with http.enabled?)") from None
     screen.note("the daemon stopped")
+
+
+def _event(message: str | bytes, feed: str) -> dict[str, Any]:
+    """A feed message as an event; anything else ends ``tail`` with one line."""
+    try:
+        event = json.loads(message)
+    except (ValueError, RecursionError):
+        event = None
+    if not isinstance(event, dict):
+        raise TailError(f"the feed at {feed} sent something that is not an event: "
+                        f"{str(message)[:60]!r}")
+    return event
+
+
+def _printable(text: str) -> str:
+    """Text for a terminal, control characters dropped.
+
+    An escape sequence in a transcript could retitle, clear or reprogram the terminal.
+    """
+    return _CONTROL.sub("", text)
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Screen:
@@ -124,7 +148,7 @@ class Screen:
         kind = event.get("type")
         if kind == "partial":
             self._partial_session = event.get("session_id")
-            self._show_partial(str(event.get("transcript", "")))
+            self._show_partial(_printable(str(event.get("transcript", ""))))
         elif kind == "turn":
             self._commit(event)
         elif kind == "state":
@@ -159,7 +183,7 @@ class Screen:
             details.append(f"session {str(event['session_id'])[:12]}")
         if connection != "live" and event.get("backlog_s"):
             details.append(f"backlog {event['backlog_s']} s")
-        self.note(" ".join([connection, "—", ", ".join(d for d in details if d)]))
+        self.note(_printable(" ".join([connection, "—", ", ".join(d for d in details if d)])))
 
     def _show_partial(self, text: str) -> None:
         self._partial = text
@@ -170,7 +194,7 @@ class Screen:
         self._partial = ""
         when = _clock(str(turn.get("started_at", "")))
         stamp = f"{DIM}{when}{RESET}" if self._color else when
-        line = f"{stamp} {turn.get('transcript', '')}\n"
+        line = f"{stamp} {_printable(str(turn.get('transcript', '')))}\n"
         self._write(CLEAR + line if self._tty else line)
 
     def _partial_line(self) -> str:

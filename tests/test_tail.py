@@ -13,6 +13,8 @@ import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from websockets.asyncio.server import ServerConnection, serve
+
 from daemon.events import TurnRecord
 from daemon.live import LiveHub
 from tests.conftest import REPO
@@ -222,6 +224,37 @@ class TestFailures:
             code, err = await _run_tail(server.url, "wrong-token")
         assert code == 1 and err.count("\n") == 1
         assert "refused the token (check http.token)" in err and "wrong-token" not in err
+
+
+    async def test_feed_that_is_not_events(self) -> None:
+        """A server on the feed that sends something else: one line, exit 1 (a traceback)."""
+        async def garbage(ws: ServerConnection) -> None:
+            await ws.send("not json at all")
+            await ws.wait_closed()
+
+        async with serve(garbage, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            code, err = await _run_tail(f"http://127.0.0.1:{port}", "")
+        assert code == 1 and err.count("\n") == 1, err
+        assert "sent something that is not an event: 'not json at all'" in err
+
+
+class TestHostileText:
+    async def test_escape_sequences_never_reach_the_terminal(self) -> None:
+        """A transcript with terminal escapes (retitle, clear screen) is printed without them."""
+        hub = LiveHub(engine="assemblyai")
+        async with live_server(hub) as server:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, server.url, "", "text", cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            assert process.stdout is not None
+            hub.turn(turn(0, "Hello \x1b]0;pwned\x07there\x1b[2J."))
+            async with asyncio.timeout(10):
+                line = (await process.stdout.readline()).decode()
+            process.send_signal(signal.SIGINT)
+            await process.communicate()
+        assert line.endswith(" Hello ]0;pwnedthere[2J.\n") and "\x1b" not in line
 
 
 async def _run_tail(url: str, token: str) -> tuple[int, str]:
