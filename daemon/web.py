@@ -43,6 +43,7 @@ PAGE_CSP: Final = (
 METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 POLL_S: Final = 1.0  # how often backlog and audio flow are refreshed into the state event
 MAX_CONNECTIONS: Final = 256  # open at once (handshakes included): each holds a file descriptor
+UNREAD_MAX_BYTES: Final = 1 << 20  # a client with this much unread is cut off
 CLOSE_TIMEOUT_S: Final = 1.0  # a viewer that does not answer the close is cut off after this
 
 # websockets logs each request line at debug level, query (token) included: keep it quiet.
@@ -300,6 +301,17 @@ def _capped(limit: int) -> type[ServerConnection]:
                 return
             refusing[0] = False
             open_now.add(self)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # the library answers every ping (and a close) on its own, whether or not the client
+            # reads: a client that floods pings and never reads grew our memory ~28 MB a second
+            transport = self.transport
+            if isinstance(transport, asyncio.WriteTransport) \
+                    and transport.get_write_buffer_size() > UNREAD_MAX_BYTES:
+                log.warning("http.viewer_cut", reason="it does not read what it asks for",
+                            unread_bytes=transport.get_write_buffer_size())
+                transport.abort()
 
         def connection_lost(self, exc: Exception | None) -> None:
             open_now.discard(self)

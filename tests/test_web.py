@@ -384,6 +384,29 @@ class TestSlowClient:
             slow.close()
 
 
+class TestPingFlood:
+    async def test_client_flooding_pings_unread_is_cut(self) -> None:
+        """Pings sent as fast as possible, the pongs never read: the client is cut off once
+        1 MiB waits for it (the library answered every ping: ~28 MB of memory a second)."""
+        hub = LiveHub()
+        async with live_server(hub) as server:
+            loop = asyncio.get_running_loop()
+            flood = await _stalled_feed_client(server.port)
+            ping = bytes([0x89, 0x80 | 125]) + b"\0\0\0\0" + b"p" * 125   # masked, key 0
+            async def send_until_reset() -> None:
+                async with asyncio.timeout(30):
+                    while True:
+                        await loop.sock_sendall(flood, ping * 512)
+
+            with structlog.testing.capture_logs() as logs, pytest.raises(OSError):
+                await send_until_reset()                # until the server resets it
+            flood.close()
+            [cut] = [e for e in logs if e["event"] == "http.viewer_cut"]
+            assert cut["unread_bytes"] > 1 << 20
+            async with connect(server.url.replace("http", "ws") + "/events") as viewer:
+                assert (await receive(viewer))["type"] == "state"      # others are served
+
+
 async def _stalled_feed_client(port: int) -> socket.socket:
     """Open /events with a tiny receive window, complete the handshake, then never read."""
     loop = asyncio.get_running_loop()
