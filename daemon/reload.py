@@ -119,6 +119,22 @@ def plan_sinks(running: dict[str, SinkRunner], wanted: ValidatedSinks) -> SinkPl
     )
 
 
+def _refuse_a_vanished_config(old: Settings, new: Settings, path: Path | None) -> None:
+    """A reload that would swap configured sinks for the built-in console sink is refused.
+
+    What it finds then is a config moved away, emptied or cut short by an editor mid-write
+    (the lookup falls back to built-in defaults); applying it sent every turn to stdout only.
+    To run without sinks, restart.
+
+    Raises:
+        ConfigError: the new config configures no sink while the running one did.
+    """
+    if old.sinks and not new.sinks:
+        where = f"{path} configures" if path else "no config file found: the defaults configure"
+        raise ConfigError(f"{where} no [sinks] (the running config has "
+                          f"{', '.join(sorted(old.sinks))}); restart to run without them")
+
+
 def restart_sections(old: Settings, new: Settings) -> list[str]:
     """The non-sink sections whose values differ (they only take effect after a restart)."""
     return [
@@ -161,6 +177,7 @@ class Reloader:
         path: Path | None = None
         try:
             settings, path, wanted = await asyncio.to_thread(self.loader)
+            _refuse_a_vanished_config(self.settings, settings, path)
             plan = plan_sinks(self.dispatcher.runners, wanted)
             built = {
                 name: self.sinks.build(name, *wanted[name], fresh=name in plan.changed)

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.config import Settings
 from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
+from daemon.logs import SecretMasker
 from daemon.outbox import Outbox, OutboxQueue
 from daemon.plugins import SinkConfig, SinkType
+from daemon.reload import Reloader, SinkBuilder
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
@@ -79,6 +82,28 @@ async def test_reload_good_then_bad(fake: FakeAssemblyAI, tmp_path: Path) -> Non
     (problem,) = rejected["problems"]
     assert problem.startswith(f"{config}: sinks.broken.type: unknown type 'nope'")
     assert not result.events("reload.restart_required")
+
+
+@pytest.mark.parametrize("found", ["nothing", "an empty file"])
+async def test_reload_finding_no_sinks_is_refused(tmp_path: Path, found: str) -> None:
+    """A config moved away (the lookup falls back to the defaults) or emptied mid-edit: the
+    reload is refused and the running sinks stay (every turn went to stdout only)."""
+    journal = {"journal": {"type": "file", "path": str(tmp_path / "t.jsonl")}}
+    running = Settings(sinks=journal)
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    path = None if found == "nothing" else empty
+    dispatcher = Dispatcher([], dead_letter_dir=tmp_path)
+    reloader = Reloader(lambda: (Settings(), path, {}), running, dispatcher=dispatcher,
+                        sinks=SinkBuilder("h", tmp_path), masker=SecretMasker())
+    with capture_logs() as logs:
+        assert await reloader.reload() == "rejected"
+    [rejected] = [e for e in logs if e["event"] == "reload.rejected"]
+    [problem] = rejected["problems"]
+    where = f"{empty} configures" if path else "no config file found: the defaults configure"
+    assert problem == (f"{where} no [sinks] (the running config has journal); restart to run "
+                       "without them")
+    assert reloader.settings is running
 
 
 # --------------------------------------------------------------- the dispatcher's side
