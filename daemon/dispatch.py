@@ -10,7 +10,6 @@ permanently to a dead-letter file.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import random
@@ -26,7 +25,7 @@ import structlog
 
 from daemon.backoff import backoff
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
-from daemon.events import TurnRecord
+from daemon.events import TurnRecord, json_line
 from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
 
@@ -492,7 +491,7 @@ def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
 
     Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file.
     """
-    line = json.dumps(entry, ensure_ascii=False)
+    line = json_line(entry)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -46,6 +46,16 @@ class Word:
         }
 
 
+def json_line(value: Any) -> str:
+    """``value`` as one compact JSON line (no trailing newline).
+
+    UTF-8 as is, but U+2028 and U+2029 escaped: valid raw in JSON, they end a line for
+    ``str.splitlines`` and JavaScript, and a JSONL reader must not see a break there.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 @dataclass(frozen=True, slots=True)
 class TurnRecord:
     """A finished turn: what every sink receives, exactly once per turn."""
@@ -85,8 +95,8 @@ class TurnRecord:
         }
 
     def to_json(self) -> str:
-        """Return the record as one compact JSON line (no trailing newline)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        """Return the record as one compact JSON line (no trailing newline): ``json_line``."""
+        return json_line(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TurnRecord:

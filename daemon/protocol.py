@@ -117,12 +117,11 @@ def parse_message(frame: str | bytes) -> Message:
             )
         if kind == "Error" or (kind is None and "error" in data):
             code = data.get("error_code")
-            return ServerError(int(code) if code is not None else None, str(data.get("error", "")))
+            return ServerError(int(code) if code is not None else None, _message(data, "error"))
         if kind == "Warning":
             code = data.get("warning_code")
-            return ServerWarning(
-                int(code) if code is not None else None, str(data.get("warning", ""))
-            )
+            return ServerWarning(int(code) if code is not None else None,
+                                 _message(data, "warning"))
     except (KeyError, TypeError, ValueError, OverflowError) as exc:   # 1e400 is inf to JSON
         raise ProtocolError(f"malformed {kind} frame ({type(exc).__name__}: {exc})") from None
     if not isinstance(kind, str):
@@ -161,11 +160,13 @@ def _turn(data: dict[str, Any]) -> Turn:
         )
         for w in _words(data)
     )
+    # a transcript missing (or null) while the words are there: the words say what was said
+    transcript = _text(data, "transcript") or " ".join(w.text for w in words if w.text)
     return Turn(
         turn_order=_integer(data, "turn_order"),
         end_of_turn=_flag(data, "end_of_turn", False),
         turn_is_formatted=_flag(data, "turn_is_formatted", False),
-        transcript=_text(data, "transcript"),
+        transcript=transcript,
         end_of_turn_confidence=_confidence(data, "end_of_turn_confidence"),
         words=words,
         language_code=_text(data, "language_code") or None,
@@ -181,6 +182,15 @@ def _words(data: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(words, list) or not all(isinstance(w, dict) for w in words):
         raise TypeError("words is not a list of objects")
     return words
+
+
+def _message(data: dict[str, Any], key: str) -> str:
+    """An Error or Warning text, whatever its type, as text any UTF-8 output can carry.
+
+    It is logged and shown to live viewers.
+    """
+    value = data.get(key)
+    return _text({key: value if isinstance(value, str) or value is None else str(value)}, key)
 
 
 def _text(data: dict[str, Any], key: str) -> str:

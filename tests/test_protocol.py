@@ -110,6 +110,22 @@ class TestParse:
         empty = parse_message('{"type":"Turn","turn_order":1,"transcript":null,"words":null}')
         assert isinstance(empty, Turn) and empty.transcript == "" and empty.words == ()
 
+    def test_transcript_missing_but_words_there(self) -> None:
+        """A final whose transcript is null or missing is its words (it was dropped silently)."""
+        frame = ('{"type":"Turn","turn_order":1,"end_of_turn":true,"transcript":null,"words":['
+                 '{"text":"Hi","start":0,"end":5},{"text":"there.","start":6,"end":9}]}')
+        turn = parse_message(frame)
+        assert isinstance(turn, Turn) and turn.transcript == "Hi there."
+
+    def test_error_text_any_output_can_carry(self) -> None:
+        """An Error's text with a lone surrogate (it broke the live feed's JSON) or of another
+        type is text every UTF-8 output can carry."""
+        error = parse_message('{"type":"Error","error_code":3005,"error":"bad \\ud800 thing"}')
+        assert isinstance(error, ServerError)
+        assert error.message.encode("utf-8") and error.message.startswith("bad ")
+        odd = parse_message('{"type":"Warning","warning_code":1,"warning":{"a":1}}')
+        assert odd == ServerWarning(1, "{'a': 1}")
+
     @pytest.mark.parametrize("session_id", ["null", "12", '""', '"a/b"', '"a\\nb"', '"x y"',
                                             '"' + "a" * 200 + '"'])
     def test_begin_id_must_be_a_session_id(self, session_id: str) -> None:

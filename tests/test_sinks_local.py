@@ -59,6 +59,16 @@ class TestFileSink:
                                   "language_code", "engine", "source", "host"]
         assert lines[0]["started_at"].endswith("Z")
 
+    async def test_line_separators_stay_inside_their_line(self, tmp_path: Path) -> None:
+        """U+2028 / U+2029 in a transcript are written escaped: one record, one line, for any
+        line splitter (Python's splitlines, JavaScript); other text stays UTF-8 as is."""
+        path = tmp_path / "t.jsonl"
+        async with FileSink("j", FileSinkConfig(type="file", path=str(path)), CONTEXT) as sink:
+            await sink.send(record(0, "one\u2028two\u2029three café"))
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) == 1 and "café" in text
+        assert json.loads(text)["transcript"] == "one\u2028two\u2029three café"
+
     async def test_rotation_keeps_n(self, tmp_path: Path) -> None:
         """With rotate_bytes the file rotates to .1, .2 … and only `keep` are kept."""
         path = tmp_path / "t.jsonl"
