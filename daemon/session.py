@@ -64,7 +64,8 @@ class Outcome:
     kind: CloseKind
     reason: str
     began: bool = False
-    healthy: bool = False
+    healthy: bool = False            # old enough for the backoff to start over
+    unanswered: bool = False         # the service took speech and never answered it
     finished: bool = False           # Termination received after the input ended
 
 
@@ -143,7 +144,8 @@ class StreamSession:
             self.assembler.flush()
             await self.ws.close()
             self._summarise(outcome)
-        outcome.healthy = time.monotonic() - self.began_at >= HEALTHY_AFTER_S
+        outcome.healthy = not outcome.unanswered \
+            and time.monotonic() - self.began_at >= HEALTHY_AFTER_S
         return outcome
 
     async def switch_over(self, deadline: float) -> None:
@@ -377,7 +379,7 @@ class StreamSession:
         if speech_s:
             self.log.warning("session.replaying_unanswered", speech_s=round(speech_s, 2))
             return Outcome(CloseKind.TRANSIENT, f"{reason}; {speech_s:.1f} s of speech unanswered",
-                           began=True)
+                           began=True, unanswered=True)   # not healthy: the backoff grows
         return self._terminated(reason)
 
     def _summarise(self, outcome: Outcome) -> None:

@@ -125,13 +125,16 @@ class AssemblyAIEngine:
     async def run(self, chunks: AsyncIterator[AudioChunk], listener: EngineListener) -> None:
         """Stream until the input ends and the last session has terminated."""
         self._listener = listener
+        ended = False                           # the last session terminated as asked
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._pump(chunks), name="ledger-pump")
                 live = HoldingListener(listener, lambda: self.catch_up)
                 await self._lane(live, group, None)
+            ended = True
         finally:
-            speech_s = self.ledger.held_speech_s(self.chunk_samples, SILENCE_RMS)
+            speech_s = 0.0 if ended else self.ledger.held_speech_s(self.chunk_samples,
+                                                                    SILENCE_RMS)
             if speech_s:                        # stopped (SIGTERM) before the service answered
                 log.error("stream.untranscribed", held_s=round(speech_s, 2),
                           effect="audio with speech that no finished turn covers is lost")
