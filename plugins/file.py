@@ -78,6 +78,8 @@ class FileSink:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_fifo():     # opening it would wait for a reader, for ever
+                raise SinkError(f"cannot open {self.path}: it is a FIFO (a named pipe)")
             handle = self.path.open("ab")
             if handle.tell() > 0:
                 with self.path.open("rb") as reader:

@@ -52,6 +52,9 @@ SECRET_PREFIX: Final = "whsec_"
 USER_AGENT: Final = "transcribed-webhook/1"
 _TRANSIENT_STATUS: Final = frozenset({408, 425, 429})
 RETRY_AFTER_MAX_S: Final = 3600.0
+_SET_BY_THE_SINK: Final = frozenset({    # framing the HTTP client owns: a wrong one fails
+    "content-type", "content-length", "transfer-encoding", "connection", "host", "upgrade",
+    "te", "trailer", "keep-alive", "expect"})      # every send, for ever
 BODY_READ_MAX: Final = 64 * 1024     # bytes of an answer's body read (and discarded) at most
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an HTTP token (RFC 9110)
 _HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")   # what httpx can send: printable ASCII
@@ -139,7 +142,7 @@ class WebhookConfig(SinkConfig):
     @classmethod
     def _own_headers(cls, value: dict[str, str]) -> dict[str, str]:
         for name in value:
-            if name.lower().startswith("webhook-") or name.lower() == "content-type":
+            if name.lower().startswith("webhook-") or name.lower() in _SET_BY_THE_SINK:
                 raise ValueError(f"header {name!r} is set by the sink and cannot be overridden")
         return value
 

@@ -59,6 +59,16 @@ class TestFileSink:
                                   "language_code", "engine", "source", "host"]
         assert lines[0]["started_at"].endswith("Z")
 
+    async def test_fifo_is_refused_not_waited_on(self, tmp_path: Path) -> None:
+        """A FIFO at the path: a one-line error (opening it waited for a reader for ever, and
+        the daemon could not exit)."""
+        fifo = tmp_path / "turns.jsonl"
+        os.mkfifo(fifo)
+        async with FileSink("j", FileSinkConfig(type="file", path=str(fifo)), CONTEXT) as sink:
+            with pytest.raises(SinkError, match="it is a FIFO"):
+                async with asyncio.timeout(5):
+                    await sink.send(record(0))
+
     async def test_line_separators_stay_inside_their_line(self, tmp_path: Path) -> None:
         """U+2028 / U+2029 in a transcript are written escaped: one record, one line, for any
         line splitter (Python's splitlines, JavaScript); other text stays UTF-8 as is."""

@@ -141,6 +141,10 @@ class TestConfig:
             ({"X-Key\r\n": "tok3n\n"},
              "sinks.hook.headers: 'X-Key\\r\\n' is not a valid header name"),
             ({"": "tok3n"}, "sinks.hook.headers: '' is not a valid header name"),
+            ({"Content-Length": "5"},
+             "sinks.hook.headers: header 'Content-Length' is set by the sink"),
+            ({"host": "other.example"}, "sinks.hook.headers: header 'host' is set by the sink"),
+            ({"Transfer-Encoding": "chunked"}, "header 'Transfer-Encoding' is set by the sink"),
         ],
     )
     def test_bad_headers_give_one_line_without_the_value(self, headers: dict[str, str],
