@@ -123,9 +123,17 @@ WantedBy=multi-user.target
 """
 
 
-def render(template: str, executable: str) -> str:
-    """The unit text with ``ExecStart`` pointing at ``executable``."""
-    return template.replace(PLACEHOLDER, executable)
+def render(template: str, executable: str, *, specifiers: bool = False) -> str:
+    """The unit text with ``ExecStart`` pointing at ``executable``.
+
+    A path as systemd reads it: ``%`` doubled (else a specifier) unless ``specifiers`` (the
+    default ``%h/...``), and a path with a space, a quote or a backslash in double quotes (else
+    split into words): ``"/opt/my venv/bin/transcribed"``.
+    """
+    word = executable if specifiers else executable.replace("%", "%%")
+    if any(c in word for c in ' \t"\'\\'):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return template.replace(PLACEHOLDER, word)
 
 
 def current_executable() -> str:

@@ -220,8 +220,10 @@ class TestUnits:
         """systemd/*.service are the installer's texts rendered with the default paths."""
         user = (REPO / "systemd" / "transcribed.service").read_text()
         system = (REPO / "systemd" / "transcribed-system.service").read_text()
-        assert user == service.render(service.USER_UNIT, service.USER_DEFAULT_EXEC)
-        assert system == service.render(service.SYSTEM_UNIT, service.SYSTEM_DEFAULT_EXEC)
+        assert user == service.render(service.USER_UNIT, service.USER_DEFAULT_EXEC,
+                                      specifiers=True)
+        assert system == service.render(service.SYSTEM_UNIT, service.SYSTEM_DEFAULT_EXEC,
+                                        specifiers=True)
 
     @pytest.mark.parametrize(("template", "user"),
                              [(service.USER_UNIT, True), (service.SYSTEM_UNIT, False)])
@@ -231,6 +233,19 @@ class TestUnits:
         unit.write_text(service.render(template, _transcribed_script()))
         args = ["verify", *(["--user"] if user else []), unit.name]
         done = _analyze(*args, cwd=tmp_path, user=user)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+    def test_executable_path_with_space_and_percent(self, tmp_path: Path) -> None:
+        """A venv under "my 100% venv": ExecStart quoted, % doubled, and systemd reads it as one
+        existing program (it was split at the space and % taken as a specifier)."""
+        script = tmp_path / "my 100% venv" / "bin" / "transcribed"
+        script.parent.mkdir(parents=True)
+        script.symlink_to(_transcribed_script())
+        unit = tmp_path / "transcribed.service"
+        text = service.render(service.USER_UNIT, str(script))
+        assert f'ExecStart="{tmp_path}/my 100%% venv/bin/transcribed" run\n' in text
+        unit.write_text(text)
+        done = _analyze("verify", "--user", unit.name, cwd=tmp_path, user=True)
         assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
     def test_system_unit_exposure(self, tmp_path: Path) -> None:
