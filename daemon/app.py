@@ -361,6 +361,7 @@ class _Hangup:
             log.warning("reload.unavailable", reason="no config loader")
             return
         if self.reporter.stopping:
+            log.info("reload.ignored", reason="stopping")
             return
         self.group.create_task(self._reload(self.reloader), name="reload")
 
