@@ -130,10 +130,7 @@ class TestPipes:
         """With --json every event is one JSON line on stdout."""
         hub = LiveHub(engine="assemblyai")
         async with live_server(hub) as server:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _RUN_TAIL, server.url, "", "json", cwd=REPO,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
+            process = await _piped_tail(server.url, "json")
             assert process.stdout is not None
             async with asyncio.timeout(10):
                 first = json.loads(await process.stdout.readline())
@@ -244,10 +241,7 @@ class TestHostileText:
         """A transcript with terminal escapes (retitle, clear screen) is printed without them."""
         hub = LiveHub(engine="assemblyai")
         async with live_server(hub) as server:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _RUN_TAIL, server.url, "", "text", cwd=REPO,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
+            process = await _piped_tail(server.url, "text")
             assert process.stdout is not None
             hub.turn(turn(0, "Hello \x1b]0;pwned\x07there\x1b[2J."))
             async with asyncio.timeout(10):
@@ -255,6 +249,14 @@ class TestHostileText:
             process.send_signal(signal.SIGINT)
             await process.communicate()
         assert line.endswith(" Hello ]0;pwnedthere[2J.\n") and "\x1b" not in line
+
+
+async def _piped_tail(url: str, mode: str) -> asyncio.subprocess.Process:
+    """``tail`` (``mode``: "json" or "text") with stdout and stderr on pipes."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RUN_TAIL, url, "", mode, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def _run_tail(url: str, token: str) -> tuple[int, str]:
