@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import time
 from collections import deque
@@ -19,13 +18,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from daemon.backoff import backoff
+from daemon.deadletter import append_dead_letter
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
-from daemon.events import TurnRecord, json_line
+from daemon.events import TurnRecord
 from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
 
@@ -484,25 +484,6 @@ class Dispatcher:
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
         append_dead_letter(path, {"sink": runner.name, "error": reason,
                                   "record": delivery.record.to_dict()})
-
-
-def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
-    """One JSON line at the end of a dead-letter file (0600 in a 0700 folder: transcripts).
-
-    Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file.
-    """
-    line = json_line(entry)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with suppress(OSError):             # transcripts: private, like the outbox, also
-            path.parent.chmod(0o700)        # what an older version left 0644 / 0755
-            os.fchmod(fd, 0o600)
-        # the last place a turn can be kept: no character may stop it (backslashreplace)
-        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
-            handle.write(line + "\n")
-    except OSError as exc:
-        log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
 
 
 def _reason(exc: Exception) -> str:

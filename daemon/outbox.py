@@ -37,7 +37,8 @@ from typing import Final
 
 import structlog
 
-from daemon.dispatch import BatchError, Delivery, append_dead_letter
+from daemon.deadletter import append_dead_letter
+from daemon.dispatch import BatchError, Delivery
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
 

@@ -1,0 +1,36 @@
+"""Dead-letter files: where a turn that cannot be delivered (or queued) is kept.
+
+One JSON line per turn, in ``<state dir>/dead-letter/<sink>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.events import json_line
+
+log = structlog.get_logger("daemon.dispatch")
+
+
+def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
+    """One JSON line at the end of a dead-letter file (0600 in a 0700 folder: transcripts).
+
+    Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file.
+    """
+    line = json_line(entry)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with suppress(OSError):             # transcripts: private, like the outbox, also
+            path.parent.chmod(0o700)        # what an older version left 0644 / 0755
+            os.fchmod(fd, 0o600)
+        # the last place a turn can be kept: no character may stop it (backslashreplace)
+        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(line + "\n")
+    except OSError as exc:
+        log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
