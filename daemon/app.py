@@ -21,6 +21,7 @@ import structlog
 
 from daemon.audio_base import AudioSource
 from daemon.config import Settings
+from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.dispatch import Dispatcher
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
@@ -174,7 +175,7 @@ def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, hos
     runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
     sinks.warn_orphans(r.name for r in runners if r.sink_type.durable)
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
-    dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / "dead-letter")
+    dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / DEAD_LETTERS)
     health = Health()
     capture = health.heartbeat("capture")
     health.watch(dispatcher.heartbeats)

@@ -8,13 +8,20 @@ from __future__ import annotations
 import os
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
 from daemon.events import json_line
 
 log = structlog.get_logger("daemon.dispatch")
+
+FOLDER: Final = "dead-letter"           # in the state directory
+
+
+def dead_letter_file(folder: Path, sink: str) -> Path:
+    """The dead-letter file of ``sink`` in ``folder`` (``<state dir>/dead-letter``)."""
+    return folder / f"{sink}.jsonl"
 
 
 def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:

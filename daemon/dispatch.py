@@ -23,7 +23,7 @@ from typing import Protocol
 import structlog
 
 from daemon.backoff import backoff
-from daemon.deadletter import append_dead_letter
+from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
@@ -480,7 +480,7 @@ class Dispatcher:
     def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> None:
         """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``."""
         runner.stats.dead_lettered += 1
-        path = self._dead_letter_dir / f"{runner.name}.jsonl"
+        path = dead_letter_file(self._dead_letter_dir, runner.name)
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
         append_dead_letter(path, {"sink": runner.name, "error": reason,
                                   "record": delivery.record.to_dict()})

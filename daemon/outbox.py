@@ -37,7 +37,8 @@ from typing import Final
 
 import structlog
 
-from daemon.deadletter import append_dead_letter
+from daemon.deadletter import FOLDER as DEAD_LETTERS
+from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.dispatch import BatchError, Delivery
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
@@ -270,7 +271,7 @@ class OutboxQueue:
         except (ValueError, KeyError, TypeError) as exc:
             # Cannot happen short of manual edits: never deliver garbage, never lose it either
             # (nor log it: it holds a transcript, which log.transcripts = false keeps out)
-            path = self._outbox.path.parent / "dead-letter" / f"{self.sink}.jsonl"
+            path = dead_letter_file(self._outbox.path.parent / DEAD_LETTERS, self.sink)
             log.error("outbox.record_unreadable", sink=self.sink, seq=self._cursor,
                       error=str(exc), moved_to=str(path))
             append_dead_letter(path, {"sink": self.sink,
