@@ -69,12 +69,13 @@ class TokenProvider:
 
     def _token_from(self, response: httpx.Response) -> str:
         status = response.status_code
-        detail = _error_text(response)
+        service = _service_error(response)
+        detail = service or response.reason_phrase or "no detail"
         if status in (401, 403):
             raise TokenError(
                 f"token endpoint rejected the API key ({status}: {detail})", rejected=True
             )
-        if status == 400 and _service_error(response) is not None:
+        if status == 400 and service is not None:
             raise ConfigError(
                 "assemblyai.token_expires_in / max_session_seconds: the token endpoint refused "
                 f"them ({detail})"
@@ -101,7 +102,3 @@ def _service_error(response: httpx.Response) -> str | None:
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return str(body["error"])[:200]
     return None
-
-
-def _error_text(response: httpx.Response) -> str:
-    return _service_error(response) or response.reason_phrase or "no detail"
