@@ -190,20 +190,22 @@ def _message(data: dict[str, Any], key: str) -> str:
     It is logged and shown to live viewers.
     """
     value = data.get(key)
-    return _text({key: value if isinstance(value, str) or value is None else str(value)}, key)
+    return "" if value is None else _utf8(value if isinstance(value, str) else str(value))
 
 
 def _text(data: dict[str, Any], key: str) -> str:
-    """A string field, missing or ``null`` read as empty.
-
-    Lone surrogates (valid JSON escapes that no UTF-8 file or request can carry) become U+FFFD.
-    """
+    """A string field, missing or ``null`` read as empty."""
     value = data.get(key)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise TypeError(f"{key} is {type(value).__name__}, not a string")
-    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return _utf8(value)
+
+
+def _utf8(text: str) -> str:
+    """Lone surrogates (valid JSON escapes that no UTF-8 file or request can carry) as U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _integer(data: dict[str, Any], key: str) -> int:
