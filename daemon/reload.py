@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,6 +24,9 @@ from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
 from daemon.sinktables import ValidatedSinks
+
+if TYPE_CHECKING:  # sqlite3 loads only when a network sink is built
+    from daemon.outbox import Outbox
 
 log = structlog.get_logger("daemon.reload")
 
@@ -40,7 +43,7 @@ class SinkBuilder:
     host: str
     state_dir: Path
     closers: list[Any] = field(default_factory=list)
-    _outbox: Any = None
+    _outbox: Outbox | None = None
 
     def build(self, name: str, sink_type: SinkType, config: SinkConfig, *, fresh: bool = False
               ) -> SinkRunner:
@@ -59,11 +62,12 @@ class SinkBuilder:
         from daemon.outbox import FILENAME, Outbox, OutboxError
 
         wanted = set(configured)
+        path = self.state_dir / FILENAME
         try:
             if self._outbox is not None:
                 queued = self._outbox.sinks()
-            elif (self.state_dir / FILENAME).exists():
-                looked = Outbox(self.state_dir / FILENAME)
+            elif path.exists():
+                looked = Outbox(path)
                 queued = looked.sinks()
                 looked.close()
             else:
@@ -73,11 +77,11 @@ class SinkBuilder:
             return
         for sink, count in sorted(queued.items()):
             if sink not in wanted:
-                log.warning("outbox.orphaned", sink=sink, queued=count,
-                            path=str(self.state_dir / FILENAME), hint="configure a network "
-                            "sink of this name (e.g. rename yours back) to deliver them")
+                log.warning("outbox.orphaned", sink=sink, queued=count, path=str(path),
+                            hint="configure a network sink of this name (e.g. rename yours "
+                            "back) to deliver them")
 
-    def _open_outbox(self) -> Any:
+    def _open_outbox(self) -> Outbox:
         from daemon.outbox import FILENAME, Outbox
 
         if self._outbox is None:
@@ -88,10 +92,10 @@ class SinkBuilder:
     def _durable_queue(self, name: str, fresh: bool) -> SinkQueue:
         from daemon.outbox import OutboxQueue
 
-        self._open_outbox()
+        outbox = self._open_outbox()
         if fresh:
-            return OutboxQueue(self._outbox, name)  # reads what the old queue left on disk
-        queue: SinkQueue = self._outbox.queue(name)
+            return OutboxQueue(outbox, name)  # reads what the old queue left on disk
+        queue: SinkQueue = outbox.queue(name)
         return queue
 
 
