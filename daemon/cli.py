@@ -26,7 +26,8 @@ Config lookup without --config: $TRANSCRIBED_CONFIG, $XDG_CONFIG_HOME/transcribe
 /etc/transcribed/config.toml, else built-in defaults. Any key can be overridden with
 TRANSCRIBED_<SECTION>__<KEY>, e.g. TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE.
 
-Exit codes: 0 done, 1 unexpected failure, 77 credentials rejected, 78 configuration error."""
+Exit codes: 0 done, 1 unexpected failure, 2 command line not understood, 77 credentials
+rejected, 78 configuration error."""
 
 
 def _parser() -> argparse.ArgumentParser:
