@@ -83,13 +83,26 @@ class ServerWarning:
 
 
 @dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """The service's sign of life (asked for with ``session_heartbeat``; every 5 s).
+
+    ``received_ms``: session audio the service has received so far.
+    """
+
+    received_ms: int
+    duration_ms: float
+    realtime_factor: float
+    max_speech_probability: float
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
-    """A message type we do not use (``SpeechStarted``, ``Heartbeat``, newer ones)."""
+    """A message type we do not use (``SpeechStarted``, newer ones)."""
 
     type: str
 
 
-Message = Begin | Turn | Termination | ServerError | ServerWarning | Unknown
+Message = Begin | Turn | Termination | ServerError | ServerWarning | Heartbeat | Unknown
 
 
 def parse_message(frame: str | bytes) -> Message:
@@ -118,6 +131,10 @@ def parse_message(frame: str | bytes) -> Message:
         if kind == "Error" or (kind is None and "error" in data):
             code = data.get("error_code")
             return ServerError(int(code) if code is not None else None, _message(data, "error"))
+        if kind == "Heartbeat":
+            return Heartbeat(_integer(data, "total_audio_received_ms"),
+                             _finite(data, "total_duration_ms"), _finite(data, "realtime_factor"),
+                             _finite(data, "max_speech_probability"))
         if kind == "Warning":
             code = data.get("warning_code")
             return ServerWarning(int(code) if code is not None else None,
@@ -155,7 +172,7 @@ def _turn(data: dict[str, Any]) -> Turn:
             _text(w, "text"),
             _integer(w, "start"),
             _integer(w, "end"),
-            _confidence(w, "confidence"),
+            _finite(w, "confidence"),
             _flag(w, "word_is_final", True),
         )
         for w in _words(data)
@@ -167,7 +184,7 @@ def _turn(data: dict[str, Any]) -> Turn:
         end_of_turn=_flag(data, "end_of_turn", False),
         turn_is_formatted=_flag(data, "turn_is_formatted", False),
         transcript=transcript,
-        end_of_turn_confidence=_confidence(data, "end_of_turn_confidence"),
+        end_of_turn_confidence=_finite(data, "end_of_turn_confidence"),
         words=words,
         language_code=_text(data, "language_code") or None,
     )
@@ -175,7 +192,8 @@ def _turn(data: dict[str, Any]) -> Turn:
 
 # Field readers: a value of the wrong type makes the frame malformed (``ProtocolError``, the
 # caller logs it), so ``null`` never becomes the text "None" nor ``"false"`` a true flag. A
-# confidence that is not a finite number reads as 0.0 instead: it must not cost the turn.
+# confidence (or any figure we only report) that is not a finite number reads as 0.0 instead:
+# it must not cost the turn.
 
 def _words(data: dict[str, Any]) -> list[dict[str, Any]]:
     words = data.get("words") or []
@@ -225,7 +243,8 @@ def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _confidence(data: dict[str, Any], key: str) -> float:
+def _finite(data: dict[str, Any], key: str) -> float:
+    """A number we only report (a confidence, a heartbeat's figures): anything else is 0.0."""
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return 0.0
@@ -271,6 +290,7 @@ def streaming_url(config: AssemblyAIConfig, *, sample_rate: int, token: str) -> 
         params["keyterms_prompt"] = json.dumps(config.keyterms)
     if config.language_detection:
         params["language_detection"] = "true"
+    params["session_heartbeat"] = "true"   # liveness (daemon.session); older servers ignore it
     params["token"] = token
     parts = urlsplit(config.streaming_url)
     query = urlencode(params)

@@ -50,7 +50,7 @@ request or session (``token_status``, ``http_status_on_upgrade``, ``reject_hands
 (``key_revoked``, ``no_termination``, ``close_without_termination``, ``termination_delay_s``,
 ``token_retry_after``, ``token_raw_body``) and per-session faults armed for the next session
 that reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``,
-``deaf_after_audio_ms``, ``send_garbage``).
+``deaf_after_audio_ms``, ``stall_after_audio_ms``, ``send_garbage``).
 
 ``time_scale`` (default 1): the fake's notion of time runs that many times faster than the
 event loop's clock, for the audio-rate limit, the session cap (``expires_at`` is in real wall
@@ -58,7 +58,12 @@ time, i.e. ``now + cap / time_scale``), the token redemption window and
 ``Termination.session_duration_seconds``. Turn timing is measured in received audio, so it is
 unaffected. With ``time_scale=20`` a client may send 3 s of audio in 0.15 s.
 
-Deviations from the real service: no ``inactivity_timeout``, ``Heartbeat``, ``SpeechStarted``,
+Heartbeats: with ``session_heartbeat=true`` a ``Heartbeat`` every ``heartbeat_s`` of fake time
+(default 5; received audio, elapsed time, realtime factor, and a speech probability of 0.99 if any
+sample since the last one was loud); a "deaf" session stops sending them. ``heartbeat_s=None``:
+the parameter is ignored, as a server from before heartbeats does.
+
+Deviations from the real service: no ``inactivity_timeout``, ``SpeechStarted``,
 ``Warning``, diarization or new-session rate limit (3009 only as a scripted fault); recognition
 only for 16 kHz ``pcm_s16le`` (other audio counts as silence); ``keyterms_prompt`` and the
 turn-detection threshold are recorded but change nothing; only ``GET`` is understood; the
@@ -146,8 +151,10 @@ class FakeAssemblyAI:
         expires_at_format: Literal["int", "iso"] = "int",
         allow_short_sessions: bool = False,
         max_session_seconds: int = 10_800,
+        heartbeat_s: float | None = 5.0,
     ) -> None:
         self.api_key = api_key
+        self.heartbeat_s = heartbeat_s
         self.time_scale = time_scale
         self.expires_at_format = expires_at_format
         self.allow_short_sessions = allow_short_sessions
@@ -334,6 +341,7 @@ class _Session:
         self.faults: list[SessionFault] = []
         self.deaf = False                   # a "deaf" fault fired: audio is discarded
         self.began = 0.0
+        self.speech_probability = 0.0       # since the last Heartbeat (loud audio: 0.99)
 
     async def run(self) -> None:
         auth = self.fake._authenticate(self.record)
@@ -355,7 +363,9 @@ class _Session:
         if self.fake.faults.session_faults:
             self.faults = [self.fake.faults.session_faults.pop(0)]
         await self.begin(cap)
-        expiry = asyncio.create_task(self.expire_after(cap / self.fake.time_scale))
+        timers = [asyncio.create_task(self.expire_after(cap / self.fake.time_scale))]
+        if params.session_heartbeat and self.fake.heartbeat_s is not None:
+            timers.append(asyncio.create_task(self.heartbeats(self.fake.heartbeat_s)))
         try:
             await self.trigger_faults()
             async for message in self.ws:
@@ -364,9 +374,10 @@ class _Session:
                 ):
                     return
         finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
+            for timer in timers:
+                timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
 
     async def begin(self, cap: int) -> None:
         self.began = self.loop.time()
@@ -396,6 +407,23 @@ class _Session:
         with contextlib.suppress(ConnectionClosed):
             await self.fail(3008, CLOSE_REASONS[3008])
 
+    async def heartbeats(self, every_s: float) -> None:
+        """``Heartbeat`` every ``every_s`` (fake time) until the session ends or goes deaf."""
+        while True:
+            await asyncio.sleep(every_s / self.fake.time_scale)
+            if self.deaf:       # a stuck service: the heartbeat stops with everything else
+                return
+            received, duration = self.record.audio_ms, self.elapsed() * 1000
+            with contextlib.suppress(ConnectionClosed):
+                await self.send({
+                    "type": "Heartbeat",
+                    "total_audio_received_ms": round(received),
+                    "total_duration_ms": round(duration),
+                    "realtime_factor": round(received / duration, 4) if duration else 0.0,
+                    "max_speech_probability": self.speech_probability,
+                })
+            self.speech_probability = 0.0
+
     async def on_audio(self, data: bytes) -> bool:
         assert self.record.params is not None
         assert self.turns is not None
@@ -421,9 +449,10 @@ class _Session:
         if self.deaf:
             return True
         if params.encoding == "pcm_s16le" and params.sample_rate == 16_000:
-            messages = self.turns.feed(
-                np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.int16)
-            )
+            samples = np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.int16)
+            if samples.size and int(np.abs(samples.astype(np.int32)).max()) > 1000:
+                self.speech_probability = 0.99
+            messages = self.turns.feed(samples)
         else:
             messages = self.turns.skip(round(duration_ms * 16))
         for message in messages:
@@ -442,6 +471,9 @@ class _Session:
             if fault.kind == "deaf":
                 self.deaf = True
                 continue
+            if fault.kind == "stall":           # read nothing more: websockets stops reading
+                await self.ws.wait_closed()     # the socket once its queue is full
+                return False
             await self.ws.send(fault.payload)
             self.record.sent.append(fault.payload)
             await self.fake._notify()

@@ -37,7 +37,7 @@ class InputError(Exception):
 class SessionFault:
     """A fault armed for one session, triggered once the session has received enough audio."""
 
-    kind: Literal["drop", "error", "garbage", "deaf"]
+    kind: Literal["drop", "error", "garbage", "deaf", "stall"]
     after_audio_ms: int
     code: int = 3005
     message: str = ""
@@ -88,8 +88,14 @@ class Faults:
 
     def deaf_after_audio_ms(self, ms: int) -> None:
         """Next session: after ``ms`` of audio, read and discard everything (no more turns) and
-        never answer ``Terminate`` (a service that stopped working but keeps the socket)."""
+        never answer ``Terminate`` (a service that stopped working but keeps the socket).
+        Heartbeats stop too."""
         self.session_faults.append(SessionFault("deaf", ms))
+
+    def stall_after_audio_ms(self, ms: int) -> None:
+        """Next session: after ``ms`` of audio, stop reading the socket (what the client sends
+        piles up in buffers) while heartbeats go on, their received audio frozen."""
+        self.session_faults.append(SessionFault("stall", ms))
 
     def send_garbage(self, kind: str = "non_json", after_audio_ms: int = 0) -> None:
         """Next session: send one bad frame (``kind`` is a key of ``GARBAGE``).
@@ -130,6 +136,7 @@ class SessionParams:
     encoding: str = "pcm_s16le"
     speech_model: str | None = None
     keyterms_prompt: list[str] | None = None
+    session_heartbeat: bool = False
     turns: TurnSettings = field(default_factory=TurnSettings)
 
     @classmethod
@@ -151,6 +158,8 @@ class SessionParams:
         apply_turn_settings(params.turns, one)
         if "language_detection" in one:
             params.turns.language_detection = parse_bool(one, "language_detection")
+        if "session_heartbeat" in one:
+            params.session_heartbeat = parse_bool(one, "session_heartbeat")
         return params
 
 

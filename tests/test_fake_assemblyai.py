@@ -493,6 +493,24 @@ class TestAudioRules:
         assert (params.turns.min_turn_silence, params.keyterms_prompt) == (900, ["x"])
         assert client.ws.close_code == 1000
 
+    @pytest.mark.parametrize("asked", [True, False])
+    async def test_heartbeats_only_when_asked(self, asked: bool) -> None:
+        """``session_heartbeat=true``: a Heartbeat every ``heartbeat_s`` (fake time) with the
+        audio received so far; without it, none."""
+        async with FakeAssemblyAI(REFS, time_scale=SCALE, heartbeat_s=0.5) as fake:
+            client = await begun(fake, **({"session_heartbeat": "true"} if asked else {}))
+            await client.stream(s1()[: 16 * 3000])
+            if asked:
+                await client.wait_for_type("Heartbeat")
+            await client.ws.send(json.dumps({"type": "Terminate"}))
+            await client.finish()
+        beats = client.of_type("Heartbeat")
+        assert bool(beats) == asked
+        for beat in beats:
+            assert 0 <= beat["total_audio_received_ms"] <= 3000
+            assert beat["total_duration_ms"] > 0 and beat["realtime_factor"] >= 0
+        assert any(beat["max_speech_probability"] == 0.99 for beat in beats) == asked
+
     async def test_terminate_sends_termination_and_closes_1000(self, fake: FakeAssemblyAI) -> None:
         """Terminate flushes the open turn, then Termination with durations, then close 1000."""
         client = await begun(fake)

@@ -150,6 +150,33 @@ class TestSingleFaults:
         [lost] = result.events("stream.untranscribed")
         assert lost["level"] == "error" and lost["held_s"] > 1
 
+    @pytest.mark.parametrize(("fault", "event"), [("deaf", "session.service_silent"),
+                                                  ("stall", "session.service_behind")])
+    async def test_service_that_stops_mid_session(self, tmp_path: Path, fault: str,
+                                                  event: str) -> None:
+        """A service that stops mid-session, socket open, either altogether (heartbeats too)
+        or by no longer reading (its heartbeats go on, the audio received frozen): the daemon
+        notices from the heartbeats, reconnects and replays what it did not answer. (Before,
+        audio over 5 s old with no turn open counted as heard: the second sentence, sent to the
+        stopped service and followed by silence, was lost without a word.)"""
+        s1, s2 = _samples(SPEECH_DIR / S1), _samples(SPEECH_DIR / S2)
+        wav = tmp_path / "two.wav"
+        _write(wav, s1 + _silence(2.0) + s2 + _silence(6.5))
+        refs = load_speech_references(SPEECH_DIR, S1, S2)
+        async with FakeAssemblyAI(refs, heartbeat_s=0.25) as fake:
+            arm = {"deaf": fake.faults.deaf_after_audio_ms,
+                   "stall": fake.faults.stall_after_audio_ms}[fault]
+            arm(len(s1) // 32 + 1000)                # in the pause after the first sentence
+            config = cloud_config(tmp_path, fake, wav)
+            result = await run_daemon("run", "--config", str(config), limit_s=90)
+        assert result.code == 0, result.stderr[-3000:]
+        assert delivered(tmp_path) == words(TRANSCRIPTS[S1]) + words(TRANSCRIPTS[S2])
+        [noticed] = result.events(event)
+        assert 1.0 < noticed["silent_s" if fault == "deaf" else "behind_s"] < 5
+        assert fake.sessions[0].closed_by == "client"
+        assert fake.sessions[0].params is not None and fake.sessions[0].params.session_heartbeat
+        no_rate_or_expiry_closes(fake)
+
     async def test_closed_after_terminate_without_termination(self, fake: FakeAssemblyAI,
                                                               tmp_path: Path) -> None:
         """A close 1000 after the last finals but without ``Termination`` ends the run: every
@@ -205,6 +232,24 @@ async def test_three_failures_and_12_second_sessions(fake: FakeAssemblyAI,
     assert len(ids) == len(set(ids))
     times = [(t["started_at"], t["ended_at"]) for t in read_turns(tmp_path / "turns.jsonl")]
     assert times == sorted(times) and all(a < b for a, b in times)
+
+
+def _samples(path: Path) -> bytes:
+    with wave.open(str(path)) as wav:
+        pcm: bytes = wav.readframes(wav.getnframes())
+    return pcm
+
+
+def _silence(seconds: float) -> bytes:
+    return bytes(2 * int(16000 * seconds))
+
+
+def _write(path: Path, pcm: bytes) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(pcm)
 
 
 def no_fault(fake: FakeAssemblyAI) -> None:

@@ -13,6 +13,7 @@ from daemon.config import AssemblyAIConfig
 from daemon.protocol import (
     Begin,
     CloseKind,
+    Heartbeat,
     ProtocolError,
     ServerError,
     ServerWarning,
@@ -60,7 +61,23 @@ class TestParse:
 
     def test_unknown_type_is_not_an_error(self) -> None:
         """New message types are returned as Unknown, to be ignored."""
-        assert parse_message('{"type":"Heartbeat","realtime_factor":1.0}') == Unknown("Heartbeat")
+        assert parse_message('{"type":"SpeechStarted","timestamp":1}') == Unknown("SpeechStarted")
+
+    def test_heartbeat(self) -> None:
+        """A Heartbeat (the reference's example) and one whose reported figures are odd."""
+        beat = parse_message('{"type":"Heartbeat","total_audio_received_ms":45000,'
+                             '"total_duration_ms":45205,"realtime_factor":0.9964,'
+                             '"max_speech_probability":0.999954}')
+        assert beat == Heartbeat(45000, 45205.0, 0.9964, 0.999954)
+        odd = parse_message('{"type":"Heartbeat","total_audio_received_ms":5000.0,'
+                            '"realtime_factor":"fast","max_speech_probability":NaN}')
+        assert odd == Heartbeat(5000, 0.0, 0.0, 0.0)
+
+    @pytest.mark.parametrize("received", ["null", '"45000"', "1.5", "true", "NaN"])
+    def test_heartbeat_without_a_received_figure(self, received: str) -> None:
+        """The audio received is what the daemon uses: without it the frame is malformed."""
+        with pytest.raises(ProtocolError, match="malformed Heartbeat frame"):
+            parse_message(f'{{"type":"Heartbeat","total_audio_received_ms":{received}}}')
 
     @pytest.mark.parametrize("value", ["1795636993000", "1795636993000000000", "1e400",
                                        '"next tuesday"', "[1]"])
@@ -150,6 +167,7 @@ class TestUrl:
         assert query["speech_model"] == ["universal-streaming-english"]
         assert query["format_turns"] == ["true"] and query["token"] == ["tok"]
         assert query["sample_rate"] == ["16000"] and query["encoding"] == ["pcm_s16le"]
+        assert query["session_heartbeat"] == ["true"]
         assert "raw-key" not in url
 
 
