@@ -53,6 +53,11 @@ log = structlog.get_logger("daemon.stream")
 
 ROLLOVER_MIN_S: Final = 3.0         # the smallest rollover margin (short test sessions)
 ROLLOVER_MAX_S: Final = 120.0       # the largest (3-hour sessions)
+# Frames a connection buffers unread before it stops reading the socket (websockets' default is
+# 16). A rollover's next session waits unread for up to 80 s (``rollover_plan``) while its
+# heartbeats (one per 5 s) pile up; had reading stopped, the keepalive pong would go unread
+# and the connection be closed just before it was needed.
+MAX_QUEUE: Final = 64
 
 
 @dataclass(frozen=True)
@@ -333,6 +338,7 @@ class AssemblyAIEngine:
             async with asyncio.timeout(self.config.connect_timeout):
                 ws = await connect(url, open_timeout=None, close_timeout=2, max_size=2**20,
                                    compression=None,  # PCM barely compresses; deflate cost 20 % CPU
+                                   max_queue=MAX_QUEUE,
                                    user_agent_header=f"transcribed/{__version__}")
                 first = await ws.recv()
         except InvalidStatus as exc:

@@ -1,9 +1,10 @@
-"""``StreamSession`` objects: what they keep alive."""
+"""``StreamSession`` objects: what they keep alive, and what a waiting one can hold."""
 
 from __future__ import annotations
 
 import gc
 import weakref
+from datetime import UTC, datetime
 from typing import cast
 
 import httpx
@@ -12,8 +13,8 @@ from websockets.asyncio.client import ClientConnection
 from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.events import PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.protocol import Begin
-from daemon.session import StreamSession
-from daemon.stream import AssemblyAIEngine
+from daemon.session import HEARTBEAT_S, StreamSession
+from daemon.stream import MAX_QUEUE, AssemblyAIEngine, rollover_plan
 from daemon.tokens import TokenProvider
 
 
@@ -41,3 +42,15 @@ async def test_an_ended_session_is_freed_at_once() -> None:
             assert ref() is None
         finally:
             gc.enable()
+
+
+def test_a_waiting_successor_keeps_reading() -> None:
+    """A rollover's next session is not read until the switch; the heartbeats it receives
+    meanwhile must fit in the connection's queue, or it stops reading the socket, misses its
+    keepalive pong and is closed just before it is needed."""
+    began = 1_000_000.0
+    begin = Begin("sess", datetime.fromtimestamp(began + 10_800, UTC), {})
+    plan = rollover_plan(begin, began, 0.0)
+    assert plan is not None
+    waited = plan.switch_by - plan.open_at
+    assert waited / HEARTBEAT_S < MAX_QUEUE / 2
