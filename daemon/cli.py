@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     tail.add_argument("--config", metavar="PATH", help=config_help)
     tail.add_argument("--json", action="store_true", help="print every feed event as a JSON line")
+    tail.add_argument("--retry", action="store_true",
+                      help="when the daemon stops or cannot be reached, wait for it and "
+                      "reconnect (turns already shown are not shown again)")
     install = commands.add_parser(
         "install-service",
         help="write the systemd unit (and an example config if none) and print what to run",

@@ -223,4 +223,4 @@ def tail(args: argparse.Namespace) -> int:
     if not http.enabled:
         print("transcribed tail: the live view is off (http.enabled = false)", file=sys.stderr)
         return EX_FAILURE
-    return tail_main(feed_url(http.listen), http.token.get_secret_value(), args.json)
+    return tail_main(feed_url(http.listen), http.token.get_secret_value(), args.json, args.retry)

@@ -4,6 +4,10 @@ On a terminal the partial turn is one line rewritten in place (``\r`` + clear li
 finished turn is committed as a line with its start time; state changes get a dim line of their
 own. Off a terminal, finished turns go to stdout and state lines to stderr. ``--json`` prints
 every feed event as one JSON line.
+
+``--retry`` keeps following when the daemon stops or cannot be reached: it waits for it and
+reconnects (a refused token, or something that is not the daemon, still ends it). The feed
+replays its last finished turns to every new connection; turns already shown are skipped.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import Coroutine
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
 
+from daemon.backoff import backoff
 from daemon.errors import EX_FAILURE, EX_OK
 from daemon.events import parse_iso_utc
 from daemon.masking import MASK
@@ -30,17 +36,23 @@ CLEAR: Final = "\r\x1b[2K"
 DIM: Final = "\x1b[2m"
 RESET: Final = "\x1b[0m"
 OPEN_TIMEOUT_S: Final = 5.0
+RETRY_MAX_S: Final = 5.0            # --retry: the longest wait between two attempts
+SEEN_TURNS: Final = 1000            # turn ids remembered, so a replayed turn is not shown twice
 
 
 class TailError(Exception):
     """A one-line reason the feed could not be followed."""
 
+    def __init__(self, message: str, *, lasting: bool = False) -> None:
+        super().__init__(message)
+        self.lasting = lasting              # retrying would not help (token, not the daemon)
 
-def tail_main(url: str, token: str, json_lines: bool) -> int:
+
+def tail_main(url: str, token: str, json_lines: bool, retry: bool = False) -> int:
     """Follow the daemon's feed at ``url`` until Ctrl-C (0) or a failure (1, one line)."""
     screen = Screen(sys.stdout, sys.stderr, json_lines=json_lines)
     try:
-        asyncio.run(_until_interrupted(follow(url, token, screen)))
+        asyncio.run(_until_interrupted(follow(url, token, screen, retry=retry)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         screen.finish()
         return EX_OK
@@ -76,21 +88,50 @@ def feed_of(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-async def follow(url: str, token: str, screen: Screen) -> None:
-    """Connect and render events until the daemon goes away."""
+async def follow(url: str, token: str, screen: Screen, *, retry: bool = False) -> None:
+    """Connect and render events until the daemon goes away (with ``retry``: until Ctrl-C)."""
     feed = feed_of(url)
+    if not retry:
+        await _follow_once(feed, token, screen)
+        screen.note("the daemon stopped")
+        return
+    delays, said = backoff(0.5, RETRY_MAX_S), ""
+    while True:
+        opened = asyncio.Event()
+        try:
+            await _follow_once(feed, token, screen, opened.set)
+            why = "the daemon stopped"
+        except TailError as exc:
+            if exc.lasting:
+                raise
+            why = str(exc)
+        if opened.is_set():                 # it was up: the next outage starts afresh
+            delays, said = backoff(0.5, RETRY_MAX_S), ""
+        if why != said:                     # one line per outage, not one per attempt
+            screen.note(f"{why}; waiting for it (--retry)")
+            said = why
+        await asyncio.sleep(next(delays))
+
+
+async def _follow_once(feed: str, token: str, screen: Screen,
+                       opened: Callable[[], None] | None = None) -> None:
+    """Connect once and render events until the feed ends."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         async with connect(feed, additional_headers=headers, open_timeout=OPEN_TIMEOUT_S,
                            close_timeout=1.0,       # Ctrl-C never waits long on a stuck daemon
                            compression=None, max_size=2**22) as ws:
+            if opened is not None:
+                opened()
             async for message in ws:
                 screen.event(_event(message, feed))
     except InvalidStatus as exc:
         code = exc.response.status_code
         if code == 401:
-            raise TailError(f"the daemon at {feed} refused the token (check http.token)") from None
-        raise TailError(f"the daemon at {feed} answered HTTP {code}") from None
+            raise TailError(f"the daemon at {feed} refused the token (check http.token)",
+                            lasting=True) from None
+        raise TailError(f"the daemon at {feed} answered HTTP {code}",
+                        lasting=400 <= code < 500 and code != 429) from None
     except ConnectionClosedError as exc:
         raise TailError(f"the feed at {feed} closed: {exc}") from None
     except BrokenPipeError:
@@ -101,7 +142,6 @@ async def follow(url: str, token: str, screen: Screen) -> None:
             reason = reason.replace(token, MASK)    # a library error may quote our header
         raise TailError(f"cannot reach the daemon at {feed}: {reason} "
                         "(is `transcribed run` running with http.enabled?)") from None
-    screen.note("the daemon stopped")
 
 
 def _event(message: str | bytes, feed: str) -> dict[str, Any]:
@@ -112,7 +152,7 @@ def _event(message: str | bytes, feed: str) -> dict[str, Any]:
         event = None
     if not isinstance(event, dict):
         raise TailError(f"the feed at {feed} sent something that is not an event: "
-                        f"{str(message)[:60]!r}")
+                        f"{str(message)[:60]!r}", lasting=True)
     return event
 
 
@@ -139,9 +179,12 @@ class Screen:
         self._partial = ""
         self._partial_session: Any = None
         self._connection: str | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()   # ids of the last turns shown
 
     def event(self, event: dict[str, Any]) -> None:
-        """Render one feed event."""
+        """Render one feed event (a turn already shown, replayed on a reconnect, is skipped)."""
+        if event.get("type") == "turn" and self._shown(str(event.get("id"))):
+            return
         if self._json:
             self._write(json.dumps(event, ensure_ascii=False) + "\n")
             return
@@ -156,6 +199,14 @@ class Screen:
         elif kind == "session" and event.get("event") == "ended":
             if self._partial_session == event.get("session_id"):
                 self._show_partial("")
+
+    def _shown(self, turn_id: str) -> bool:
+        if turn_id in self._seen:
+            return True
+        self._seen[turn_id] = None
+        if len(self._seen) > SEEN_TURNS:
+            self._seen.popitem(last=False)
+        return False
 
     def note(self, text: str) -> None:
         """A status line (dim on a terminal, stderr otherwise)."""

@@ -22,7 +22,8 @@ from tests.live_helpers import began, live_server, partial, turn
 
 CLEAR = "\r\x1b[2K"
 _RUN_TAIL = ("import sys; from daemon.tail import tail_main; "
-             "sys.exit(tail_main(sys.argv[1], sys.argv[2], sys.argv[3] == 'json'))")
+             "sys.exit(tail_main(sys.argv[1], sys.argv[2], sys.argv[3] == 'json', "
+             "sys.argv[4:] == ['retry']))")
 
 
 # A helper thread that, once a byte arrives on stdin, sends SIGINT to itself (not to the main
@@ -200,6 +201,58 @@ class TestPipes:
             _out, err = await process.communicate()
         assert process.returncode == 0
         assert err.decode().splitlines()[-1] == "transcribed tail: the daemon stopped"
+
+
+class TestRetry:
+    async def test_waits_for_the_daemon_and_follows_it_across_a_restart(self) -> None:
+        """``--retry``: no daemon yet, one line and wait; a daemon, its turns; it stops and a
+        new one starts on the same port: one line, reconnected, a turn shown before (the feed
+        replays its last turns) not shown twice."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RUN_TAIL, f"http://127.0.0.1:{port}", "", "text", "retry",
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        out, err = process.stdout, process.stderr
+        async with asyncio.timeout(20):
+            assert (await err.readline()).decode().endswith(
+                "(is `transcribed run` running with http.enabled?); waiting for it (--retry)\n")
+            first = LiveHub()
+            first.turn(turn(0, "First."))
+            async with live_server(first, listen=f"127.0.0.1:{port}"):
+                assert (await out.readline()).decode().endswith(" First.\n")
+            assert (await _line_with(err, b"the daemon stopped")).endswith(
+                b"the daemon stopped; waiting for it (--retry)\n")
+            second = LiveHub()
+            second.turn(turn(0, "First."))          # the restarted daemon's feed replays it
+            second.turn(turn(1, "Second."))
+            async with live_server(second, listen=f"127.0.0.1:{port}"):
+                assert (await out.readline()).decode().endswith(" Second.\n")
+                process.send_signal(signal.SIGINT)
+                rest, _ = await process.communicate()
+        assert process.returncode == 0 and rest == b""
+
+    async def test_a_refused_token_still_ends_it(self) -> None:
+        """Retrying cannot fix a wrong token: one line, exit 1."""
+        async with live_server(LiveHub(), token="right-token") as server:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, server.url, "wrong-token", "text", "retry",
+                cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            async with asyncio.timeout(15):
+                _out, err = await process.communicate()
+        assert process.returncode == 1 and err.count(b"\n") == 1
+        assert b"refused the token (check http.token)" in err
+
+
+async def _line_with(stream: asyncio.StreamReader, text: bytes) -> bytes:
+    """The next line of ``stream`` that contains ``text``."""
+    while text not in (line := await stream.readline()):
+        assert line, f"{text!r} never came"
+    return line
 
 
 class TestFailures:
