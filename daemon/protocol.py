@@ -132,7 +132,7 @@ def parse_message(frame: str | bytes) -> Message:
             code = data.get("error_code")
             return ServerError(int(code) if code is not None else None, _message(data, "error"))
         if kind == "Heartbeat":
-            return Heartbeat(_integer(data, "total_audio_received_ms"),
+            return Heartbeat(_count(data, "total_audio_received_ms"),
                              _finite(data, "total_duration_ms"), _finite(data, "realtime_factor"),
                              _finite(data, "max_speech_probability"))
         if kind == "Warning":
@@ -232,6 +232,15 @@ def _integer(data: dict[str, Any], key: str) -> int:
             or not math.isfinite(value) or value != int(value):
         raise TypeError(f"{key} is {repr(value)[:30]}, not an integer")
     return int(value)
+
+
+def _count(data: dict[str, Any], key: str) -> int:
+    """A non-negative figure the daemon relies on, rounded (``45000.5`` is not a bad frame)."""
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value < 0:
+        raise TypeError(f"{key} is {repr(value)[:30]}, not a count")
+    return round(value)
 
 
 def _flag(data: dict[str, Any], key: str, default: bool) -> bool:

@@ -12,9 +12,9 @@ A replay session (``stop`` set, see ``daemon.catchup``) sends the ledger only up
 then terminates; its Termination means that range is done.
 
 The reader covers the ledger as turns finish, and silence once it is old enough (``_tick``).
-A service that sends heartbeats (asked for in the URL) tells it how much audio was received:
-silence is covered only up to that, and a service that falls silent, or stops reading, for
-three heartbeats ends the session as one that never answered (its speech is replayed).
+A service that sends heartbeats (asked for in the URL) says how much audio it has received:
+silence is covered only up to that; one that falls silent or stops reading (``daemon.liveness``)
+ends the session as one that never answered (its speech is replayed).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from daemon.engine import EngineListener
 from daemon.events import SessionInfo, SessionSummary
 from daemon.ledger import Piece, Timeline, rms
+from daemon.liveness import Liveness
 from daemon.protocol import (
     TERMINATE,
     Begin,
@@ -61,8 +62,6 @@ LIVE_S: Final = 0.5                 # this close to live counts as caught up
 HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
 COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
 PACE_AHEAD_S: Final = 0.15          # audio the service may hold beyond real time (it allows 0.3 s)
-HEARTBEAT_S: Final = 5.0            # the service's heartbeat period until two have been seen
-SILENT_BEATS: Final = 3             # heartbeats missed (+ 1 s) before the service counts as gone
 
 
 @dataclass
@@ -119,10 +118,7 @@ class StreamSession:
         self._switch_deadline: float | None = None
         self._switched = asyncio.Event()
         self._skipped = 0
-        self._heard_ms: int | None = None   # audio the service's last Heartbeat says it received
-        self._last_beat = 0.0               # when that Heartbeat came
-        self._beat_every: float | None = None   # the longest gap between two heartbeats
-        self._last_frame = time.monotonic()
+        self.liveness = Liveness()
         self.assembler = TurnAssembler(
             begin.id, self.timeline, format_turns=engine.config.format_turns,
             source=engine.source, host=engine.host, emit=listener.turn,
@@ -146,6 +142,7 @@ class StreamSession:
         self.listener.session_started(SessionInfo(self.begin.id, "assemblyai",
                                                   self.begin.expires_at))
         outcome = Outcome(CloseKind.TRANSIENT, "session ended", began=True)
+        self.liveness.restart()             # a rollover's next session waited unread until now
         try:
             async with asyncio.TaskGroup() as group:
                 sender = group.create_task(self._send(start), name="session-send")
@@ -308,15 +305,14 @@ class StreamSession:
                     return self._without_termination("no Termination")
                 if self.terminating:        # the idle timer of a wait begun before Terminate
                     continue                # went out: wait on for Termination
-                silent = time.monotonic() - self._last_frame
-                if silent > self._beats_missed_s():
+                if (silent := self.liveness.silent()) is not None:
                     return self._gone("session.service_silent", f"silent for {silent:.0f} s",
                                       silent_s=round(silent, 1))
                 self._tick()
                 continue
             except ConnectionClosed as exc:
                 return self._closed(exc)
-            self._last_frame = time.monotonic()
+            self.liveness.frame()
             outcome = self._handle(frame)
             if outcome is not None:
                 return outcome
@@ -335,50 +331,30 @@ class StreamSession:
         """Once a second without frames: release late finals, forget covered silence.
 
         With no turn open, audio more than ``COVER_LOOKBACK_MS`` before the end of what the
-        service heard is covered: the service says nothing about audio without words. What it
-        heard is what was sent, or, once it sends heartbeats, what the last one says it received
-        (so a service that stops reading, or stops altogether, never covers what it missed).
+        service has is covered: the service says nothing about audio without words. What it has
+        is what was sent, or, once it sends heartbeats, what the last one says it received (so
+        what a service that stopped reading never got is never covered).
         """
         self.assembler.expire()
         if self.assembler.open_turn is None:
-            heard_ms = self.timeline.sent_samples * 1000 // self.engine.sample_rate
-            if self._heard_ms is not None:
-                heard_ms = min(heard_ms, self._heard_ms)
-            located = self.timeline.locate(heard_ms - COVER_LOOKBACK_MS)
-            if located is not None and heard_ms > COVER_LOOKBACK_MS:
+            has_ms = self.timeline.sent_samples * 1000 // self.engine.sample_rate
+            if self.liveness.received_ms is not None:
+                has_ms = min(has_ms, self.liveness.received_ms)
+            located = self.timeline.locate(has_ms - COVER_LOOKBACK_MS)
+            if located is not None and has_ms > COVER_LOOKBACK_MS:
                 self._cover(located[0])
 
     def _beat(self, beat: Heartbeat) -> Outcome | None:
-        """A ``Heartbeat``: the service is alive, and has received ``beat.received_ms``.
-
-        If that lags the audio sent by more than a few heartbeats, the service stopped reading
-        (the rest waits in socket buffers): it is treated as gone.
-        """
-        now = time.monotonic()
-        if self._heard_ms is not None:
-            self._beat_every = max(self._beat_every or 0.0, now - self._last_beat)
-        else:
-            self.log.debug("session.heartbeats", received_ms=beat.received_ms)
-        self._heard_ms, self._last_beat = beat.received_ms, now
-        behind = self.timeline.sent_seconds - beat.received_ms / 1000
-        if behind > self._beats_missed_s():
-            return self._gone("session.service_behind", f"{behind:.0f} s behind the audio sent",
-                              behind_s=round(behind, 1))
-        return None
-
-    def _beats_missed_s(self) -> float:
-        """How long the service may say nothing before it counts as gone.
-
-        Infinite until a heartbeat came: an older service's silence is just silence.
-        """
-        if self._heard_ms is None:
-            return float("inf")
-        every = self._beat_every if self._beat_every is not None else HEARTBEAT_S
-        return SILENT_BEATS * every + 1.0
+        missing = self.liveness.beat(beat, self.timeline.sent_seconds)
+        if missing is None:
+            return None
+        return self._gone("session.service_behind", f"{missing:.0f} s behind the audio sent",
+                          behind_s=round(missing, 1))
 
     def _gone(self, event: str, reason: str, **fields: float) -> Outcome:
         """The service stopped answering, socket open: end the session, replay what it missed."""
-        self.log.warning(event, **fields, heard_s=round((self._heard_ms or 0) / 1000, 1),
+        self.log.warning(event, **fields,
+                         received_s=round((self.liveness.received_ms or 0) / 1000, 1),
                          sent_s=round(self.timeline.sent_seconds, 1))
         return self._without_termination(f"service {reason}")
 

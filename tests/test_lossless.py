@@ -163,7 +163,7 @@ class TestSingleFaults:
         wav = tmp_path / "two.wav"
         _write(wav, s1 + _silence(2.0) + s2 + _silence(6.5))
         refs = load_speech_references(SPEECH_DIR, S1, S2)
-        async with FakeAssemblyAI(refs, heartbeat_s=0.25) as fake:
+        async with FakeAssemblyAI(refs, heartbeat_s=1.0) as fake:
             arm = {"deaf": fake.faults.deaf_after_audio_ms,
                    "stall": fake.faults.stall_after_audio_ms}[fault]
             arm(len(s1) // 32 + 1000)                # in the pause after the first sentence
@@ -172,7 +172,7 @@ class TestSingleFaults:
         assert result.code == 0, result.stderr[-3000:]
         assert delivered(tmp_path) == words(TRANSCRIPTS[S1]) + words(TRANSCRIPTS[S2])
         [noticed] = result.events(event)
-        assert 1.0 < noticed["silent_s" if fault == "deaf" else "behind_s"] < 5
+        assert 4 < noticed["silent_s" if fault == "deaf" else "behind_s"] < 8   # limit: 4 s
         assert fake.sessions[0].closed_by == "client"
         assert fake.sessions[0].params is not None and fake.sessions[0].params.session_heartbeat
         no_rate_or_expiry_closes(fake)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import time
 import weakref
 from datetime import UTC, datetime
 from typing import cast
 
 import httpx
+import structlog
 from websockets.asyncio.client import ClientConnection
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
-from daemon.events import PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.liveness import HEARTBEAT_S
 from daemon.protocol import Begin
-from daemon.session import HEARTBEAT_S, StreamSession
+from daemon.session import StreamSession
 from daemon.stream import MAX_QUEUE, AssemblyAIEngine, rollover_plan
 from daemon.tokens import TokenProvider
+from tests.fake_assemblyai import SPEECH_DIR, FakeAssemblyAI, load_speech_references
 
 
 class _Listener:
@@ -54,3 +59,32 @@ def test_a_waiting_successor_keeps_reading() -> None:
     assert plan is not None
     waited = plan.switch_by - plan.open_at
     assert waited / HEARTBEAT_S < MAX_QUEUE / 2
+
+
+async def test_heartbeats_queued_while_waiting_do_not_end_a_healthy_session() -> None:
+    """A session opened, then not read while heartbeats queue up (a rollover's next session),
+    then run on silence: it lives on through the service's next heartbeats. (It was declared
+    silent about 1 s after it started: the queued heartbeats, read back to back, set the
+    period.)"""
+    refs = load_speech_references(SPEECH_DIR, "espeak-s1.wav")
+    async with FakeAssemblyAI(refs, heartbeat_s=1.5) as fake, httpx.AsyncClient() as client:
+        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                                  token_url=fake.token_url)
+        engine = AssemblyAIEngine(config, ReconnectConfig(), TokenProvider(config, client),
+                                  sample_rate=16000, chunk_ms=100, source="file", host="h")
+        session = await engine._open(_Listener(), None)
+        record = fake.sessions[-1]
+        async with asyncio.timeout(20):                 # waiting: nobody reads it
+            await record.wait_for(lambda r: len(r.messages("Heartbeat")) >= 3)
+        now = time.time()
+        for i in range(30):                             # silence already captured
+            engine.ledger.append(AudioChunk(bytes(3200), now - 3 + i / 10))
+        with structlog.testing.capture_logs() as logs:
+            running = asyncio.create_task(session.run(engine.ledger.head))
+            async with asyncio.timeout(20):             # its next heartbeats, then the end
+                await record.wait_for(lambda r: len(r.messages("Heartbeat")) >= 5)
+                assert not running.done()
+                engine.ledger.finish()
+                outcome = await running
+        assert outcome.reason == "terminated", outcome
+        assert not [e for e in logs if e["event"].startswith("session.service")]
