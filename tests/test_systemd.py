@@ -65,7 +65,10 @@ class TestNotifyFromTheDaemon:
         assert all("assemblyai:" in m.fields["STATUS"] for m in sock.with_key("STATUS"))
         pings = [m.at for m in sock.with_key("WATCHDOG")]
         gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert len(pings) >= 6 and max(gaps) < WATCHDOG_USEC / 1e6 and min(gaps) > 0.15
+        assert len(pings) >= 6 and max(gaps) < WATCHDOG_USEC / 1e6
+        # not more often than every 0.3 s (counted, not gap by gap: a busy test process reads
+        # two datagrams back to back)
+        assert len(pings) - 1 <= (pings[-1] - pings[0]) / (WATCHDOG_USEC / 2e6) + 1
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
     async def test_ready_with_the_first_audio(self, fake: FakeAssemblyAI,
@@ -319,15 +322,19 @@ class TestInstallService:
         ("/opt/transcribed/bin/transcribed", "/home/ada/.pyenv/bin/python3", "its Python"),
         ("/opt/transcribed/bin/transcribed", "/usr/bin/python3", None),
         ("/usr/local/bin/transcribed", "/usr/bin/python3", None),
+        ("/tmp/c/.venv/bin/transcribed", "/usr/bin/python3", "ExecStart"),
+        ("/opt/transcribed/bin/transcribed", "/var/tmp/py/bin/python3", "its Python"),
     ])
-    def test_system_unit_warns_of_protect_home(self, tmp_path: Path, executable: str,
-                                                interpreter: str, named: str | None) -> None:
-        """A script or Python the system unit's ProtectHome=yes would hide is warned of."""
+    def test_system_unit_warns_of_hidden_trees(self, tmp_path: Path, executable: str,
+                                               interpreter: str, named: str | None) -> None:
+        """A script or Python the system unit's ProtectHome=yes or PrivateTmp=yes would hide
+        is warned of, naming the setting."""
         target = service.plan(system=True, root=tmp_path, executable=executable,
                               interpreter=interpreter)
         assert [w.split(" is under")[0].split("=")[0].split(" (")[0] for w in target.warnings] \
             == ([named] if named else [])
-        assert all("ProtectHome=yes" in w for w in target.warnings)
+        setting = "PrivateTmp=yes" if "tmp/" in executable + interpreter else "ProtectHome=yes"
+        assert all(setting in w for w in target.warnings)
         assert not service.plan(system=False, root=tmp_path, executable=executable,
                                 interpreter=interpreter).warnings
 
