@@ -4,9 +4,13 @@
 # time through the daemon, and each finished turn is printed (console sink) and appended to
 # ./demo-turns.jsonl (file sink). Pass a WAV path to transcribe your own file instead.
 set -euo pipefail
+WAV=""
+if [[ $# -gt 0 ]]; then
+    WAV=$(realpath -m -- "$1")   # relative to where you ran it; the daemon checks the file
+fi
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-WAV=$(realpath "${1:-tests/data/speech/espeak-five-sentences.wav}")
+WAV=${WAV:-$PWD/tests/data/speech/espeak-five-sentences.wav}
 export TRANSCRIBED_CONFIG="$PWD/config/demo.toml"
 export TRANSCRIBED_AUDIO__PATH="$WAV"
 export TRANSCRIBED_SINKS__JOURNAL__PATH="$PWD/demo-turns.jsonl"
