@@ -64,7 +64,7 @@ WantedBy=default.target
 
 SYSTEM_UNIT: Final = f"""\
 # transcribed as a system service for a headless machine (ALSA capture, no desktop session).
-# Install: sudo transcribed install-service --system
+# Install: sudo /opt/transcribed/bin/transcribed install-service --system (the full path: README)
 # The API key: a root-only file /etc/transcribed/assemblyai_api_key (0600), passed in as the
 # systemd credential assemblyai_api_key; the daemon reads it from $CREDENTIALS_DIRECTORY.
 [Unit]
@@ -217,11 +217,15 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
     )
 
 
-HIDDEN_BY_PROTECT_HOME: Final = ("/home", "/root", "/run/user")
+HIDDEN_FROM_SYSTEM_UNIT: Final = {"/home": "ProtectHome=yes", "/root": "ProtectHome=yes",
+                                  "/run/user": "ProtectHome=yes", "/tmp": "PrivateTmp=yes",
+                                  "/var/tmp": "PrivateTmp=yes"}
 
 
 def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ...]:
-    """The system unit's ``ProtectHome=yes`` hides these trees: it could not start from there.
+    """Why the system unit could not start from here: a tree it hides, if any.
+
+    ``ProtectHome=yes`` hides the homes, ``PrivateTmp=yes`` the temporary folders.
 
     Both the script and the Python it runs on count, links followed (a venv in /opt made with
     a pyenv or uv Python in ~ runs that one).
@@ -231,9 +235,10 @@ def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ..
                   (Path(executable).resolve(), f"ExecStart={executable}"),
                   (python, f"its Python ({python})"))
     for path, what in candidates:
-        tree = next((t for t in HIDDEN_BY_PROTECT_HOME if path.is_relative_to(t)), None)
+        tree = next((t for t in HIDDEN_FROM_SYSTEM_UNIT if path.is_relative_to(t)), None)
         if tree is not None:
-            return (f"{what} is under {tree}, which the system unit's ProtectHome=yes hides: it "
+            return (f"{what} is under {tree}, which the system unit's "
+                    f"{HIDDEN_FROM_SYSTEM_UNIT[tree]} hides: it "
                     "would not start. Install transcribed outside it (e.g. a venv in "
                     "/opt/transcribed on a system Python) and run that one's install-service "
                     "--system, or use the user unit (--user)",)
