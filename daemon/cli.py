@@ -16,6 +16,7 @@ from daemon import __version__
 EX_OK: Final = 0
 EX_FAILURE: Final = 1
 EX_CONFIG: Final = 78
+EX_INTERRUPTED: Final = 130
 
 _DESCRIPTION: Final = """\
 Always-on speech to text: captures the microphone (or a WAV file), transcribes it with
@@ -27,7 +28,7 @@ Config lookup without --config: $TRANSCRIBED_CONFIG, $XDG_CONFIG_HOME/transcribe
 TRANSCRIBED_<SECTION>__<KEY>, e.g. TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE.
 
 Exit codes: 0 done, 1 unexpected failure, 2 command line not understood, 77 credentials
-rejected, 78 configuration error."""
+rejected, 78 configuration error, 130 interrupted (Ctrl-C) before it could stop cleanly."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Output cut short by its reader (``transcribed check-config | head``) ends it quietly, with
     no traceback: the command's own exit code if it had finished, else 1 (as a program killed
     by SIGPIPE fails), so a failure is never reported as success. ``tail`` handles this itself
-    and exits 0.
+    and exits 0. Ctrl-C where no command handles it (``run`` does once it is up, ``tail``
+    always) is one line and exit 130, as a shell reports a program stopped by SIGINT.
     """
     code = 1
     try:
@@ -90,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    except KeyboardInterrupt:           # Ctrl-C where nothing handles it (run: while starting)
+        print("transcribed: interrupted", file=sys.stderr)
+        code = EX_INTERRUPTED
     return code
 
 
