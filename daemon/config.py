@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
@@ -25,9 +25,15 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.envvars import (
+    ENV_PREFIX,
+    problem_origin,
+    unknown_variables,
+    unparsable_line,
+    unparsed_container,
+)
 from daemon.errors import ConfigError
 
-ENV_PREFIX: Final = "TRANSCRIBED_"
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
@@ -289,7 +295,7 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
         ConfigError: the file is not TOML (or cannot be read): nothing else can be checked.
     """
     settings, failed, problems = _read(path)
-    return settings, failed, problems + unknown_variables(os.environ)
+    return settings, failed, problems + unknown_variables(os.environ, Settings.model_fields)
 
 
 def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]]:
@@ -302,7 +308,8 @@ def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]
         settings = _settings(path)
     except ValidationError as exc:
         problems = [problem_origin(line, where, os.environ) + line
-                    for line in validation_lines(exc)]
+                    for line in validation_lines(exc, sections=Settings.model_fields,
+                                                 env=os.environ)]
         failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
         defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True)
                     for name in failed if name in Settings.model_fields and name != "sinks"}
@@ -313,7 +320,9 @@ def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]
         except (ValidationError, SettingsError):
             return None, failed, problems
     except SettingsError as exc:
-        return None, failed, [_environment_error(exc, os.environ)]
+        found = re.search(r'field "([^"]+)"', str(exc))
+        return None, failed, [unparsable_line(found.group(1) if found else None, exc.__cause__,
+                                              os.environ, Settings)]
     if "assemblyai" not in failed:
         try:
             settings = _resolve_secrets(settings, where, os.environ)
@@ -330,52 +339,6 @@ def _settings(path: Path | None, **sections: Any) -> Settings:
         return Settings(**sections)
     finally:
         Settings._toml_path = None
-
-
-def problem_origin(line: str, where: str, env: Mapping[str, str]) -> str:
-    """Who set the key a problem line names: the environment variable that set it, else ``where``.
-
-    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``).
-    """
-    parts = line.split(":", 1)[0].split(" ", 1)[0].upper().split(".")
-    names = {variable.upper() for variable in env}
-    for end in range(len(parts), 0, -1):
-        name = ENV_PREFIX + "__".join(parts[:end])
-        if name in names:
-            return f"environment {name}: "
-    return where
-
-
-def variable_key(name: str) -> list[str] | None:
-    """The key path an environment variable sets, ``None`` for one that is not a setting.
-
-    ``TRANSCRIBED_SINKS__HOOK__URL`` → ``["sinks", "hook", "url"]``.
-    """
-    if not name.upper().startswith(ENV_PREFIX) or name.upper() == "TRANSCRIBED_CONFIG":
-        return None
-    return name[len(ENV_PREFIX):].lower().split("__")
-
-
-def unknown_variables(env: Mapping[str, str]) -> list[str]:
-    """``TRANSCRIBED_*`` variables that name no section, one line each.
-
-    ``TRANSCRIBED_ASSEMBLYAI_API_KEY`` (one underscore) would otherwise be ignored without a word.
-    """
-    sections = set(Settings.model_fields)
-    return [f"environment {name}: unknown setting (TRANSCRIBED_<SECTION>__<KEY>, sections: "
-            f"{', '.join(sorted(sections))})"
-            for name in sorted(env)
-            if (key := variable_key(name)) is not None and key[0] not in sections]
-
-
-def _environment_error(exc: SettingsError, env: Mapping[str, str]) -> str:
-    """One line naming the environment variables of a value that could not be parsed."""
-    found = re.search(r'field "([^"]+)"', str(exc))
-    prefix = ENV_PREFIX + (found.group(1).upper() if found else "")
-    names = sorted(name for name in env if name.upper().startswith(prefix))
-    cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
-    return (f"environment: {', '.join(names) or prefix + '*'}: cannot parse the value{cause}; "
-            "lists and tables are written as JSON, e.g. '[\"a\", \"b\"]'")
 
 
 def _check_toml(path: Path) -> None:
@@ -441,15 +404,32 @@ def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> 
     return settings.model_copy(update={"assemblyai": new_section})
 
 
-def validation_lines(exc: ValidationError, prefix: str = "") -> list[str]:
-    """Turn a pydantic error into ``dotted.key: message`` lines, never echoing input values."""
+def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection[str] = (),
+                     sections: Collection[str] = (), env: Mapping[str, str] | None = None
+                     ) -> list[str]:
+    """Turn a pydantic error into ``dotted.key: message`` lines, never echoing input values.
+
+    ``skip``: keys whose problems are reported otherwise. ``sections``: the top level's keys
+    (a table there that is none of them is an unknown section). ``env``: the environment the
+    values came from (a list or table there that is not JSON says so).
+    """
     lines = []
-    for error in exc.errors(include_input=False, include_url=False):
+    for error in exc.errors(include_url=False):   # the input is looked at, never shown
+        if error["loc"] and str(error["loc"][0]) in skip:
+            continue
         loc = ".".join(str(part) for part in error["loc"])
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+            if sections and len(error["loc"]) == 1:
+                known = ", ".join(sorted(sections))
+                message = (f"unknown section (the sections are {known})"
+                           if isinstance(error.get("input"), dict)
+                           else f"unknown key (the top level has only the sections {known})")
+        elif env is not None and (unparsed := unparsed_container(
+                error["type"], error["loc"], error.get("input"), env)) is not None:
+            message = unparsed
         elif error["type"] == "missing":
             message = "required key is missing"
         elif error["type"] in ("value_error", "assertion_error"):

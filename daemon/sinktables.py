@@ -1,22 +1,24 @@
 """The ``[sinks]`` tables: each validated by its sink type's own model, at start-up and reload.
 
 A table's key is the sink's (instance) name; its ``type`` picks the model from the plugins. Every
-problem is one line naming ``sinks.<name>.<key>``, and all are reported at once.
+problem is one line naming ``sinks.<name>.<key>``, and all are reported at once. Disabled sinks
+(``enabled = false``) are validated too (``check-config`` shows them); what runs is
+``enabled_sinks``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
-from contextlib import suppress
-from types import UnionType
-from typing import Annotated, Any, Final, Union, get_args, get_origin
+from typing import Any, Final
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from daemon.config import validation_lines
+from daemon.envvars import json_problem, takes_json, takes_text, variable_key
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
 
@@ -25,9 +27,16 @@ SINK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
 ValidatedSinks = dict[str, tuple[SinkType, SinkConfig]]   # sink name -> its type and config
 
 
-def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) -> ValidatedSinks:
-    """Validate every sink table with its type's model. Problems name ``sinks.<name>.<key>``."""
+def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
+                   env: Mapping[str, str] | None = None) -> ValidatedSinks:
+    """Validate every sink table with its type's model. Problems name ``sinks.<name>.<key>``.
+
+    Returns every sink, disabled ones included. ``env`` (default ``os.environ``) tells which
+    keys the environment set: a list or table there must be JSON text.
+    """
     known = host.sink_types()
+    keys = [key for key in map(variable_key, os.environ if env is None else env)
+            if key is not None and len(key) == 3 and key[0] == "sinks"]
     problems: list[str] = []
     result: ValidatedSinks = {}
     for name, table in tables.items():
@@ -45,45 +54,57 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]]) ->
             problems.append(f"sinks.{name}.type: {got} (known types: {choices})")
             continue
         sink_type = known[type_name]
+        values, unparsed = _json_values(sink_type, table, {k[2] for k in keys if k[1] == name})
+        problems.extend(f"sinks.{name}.{key}: {problem}" for key, problem in unparsed.items())
         try:
-            config = sink_type.config_model.model_validate(_json_values(sink_type, table))
+            config = sink_type.config_model.model_validate(values)
         except ValidationError as exc:
-            problems.extend(validation_lines(exc, prefix=f"sinks.{name}"))
+            problems.extend(validation_lines(exc, prefix=f"sinks.{name}", skip=unparsed))
             continue
         except ConfigError as exc:
             problems.extend(f"sinks.{name}.{p}" for p in exc.problems)
             continue
-        if config.enabled:
+        if not unparsed:
             result[name] = (sink_type, config)
     if problems:
         raise ConfigError(problems)
     return result
 
 
-def _json_values(sink_type: SinkType, table: Mapping[str, Any]) -> dict[str, Any]:
-    """The table with JSON text read for keys that take a table or a list.
+def enabled_sinks(sinks: ValidatedSinks) -> ValidatedSinks:
+    """The sinks that run: those with ``enabled = true``."""
+    return {name: sink for name, sink in sinks.items() if sink[1].enabled}
+
+
+def none_enabled(sinks: ValidatedSinks) -> list[str]:
+    """The disabled sinks' names when sinks are configured but none is enabled, else ``[]``.
+
+    Turns then go nowhere (the console sink stands in only when no sink is configured at all).
+    """
+    return [] if enabled_sinks(sinks) else sorted(sinks)
+
+
+def _json_values(sink_type: SinkType, table: Mapping[str, Any], from_env: AbstractSet[str]
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The table with JSON text read for keys that take a table or a list, and what failed.
 
     Environment overrides are text (``TRANSCRIBED_SINKS__HOOK__HEADERS='{"X-Team": "ops"}'``):
-    written as JSON, as for the other sections' lists and tables.
+    written as JSON, as for the other sections' lists and tables. Such a key (in ``from_env``)
+    that does not also take plain text must parse; its problem is returned by key.
     """
     fields = sink_type.config_model.model_fields
     values = dict(table)
+    unparsed: dict[str, str] = {}
     for key, value in table.items():
         field = fields.get(key)
-        if field is None or not isinstance(value, str) or value.lstrip()[:1] not in ("{", "["):
+        if field is None or not isinstance(value, str) or not takes_json(field.annotation):
             continue
-        if _takes_json(field.annotation):
-            with suppress(ValueError, RecursionError):
-                values[key] = json.loads(value)
-    return values
-
-
-def _takes_json(annotation: Any) -> bool:
-    """A table, a list or a model (also inside ``X | None`` or ``Annotated``), not text."""
-    origin = get_origin(annotation)
-    if origin in (Union, UnionType, Annotated):
-        members = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
-        return any(_takes_json(member) for member in members)
-    target = origin or annotation
-    return isinstance(target, type) and not issubclass(target, str | bytes) \
-        and issubclass(target, Mapping | Sequence | AbstractSet | BaseModel)
+        must = key in from_env and not takes_text(field.annotation)
+        if not must and value.lstrip()[:1] not in ("{", "["):
+            continue
+        try:
+            values[key] = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            if must:
+                unparsed[key] = json_problem(exc, field.annotation)
+    return values, unparsed

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from daemon.config import (
     DEFAULT_TOKEN_URL,
@@ -21,10 +21,9 @@ from daemon.config import (
     Settings,
     find_config,
     look,
-    problem_origin,
     read_settings,
-    variable_key,
 )
+from daemon.envvars import problem_origin, variable_key
 from daemon.errors import AudioError, ConfigError, EngineError
 from daemon.sinktables import ValidatedSinks, validate_sinks
 
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 
 def validate(config: str | None, plugins: PluginHost
              ) -> tuple[Settings, Path | None, ValidatedSinks]:
-    """The settings, their file and the validated sink tables.
+    """The settings, their file and the validated sink tables (disabled ones included).
 
     Raises:
         ConfigError: every problem found, one line each.
@@ -42,22 +41,33 @@ def validate(config: str | None, plugins: PluginHost
     path = find_config(config)
     where = f"{path}: " if path else ""
     settings, failed, problems = read_settings(path)
+    tables = _file_sinks(path)
     if settings is None:              # report the file's sink problems with the others
-        raise ConfigError(problems + _file_sink_problems(plugins, path, where))
+        raise ConfigError(problems + _file_sink_problems(plugins, tables, where))
     late = check_semantics(settings, skip=failed)
     sinks: ValidatedSinks = {}
     try:
         sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
         late += exc.problems
-    # each names its environment variable, if one set the key
-    problems += [problem_origin(p, where, os.environ) + p for p in late]
+    # each names its environment variable, if one set the key (or the sink)
+    problems += [problem_origin(p, where, os.environ, file_sinks=tables.keys()) + p
+                 for p in late]
     if problems:
         raise ConfigError(problems)
     return settings, path, sinks
 
 
-def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> list[str]:
+def _file_sinks(path: Path | None) -> dict[str, Any]:
+    """The config file's ``[sinks]`` entries (none when it has none, or no file is used)."""
+    try:
+        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}                           # read_settings has reported it
+    return tables if isinstance(tables, dict) else {}
+
+
+def _file_sink_problems(plugins: PluginHost, tables: dict[str, Any], where: str) -> list[str]:
     """The problems of a config file's ``[sinks]`` tables, when the settings could not be built.
 
     Left out (reported once the settings load): entries that are not tables (the settings'
@@ -67,12 +77,8 @@ def _file_sink_problems(plugins: PluginHost, path: Path | None, where: str) -> l
     keys = [key for key in map(variable_key, os.environ) if key is not None]
     overridden = {key[1] for key in keys if len(key) > 1 and key[0] == "sinks"}
     try:
-        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
-        if isinstance(tables, dict):
-            validate_sinks(plugins, {name: table for name, table in tables.items()
-                                     if isinstance(table, dict) and name not in overridden})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        pass                                # read_settings has reported it
+        validate_sinks(plugins, {name: table for name, table in tables.items()
+                                 if isinstance(table, dict) and name not in overridden})
     except ConfigError as exc:
         return [where + p for p in exc.problems]
     return []

@@ -14,10 +14,11 @@ from pydantic import BaseModel, HttpUrl
 
 from daemon.commands import check_config
 from daemon.config import find_config, load_settings
+from daemon.envvars import takes_json
 from daemon.errors import ConfigError
 from daemon.masking import masked_dict, secret_values
 from daemon.plugins import load_plugins
-from daemon.sinktables import _takes_json, validate_sinks
+from daemon.sinktables import validate_sinks
 from tests.conftest import REPO, TRANSCRIBED
 
 
@@ -113,7 +114,7 @@ class TestValues:
     ])
     def test_which_sink_keys_read_json(self, annotation: Any, json: bool) -> None:
         """Keys taking a table, a list or a model read JSON text; text keys never do."""
-        assert _takes_json(annotation) is json
+        assert takes_json(annotation) is json
 
     def test_env_sink_problem_names_the_variable(self, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -137,12 +138,17 @@ class TestValues:
 
     def test_unparsable_env_value_is_one_line(self, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-        """A list or table in the environment that is not JSON names the variable: exit 78."""
+        """A list or table in the environment that is not JSON names the variable and its key
+        (in the one format of every environment line), even beside a fine variable: exit 78."""
         path = write(tmp_path / "c.toml", '[sinks.c]\ntype = "console"\n')
         monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI__KEYTERMS", "notjson")
-        with pytest.raises(ConfigError, match=r"^environment: TRANSCRIBED_ASSEMBLYAI__KEYTERMS: "
-                                              r"cannot parse the value \(Expecting value"):
+        monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI__SPEECH_MODEL", "[fine as text")
+        with pytest.raises(ConfigError) as info:
             load_settings(path)
+        assert info.value.problems == [
+            "environment TRANSCRIBED_ASSEMBLYAI__KEYTERMS: assemblyai.keyterms: cannot parse the "
+            "value (Expecting value: line 1 column 1 (char 0)); lists and tables are written as "
+            "JSON, e.g. '[\"a\", \"b\"]'"]
 
     def test_api_key_file_and_credentials(self, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +200,17 @@ class TestErrors:
         assert f"{path}: audio.bogus: unknown key" in lines
         assert any(line.startswith(f"{path}: audio.chunk_ms:") for line in lines)
         assert any(line.startswith(f"{path}: assemblyai.token_expires_in:") for line in lines)
-        assert f"{path}: nosuch: unknown key" in lines
+        assert f"{path}: nosuch: unknown section (the sections are assemblyai, audio, http, " \
+            "local, log, reconnect, sinks, state, transcriber)" in lines
+
+    def test_unknown_top_level_key(self, tmp_path: Path) -> None:
+        """A top-level key that is not a table is an unknown key, not a section."""
+        path = write(tmp_path / "c.toml", "nosuch = 1\n")
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert info.value.problems == [f"{path}: nosuch: unknown key (the top level has only the "
+                                       "sections assemblyai, audio, http, local, log, reconnect, "
+                                       "sinks, state, transcriber)"]
 
     def test_invalid_toml(self, tmp_path: Path) -> None:
         """A syntax error names the file and the position."""
@@ -265,8 +281,9 @@ def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
         f"{path}: sinks.j.path: must name a file",
     ]        # not "audio.path: required …" (audio is unchecked) nor a missing key (unreadable)
     path.write_text('[nosuch]\nx = 1\n[sinks.j]\ntype = "file"\npath = ""\n')
-    assert _problems(path, capsys) == [
-        f"{path}: nosuch: unknown key", f"{path}: sinks.j.path: must name a file"]
+    [unknown, sink] = _problems(path, capsys)
+    assert unknown.startswith(f"{path}: nosuch: unknown section (the sections are assemblyai")
+    assert sink == f"{path}: sinks.j.path: must name a file"
 
 
 class TestEveryProblemOnce:
@@ -319,10 +336,10 @@ class TestEveryProblemOnce:
         monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__URL", "http://127.0.0.1:9/x")
         path = write(tmp_path / "c.toml", '[nosuch]\nx = 1\n[sinks]\nx = 1\n'
                      '[sinks.hook]\ntype = "webhook"\n[sinks.j]\ntype = "file"\npath = ""\n')
-        assert _problems(path, capsys) == [
-            f"{path}: sinks.x: Input should be a valid dictionary",
-            f"{path}: nosuch: unknown key",
-            f"{path}: sinks.j.path: must name a file"]
+        [table, unknown, sink] = _problems(path, capsys)
+        assert table == f"{path}: sinks.x: Input should be a valid dictionary"
+        assert unknown.startswith(f"{path}: nosuch: unknown section (the sections are")
+        assert sink == f"{path}: sinks.j.path: must name a file"
 
 
 def test_files_that_are_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,176 @@
+"""Who set a key: ``TRANSCRIBED_<SECTION>__<KEY>`` variables, and the lines that blame them.
+
+Every problem line starts with where its key was set: ``<file>: `` or, for the environment,
+``environment <VARIABLE>[, <VARIABLE>…]: `` (one format for all). Lists and tables set from the
+environment are JSON text; one that does not parse says so, with an example.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from types import UnionType
+from typing import Annotated, Any, Final, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+ENV_PREFIX: Final = "TRANSCRIBED_"
+
+
+def environment(names: Collection[str]) -> str:
+    """The origin prefix of a line about the keys these variables set."""
+    return f"environment {', '.join(names)}: "
+
+
+def variable_key(name: str) -> list[str] | None:
+    """The key path an environment variable sets, ``None`` for one that is not a setting.
+
+    ``TRANSCRIBED_SINKS__HOOK__URL`` → ``["sinks", "hook", "url"]``.
+    """
+    if not name.upper().startswith(ENV_PREFIX) or name.upper() == "TRANSCRIBED_CONFIG":
+        return None
+    return name[len(ENV_PREFIX):].lower().split("__")
+
+
+def problem_origin(line: str, where: str, env: Mapping[str, str],
+                   file_sinks: AbstractSet[str] | None = None) -> str:
+    """Who set the key a problem line names: the environment variable that set it, else ``where``.
+
+    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``).
+    With ``file_sinks`` (the sink names the file has): a sink the file does not have exists
+    only because of the environment, so the variables that set its keys are named.
+    """
+    parts = line.split(":", 1)[0].split(" ", 1)[0].upper().split(".")
+    names = {variable.upper() for variable in env}
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(parts[:end])
+        if name in names:
+            return environment([name])
+    if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
+            and parts[1].lower() not in {sink.lower() for sink in file_sinks}:
+        setters = sorted(name for name in names
+                         if name.startswith(f"{ENV_PREFIX}SINKS__{parts[1]}__"))
+        if setters:
+            return environment(setters)
+    return where
+
+
+def unknown_variables(env: Mapping[str, str], sections: Collection[str]) -> list[str]:
+    """``TRANSCRIBED_*`` variables that name no section, one line each.
+
+    ``TRANSCRIBED_ASSEMBLYAI_API_KEY`` (one underscore) would otherwise be ignored without a word.
+    """
+    known = ", ".join(sorted(sections))
+    return [f"{environment([name])}unknown setting (TRANSCRIBED_<SECTION>__<KEY>, sections: "
+            f"{known})"
+            for name in sorted(env)
+            if (key := variable_key(name)) is not None and key[0] not in sections]
+
+
+def unparsable_line(field: str | None, cause: BaseException | None, env: Mapping[str, str],
+                    model: type[BaseModel]) -> str:
+    """One line naming the variable whose list or table value (under ``field``) is not JSON.
+
+    The variables under ``field`` whose key takes a list or table and whose value does not
+    parse are named with their key; if none can be singled out, all of them with ``field``.
+    """
+    keys = {name: key for name in sorted(env) if (key := variable_key(name)) is not None
+            and (field is None or key[0] == field)}
+    culprits = [name for name, key in keys.items()
+                if takes_json(key_annotation(model, key)) and not _parses(env[name])]
+    if len(culprits) == 1:
+        (name,) = culprits
+        annotation = key_annotation(model, keys[name])
+        return f"{environment([name])}{'.'.join(keys[name])}: {json_problem(cause, annotation)}"
+    names = culprits or list(keys) or [f"{ENV_PREFIX}{(field or '').upper()}*"]
+    return f"{environment(names)}{field or '?'}: {json_problem(cause, None)}"
+
+
+def json_problem(cause: BaseException | None, annotation: Any) -> str:
+    """``cannot parse the value (…)`` and how to write it; never the value itself."""
+    example = '{"key": "value"}' if _takes_table(annotation) else '["a", "b"]'
+    reason = f" ({cause})" if cause is not None else ""
+    return f"cannot parse the value{reason}; lists and tables are written as JSON, e.g. '{example}'"
+
+
+_CONTAINER_ERRORS: Final = {"dict_type": dict, "model_type": dict, "model_attributes_type": dict,
+                            "list_type": list, "tuple_type": list, "set_type": list}
+
+
+def unparsed_container(error_type: str, loc: Sequence[str | int], value: Any,
+                       env: Mapping[str, str]) -> str | None:
+    """The problem of a list or table that is text from its own variable and not JSON.
+
+    (``TRANSCRIBED_SINKS__NOTES='{...'``: the settings source leaves such text as it is.)
+    """
+    kind = _CONTAINER_ERRORS.get(error_type)
+    name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    values = {variable.upper(): text for variable, text in env.items()}
+    if kind is None or not isinstance(value, str) or values.get(name) != value:
+        return None
+    try:
+        json.loads(value)
+    except (ValueError, RecursionError) as exc:
+        return json_problem(exc, kind)
+    return None
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def key_annotation(model: type[BaseModel], key: Sequence[str]) -> Any:
+    """The type a key path takes in ``model`` (``None`` when it names no key)."""
+    annotation: Any = model
+    for part in key:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (dict, Mapping) and len(get_args(annotation)) == 2:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    return annotation
+
+
+def _members(annotation: Any) -> tuple[Any, ...] | None:
+    """The members of ``X | Y`` or the type of ``Annotated[X, …]``; ``None`` for other types."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return get_args(annotation)
+    if origin is Annotated:
+        return get_args(annotation)[:1]
+    return None
+
+
+def takes_json(annotation: Any) -> bool:
+    """A table, a list or a model (also inside ``X | None`` or ``Annotated``), not text."""
+    members = _members(annotation)
+    if members is not None:
+        return any(takes_json(member) for member in members)
+    target = get_origin(annotation) or annotation
+    return isinstance(target, type) and not issubclass(target, str | bytes) \
+        and issubclass(target, Mapping | Sequence | AbstractSet | BaseModel)
+
+
+def takes_text(annotation: Any) -> bool:
+    """Plain text is a valid value (``str``, also inside ``X | None`` or ``Annotated``)."""
+    members = _members(annotation)
+    if members is not None:
+        return any(takes_text(member) for member in members)
+    return isinstance(annotation, type) and issubclass(annotation, str)
+
+
+def _takes_table(annotation: Any) -> bool:
+    members = _members(annotation)
+    if members is not None:
+        return any(_takes_table(member) for member in members)
+    target = get_origin(annotation) or annotation
+    return isinstance(target, type) and issubclass(target, Mapping | BaseModel)
