@@ -32,8 +32,8 @@ from daemon.masking import secret_values
 from daemon.metrics import AudioMeter, StatusSnapshot, snapshot_of
 from daemon.notify import Notifier
 from daemon.plugins import PluginHost, load_plugins
-from daemon.reload import Loader, Reloader, SinkBuilder
-from daemon.sinktables import ValidatedSinks, validate_sinks
+from daemon.reload import Loader, Reloader, SinkBuilder, warn_none_enabled
+from daemon.sinktables import ValidatedSinks, enabled_sinks, validate_sinks
 from daemon.web import LiveServer
 
 log = structlog.get_logger("daemon.app")
@@ -167,12 +167,17 @@ class _Parts:
 
 def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, host: str,
               validated: ValidatedSinks | None) -> _Parts:
-    """Sinks (validated, their secrets taught to the masker), dispatcher, listener, source."""
+    """Sinks (the enabled ones, their secrets taught to the masker), dispatcher, listener, source.
+
+    Sinks configured but none enabled are logged once (``sinks.none_enabled``).
+    """
     closers: list[Any] = []
     sinks = SinkBuilder(host, settings.state_path(), closers)
     if validated is None:
         validated = validate_sinks(plugins, settings.effective_sinks())
-    runners = [sinks.build(name, t, config) for name, (t, config) in validated.items()]
+    runners = [sinks.build(name, t, config)
+               for name, (t, config) in enabled_sinks(validated).items()]
+    warn_none_enabled(validated)
     sinks.warn_orphans(r.name for r in runners if r.sink_type.durable)
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / DEAD_LETTERS)
@@ -199,7 +204,8 @@ async def run(
         settings: the validated configuration.
         masker: the log masker (learns every secret, also those a reload brings).
         plugins: the plugin host (default: built-ins and installed entry points).
-        sinks: the sink tables already validated with ``plugins`` (default: validate them).
+        sinks: the sink tables already validated with ``plugins``, disabled ones included
+            (default: validate them).
         loader: re-reads the config on SIGHUP; without one SIGHUP is logged and ignored.
         notifier: systemd notifications (default: from ``$NOTIFY_SOCKET``).
     """

@@ -93,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    """``transcribed check-config``: validate everything, print the effective config masked."""
+    """``transcribed check-config``: validate everything, print the effective config masked.
+
+    Disabled sinks are shown too (``enabled = false``), masked as the others are.
+    """
     import tomli_w
+
+    from daemon.sinktables import none_enabled
 
     try:
         settings, path, validated = _validated(args)
@@ -106,6 +111,8 @@ def check_config(args: argparse.Namespace) -> int:
         f"# transcribed {settings.engine_name()} engine; config: "
         f"{path if path else 'built-in defaults'}"
     )
+    if none_enabled(validated):
+        print("# no sink is enabled: turns are delivered to no sink")
     print(tomli_w.dumps(_tomlable(data)), end="")
     return EX_OK
 
@@ -134,9 +141,13 @@ def devices(_args: argparse.Namespace) -> int:
 
 
 def test_sinks(args: argparse.Namespace) -> int:
-    """``transcribed test-sinks``: one synthetic turn through every sink, reported per sink."""
+    """``transcribed test-sinks``: one synthetic turn through every enabled sink, reported per sink.
+
+    Sinks configured but none enabled: one line saying so, exit 1 (nothing was tested).
+    """
     from daemon import logs
     from daemon.plugins import SinkContext
+    from daemon.sinktables import enabled_sinks, none_enabled
 
     try:
         settings, _path, validated = _validated(args)
@@ -144,10 +155,14 @@ def test_sinks(args: argparse.Namespace) -> int:
         return _config_failed(exc)
     logs.configure(level=settings.log.level, fmt=settings.log.format,   # stderr, masked
                    secrets=secret_values(settings, {n: c for n, (_t, c) in validated.items()}))
+    if disabled := none_enabled(validated):
+        print(f"transcribed test-sinks: no sink is enabled ({', '.join(disabled)}: "
+              "enabled = false)", file=sys.stderr)
+        return EX_FAILURE
     context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path())
     record = synthetic_turn(context.host)
     failures = 0
-    for name, (sink_type, config) in validated.items():
+    for name, (sink_type, config) in enabled_sinks(validated).items():
         sink = sink_type.factory(name, config, context)
         error = asyncio.run(_try_send(sink, record))
         failures += error is not None

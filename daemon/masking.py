@@ -3,7 +3,8 @@
 Secret keys (``api_key``, ``secret``, ``password``, ``token``), header values, and the parts of a
 sink ``url`` that may be credentials (user info, path and query: webhook URLs are often bearer
 secrets) are replaced by ``MASK``; ``secret_values`` lists the same strings for the log masker
-(``daemon.logs``).
+(``daemon.logs``). A list of secrets (a webhook's, during rotation) is shown in the form the
+example config documents: one string, ``MASK`` for each, space-separated.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: _mask(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        if key == "secret":
-            return [MASK for _ in value]
+        if key == "secret":                   # several: space-separated, as documented
+            return " ".join(MASK for _ in value)
         return [_mask(v) for v in value]
     if key in _SECRET_KEYS and value:
         return MASK

@@ -23,7 +23,7 @@ from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
-from daemon.sinktables import ValidatedSinks
+from daemon.sinktables import ValidatedSinks, enabled_sinks, none_enabled
 
 if TYPE_CHECKING:  # sqlite3 loads only when a network sink is built
     from daemon.outbox import Outbox
@@ -33,7 +33,7 @@ log = structlog.get_logger("daemon.reload")
 Loader = Callable[[], tuple[Settings, Path | None, ValidatedSinks]]
 """Finds, loads and checks the config (``ConfigError`` when invalid), as ``check-config`` does;
 returns the settings, the file they came from (``None``: built-in defaults) and the sink tables
-validated against the running plugin host."""
+validated against the running plugin host (disabled ones included)."""
 
 
 @dataclass
@@ -139,6 +139,13 @@ def _refuse_a_vanished_config(old: Settings, new: Settings, path: Path | None) -
                           f"{', '.join(sorted(old.sinks))}); restart to run without them")
 
 
+def warn_none_enabled(sinks: ValidatedSinks) -> None:
+    """At start and after a reload: sinks configured, none enabled, means turns go nowhere."""
+    if disabled := none_enabled(sinks):
+        log.warning("sinks.none_enabled", disabled=disabled,
+                    hint="turns are delivered to no sink: set enabled = true on one")
+
+
 def restart_sections(old: Settings, new: Settings) -> list[str]:
     """The non-sink sections whose values differ (they only take effect after a restart)."""
     return [
@@ -180,8 +187,9 @@ class Reloader:
         log.info("reload.started")
         path: Path | None = None
         try:
-            settings, path, wanted = await asyncio.to_thread(self.loader)
+            settings, path, configured = await asyncio.to_thread(self.loader)
             _refuse_a_vanished_config(self.settings, settings, path)
+            wanted = enabled_sinks(configured)
             plan = plan_sinks(self.dispatcher.runners, wanted)
             built = {
                 name: self.sinks.build(name, *wanted[name], fresh=name in plan.changed)
@@ -209,4 +217,5 @@ class Reloader:
         if sections:
             log.warning("reload.restart_required", sections=sections,
                         hint="these settings take effect after a restart")
+        warn_none_enabled(configured)
         return "applied"

@@ -35,9 +35,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from daemon.backoff import retry_after_s
 from daemon.config import read_secret_file
@@ -126,25 +129,37 @@ class WebhookConfig(SinkConfig):
             _secret_key(secret, number)
         return value
 
-    @field_validator("headers", mode="before")
+    @field_validator("headers", mode="wrap")
     @classmethod
-    def _header_names(cls, value: Any) -> Any:
-        # Names are checked before the values, whose errors are located at headers.<name>:
-        # only a valid token may become part of that (one-line) location.
-        if isinstance(value, dict):
-            for name in value:
-                if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-                    raise ValueError(f"{name!r} is not a valid header name (letters, digits and "
-                                     "!#$%&'*+-.^_`|~ only)")
-        return value
+    def _header_names(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Every bad header name is named (one line each); the other headers' values are checked.
 
-    @field_validator("headers")
-    @classmethod
-    def _own_headers(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if name.lower().startswith("webhook-") or name.lower() in _SET_BY_THE_SINK:
-                raise ValueError(f"header {name!r} is set by the sink and cannot be overridden")
-        return value
+        A bad name's value is not: only a valid token may become part of a value problem's
+        (one-line) location, ``headers.<name>``.
+        """
+        if not isinstance(value, dict):
+            return handler(value)
+        problems = {name: problem for name in value if (problem := _header_name_problem(name))}
+        errors: list[InitErrorDetails] = [
+            {"type": PydanticCustomError("header_name", problem), "loc": (), "input": name}
+            for name, problem in problems.items()]
+        try:
+            headers = handler({k: v for k, v in value.items() if k not in problems})
+        except ValidationError as exc:
+            errors += [{"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"],
+                        "input": None} for e in exc.errors(include_url=False)]
+        if errors:
+            raise ValidationError.from_exception_data("headers", errors)
+        return headers
+
+
+def _header_name_problem(name: Any) -> str | None:
+    """Why a header cannot have this name (``None``: it can)."""
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        return f"{name!r} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    if name.lower().startswith("webhook-") or name.lower() in _SET_BY_THE_SINK:
+        return f"header {name!r} is set by the sink and cannot be overridden"
+    return None
 
 
 def _secret_key(secret: SecretStr, number: int) -> bytes:
