@@ -94,7 +94,7 @@ def json_problem(cause: BaseException | None, annotation: Any) -> str:
     return f"cannot parse the value{reason}; lists and tables are written as JSON, e.g. '{example}'"
 
 
-_CONTAINER_ERRORS: Final = {"dict_type": dict, "model_type": dict, "model_attributes_type": dict,
+CONTAINER_ERRORS: Final = {"dict_type": dict, "model_type": dict, "model_attributes_type": dict,
                             "list_type": list, "tuple_type": list, "set_type": list}
 
 
@@ -104,7 +104,7 @@ def unparsed_container(error_type: str, loc: Sequence[str | int], value: Any,
 
     (``TRANSCRIBED_SINKS__NOTES='{...'``: the settings source leaves such text as it is.)
     """
-    kind = _CONTAINER_ERRORS.get(error_type)
+    kind = CONTAINER_ERRORS.get(error_type)
     name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
     values = {variable.upper(): text for variable, text in env.items()}
     if kind is None or not isinstance(value, str) or values.get(name) != value:
@@ -158,14 +158,6 @@ def takes_json(annotation: Any) -> bool:
     target = get_origin(annotation) or annotation
     return isinstance(target, type) and not issubclass(target, str | bytes) \
         and issubclass(target, Mapping | Sequence | AbstractSet | BaseModel)
-
-
-def takes_text(annotation: Any) -> bool:
-    """Plain text is a valid value (``str``, also inside ``X | None`` or ``Annotated``)."""
-    members = _members(annotation)
-    if members is not None:
-        return any(takes_text(member) for member in members)
-    return isinstance(annotation, type) and issubclass(annotation, str)
 
 
 def _takes_table(annotation: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from daemon.config import validation_lines
-from daemon.envvars import json_problem, takes_json, takes_text, variable_key
+from daemon.envvars import CONTAINER_ERRORS, json_problem, takes_json, variable_key
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
 
@@ -55,17 +55,21 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
             continue
         sink_type = known[type_name]
         values, unparsed = _json_values(sink_type, table, {k[2] for k in keys if k[1] == name})
-        problems.extend(f"sinks.{name}.{key}: {problem}" for key, problem in unparsed.items())
         try:
             config = sink_type.config_model.model_validate(values)
         except ValidationError as exc:
-            problems.extend(validation_lines(exc, prefix=f"sinks.{name}", skip=unparsed))
+            # text from the environment that was not JSON, where the model wanted a list or
+            # table (a webhook's ``secret`` also takes plain text): say how to write it
+            wrong = {key: problem for key, problem in unparsed.items()
+                     if any(e["loc"][:1] == (key,) and e["type"] in CONTAINER_ERRORS
+                            for e in exc.errors())}
+            problems.extend(f"sinks.{name}.{key}: {problem}" for key, problem in wrong.items())
+            problems.extend(validation_lines(exc, prefix=f"sinks.{name}", skip=wrong))
             continue
         except ConfigError as exc:
             problems.extend(f"sinks.{name}.{p}" for p in exc.problems)
             continue
-        if not unparsed:
-            result[name] = (sink_type, config)
+        result[name] = (sink_type, config)
     if problems:
         raise ConfigError(problems)
     return result
@@ -90,7 +94,8 @@ def _json_values(sink_type: SinkType, table: Mapping[str, Any], from_env: Abstra
 
     Environment overrides are text (``TRANSCRIBED_SINKS__HOOK__HEADERS='{"X-Team": "ops"}'``):
     written as JSON, as for the other sections' lists and tables. Such a key (in ``from_env``)
-    that does not also take plain text must parse; its problem is returned by key.
+    that does not parse is left as text (the model may take text too) and its problem returned
+    by key, for when the model does not.
     """
     fields = sink_type.config_model.model_fields
     values = dict(table)
@@ -99,12 +104,22 @@ def _json_values(sink_type: SinkType, table: Mapping[str, Any], from_env: Abstra
         field = fields.get(key)
         if field is None or not isinstance(value, str) or not takes_json(field.annotation):
             continue
-        must = key in from_env and not takes_text(field.annotation)
-        if not must and value.lstrip()[:1] not in ("{", "["):
+        if value.lstrip()[:1] not in ("{", "["):    # not JSON ("12345" stays a text secret)
+            if key in from_env:
+                unparsed[key] = json_problem(_json_error(value), field.annotation)
             continue
         try:
             values[key] = json.loads(value)
         except (ValueError, RecursionError) as exc:
-            if must:
+            if key in from_env:
                 unparsed[key] = json_problem(exc, field.annotation)
     return values, unparsed
+
+
+def _json_error(text: str) -> ValueError | None:
+    """Why ``text`` is not JSON (``None`` if it is)."""
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return exc if isinstance(exc, ValueError) else ValueError("nested too deeply")
+    return None

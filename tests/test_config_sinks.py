@@ -88,6 +88,21 @@ class TestFromTheEnvironment:
             f"environment {variable}: {key}: cannot parse the value ({cause}); lists and tables "
             "are written as JSON, e.g. '{\"key\": \"value\"}'"]
 
+    @pytest.mark.parametrize("value", [SECRETS[0], " ".join(SECRETS), "12345"])
+    def test_a_secret_from_the_environment_is_text(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+        """A webhook secret (or two, space-separated) set from the environment is taken as the
+        text it is, not refused as JSON that does not parse (it was, exit 78)."""
+        path = write(tmp_path / "live.toml", HOOK)
+        monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__SECRET", value)
+        if value == "12345":            # taken as text: refused as a secret, not read as JSON
+            assert problems(path, capsys)[0].startswith(
+                "environment TRANSCRIBED_SINKS__HOOK__SECRET: sinks.hook.secret: ")
+            return
+        shown = tomllib.loads(printed(path, capsys))["sinks"]["hook"]["secret"]
+        assert shown == " ".join("********" for _ in value.split())
+
     def test_text_from_the_file_is_not_taken_for_json(
             self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """The JSON hint is for the environment: a table written as text in the file is not."""
