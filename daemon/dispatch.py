@@ -255,11 +255,19 @@ class Dispatcher:
         """Records waiting across all sinks."""
         return sum(r.queue.depth() for r in self.runners.values())
 
-    def add(self, runner: SinkRunner) -> None:
-        """Start delivering to a new sink (it receives records dispatched from now on)."""
+    async def add(self, runner: SinkRunner) -> None:
+        """Start delivering to a new sink (it receives records dispatched from now on).
+
+        A removed sink of that name still delivering what it had queued (it was disabled or
+        removed, and is back) is retired first, as ``replace`` does: one worker per queue.
+        """
         if runner.name in self.runners:
             raise ValueError(f"sink {runner.name!r} already running")
         self.runners[runner.name] = runner
+        for task, old in list(self._leaving.items()):
+            if old.name == runner.name and not task.done():
+                old.retiring.set()
+                await asyncio.shield(task)
         self._start(runner)
 
     def remove(self, name: str) -> None:

@@ -86,10 +86,11 @@ class Outbox:
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
 
     def queue(self, sink: str) -> OutboxQueue:
-        """The durable queue of the sink named ``sink`` (the same object on every call)."""
-        if sink not in self._queues:
-            self._queues[sink] = OutboxQueue(self, sink)
-        return self._queues[sink]
+        """The durable queue of the sink named ``sink`` (the same object until it is closed)."""
+        queue = self._queues.get(sink)
+        if queue is None or queue.closed:   # closed: the sink was removed and is back
+            queue = self._queues[sink] = OutboxQueue(self, sink)
+        return queue
 
     def depth(self, sink: str) -> int:
         """Records the sink has not yet delivered."""

@@ -203,7 +203,7 @@ class Reloader:
         for name in plan.removed:
             self.dispatcher.remove(name)
         for name in plan.added:
-            self.dispatcher.add(built[name])
+            await self.dispatcher.add(built[name])
         for name in plan.changed:
             await self.dispatcher.replace(built[name])
         sections = restart_sections(self.settings, settings)

@@ -199,7 +199,7 @@ class TestDispatcherChanges:
         async with asyncio.timeout(10), asyncio.TaskGroup() as group:
             dispatcher.start(group)
             dispatcher.dispatch(make_turn(0))
-            dispatcher.add(_runner("later", later))
+            await dispatcher.add(_runner("later", later))
             dispatcher.dispatch(make_turn(1))
             await first.wait_count(2)
             await later.wait_count(1)
@@ -223,6 +223,30 @@ class TestDispatcherChanges:
                 await new.wait_count(3)
                 await dispatcher.close(5)
             assert new.received == [make_turn(i).id for i in range(3)]
+            assert outbox.depth("hook") == 0
+        finally:
+            outbox.close()
+
+    async def test_durable_sink_removed_and_back_delivers_everything_once(
+            self, tmp_path: Path) -> None:
+        """A durable sink removed by a reload (or disabled) while its destination is down, then
+        back: the one left on disk and the new records are delivered, each once. (Its queue
+        object was the closed one: the worker ended at once and the records piled up.)"""
+        old, new = _Recorder(failing=True), _Recorder()
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        try:
+            dispatcher = Dispatcher([_runner("hook", old, outbox.queue("hook"), durable=True)],
+                                    dead_letter_dir=tmp_path)
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                dispatcher.dispatch(make_turn(0))
+                await old.attempted.wait()              # in its retry backoff
+                dispatcher.remove("hook")
+                await dispatcher.add(_runner("hook", new, outbox.queue("hook"), durable=True))
+                dispatcher.dispatch(make_turn(1))
+                await new.wait_count(2)
+                await dispatcher.close(5)
+            assert new.received == [make_turn(0).id, make_turn(1).id] and old.received == []
             assert outbox.depth("hook") == 0
         finally:
             outbox.close()
