@@ -20,7 +20,7 @@ import shutil
 import signal
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -95,36 +95,43 @@ async def follow(url: str, token: str, screen: Screen, *, retry: bool = False) -
         await _follow_once(feed, token, screen)
         screen.note("the daemon stopped")
         return
-    delays, said = backoff(0.5, RETRY_MAX_S), ""
+    delays, waiting = _retry_delays(), False
     while True:
-        opened = asyncio.Event()
+        heard = asyncio.Event()
         try:
-            await _follow_once(feed, token, screen, opened.set)
+            await _follow_once(feed, token, screen, heard.set)
             why = "the daemon stopped"
         except TailError as exc:
             if exc.lasting:
                 raise
             why = str(exc)
-        if opened.is_set():                 # it was up: the next outage starts afresh
-            delays, said = backoff(0.5, RETRY_MAX_S), ""
-        if why != said:                     # one line per outage, not one per attempt
+        if heard.is_set():                  # it was up and sent events: a new outage begins
+            delays, waiting = _retry_delays(), False
+        if not waiting:                     # one line per outage, not one per attempt
             screen.note(f"{why}; waiting for it (--retry)")
-            said = why
+            waiting = True
         await asyncio.sleep(next(delays))
 
 
+def _retry_delays() -> Iterator[float]:
+    """Waits between attempts: never none (a feed that closes at once is no tight loop)."""
+    delays = backoff(0.5, RETRY_MAX_S)
+    next(delays)                            # the backoff's immediate first retry
+    return delays
+
+
 async def _follow_once(feed: str, token: str, screen: Screen,
-                       opened: Callable[[], None] | None = None) -> None:
-    """Connect once and render events until the feed ends."""
+                       heard: Callable[[], None] | None = None) -> None:
+    """Connect once and render events until the feed ends (``heard``: after each event)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         async with connect(feed, additional_headers=headers, open_timeout=OPEN_TIMEOUT_S,
                            close_timeout=1.0,       # Ctrl-C never waits long on a stuck daemon
                            compression=None, max_size=2**22) as ws:
-            if opened is not None:
-                opened()
             async for message in ws:
                 screen.event(_event(message, feed))
+                if heard is not None:
+                    heard()
     except InvalidStatus as exc:
         code = exc.response.status_code
         if code == 401:
@@ -209,9 +216,7 @@ class Screen:
         return False
 
     def note(self, text: str) -> None:
-        """A status line (dim on a terminal, stderr otherwise)."""
-        if self._json:
-            return
+        """A status line (dim on a terminal, stderr otherwise: stdout stays events only)."""
         if not self._tty:
             print(f"transcribed tail: {text}", file=self._err, flush=True)
             return

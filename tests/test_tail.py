@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import pty
@@ -234,6 +235,34 @@ class TestRetry:
                 process.send_signal(signal.SIGINT)
                 rest, _ = await process.communicate()
         assert process.returncode == 0 and rest == b""
+
+    async def test_a_feed_that_closes_at_once_is_no_tight_loop(self) -> None:
+        """A server that accepts and closes at once: attempts at least 0.25 s apart, one line
+        for the outage (on stderr in --json mode too). (It was ~1000 attempts and lines a
+        second: a connection that opened reset the backoff, whose first wait is none.)"""
+        arrivals: list[float] = []
+        enough = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def close_at_once(ws: ServerConnection) -> None:
+            arrivals.append(loop.time())
+            if len(arrivals) >= 4:
+                enough.set()
+            await ws.close()
+
+        async with serve(close_at_once, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RUN_TAIL, f"http://127.0.0.1:{port}", "", "json", "retry",
+                cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            async with asyncio.timeout(20):
+                await enough.wait()
+                process.send_signal(signal.SIGINT)
+                out, err = await process.communicate()
+        assert process.returncode == 0 and out == b""
+        assert all(b - a >= 0.2 for a, b in itertools.pairwise(arrivals)), arrivals
+        assert err.decode().splitlines() == [
+            "transcribed tail: the daemon stopped; waiting for it (--retry)"]
 
     async def test_a_refused_token_still_ends_it(self) -> None:
         """Retrying cannot fix a wrong token: one line, exit 1."""
