@@ -178,7 +178,7 @@ def _assemble(settings: Settings, masker: SecretMasker, plugins: PluginHost, hos
     runners = [sinks.build(name, t, config)
                for name, (t, config) in enabled_sinks(validated).items()]
     warn_none_enabled(validated)
-    sinks.warn_orphans(r.name for r in runners if r.sink_type.durable)
+    sinks.warn_orphans(name for name, (t, _c) in validated.items() if t.durable)  # disabled: kept
     masker.add(*secret_values(settings, {r.name: r.config for r in runners}))
     dispatcher = Dispatcher(runners, dead_letter_dir=settings.state_path() / DEAD_LETTERS)
     health = Health()

@@ -42,14 +42,14 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
     only because of the environment, so the variables that set its keys are named.
     """
     parts = line.split(":", 1)[0].split(" ", 1)[0].upper().split(".")
-    names = {variable.upper() for variable in env}
+    names = {variable.upper(): variable for variable in env}    # named as they were set
     for end in range(len(parts), 0, -1):
         name = ENV_PREFIX + "__".join(parts[:end])
         if name in names:
-            return environment([name])
+            return environment([names[name]])
     if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
             and parts[1].lower() not in {sink.lower() for sink in file_sinks}:
-        setters = sorted(name for name in names
+        setters = sorted(variable for name, variable in names.items()
                          if name.startswith(f"{ENV_PREFIX}SINKS__{parts[1]}__"))
         if setters:
             return environment(setters)

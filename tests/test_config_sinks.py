@@ -15,11 +15,13 @@ from daemon.commands import check_config
 from daemon.config import Settings
 from daemon.dispatch import Dispatcher
 from daemon.logs import SecretMasker
+from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from daemon.reload import Reloader, SinkBuilder
 from daemon.sinktables import validate_sinks
 from tests.daemon_proc import cloud_config, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
+from tests.test_outbox import make_turn
 
 KNOWN_TYPES = "(known types: console, file, mqtt, webhook)"
 SECRETS = ("whsec_c2VjcmV0LW9uZQ==", "whsec_c2VjcmV0LXR3bw==")   # secret-one, secret-two
@@ -49,6 +51,16 @@ def printed(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
 
 
 class TestFromTheEnvironment:
+    def test_a_variable_is_named_as_it_was_set(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """Names are matched in any case, and quoted as written (not upper-cased)."""
+        path = write(tmp_path / "live.toml", HOOK)
+        monkeypatch.setenv("transcribed_sinks__hook__timeout_s", "soon")
+        (line,) = problems(path, capsys)
+        assert line.startswith("environment transcribed_sinks__hook__timeout_s: "
+                               "sinks.hook.timeout_s: ")
+
     def test_a_sink_only_the_environment_makes_is_blamed_on_it(
             self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,7 +148,11 @@ class TestDisabled:
             "", "transcribed test-sinks: no sink is enabled (notes, screen: enabled = false)\n")
 
     async def test_run_warns_once_that_turns_go_nowhere(self, tmp_path: Path) -> None:
-        """run with every sink disabled: one sinks.none_enabled warning naming them."""
+        """run with every sink disabled: one sinks.none_enabled warning naming them. A disabled
+        network sink's queued records are kept for it, not called orphaned."""
+        outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
+        outbox.queue("notes").put(make_turn(0))
+        outbox.close()
         wav = tmp_path / "quiet.wav"
         with wave.open(str(wav), "wb") as out:
             out.setnchannels(1)
@@ -149,6 +165,7 @@ class TestDisabled:
         assert result.code == 0, result.stderr
         (warning,) = result.events("sinks.none_enabled")
         assert warning["disabled"] == ["notes", "screen"] and warning["level"] == "warning"
+        assert not result.events("outbox.orphaned")
         for secret in ("path-secret-9", "hdr-secret-8", SECRETS[0]):
             assert secret not in result.stderr + result.stdout
 
