@@ -6,6 +6,7 @@ import asyncio
 import signal
 import wave
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,25 @@ def _runner(name: str, sink: _Recorder, queue: MemoryQueue | OutboxQueue | None 
     return SinkRunner(name, sink_type, SinkConfig(type="recorder"), sink, queue or MemoryQueue())
 
 
+@asynccontextmanager
+async def _failing_hook(tmp_path: Path) -> AsyncIterator[
+        tuple[Dispatcher, _Recorder, _Recorder, Outbox]]:
+    """A running dispatcher with one durable sink ``hook`` whose destination is down, and the
+    recorder meant to take over; on exit: flushed, the outbox emptied and closed."""
+    old, new = _Recorder(failing=True), _Recorder()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    try:
+        dispatcher = Dispatcher([_runner("hook", old, outbox.queue("hook"), durable=True)],
+                                dead_letter_dir=tmp_path)
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            yield dispatcher, old, new, outbox
+            await dispatcher.close(5)
+        assert outbox.depth("hook") == 0
+    finally:
+        outbox.close()
+
+
 class TestDispatcherChanges:
     async def test_replace_hands_queued_and_in_flight_records_over(self, tmp_path: Path) -> None:
         """A rebuilt sink gets the old one's in-flight and queued records first, in order."""
@@ -208,48 +228,28 @@ class TestDispatcherChanges:
 
     async def test_replace_durable_keeps_the_outbox(self, tmp_path: Path) -> None:
         """A rebuilt durable sink delivers what the old one left on disk, nothing twice."""
-        old, new = _Recorder(failing=True), _Recorder()
-        outbox = Outbox(tmp_path / "outbox.sqlite3")
-        try:
-            dispatcher = Dispatcher([_runner("hook", old, outbox.queue("hook"), durable=True)],
-                                    dead_letter_dir=tmp_path)
-            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
-                dispatcher.start(group)
-                for i in range(3):
-                    dispatcher.dispatch(make_turn(i))
-                await old.attempted.wait()
-                fresh = OutboxQueue(outbox, "hook")
-                await dispatcher.replace(_runner("hook", new, fresh, durable=True))
-                await new.wait_count(3)
-                await dispatcher.close(5)
-            assert new.received == [make_turn(i).id for i in range(3)]
-            assert outbox.depth("hook") == 0
-        finally:
-            outbox.close()
+        async with _failing_hook(tmp_path) as (dispatcher, old, new, outbox):
+            for i in range(3):
+                dispatcher.dispatch(make_turn(i))
+            await old.attempted.wait()
+            fresh = OutboxQueue(outbox, "hook")
+            await dispatcher.replace(_runner("hook", new, fresh, durable=True))
+            await new.wait_count(3)
+        assert new.received == [make_turn(i).id for i in range(3)]
 
     async def test_durable_sink_removed_and_back_delivers_everything_once(
             self, tmp_path: Path) -> None:
         """A durable sink removed by a reload (or disabled) while its destination is down, then
         back: the one left on disk and the new records are delivered, each once. (Its queue
         object was the closed one: the worker ended at once and the records piled up.)"""
-        old, new = _Recorder(failing=True), _Recorder()
-        outbox = Outbox(tmp_path / "outbox.sqlite3")
-        try:
-            dispatcher = Dispatcher([_runner("hook", old, outbox.queue("hook"), durable=True)],
-                                    dead_letter_dir=tmp_path)
-            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
-                dispatcher.start(group)
-                dispatcher.dispatch(make_turn(0))
-                await old.attempted.wait()              # in its retry backoff
-                dispatcher.remove("hook")
-                await dispatcher.add(_runner("hook", new, outbox.queue("hook"), durable=True))
-                dispatcher.dispatch(make_turn(1))
-                await new.wait_count(2)
-                await dispatcher.close(5)
-            assert new.received == [make_turn(0).id, make_turn(1).id] and old.received == []
-            assert outbox.depth("hook") == 0
-        finally:
-            outbox.close()
+        async with _failing_hook(tmp_path) as (dispatcher, old, new, outbox):
+            dispatcher.dispatch(make_turn(0))
+            await old.attempted.wait()              # in its retry backoff
+            dispatcher.remove("hook")
+            await dispatcher.add(_runner("hook", new, outbox.queue("hook"), durable=True))
+            dispatcher.dispatch(make_turn(1))
+            await new.wait_count(2)
+        assert new.received == [make_turn(0).id, make_turn(1).id] and old.received == []
 
     async def test_memory_queue_push_front(self) -> None:
         """Handed-back deliveries go to the head, in order, and wake a waiting reader."""
