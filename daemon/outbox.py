@@ -85,10 +85,15 @@ class Outbox:
         self._batched: list[OutboxQueue] | None = None   # appended in the open batch
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
 
-    def queue(self, sink: str) -> OutboxQueue:
-        """The durable queue of the sink named ``sink`` (the same object until it is closed)."""
+    def queue(self, sink: str, *, fresh: bool = False) -> OutboxQueue:
+        """The durable queue of the sink named ``sink``.
+
+        The same object on every call until it is closed (the sink was removed, and is back) or
+        a ``fresh`` one is asked for (a rebuilt sink: its old worker keeps the old one until it
+        retires; the new one reads what that left on disk).
+        """
         queue = self._queues.get(sink)
-        if queue is None or queue.closed:   # closed: the sink was removed and is back
+        if fresh or queue is None or queue.closed:
             queue = self._queues[sink] = OutboxQueue(self, sink)
         return queue
 

@@ -90,12 +90,7 @@ class SinkBuilder:
         return self._outbox
 
     def _durable_queue(self, name: str, fresh: bool) -> SinkQueue:
-        from daemon.outbox import OutboxQueue
-
-        outbox = self._open_outbox()
-        if fresh:
-            return OutboxQueue(outbox, name)  # reads what the old queue left on disk
-        queue: SinkQueue = outbox.queue(name)
+        queue: SinkQueue = self._open_outbox().queue(name, fresh=fresh)
         return queue
 
 

@@ -251,6 +251,23 @@ class TestDispatcherChanges:
             await new.wait_count(2)
         assert new.received == [make_turn(0).id, make_turn(1).id] and old.received == []
 
+    async def test_rebuilt_then_removed_and_back_delivers_everything_once(
+            self, tmp_path: Path) -> None:
+        """Changed (rebuilt with a fresh queue), then disabled and enabled again, with the
+        destination down: the record on disk is delivered once. (The rebuilt sink's queue was
+        never registered, so coming back handed out the first queue, which had read past it.)"""
+        async with _failing_hook(tmp_path) as (dispatcher, old, new, outbox):
+            dispatcher.dispatch(make_turn(0))
+            await old.attempted.wait()
+            still_down = _Recorder(failing=True)
+            await dispatcher.replace(_runner("hook", still_down, outbox.queue("hook", fresh=True),
+                                             durable=True))
+            await still_down.attempted.wait()
+            dispatcher.remove("hook")
+            await dispatcher.add(_runner("hook", new, outbox.queue("hook"), durable=True))
+            await new.wait_count(1)
+        assert new.received == [make_turn(0).id]
+
     async def test_memory_queue_push_front(self) -> None:
         """Handed-back deliveries go to the head, in order, and wake a waiting reader."""
         queue = MemoryQueue()
