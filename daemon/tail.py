@@ -37,6 +37,7 @@ DIM: Final = "\x1b[2m"
 RESET: Final = "\x1b[0m"
 OPEN_TIMEOUT_S: Final = 5.0
 RETRY_MAX_S: Final = 5.0            # --retry: the longest wait between two attempts
+STAYED_UP_S: Final = 5.0            # --retry: a feed up this long ends an outage
 SEEN_TURNS: Final = 1000            # turn ids remembered, so a replayed turn is not shown twice
 
 
@@ -95,17 +96,20 @@ async def follow(url: str, token: str, screen: Screen, *, retry: bool = False) -
         await _follow_once(feed, token, screen)
         screen.note("the daemon stopped")
         return
+    loop = asyncio.get_running_loop()
     delays, waiting = _retry_delays(), False
     while True:
-        heard = asyncio.Event()
+        heard, news = asyncio.Event(), asyncio.Event()
+        began = loop.time()
         try:
-            await _follow_once(feed, token, screen, heard.set)
+            await _follow_once(feed, token, screen, heard.set, news.set)
             why = "the daemon stopped"
         except TailError as exc:
             if exc.lasting:
                 raise
             why = str(exc)
-        if heard.is_set():                  # it was up and sent events: a new outage begins
+        # it was up (a new turn, or events for a while): the next outage is a new one
+        if news.is_set() or (heard.is_set() and loop.time() - began >= STAYED_UP_S):
             delays, waiting = _retry_delays(), False
         if not waiting:                     # one line per outage, not one per attempt
             screen.note(f"{why}; waiting for it (--retry)")
@@ -121,17 +125,23 @@ def _retry_delays() -> Iterator[float]:
 
 
 async def _follow_once(feed: str, token: str, screen: Screen,
-                       heard: Callable[[], None] | None = None) -> None:
-    """Connect once and render events until the feed ends (``heard``: after each event)."""
+                       heard: Callable[[], None] | None = None,
+                       news: Callable[[], None] | None = None) -> None:
+    """Connect once and render events until the feed ends.
+
+    ``heard``: called after each event; ``news``: after each turn not shown before.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         async with connect(feed, additional_headers=headers, open_timeout=OPEN_TIMEOUT_S,
                            close_timeout=1.0,       # Ctrl-C never waits long on a stuck daemon
                            compression=None, max_size=2**22) as ws:
             async for message in ws:
-                screen.event(_event(message, feed))
+                new_turn = screen.event(_event(message, feed))
                 if heard is not None:
                     heard()
+                if new_turn and news is not None:
+                    news()
     except InvalidStatus as exc:
         code = exc.response.status_code
         if code == 401:
@@ -188,14 +198,17 @@ class Screen:
         self._connection: str | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()   # ids of the last turns shown
 
-    def event(self, event: dict[str, Any]) -> None:
-        """Render one feed event (a turn already shown, replayed on a reconnect, is skipped)."""
-        if event.get("type") == "turn" and self._shown(str(event.get("id"))):
-            return
+    def event(self, event: dict[str, Any]) -> bool:
+        """Render one feed event; True for a turn not shown before.
+
+        A turn already shown (the feed replays its last ones to a new connection) is skipped.
+        """
+        kind = event.get("type")
+        if kind == "turn" and self._shown(str(event.get("id"))):
+            return False
         if self._json:
             self._write(json.dumps(event, ensure_ascii=False) + "\n")
-            return
-        kind = event.get("type")
+            return kind == "turn"
         if kind == "partial":
             self._partial_session = event.get("session_id")
             self._show_partial(_printable(str(event.get("transcript", ""))))
@@ -206,6 +219,7 @@ class Screen:
         elif kind == "session" and event.get("event") == "ended":
             if self._partial_session == event.get("session_id"):
                 self._show_partial("")
+        return kind == "turn"
 
     def _shown(self, turn_id: str) -> bool:
         if turn_id in self._seen:

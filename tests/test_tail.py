@@ -237,9 +237,10 @@ class TestRetry:
         assert process.returncode == 0 and rest == b""
 
     async def test_a_feed_that_closes_at_once_is_no_tight_loop(self) -> None:
-        """A server that accepts and closes at once: attempts at least 0.25 s apart, one line
-        for the outage (on stderr in --json mode too). (It was ~1000 attempts and lines a
-        second: a connection that opened reset the backoff, whose first wait is none.)"""
+        """A server that accepts, sends its state and closes at once: attempts at least 0.25 s
+        apart, one line for the outage (on stderr in --json mode too). (It was ~1000 attempts
+        and lines a second: a connection that opened reset the backoff, whose first wait is
+        none.)"""
         arrivals: list[float] = []
         enough = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -248,6 +249,7 @@ class TestRetry:
             arrivals.append(loop.time())
             if len(arrivals) >= 4:
                 enough.set()
+            await ws.send(json.dumps({"type": "state", "connection": "live"}))
             await ws.close()
 
         async with serve(close_at_once, "127.0.0.1", 0) as server:
@@ -259,7 +261,7 @@ class TestRetry:
                 await enough.wait()
                 process.send_signal(signal.SIGINT)
                 out, err = await process.communicate()
-        assert process.returncode == 0 and out == b""
+        assert process.returncode == 0 and out.count(b"\n") == 4      # its state, each time
         assert all(b - a >= 0.2 for a, b in itertools.pairwise(arrivals)), arrivals
         assert err.decode().splitlines() == [
             "transcribed tail: the daemon stopped; waiting for it (--retry)"]
