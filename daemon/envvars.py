@@ -78,7 +78,7 @@ def unparsable_line(field: str | None, cause: BaseException | None, env: Mapping
     keys = {name: key for name in sorted(env) if (key := variable_key(name)) is not None
             and (field is None or key[0] == field)}
     culprits = [name for name, key in keys.items()
-                if takes_json(key_annotation(model, key)) and not _parses(env[name])]
+                if takes_json(key_annotation(model, key)) and json_error(env[name]) is not None]
     if len(culprits) == 1:
         (name,) = culprits
         annotation = key_annotation(model, keys[name])
@@ -109,19 +109,19 @@ def unparsed_container(error_type: str, loc: Sequence[str | int], value: Any,
     values = {variable.upper(): text for variable, text in env.items()}
     if kind is None or not isinstance(value, str) or values.get(name) != value:
         return None
-    try:
-        json.loads(value)
-    except (ValueError, RecursionError) as exc:
-        return json_problem(exc, kind)
-    return None
+    error = json_error(value)
+    return None if error is None else json_problem(error, kind)
 
 
-def _parses(text: str) -> bool:
+def json_error(text: str) -> ValueError | None:
+    """Why ``text`` is not JSON (``None`` if it is)."""
     try:
         json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
+    except ValueError as exc:
+        return exc
+    except RecursionError:
+        return ValueError("nested too deeply")
+    return None
 
 
 def key_annotation(model: type[BaseModel], key: Sequence[str]) -> Any:

@@ -18,7 +18,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from daemon.config import validation_lines
-from daemon.envvars import CONTAINER_ERRORS, json_problem, takes_json, variable_key
+from daemon.envvars import CONTAINER_ERRORS, json_error, json_problem, takes_json, variable_key
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
 
@@ -106,7 +106,7 @@ def _json_values(sink_type: SinkType, table: Mapping[str, Any], from_env: Abstra
             continue
         if value.lstrip()[:1] not in ("{", "["):    # not JSON ("12345" stays a text secret)
             if key in from_env:
-                unparsed[key] = json_problem(_json_error(value), field.annotation)
+                unparsed[key] = json_problem(json_error(value), field.annotation)
             continue
         try:
             values[key] = json.loads(value)
@@ -114,12 +114,3 @@ def _json_values(sink_type: SinkType, table: Mapping[str, Any], from_env: Abstra
             if key in from_env:
                 unparsed[key] = json_problem(exc, field.annotation)
     return values, unparsed
-
-
-def _json_error(text: str) -> ValueError | None:
-    """Why ``text`` is not JSON (``None`` if it is)."""
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        return exc if isinstance(exc, ValueError) else ValueError("nested too deeply")
-    return None
