@@ -41,18 +41,17 @@ def validate(config: str | None, plugins: PluginHost
     path = find_config(config)
     where = f"{path}: " if path else ""
     settings, failed, problems = read_settings(path)
-    tables = _file_sinks(path)
     if settings is None:              # report the file's sink problems with the others
-        raise ConfigError(problems + _file_sink_problems(plugins, tables, where))
+        raise ConfigError(problems + _file_sink_problems(plugins, _file_sinks(path), where))
     late = check_semantics(settings, skip=failed)
     sinks: ValidatedSinks = {}
     try:
         sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
         late += exc.problems
-    # each names its environment variable, if one set the key (or the sink)
-    problems += [problem_origin(p, where, os.environ, file_sinks=tables.keys()) + p
-                 for p in late]
+    if late:    # each names its environment variable, if one set the key (or the sink)
+        in_file = _file_sinks(path).keys()
+        problems += [problem_origin(p, where, os.environ, file_sinks=in_file) + p for p in late]
     if problems:
         raise ConfigError(problems)
     return settings, path, sinks
