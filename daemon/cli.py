@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="PATH", help=config_help)
     commands.add_parser("devices", help="list audio input devices")
     sinks = commands.add_parser(
-        "test-sinks", help="send one synthetic turn through every configured sink and report"
+        "test-sinks", help="send one synthetic turn through every enabled sink and report"
     )
     sinks.add_argument("--config", metavar="PATH", help=config_help)
     tail = commands.add_parser(
