@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog
 from common import REPO, busy_cpu_s, machine, now, percentile, revision, save
 
-from daemon.dispatch import Delivery, Dispatcher, SinkQueue
+from daemon.dispatch import Dispatcher
 from daemon.events import TurnRecord, Word
 from daemon.plugins import load_plugins
+from daemon.queues import Delivery, SinkQueue
 from daemon.reload import SinkBuilder
 from daemon.sinktables import validate_sinks
 from tests.mosquitto import Mosquitto

@@ -13,12 +13,10 @@ import asyncio
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 
@@ -28,122 +26,13 @@ from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
+from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue
 
 log = structlog.get_logger("daemon.dispatch")
 
 SEND_LIMIT_S = 120.0  # one send attempt running longer than this means the sink is stuck
 CRASH_RETRY_S = 1.0  # a crashed sink worker restarts at once, then after 1, 2, 4 ... s
 CRASH_RETRY_MAX_S = 60.0
-
-
-@dataclass
-class Delivery:
-    """A record taken from a queue; ``key`` lets a durable queue delete it once delivered."""
-
-    record: TurnRecord
-    key: int = 0
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-
-class BatchError(DaemonError):
-    """A batched write failed: the records ``put`` into ``queues`` inside it were not stored."""
-
-    def __init__(self, reason: str, queues: Sequence[SinkQueue]) -> None:
-        super().__init__(reason)
-        self.queues = tuple(queues)
-
-
-class SinkQueue(Protocol):
-    """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
-
-    def put(self, record: TurnRecord) -> None:
-        """Append a record; must not block."""
-
-    def batch(self) -> AbstractContextManager[object]:
-        """Group the ``put``s made inside into one write with those of queues sharing storage.
-
-        One fsync per turn, not one per durable sink. Leaving it raises ``BatchError`` naming
-        the queues whose records could not be stored; nested batches join the outer one.
-        """
-
-    async def get(self) -> Delivery | None:
-        """The oldest undelivered record, or ``None`` once closed and empty."""
-
-    def ack(self, delivery: Delivery) -> None:
-        """The record was delivered (or dead-lettered): forget it."""
-
-    def depth(self) -> int:
-        """Records waiting."""
-
-    def close(self) -> None:
-        """No more ``put``; ``get`` returns ``None`` once drained."""
-
-    @property
-    def closed(self) -> bool:
-        """``close`` was called."""
-
-    def requeue(self, delivery: Delivery) -> None:
-        """Hand back a record taken by ``get`` but not acknowledged (its worker crashed)."""
-
-
-class MemoryQueue:
-    """An in-memory queue for local sinks (file, console). Unbounded: turns are never dropped."""
-
-    def __init__(self) -> None:
-        self._items: deque[Delivery] = deque()
-        self._ready = asyncio.Event()
-        self._closed = False
-
-    def put(self, record: TurnRecord) -> None:
-        """Append a record."""
-        self._items.append(Delivery(record))
-        self._ready.set()
-
-    def batch(self) -> AbstractContextManager[object]:
-        """Nothing to group: a ``put`` is complete when it returns."""
-        return nullcontext()
-
-    async def get(self) -> Delivery | None:
-        """Next record, or ``None`` when closed and drained. Cancelling loses nothing."""
-        while not self._items:
-            if self._closed:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-    def ack(self, delivery: Delivery) -> None:
-        """Nothing to do: the record left the queue on ``get``."""
-
-    def depth(self) -> int:
-        """Records waiting."""
-        return len(self._items)
-
-    def close(self) -> None:
-        """Let ``get`` return ``None`` once the queue is empty."""
-        self._closed = True
-        self._ready.set()
-
-    @property
-    def closed(self) -> bool:
-        """``close`` was called."""
-        return self._closed
-
-    def requeue(self, delivery: Delivery) -> None:
-        """Put a record taken by ``get`` back at the head."""
-        self.push_front([delivery])
-
-    def take_all(self) -> list[Delivery]:
-        """Remove and return everything waiting (to hand it to a rebuilt sink)."""
-        items = list(self._items)
-        self._items.clear()
-        return items
-
-    def push_front(self, deliveries: list[Delivery]) -> None:
-        """Put ``deliveries`` back at the head, in order (records handed back by a retired sink)."""
-        self._items.extendleft(reversed(deliveries))
-        if deliveries:
-            self._ready.set()
 
 
 @dataclass

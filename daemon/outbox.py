@@ -39,9 +39,9 @@ import structlog
 
 from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.deadletter import append_dead_letter, dead_letter_file
-from daemon.dispatch import BatchError, Delivery
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
+from daemon.queues import BatchError, Delivery
 
 log = structlog.get_logger("daemon.outbox")
 
@@ -205,7 +205,7 @@ class Outbox:
 
 
 class OutboxQueue:
-    """One sink's queue in the outbox; implements ``daemon.dispatch.SinkQueue``.
+    """One sink's queue in the outbox; implements ``daemon.queues.SinkQueue``.
 
     ``get`` hands out records in order, starting with those left by a previous run; a record
     stays on disk until ``ack``. One consumer per queue (the sink's dispatcher worker).

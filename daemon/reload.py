@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.config import Settings
-from daemon.dispatch import Dispatcher, MemoryQueue, SinkQueue, SinkRunner
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
+from daemon.queues import MemoryQueue, SinkQueue
 from daemon.sinktables import ValidatedSinks, enabled_sinks, none_enabled
 
 if TYPE_CHECKING:  # sqlite3 loads only when a network sink is built

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.dispatch import BatchError, Delivery, Dispatcher, MemoryQueue, SinkQueue, SinkRunner
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
+from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue
 from daemon.reload import SinkBuilder
 
 ROOT = Path(__file__).resolve().parents[1]

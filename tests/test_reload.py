@@ -13,12 +13,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings
-from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
 from daemon.logs import SecretMasker
 from daemon.outbox import Outbox, OutboxQueue
 from daemon.plugins import SinkConfig, SinkType
+from daemon.queues import Delivery, MemoryQueue
 from daemon.reload import Reloader, SinkBuilder
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns

@@ -16,10 +16,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.commands import synthetic_turn
-from daemon.dispatch import Delivery, Dispatcher, MemoryQueue, SinkRunner
+from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, load_plugins
+from daemon.queues import Delivery, MemoryQueue
 from plugins.console import ConsoleSink, ConsoleSinkConfig
 from plugins.file import FileSink, FileSinkConfig
 from tests.conftest import REPO, TRANSCRIBED

@@ -1,0 +1,128 @@
+"""Per-sink queues: what the dispatcher appends turns to and each sink's worker delivers from.
+
+``SinkQueue`` is the contract; ``MemoryQueue`` holds the local sinks' records (file, console) and
+``daemon.outbox.OutboxQueue`` the durable ones' on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from daemon.errors import DaemonError
+from daemon.events import TurnRecord
+
+
+@dataclass
+class Delivery:
+    """A record taken from a queue; ``key`` lets a durable queue delete it once delivered."""
+
+    record: TurnRecord
+    key: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class BatchError(DaemonError):
+    """A batched write failed: the records ``put`` into ``queues`` inside it were not stored."""
+
+    def __init__(self, reason: str, queues: Sequence[SinkQueue]) -> None:
+        super().__init__(reason)
+        self.queues = tuple(queues)
+
+
+class SinkQueue(Protocol):
+    """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
+
+    def put(self, record: TurnRecord) -> None:
+        """Append a record; must not block."""
+
+    def batch(self) -> AbstractContextManager[object]:
+        """Group the ``put``s made inside into one write with those of queues sharing storage.
+
+        One fsync per turn, not one per durable sink. Leaving it raises ``BatchError`` naming
+        the queues whose records could not be stored; nested batches join the outer one.
+        """
+
+    async def get(self) -> Delivery | None:
+        """The oldest undelivered record, or ``None`` once closed and empty."""
+
+    def ack(self, delivery: Delivery) -> None:
+        """The record was delivered (or dead-lettered): forget it."""
+
+    def depth(self) -> int:
+        """Records waiting."""
+
+    def close(self) -> None:
+        """No more ``put``; ``get`` returns ``None`` once drained."""
+
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand back a record taken by ``get`` but not acknowledged (its worker crashed)."""
+
+
+class MemoryQueue:
+    """An in-memory queue for local sinks (file, console). Unbounded: turns are never dropped."""
+
+    def __init__(self) -> None:
+        self._items: deque[Delivery] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, record: TurnRecord) -> None:
+        """Append a record."""
+        self._items.append(Delivery(record))
+        self._ready.set()
+
+    def batch(self) -> AbstractContextManager[object]:
+        """Nothing to group: a ``put`` is complete when it returns."""
+        return nullcontext()
+
+    async def get(self) -> Delivery | None:
+        """Next record, or ``None`` when closed and drained. Cancelling loses nothing."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def ack(self, delivery: Delivery) -> None:
+        """Nothing to do: the record left the queue on ``get``."""
+
+    def depth(self) -> int:
+        """Records waiting."""
+        return len(self._items)
+
+    def close(self) -> None:
+        """Let ``get`` return ``None`` once the queue is empty."""
+        self._closed = True
+        self._ready.set()
+
+    @property
+    def closed(self) -> bool:
+        """``close`` was called."""
+        return self._closed
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Put a record taken by ``get`` back at the head."""
+        self.push_front([delivery])
+
+    def take_all(self) -> list[Delivery]:
+        """Remove and return everything waiting (to hand it to a rebuilt sink)."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def push_front(self, deliveries: list[Delivery]) -> None:
+        """Put ``deliveries`` back at the head, in order (records handed back by a retired sink)."""
+        self._items.extendleft(reversed(deliveries))
+        if deliveries:
+            self._ready.set()
