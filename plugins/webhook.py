@@ -44,6 +44,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from daemon.backoff import retry_after_s
 from daemon.config import read_secret_file
+from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
@@ -120,7 +121,11 @@ class WebhookConfig(SinkConfig):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
-        return value.split() if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("[") and (error := json_error(value)) is not None:
+            raise ValueError(json_problem(error, list))   # a list whose JSON is broken
+        return value.split()
 
     @field_validator("secret")
     @classmethod

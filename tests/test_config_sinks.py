@@ -115,6 +115,21 @@ class TestFromTheEnvironment:
         shown = tomllib.loads(printed(path, capsys))["sinks"]["hook"]["secret"]
         assert shown == " ".join("********" for _ in value.split())
 
+    def test_a_secret_list_that_is_not_json_says_how_to_write_it(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        """A secret list from the environment with broken JSON gets the JSON hint (it was told
+        "must start with 'whsec_'"), never showing the value."""
+        path = write(tmp_path / "live.toml", HOOK)
+        monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__SECRET", f'["{SECRETS[0]}"')
+        end = len(SECRETS[0]) + 3           # where the closing bracket is missing
+        (line,) = problems(path, capsys)
+        assert line == (
+            "environment TRANSCRIBED_SINKS__HOOK__SECRET: sinks.hook.secret: cannot parse the "
+            f"value (Expecting ',' delimiter: line 1 column {end + 1} (char {end})); lists and "
+            "tables are written as JSON, e.g. '[\"a\", \"b\"]'")
+        assert SECRETS[0] not in line
+
     def test_text_from_the_file_is_not_taken_for_json(
             self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """The JSON hint is for the environment: a table written as text in the file is not."""
