@@ -85,6 +85,30 @@ class TestFailures:
         tokens = [s.query["token"][0] for s in fake.sessions]
         assert len(tokens) == 2 and tokens[0] != tokens[1]
 
+    async def test_upgrade_refused_401_twice_exits_77(self, fake: FakeAssemblyAI,
+                                                      tmp_path: Path) -> None:
+        """The socket's upgrade answered HTTP 401 (not a close 1008: the reference says to
+        handle both) twice: one retry with a fresh token, then exit 77 naming what to fix."""
+        fake.faults.http_status_on_upgrade = [401, 401]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20)
+        assert result.code == 77, result.stderr
+        assert "assemblyai.api_key" in result.stderr and "HTTP 401" in result.stderr
+        assert [status for _headers, status in fake.upgrade_requests] == [401, 401]
+        assert len(fake.token_requests) == 2 and not fake.sessions
+
+    async def test_upgrade_refused_503_is_retried(self, fake: FakeAssemblyAI,
+                                                 tmp_path: Path) -> None:
+        """A 503 on the upgrade (a service or proxy overloaded) is transient: the daemon
+        reconnects after a backoff and the speech arrives once."""
+        fake.faults.http_status_on_upgrade = [503]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        [retry] = result.events("stream.reconnecting")
+        assert retry["kind"] == "transient" and retry["reason"] == "handshake answered HTTP 503"
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     async def test_settings_rejected_exits_78(self, fake: FakeAssemblyAI,
                                               tmp_path: Path) -> None:
         """A 3006 from the service is a configuration error: exit 78 with its message."""
@@ -94,6 +118,18 @@ class TestFailures:
         result = await run_daemon("run", "--config", str(config), limit_s=20)
         assert result.code == 78
         assert "bad sample_rate" in result.stderr
+
+    async def test_settings_refused_before_begin_exits_78(self, fake: FakeAssemblyAI,
+                                                          tmp_path: Path) -> None:
+        """A setting the service refuses at connect time (its limits are its own: this fake
+        takes silences up to 60 s) comes back as Error 3006 instead of Begin: exit 78 with the
+        service's words, no retry loop."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20,
+                                  env={"TRANSCRIBED_ASSEMBLYAI__MIN_TURN_SILENCE": "70000"})
+        assert result.code == 78, result.stderr
+        assert "Invalid 'min_turn_silence'" in result.stderr
+        assert len(fake.sessions) == 1
 
     async def test_garbage_frame_survived(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """A frame of garbage from the server is logged and the turn still arrives."""
