@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,6 +227,38 @@ class TestTimeoutsAndLimits:
         assert result.code == 0, result.stderr
         [entry] = read_turns(tmp_path / "state" / "dead-letter" / "journal.jsonl")
         assert entry["record"]["transcript"] == TRANSCRIPTS[S1]
+
+    async def test_unreachable_service_is_retried_and_the_loss_reported(
+            self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """Tokens come, but nothing listens at the streaming URL: connection refused is transient
+        (retried at once, then with backoff up to max_delay; the audio held). Stopped before the
+        service comes back, the daemon keeps trying for the 12 s engine deadline (README), then
+        exits 0 and says how much speech no turn covers, rather than nothing."""
+        with socket.socket() as probe:          # a loopback port that nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        daemon = await Daemon.start("run", "--config", str(config), env={
+            "TRANSCRIBED_ASSEMBLYAI__STREAMING_URL": f"ws://127.0.0.1:{port}/v3/ws"})
+        assert daemon.process.stderr is not None
+        retries: list[dict[str, Any]] = []
+        async with asyncio.timeout(30):         # until the whole file is held
+            while not retries or retries[-1]["backlog_s"] < 3.4:
+                line = (await daemon.process.stderr.readline()).decode()
+                assert line, "the daemon ended while the service was unreachable"
+                if '"event": "stream.reconnecting"' in line:
+                    retries.append(json.loads(line))
+        daemon.signal(signal.SIGTERM)
+        result = await daemon.finish(30)
+        assert result.code == 0, result.stderr
+        assert {r["kind"] for r in retries} == {"transient"}
+        assert retries[0]["reason"].startswith("connect failed: ConnectionRefusedError")
+        assert retries[0]["retry_in_s"] == 0                # the first retry is immediate
+        assert all(0 < r["retry_in_s"] <= 0.2 for r in retries[1:])  # max_delay = 0.2
+        assert result.events("daemon.shutdown_deadline")
+        [lost] = result.events("stream.untranscribed")
+        assert 1.0 < lost["held_s"] <= 3.5
+        assert not (tmp_path / "turns.jsonl").exists() or not read_turns(tmp_path / "turns.jsonl")
 
     async def test_slow_termination_is_awaited(self, fake: FakeAssemblyAI,
                                                tmp_path: Path) -> None:
