@@ -288,6 +288,29 @@ async def outage(fake: FakeAssemblyAI, tmp_path: Path,
     return result
 
 
+@pytest.mark.parametrize("refused", [1, 12])
+async def test_rollover_whose_next_session_is_refused(fake: FakeAssemblyAI, tmp_path: Path,
+                                                      refused: int) -> None:
+    """12-second sessions whose next session's upgrade is refused (HTTP 503) ``refused`` times
+    in a row: once, the rollover retries and still switches over in time; twelve times, the
+    window closes, the session runs into its cap (3008, the open turn not flushed) and the
+    next one replays it. Every word arrives once either way."""
+    fake.faults.http_status_on_upgrade = [101] + [503] * refused
+    config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE)
+    config.write_text(config.read_text().replace("[assemblyai]\n",
+                                                 "[assemblyai]\nmax_session_seconds = 12\n"))
+    result = await run_daemon("run", "--config", str(config), limit_s=90)
+    assert result.code == 0, result.stderr[-3000:]
+    assert delivered(tmp_path) == words(TRANSCRIPTS[FIVE])
+    failed = result.events("stream.rollover_open_failed")
+    assert failed and all(f["error"].endswith("handshake answered HTTP 503") for f in failed)
+    assert result.events("stream.rolled_over")
+    expired = [s for s in fake.sessions if s.close_code == 3008]
+    assert bool(expired) == (refused > 1), [(s.close_code, s.close_reason) for s in fake.sessions]
+    ids = [t["id"] for t in read_turns(tmp_path / "turns.jsonl")]
+    assert len(ids) == len(set(ids))
+
+
 class TestParallelCatchUp:
     async def test_outage_caught_up_in_parallel(self, fake: FakeAssemblyAI,
                                                 tmp_path: Path) -> None:
