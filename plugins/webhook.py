@@ -265,7 +265,19 @@ class WebhookSink:
         if status >= 500 or status in _TRANSIENT_STATUS:
             delay = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
             raise SinkError(message, retry_after=delay)
+        if 300 <= status < 400 and (location := response.headers.get("location")):
+            message += f": redirects are not followed; it points to {_origin(response, location)}"
+            message += " (set url to the new address)"
         raise PermanentSinkError(message)
+
+
+def _origin(response: httpx.Response, location: str) -> str:
+    """``scheme://host[:port]`` of a redirect's target (never its path: it may be a secret)."""
+    try:
+        target = response.request.url.join(location)
+    except (httpx.InvalidURL, ValueError):
+        return "an address that is not a URL"
+    return f"{target.scheme}://{target.netloc.decode()}"
 
 
 async def _drain(response: httpx.Response) -> None:

@@ -179,6 +179,24 @@ class TestClassification:
             with pytest.raises(PermanentSinkError, match="answered 301"):
                 await sink.send(make_turn(1))
 
+    @pytest.mark.parametrize(("location", "shown"), [
+        ("https://hooks.example:8443/new/s3cret-path?k=v", "https://hooks.example:8443"),
+        ("/moved/s3cret-path", "{origin}"),
+    ])
+    async def test_a_redirect_says_where_without_the_path(
+            self, receiver: HttpReceiver, location: str, shown: str) -> None:
+        """A redirect is not followed (a signed POST must not be re-sent elsewhere, or turned
+        into a GET): the error says so and names where it points, never its path."""
+        receiver.script(Reply(308, {"Location": location}))
+        async with WebhookSink("hook", config(receiver.url + "/old")) as sink:
+            with pytest.raises(PermanentSinkError) as moved:
+                await sink.send(make_turn(1))
+        origin = receiver.url.rstrip("/")
+        assert str(moved.value) == (
+            f"webhook {origin} answered 308 Permanent Redirect: redirects are not followed; "
+            f"it points to {shown.format(origin=origin)} (set url to the new address)")
+        assert "s3cret" not in str(moved.value)
+
     async def test_unreachable_and_timeout_are_transient(self, receiver: HttpReceiver) -> None:
         """A refused connection or a hung server raises a transient error naming only the host."""
         receiver.script(Reply(hang=True))
