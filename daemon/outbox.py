@@ -81,6 +81,7 @@ class Outbox:
         except BaseException:
             os.close(self._lock_fd)
             raise
+        self._carried: list[tuple[object, ...]] | None = None  # a deleted file's records
         self._queues: dict[str, OutboxQueue] = {}
         self._batched: list[OutboxQueue] | None = None   # appended in the open batch
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
@@ -120,6 +121,7 @@ class Outbox:
         if self._batched is not None:
             yield
             return
+        self._recreate_if_deleted()
         with _sqlite_errors(self.path, "write to"):
             self._db.execute("BEGIN IMMEDIATE")
         self._batched = batched = list[OutboxQueue]()
@@ -150,6 +152,33 @@ class Outbox:
         os.close(self._lock_fd)
         self._lock_fd = -1
 
+    def _recreate_if_deleted(self) -> None:
+        """Create the database again if it was deleted while running, keeping its records.
+
+        SQLite would go on writing to the deleted file: every turn queued from then on would be
+        acknowledged, and gone at the next start.
+        """
+        if self._carried is None and self.path.exists():
+            return
+        if self._carried is None:
+            with _sqlite_errors(self.path, "read"):
+                self._carried = self._db.execute("SELECT * FROM outbox").fetchall()
+            self._db.close()        # it checkpoints into the deleted file: then its WAL is stale
+            for suffix in ("-wal", "-shm"):
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        if not _same_file(lock_path, self._lock_fd):
+            fd, self._lock_fd = self._lock_fd, _lock(self.path)
+            os.close(fd)
+        self._db = _open(self.path)
+        with _sqlite_errors(self.path, "write to"):
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)", self._carried)
+            self._db.execute("COMMIT")
+        log.warning("outbox.recreated", path=str(self.path), queued=len(self._carried),
+                    reason="the database file was deleted while the daemon ran")
+        self._carried = None
+
     # -- used by OutboxQueue ----------------------------------------------------------------
 
     def _append(self, queue: OutboxQueue, record: TurnRecord) -> int:
@@ -163,6 +192,8 @@ class Outbox:
         if self._batched is not None and not self._db.in_transaction:
             raise OutboxError(f"{self.path}: an earlier failure in this batch rolled it back; "
                               f"turn {record.id} was not queued")
+        if self._batched is None:
+            self._recreate_if_deleted()
         seq = self._next_seq.get(sink, 1)
         row = (sink, seq, record.id, record.to_json(), time.time())
         with _sqlite_errors(self.path, "append to"):
@@ -293,6 +324,15 @@ def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise OutboxError(f"{path}: cannot {action} the outbox database: {exc}") from None
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        found, held = path.stat(), os.fstat(fd)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _lock(path: Path) -> int:

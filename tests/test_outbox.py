@@ -412,3 +412,34 @@ class TestErrors:
         finally:
             box.close()
         Outbox(path).close()
+
+
+class TestDeletedWhileRunning:
+    @pytest.mark.parametrize("removed", ["database", "state dir"])
+    async def test_records_survive_the_file_being_deleted(self, tmp_path: Path,
+                                                          removed: str) -> None:
+        """Deleted while the daemon runs (the file, or the whole state dir), the database is
+        created again at the next append with what it held: nothing acknowledged is lost."""
+        state = tmp_path / "state"
+        path = state / "outbox.sqlite3"
+        box = Outbox(path)
+        box.queue("bus").put(make_turn(0))
+        if removed == "database":
+            path.unlink()
+        else:
+            for leftover in state.iterdir():
+                leftover.unlink()
+            state.rmdir()
+        with capture_logs() as logs:
+            box.queue("bus").put(make_turn(1))
+        box.close()
+        assert [e["queued"] for e in logs if e["event"] == "outbox.recreated"] == [1]
+        again = Outbox(path)
+        try:
+            queue = again.queue("bus")
+            got = [await queue.get() for _ in range(2)]
+            assert [d.record.id for d in got if d is not None] == ["sess:0", "sess:1"]
+            with pytest.raises(OutboxError, match="in use by another"):
+                Outbox(path)                    # the recreated lock is held again
+        finally:
+            again.close()
