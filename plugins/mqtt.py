@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import logging
 import random
+import re
 import ssl
 import string
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Self
 
 import structlog
 from pydantic import (
@@ -40,16 +39,21 @@ from daemon.config import read_secret_file
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+from plugins.mqtt_client import (
+    MQTT_MAX_PACKET,
+    UNSUPPORTED_PROTOCOL,
+    client_class,
+    client_logger,
+    describe,
+    publish_size,
+    reason_code,
+    refusal,
+    release,
+)
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
-    import aiomqtt
-    from paho.mqtt.properties import Properties
-    from paho.mqtt.reasoncodes import ReasonCode
 
-    class _Client(aiomqtt.Client):
-        """What ``_client_class()`` builds at run time."""
-
-        max_packet: int | None
+    from plugins.mqtt_client import MqttClient
 
 log = structlog.get_logger("plugins.mqtt")
 
@@ -58,9 +62,14 @@ OFFLINE: Final = "offline"
 TOPIC_FIELDS: Final = frozenset({"host", "session_id"})
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 30.0
-_AUTH_REFUSED: Final = frozenset({4, 5, 134, 135})  # CONNACK codes, MQTT 3.1.1 and 5
-_UNSUPPORTED_PROTOCOL: Final = 132  # CONNACK code (paho also maps a 3.1.1 broker's 1 to it)
-MQTT_MAX_PACKET: Final = 268_435_455 + 5  # the largest packet the protocol can encode at all
+STABLE_S: Final = 10.0  # a connection up this long resets the reconnect backoff
+MAX_TOPIC_BYTES: Final = 65_535
+# In a topic MQTT forbids NUL and surrogates; mosquitto drops a client using C0/C1 controls or
+# non-characters (U+FDD0-U+FDEF, U+xFFFE, U+xFFFF) too
+_BAD_CHARS: Final = "\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_FORBIDDEN: Final = re.compile(f"[{_BAD_CHARS}]")
+_UNSAFE: Final = re.compile(f"[+#{_BAD_CHARS}]")
 
 
 def _check_template(value: str, allowed: frozenset[str]) -> str:
@@ -77,7 +86,17 @@ def _check_template(value: str, allowed: frozenset[str]) -> str:
         raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}} (allowed: {names})")
     if "+" in value or "#" in value:
         raise ValueError("must not contain the wildcards + or #")
+    if bad := _FORBIDDEN.search(value):
+        raise ValueError(f"must not contain the control character or non-character "
+                         f"U+{ord(bad[0]):04X}")
+    if len(value.encode()) > MAX_TOPIC_BYTES:
+        raise ValueError(f"must not be longer than {MAX_TOPIC_BYTES} bytes (UTF-8)")
     return value
+
+
+def topic_value(value: str) -> str:
+    """A host name or session id for a topic: wildcards, forbidden characters made ``_``."""
+    return _UNSAFE.sub("_", value)
 
 
 class MqttConfig(SinkConfig):
@@ -153,12 +172,12 @@ class MqttSink:
     def __init__(self, name: str, config: MqttConfig, host: str) -> None:
         self.name = name
         self.config = config
-        self.availability = config.availability_topic.format(host=host)
+        self.availability = config.availability_topic.format(host=topic_value(host))
         self._where = f"{config.host}:{config.port}"
         self._tls = _tls_context(config.ca_file) if config.tls else None
-        self._client: _Client | None = None
+        self._client: MqttClient | None = None
         self._v5 = True         # until the broker refuses MQTT 5
-        self._logger = _client_logger(name, self._where)
+        self._logger = client_logger(name, self._where)
         self._connected = asyncio.Event()
         self._last_error = "not connected yet"
         self._task: asyncio.Task[None] | None = None
@@ -193,7 +212,8 @@ class MqttSink:
         import aiomqtt
 
         client = await self._ready_client()
-        topic = self.config.topic.format(host=record.host, session_id=record.session_id)
+        topic = self.config.topic.format(host=topic_value(record.host),
+                                         session_id=topic_value(record.session_id))
         payload = record.to_json().encode()
         size = publish_size(topic, len(payload), self.config.qos, v5=self._v5)
         limit = min(client.max_packet or MQTT_MAX_PACKET, MQTT_MAX_PACKET)
@@ -208,8 +228,11 @@ class MqttSink:
         except aiomqtt.MqttError as exc:
             raise SinkError(f"mqtt broker {self._where}: publish to {topic!r} failed: {exc}") \
                 from None
+        refused = client.refusals.pop(client.last_mid, None)
+        if refused is not None:        # MQTT 5 PUBACK/PUBREC with a failure reason code
+            raise refusal(f"mqtt broker {self._where}: publish to {topic!r}", refused)
 
-    async def _ready_client(self) -> _Client:
+    async def _ready_client(self) -> MqttClient:
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 await self._connected.wait()
@@ -221,42 +244,63 @@ class MqttSink:
         return self._client
 
     async def _maintain(self) -> None:
-        """Connect, announce, watch; on loss reconnect with backoff (reset on success)."""
-        import aiomqtt
+        """Connect, announce, watch; on loss reconnect with jittered backoff.
 
-        delay = RECONNECT_INITIAL_S
-        failing = False
+        The backoff restarts only after a connection that stayed up ``STABLE_S``: a broker that
+        drops every connection at once (another client took over the same ``client_id``) is not
+        reconnected to in a tight loop.
+        """
+        delay, failing = RECONNECT_INITIAL_S, False
         while True:
-            try:
-                async with self._new_client() as client:
-                    await self._announce(client)
-                    failing, delay = False, RECONNECT_INITIAL_S
-                    async for _ in client.messages:  # ends with MqttError on disconnect
-                        pass
-            except aiomqtt.MqttError as exc:
-                if self._v5 and _code(exc) == _UNSUPPORTED_PROTOCOL:
-                    self._v5 = False
-                    log.warning("mqtt.protocol_fallback", sink=self.name, broker=self._where,
-                                protocol="3.1.1", note="the broker does not announce its maximum "
-                                "packet size under 3.1.1: an oversized record is retried")
-                    continue
-                self._last_error = _describe(exc)
-                was_connected = self._connected.is_set()
-                if was_connected or not failing:
-                    log.warning("mqtt.disconnected" if was_connected else "mqtt.connect_failed",
-                                sink=self.name, broker=self._where, error=self._last_error)
-                failing = True
-            except Exception:  # supervision boundary: the connection task must never die
-                log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
-                self._last_error = "internal error (see log)"
-                failing = True
-            finally:
-                self._connected.clear()
-                self._client = None
-            await asyncio.sleep(delay * (0.5 + random.random()))
+            error, uptime = await self._session()
+            if error is None:
+                continue                            # protocol fallback: again at once
+            if uptime is not None and uptime >= STABLE_S:
+                delay = RECONNECT_INITIAL_S
+            elif uptime is not None and self.config.client_id:
+                error += (f" (closed {uptime:.1f} s after connecting: is another client "
+                          f"connected with client_id {self.config.client_id!r}?)")
+            self._last_error = error
+            wait = delay * (0.5 + random.random())
+            if uptime is not None or not failing:
+                log.warning("mqtt.disconnected" if uptime is not None else "mqtt.connect_failed",
+                            sink=self.name, broker=self._where, error=error,
+                            retry_in_s=round(wait, 2))
+            failing = True
+            await asyncio.sleep(wait)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    async def _announce(self, client: _Client) -> None:
+    async def _session(self) -> tuple[str | None, float | None]:
+        """One connection: (what ended it, how long it was up); (None, None): retry at once."""
+        import aiomqtt
+
+        loop = asyncio.get_running_loop()
+        client, up_at = self._new_client(), None
+        try:
+            async with client:
+                await self._announce(client)
+                up_at = loop.time()
+                async for _ in client.messages:     # ends with MqttError on disconnect
+                    pass
+            error = "the connection ended"
+        except aiomqtt.MqttError as exc:
+            if self._v5 and up_at is None and reason_code(exc) == UNSUPPORTED_PROTOCOL:
+                self._v5 = False
+                log.warning("mqtt.protocol_fallback", sink=self.name, broker=self._where,
+                            protocol="3.1.1", note="the broker does not announce its maximum "
+                            "packet size under 3.1.1: an oversized record is retried")
+                return None, None
+            error = describe(exc)
+        except Exception:  # supervision boundary: the connection task must never die
+            log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
+            error = "internal error (see log)"
+        finally:
+            self._connected.clear()
+            self._client = None
+            release(client)
+        return error, None if up_at is None else loop.time() - up_at
+
+    async def _announce(self, client: MqttClient) -> None:
         if self.availability:
             await client.publish(self.availability, ONLINE, qos=1, retain=True,
                                  timeout=self.config.timeout_s)
@@ -264,7 +308,7 @@ class MqttSink:
         self._connected.set()
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
 
-    def _new_client(self) -> _Client:
+    def _new_client(self) -> MqttClient:
         import aiomqtt
 
         cfg = self.config
@@ -272,92 +316,12 @@ class MqttSink:
         if self.availability:
             will = aiomqtt.Will(self.availability, OFFLINE, qos=1, retain=True)
         version = aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311
-        return _client_class()(
-            cfg.host, cfg.port,
-            protocol=version,
-            logger=self._logger,
-            username=cfg.username or None,
-            password=cfg.password.get_secret_value() or None,
-            identifier=cfg.client_id or None,
-            will=will,
-            keepalive=cfg.keep_alive,
-            timeout=cfg.timeout_s,
-            tls_context=self._tls,
+        return client_class()(
+            cfg.host, cfg.port, protocol=version, logger=self._logger,
+            username=cfg.username or None, password=cfg.password.get_secret_value() or None,
+            identifier=cfg.client_id or None, will=will, keepalive=cfg.keep_alive,
+            timeout=cfg.timeout_s, tls_context=self._tls,
         )
-
-
-def publish_size(topic: str, payload_len: int, qos: int, *, v5: bool) -> int:
-    """Bytes of the PUBLISH packet carrying ``payload_len`` bytes (no properties sent)."""
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
-    length_bytes = next((n for n in (1, 2, 3) if remaining < 128 ** n), 4)
-    return 1 + length_bytes + remaining
-
-
-@functools.cache
-def _client_class() -> type[_Client]:
-    """``aiomqtt.Client`` that keeps the broker's Maximum Packet Size from CONNACK (MQTT 5).
-
-    aiomqtt drops CONNACK properties (empicano/aiomqtt#362), so this overrides its callback,
-    keeping the value and calling the original. Defined on first use: aiomqtt loads lazily.
-    """
-    import aiomqtt
-
-    class Client(aiomqtt.Client):
-        max_packet: int | None = None
-
-        def _on_connect(self, client: Any, userdata: Any, flags: Any,
-                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
-            value = getattr(properties, "MaximumPacketSize", None)
-            self.max_packet = value if isinstance(value, int) and value > 0 else None
-            super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    return cast("type[_Client]", Client)
-
-
-class _NameTheSink(logging.Filter):
-    """Adds ``sink`` and ``broker`` to paho's and aiomqtt's own log records."""
-
-    def __init__(self, sink: str, broker: str) -> None:
-        super().__init__()
-        self.sink = sink
-        self.broker = broker
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Tag the record (the structlog bridge turns record attributes into fields)."""
-        record.sink = self.sink
-        record.broker = self.broker
-        return True
-
-
-def _client_logger(sink: str, broker: str) -> logging.Logger:
-    """The stdlib logger given to aiomqtt (and by it to paho): its lines name the sink.
-
-    Without it paho logs ``failed to receive on socket: …`` to the shared ``mqtt`` logger, a line
-    that says neither which sink nor which broker.
-    """
-    logger = logging.getLogger(f"plugins.mqtt.{sink}")
-    for old in [f for f in logger.filters if isinstance(f, _NameTheSink)]:
-        logger.removeFilter(old)   # a sink rebuilt on reload: one filter, the current broker
-    logger.addFilter(_NameTheSink(sink, broker))
-    return logger
-
-
-def _code(exc: aiomqtt.MqttError) -> object:
-    """The numeric MQTT return/reason code of ``exc``, if it has one."""
-    import aiomqtt
-
-    return getattr(exc.rc, "value", exc.rc) if isinstance(exc, aiomqtt.MqttCodeError) else None
-
-
-def _describe(exc: aiomqtt.MqttError) -> str:
-    """One line about a connection failure, with a hint when credentials were refused."""
-    text = str(exc) or type(exc).__name__
-    if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
-        text = f"{text}: {exc.__cause__}"
-    code = _code(exc)
-    if code in _AUTH_REFUSED:
-        return f"broker refused the connection ({text}): check username and password"
-    return text
 
 
 def _factory(name: str, config: Any, context: SinkContext) -> MqttSink:

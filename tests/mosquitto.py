@@ -4,8 +4,8 @@
 a persistent subscriber session and its queued QoS 1 messages survive a broker restart), starts
 ``mosquitto -c`` and polls a TCP connect against a deadline. ``stop()``/``start()`` restart it on
 the same port. Optional: a password file (``mosquitto_passwd -b``) and a TLS listener whose
-certificates ``make_certs`` generates with the ``openssl`` CLI. Without mosquitto the tests skip,
-except under ``CI`` where they fail.
+certificates ``make_certs`` generates with the ``openssl`` CLI; an ACL (``acl_file`` text).
+Without mosquitto the tests skip, except under ``CI`` where they fail.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Mosquitto:
     """A mosquitto process on 127.0.0.1:``port``; restartable on the same port."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
-                 certs: Certs | None = None) -> None:
+                 certs: Certs | None = None, acl: str | None = None) -> None:
         self.binary = mosquitto_binary()
         self.workdir = workdir
         self.port = free_port()
@@ -100,6 +100,10 @@ class Mosquitto:
         self._proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self._config(users, certs))
+        if acl is not None:               # mosquitto's acl_file syntax (``topic read t/#``)
+            (workdir / "acl").write_text(acl)
+            with self.conf.open("a") as conf:
+                conf.write(f"acl_file {workdir / 'acl'}\n")
 
     def _config(self, users: dict[str, str] | None, certs: Certs | None) -> str:
         lines = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,21 +12,23 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
+import structlog
 from standardwebhooks import Webhook
-from structlog.testing import capture_logs
+from structlog.testing import LogCapture, capture_logs
 
 from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
-from plugins.mqtt import MqttConfig, MqttSink, publish_size
+from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
+from plugins.mqtt_client import publish_size
 from plugins.webhook import WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
 from tests.conftest import TRANSCRIBED
@@ -70,6 +73,41 @@ async def collect_ids(subscriber: Subscriber, seen: list[str], total: int,
             record_id = json.loads(bytes(message.payload))["id"]
             if record_id not in seen:
                 seen.append(record_id)
+
+
+class LogWatch:
+    """Captures structlog events like ``capture_logs`` and lets a test await a condition."""
+
+    def __init__(self) -> None:
+        self._capture = LogCapture()
+        self._changed = asyncio.Event()
+
+    @property
+    def entries(self) -> list[MutableMapping[str, Any]]:
+        """Every event so far."""
+        return self._capture.entries
+
+    def _processor(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+        self._changed.set()
+        return self._capture(logger, name, event)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Self]:
+        """Route structlog's events here meanwhile."""
+        old = structlog.get_config()["processors"]
+        structlog.configure(processors=[self._processor])
+        try:
+            yield self
+        finally:
+            structlog.configure(processors=old)
+
+    async def until(self, condition: Callable[[list[MutableMapping[str, Any]]], bool],
+                    within: float = 20) -> None:
+        """Wait until ``condition(entries)`` holds."""
+        async with asyncio.timeout(within):
+            while not condition(self.entries):
+                self._changed.clear()
+                await self._changed.wait()
 
 
 class TestDelivery:
@@ -432,3 +470,114 @@ class TestConfig:
             {"type": "mqtt", "host": "h", "username": "u", "password_file": str(secret)}
         )
         assert cfg.password.get_secret_value() == "from-file"
+
+
+class TestRefusals:
+    @pytest.mark.parametrize("qos", [1, 2])
+    async def test_publish_the_acl_refuses_is_dead_lettered(
+        self, tmp_path: Path, outbox: Outbox, qos: int
+    ) -> None:
+        """A PUBACK/PUBREC saying "Not authorized" (MQTT 5) is not a delivery: the record is
+        dead-lettered with the reason, not deleted as if the broker had taken it."""
+        acl = "topic readwrite transcribed/+/status\ntopic read transcribed/+/turn\n"
+        with Mosquitto(tmp_path / "acl", acl=acl) as broker:
+            dispatcher = Dispatcher([runner(config(broker, qos=qos), outbox)],
+                                    dead_letter_dir=tmp_path / "dead")
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                dispatcher.dispatch(make_turn(1))
+                await dispatcher.close(flush_s=10)
+        lines = (tmp_path / "dead" / "bus.jsonl").read_text().splitlines()
+        (dead,) = [json.loads(x) for x in lines]
+        assert dead["record"]["id"] == "sess:1"
+        assert dead["error"] == (
+            f"mqtt broker {broker.host}:{broker.port}: publish to 'transcribed/testhost/turn' "
+            "refused by the broker: Not authorized (135): check the broker's ACL for this user "
+            "and topic")
+        assert outbox.depth("bus") == 0
+
+
+class TestTopics:
+    @pytest.mark.parametrize("value", ["t/\x00", "t/a\x1fb", "t/\x7f", "t/\x85", "t/\uffff"])
+    def test_characters_brokers_refuse_are_config_errors(self, value: str) -> None:
+        """NUL, controls and non-characters make mosquitto drop the client: refused up front."""
+        host = load_plugins(entry_points=False)
+        with pytest.raises(ConfigError, match=r"sinks\.bus\.topic: .*control character"):
+            validate_sinks(host, {"bus": {"type": "mqtt", "host": "localhost", "topic": value}})
+
+    async def test_odd_host_name_is_made_safe(self, broker: Mosquitto) -> None:
+        """A host name with MQTT wildcards or control characters still connects and delivers:
+        those characters become ``_`` in the topics (they made the broker refuse the will)."""
+        odd = "we+ird#h\x01st"
+        async with Subscriber(broker, "transcribed/#") as subscriber:
+            async with MqttSink("bus", config(broker), odd) as sink:
+                online = await subscriber.next()
+                await sink.send(dataclasses.replace(make_turn(1), host=odd))
+                turn = await subscriber.next()
+        assert (str(online.topic), online.payload) == ("transcribed/we_ird_h_st/status", b"online")
+        assert str(turn.topic) == "transcribed/we_ird_h_st/turn"
+
+
+class SilentBroker:
+    """Accepts TCP connections on 127.0.0.1 and never answers; counts those the client closed."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.closed_by_client = 0
+        self.changed = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        self.accepted += 1
+        self.changed.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()                  # returns at EOF: the client closed it
+        self.closed_by_client += 1
+        self.changed.set()
+        writer.close()
+
+
+class TestReconnects:
+    async def test_no_socket_kept_per_unanswered_connect(self) -> None:
+        """A broker that accepts TCP but never sends CONNACK: each timed-out attempt closes its
+        socket (it stayed open until paho's keep-alive check, a file descriptor per attempt)."""
+        async with SilentBroker() as silent:
+            cfg = MqttConfig.model_validate({"type": "mqtt", "host": "127.0.0.1",
+                                             "port": silent.port, "timeout_s": 0.2})
+            async with MqttSink("bus", cfg, HOST):
+                async with asyncio.timeout(20):
+                    while silent.closed_by_client < 3:
+                        silent.changed.clear()
+                        await silent.changed.wait()
+            assert silent.accepted - silent.closed_by_client <= 1
+
+    async def test_client_id_taken_over_backs_off_and_says_why(self, broker: Mosquitto) -> None:
+        """Two daemons with one client_id take the connection from each other: the reconnects
+        back off (they were ~10 a second each, a warning each) and the error names the cause."""
+        cfg = config(broker, client_id="shared-id")
+        watch = LogWatch()
+
+        def drops(entries: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+            return [e for e in entries if e["event"] == "mqtt.disconnected" and e["sink"] == "a"]
+
+        with watch.active():
+            async with MqttSink("a", cfg, HOST), MqttSink("b", cfg, HOST):
+                await watch.until(lambda entries: len(drops(entries)) >= 5)
+        fifth = drops(watch.entries)[4]
+        assert fifth["retry_in_s"] >= 0.8                 # 0.1 s doubled four times, jittered
+        assert "is another client connected with client_id 'shared-id'?" in fifth["error"]

@@ -1,0 +1,200 @@
+"""The MQTT sink's client: aiomqtt with what the sink needs that it does not give.
+
+* the broker's Maximum Packet Size from CONNACK (MQTT 5), so an oversized record is refused
+  before it is sent (aiomqtt drops CONNACK properties: empicano/aiomqtt#362);
+* a publish the broker refuses (MQTT 5 PUBACK or PUBREC with a failure reason code, e.g. not
+  authorized by its ACL) is an error, not a delivery: aiomqtt ignores the code, and paho
+  completes a refused QoS 2 exchange as a success;
+* one-line descriptions of connection failures, and paho's log lines naming the sink.
+
+Hooks into aiomqtt and paho internals are version-pinned in ``requirements.lock``; where one is
+missing (another version) the client still works, without that hook (``mqtt.hook_unavailable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import structlog
+
+from daemon.errors import PermanentSinkError, SinkError
+
+if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
+    import aiomqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    class MqttClient(aiomqtt.Client):
+        """What ``client_class()`` builds at run time."""
+
+        max_packet: int | None
+        refusals: dict[int, ReasonCode]
+        last_mid: int
+
+log = structlog.get_logger("plugins.mqtt")
+
+_AUTH_REFUSED: Final = frozenset({4, 5, 134, 135})  # CONNACK codes, MQTT 3.1.1 and 5
+UNSUPPORTED_PROTOCOL: Final = 132  # CONNACK code (paho also maps a 3.1.1 broker's 1 to it)
+MQTT_MAX_PACKET: Final = 268_435_455 + 5  # the largest packet the protocol can encode at all
+_NOT_AUTHORIZED: Final = 135
+_REFUSED_FOR_GOOD: Final = frozenset({_NOT_AUTHORIZED, 144, 149, 153})  # topic, size, payload
+
+
+def publish_size(topic: str, payload_len: int, qos: int, *, v5: bool) -> int:
+    """Bytes of the PUBLISH packet carrying ``payload_len`` bytes (no properties sent)."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+    length_bytes = next((n for n in (1, 2, 3) if remaining < 128 ** n), 4)
+    return 1 + length_bytes + remaining
+
+
+@functools.cache
+def client_class() -> type[MqttClient]:
+    """``aiomqtt.Client`` that keeps the broker's Maximum Packet Size from CONNACK (MQTT 5).
+
+    aiomqtt drops CONNACK properties (empicano/aiomqtt#362), so this overrides its callback,
+    keeping the value and calling the original. Defined on first use: aiomqtt loads lazily.
+    """
+    import aiomqtt
+
+    class Client(aiomqtt.Client):
+        max_packet: int | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.refusals: dict[int, ReasonCode] = {}   # message id -> failure reason code
+            self.last_mid = 0
+            _track_refusals(cast("MqttClient", self))
+
+        def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode,
+                        properties: Properties) -> None:
+            if reason_code.is_failure:
+                self.refusals[mid] = reason_code
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+
+        def _on_connect(self, client: Any, userdata: Any, flags: Any,
+                        reason_code: ReasonCode, properties: Properties | None = None) -> None:
+            value = getattr(properties, "MaximumPacketSize", None)
+            self.max_packet = value if isinstance(value, int) and value > 0 else None
+            super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    return cast("type[MqttClient]", Client)
+
+
+def _track_refusals(client: MqttClient) -> None:
+    """Note each publish's message id, and the failure reason of a PUBREC (QoS 2).
+
+    paho tells ``on_publish`` a PUBACK's reason code but ignores a PUBREC's (and completes the
+    exchange as a success), so the QoS 2 refusal is read from the packet here.
+    """
+    try:
+        from paho.mqtt._packet import decode_pubrec
+
+        paho = client._client
+        paho_publish, handle_pubrec = paho.publish, paho._handle_pubrec
+        paho._in_packet  # noqa: B018  (read on every PUBREC: must exist)
+    except (ImportError, AttributeError) as exc:
+        _hook_unavailable("a publish the broker refuses is taken for delivered", exc)
+        return
+
+    def publish(*args: Any, **kwargs: Any) -> Any:
+        info = paho_publish(*args, **kwargs)
+        client.last_mid = info.mid
+        client.refusals.pop(info.mid, None)     # a stale one from a reused message id
+        return info
+
+    def on_pubrec() -> Any:
+        packet = paho._in_packet
+        try:
+            pubrec = decode_pubrec(packet["command"], packet["packet"], paho.protocol)
+        except Exception:  # never break paho's packet loop: paho reports a malformed packet
+            return handle_pubrec()
+        if pubrec.reason.is_failure:
+            client.refusals[pubrec.mid] = pubrec.reason
+        return handle_pubrec()
+
+    paho.publish = publish  # type: ignore[method-assign]
+    paho._handle_pubrec = on_pubrec  # type: ignore[method-assign]
+
+
+def release(client: MqttClient) -> None:
+    """After a connection ended: free what aiomqtt keeps of it.
+
+    The socket of an attempt whose CONNACK never came (aiomqtt keeps it: a descriptor per
+    attempt until paho's keep-alive check), and a drop while announcing (already reported:
+    asyncio would print "Future exception was never retrieved").
+    """
+    paho = client._client
+    sock_close = getattr(paho, "_sock_close", None)
+    if sock_close is not None and paho.socket() is not None:
+        sock_close()
+    lost = getattr(client, "_disconnected", None)
+    if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
+        lost.exception()
+
+
+_UNAVAILABLE: set[str] = set()     # effects already reported
+
+
+def _hook_unavailable(effect: str, exc: Exception) -> None:
+    """Once: this aiomqtt/paho lacks an internal the client hooks into (not the locked one)."""
+    if effect not in _UNAVAILABLE:
+        _UNAVAILABLE.add(effect)
+        log.warning("mqtt.hook_unavailable", error=f"{type(exc).__name__}: {exc}", effect=effect)
+
+
+class _NameTheSink(logging.Filter):
+    """Adds ``sink`` and ``broker`` to paho's and aiomqtt's own log records."""
+
+    def __init__(self, sink: str, broker: str) -> None:
+        super().__init__()
+        self.sink = sink
+        self.broker = broker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Tag the record (the structlog bridge turns record attributes into fields)."""
+        record.sink = self.sink
+        record.broker = self.broker
+        return True
+
+
+def client_logger(sink: str, broker: str) -> logging.Logger:
+    """The stdlib logger given to aiomqtt (and by it to paho): its lines name the sink.
+
+    Without it paho logs ``failed to receive on socket: …`` to the shared ``mqtt`` logger, a line
+    that says neither which sink nor which broker.
+    """
+    logger = logging.getLogger(f"plugins.mqtt.{sink}")
+    for old in [f for f in logger.filters if isinstance(f, _NameTheSink)]:
+        logger.removeFilter(old)   # a sink rebuilt on reload: one filter, the current broker
+    logger.addFilter(_NameTheSink(sink, broker))
+    return logger
+
+
+def reason_code(exc: aiomqtt.MqttError) -> object:
+    """The numeric MQTT return/reason code of ``exc``, if it has one."""
+    import aiomqtt
+
+    return getattr(exc.rc, "value", exc.rc) if isinstance(exc, aiomqtt.MqttCodeError) else None
+
+
+def refusal(what: str, reason: ReasonCode) -> SinkError:
+    """The error for a publish the broker refused: permanent unless retrying may help."""
+    code = int(reason.value)
+    if code not in _REFUSED_FOR_GOOD:       # quota exceeded, unspecified, implementation ...
+        return SinkError(f"{what} refused by the broker: {reason} ({code}); retrying")
+    hint = ": check the broker's ACL for this user and topic" if code == _NOT_AUTHORIZED else ""
+    return PermanentSinkError(f"{what} refused by the broker: {reason} ({code}){hint}")
+
+
+def describe(exc: aiomqtt.MqttError) -> str:
+    """One line about a connection failure, with a hint when credentials were refused."""
+    text = str(exc) or type(exc).__name__
+    if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
+        text = f"{text}: {exc.__cause__}"
+    code = reason_code(exc)
+    if code in _AUTH_REFUSED:
+        return f"broker refused the connection ({text}): check username and password"
+    return text
