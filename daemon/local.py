@@ -190,8 +190,8 @@ class _Session:
         self.finals = asyncio.Queue()
         self.candidate: tuple[tuple[int, int], asyncio.Future[Recognition]] | None = None
         self.busy = 0
-        self.partial_at: dict[int, float] = {}
-        self.committed_serials: set[int] = set()
+        self.partial_at = (-1, 0.0)     # (turn serial, its duration at the last partial)
+        self.committed_through = -1      # turns end in serial order: the last one committed
         self.turns = 0
         self.in_flight = 0
         self.audio_s = 0.0
@@ -277,7 +277,7 @@ class _Session:
         self._drop_candidate()
         if future is None:
             future = self._submit(ended.audio, final=True)
-        self.committed_serials.add(ended.audio.serial)
+        self.committed_through = max(self.committed_through, ended.audio.serial)
         self.in_flight += 1
         self.finals.put_nowait((ended, future))
 
@@ -301,19 +301,20 @@ class _Session:
 
     def _maybe_partial(self) -> None:
         audio = self.endpointer.current()
-        if audio is None or self.busy or audio.serial in self.committed_serials:
+        if audio is None or self.busy or audio.serial <= self.committed_through:
             return
         duration = audio.duration
-        if duration - self.partial_at.get(audio.serial, 0.0) < _PARTIAL_EVERY_S:
+        serial, last = self.partial_at
+        if duration - (last if serial == audio.serial else 0.0) < _PARTIAL_EVERY_S:
             return
-        self.partial_at[audio.serial] = duration
+        self.partial_at = (audio.serial, duration)
         future = self._submit(audio, final=False)
         future.add_done_callback(lambda f: self._partial_done(audio.serial, f))
 
     def _partial_done(self, serial: int, future: asyncio.Future[Recognition]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        if serial in self.committed_serials:
+        if serial <= self.committed_through:
             return  # the final is on its way; a late partial would only confuse live views
         text = future.result().text
         if text and not is_noise(text, 1.0):
