@@ -22,9 +22,11 @@ import structlog
 if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
     import pyaudio
 
+from daemon.audio_noise import stderr_silenced
 from daemon.backoff import backoff
 from daemon.devices import (
     DeviceInfo,
+    close_pyaudio,
     format_devices,
     input_devices,
     list_devices,
@@ -318,7 +320,7 @@ class MicrophoneSource:
         await self._close_stream()
         pa, self._pa = self._pa, None
         if pa is not None:
-            await asyncio.to_thread(pa.terminate)
+            await asyncio.to_thread(close_pyaudio, pa)
         self._pa = await asyncio.to_thread(new_pyaudio)
         await self._open()
 
@@ -356,6 +358,11 @@ class MicrophoneSource:
     def _choose(self, pa: pyaudio.PyAudio) -> tuple[DeviceInfo, PcmFormat]:
         """Blocking: resolve the device and a 16-bit format it supports."""
         info = resolve_device(input_devices(pa), self.device)
+        with stderr_silenced():  # a device that cannot be opened makes ALSA print
+            return info, self._supported_format(pa, info)
+
+    def _supported_format(self, pa: pyaudio.PyAudio, info: DeviceInfo) -> PcmFormat:
+        """Blocking: the first of our rate (else the device's) and mono (else stereo) it takes."""
         for rate in dict.fromkeys((self.sample_rate, info.default_sample_rate)):
             for channels in dict.fromkeys((1, min(2, info.max_input_channels))):
                 with contextlib.suppress(ValueError):
@@ -365,7 +372,7 @@ class MicrophoneSource:
                         input_channels=channels,
                         input_format=_PA_INT16,
                     ):
-                        return info, PcmFormat(rate, channels, 2)
+                        return PcmFormat(rate, channels, 2)
         raise AudioError(
             f"microphone {info.name!r} (device {info.index}): no 16-bit input at "
             f"{self.sample_rate} Hz or {info.default_sample_rate} Hz"
@@ -376,15 +383,11 @@ class MicrophoneSource:
     ) -> pyaudio.Stream:
         """Blocking: open and start the callback-mode input stream."""
         try:
-            return pa.open(
-                rate=fmt.rate,
-                channels=fmt.channels,
-                format=_PA_INT16,
-                input=True,
-                input_device_index=info.index,
-                frames_per_buffer=fmt.rate * self.chunk_ms // 1000,
-                stream_callback=bridge.on_audio,
-            )
+            with stderr_silenced():  # ALSA prints when the device cannot be opened
+                return pa.open(rate=fmt.rate, channels=fmt.channels, format=_PA_INT16, input=True,
+                               input_device_index=info.index,
+                               frames_per_buffer=fmt.rate * self.chunk_ms // 1000,
+                               stream_callback=bridge.on_audio)
         except OSError as exc:
             raise AudioError(
                 f"microphone {info.name!r} (device {info.index}): cannot open at "
@@ -402,12 +405,12 @@ class MicrophoneSource:
             self._bridge.finish()
         pa, self._pa = self._pa, None
         if pa is not None:
-            await asyncio.to_thread(pa.terminate)
+            await asyncio.to_thread(close_pyaudio, pa)
 
 
 def _stop_stream(stream: pyaudio.Stream) -> None:
     """Blocking: stop and close a stream, ignoring a device that is already gone."""
-    with contextlib.suppress(OSError):
+    with stderr_silenced(), contextlib.suppress(OSError):
         stream.stop_stream()
-    with contextlib.suppress(OSError):
+    with stderr_silenced(), contextlib.suppress(OSError):
         stream.close()

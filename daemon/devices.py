@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from daemon.audio_noise import quiet_libraries, stderr_silenced
 from daemon.errors import AudioError
 
 if TYPE_CHECKING:  # PortAudio loads only when a device is opened or listed
@@ -27,35 +23,19 @@ class DeviceInfo:
     is_default: bool
 
 
-_stderr_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def stderr_silenced() -> Iterator[None]:
-    """Point fd 2 at /dev/null for a moment: PortAudio/ALSA/JACK print probing noise there."""
-    with _stderr_lock:
-        sys.stderr.flush()
-        try:
-            saved = os.dup(2)
-        except OSError:  # no stderr at all: nothing to protect
-            yield
-            return
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 2)
-            os.close(null)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def new_pyaudio() -> pyaudio.PyAudio:
     """Initialise PortAudio (blocking, ~100 ms) without its stderr noise."""
     import pyaudio
 
+    quiet_libraries()
     with stderr_silenced():
         return pyaudio.PyAudio()
+
+
+def close_pyaudio(pa: pyaudio.PyAudio) -> None:
+    """Terminate PortAudio (blocking) without its stderr noise."""
+    with stderr_silenced():
+        pa.terminate()
 
 
 def input_devices(pa: pyaudio.PyAudio) -> list[DeviceInfo]:
@@ -86,7 +66,7 @@ def list_devices() -> list[DeviceInfo]:
     try:
         return input_devices(pa)
     finally:
-        pa.terminate()
+        close_pyaudio(pa)
 
 
 def format_devices(devices: list[DeviceInfo]) -> str:
@@ -112,22 +92,30 @@ def _describe(devices: list[DeviceInfo]) -> str:
 def resolve_device(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
     """Pick a device per SPEC: '' = default, an integer = index, else a name substring.
 
+    A name matched in full wins over names that merely contain it; a name that matches several
+    devices is an error, never a guess.
+
     Raises:
-        AudioError: nothing matches; the message lists the available input devices.
+        AudioError: nothing or several match; the message lists the devices to choose from.
     """
     spec = spec.strip()
     if not spec:
-        found = next((d for d in devices if d.is_default), None)
+        found = [d for d in devices if d.is_default]
         problem = "no default audio input device"
-    elif spec.isdigit():
-        found = next((d for d in devices if d.index == int(spec)), None)
+    elif spec.isdecimal():
+        found = [d for d in devices if d.index == int(spec)]
         problem = f"audio device {spec} not found or not an input"
     else:
         needle = spec.casefold()
-        found = next((d for d in devices if d.name.casefold() == needle), None) or next(
-            (d for d in devices if needle in d.name.casefold()), None
-        )
+        found = [d for d in devices if d.name.casefold() == needle] or [
+            d for d in devices if needle in d.name.casefold()
+        ]
         problem = f"no audio input device matches {spec!r}"
-    if found is None:
+    if len(found) > 1:
+        raise AudioError(
+            f"audio device {spec!r} matches {len(found)} input devices: {_describe(found)}; "
+            "set audio.device to the index or more of the name (see `transcribed devices`)"
+        )
+    if not found:
         raise AudioError(f"{problem}; available input devices: {_describe(devices)}")
-    return found
+    return found[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import sys
 import threading
@@ -240,6 +241,23 @@ class TestWavErrors:
         (warning,) = [e for e in logs if e["event"] == "audio.file_truncated"]
         assert (warning["header_s"], warning["present_s"]) == (1.0, 0.5)
 
+    @pytest.mark.parametrize("size", [0x7FFFF000, 0xFFFFFFFF])
+    async def test_streamed_wav_of_unknown_length_plays_without_warning(
+        self, tmp_path: Path, size: int
+    ) -> None:
+        """A WAV written to a pipe (sox, arecord, ffmpeg) has a placeholder length in its header:
+        it is read to its end with no 'truncated' warning."""
+        pcm = encode(sine(440, 0.5, 16000), 2)
+        path = write_riff(tmp_path / "piped.wav", 1, 1, 16000, 16, pcm)
+        with path.open("r+b") as file:
+            file.seek(40)
+            file.write(struct.pack("<I", size))
+        with capture_logs() as logs:
+            async with WavFileSource(path, realtime=False) as source:
+                samples = pcm_of([c async for c in source.chunks()])
+        assert np.array_equal(samples, np.frombuffer(pcm, "<i2"))
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == []
+
     async def test_chunks_outside_context_is_an_error(self, tmp_path: Path) -> None:
         """Iterating a source that was never entered raises AudioError naming the file."""
         path = write_wav(tmp_path / "in.wav", sine(440, 0.2, 16000), 16000, 2)
@@ -388,6 +406,25 @@ class TestDeviceSelection:
         assert "available input devices: 0 'HDA Intel" in str(info.value)
         assert "4 'USB Audio Mic'" in str(info.value)
 
+    @pytest.mark.parametrize(("spec", "indices"), [("a", [0, 4, 8]), ("U", [4, 7, 8])])
+    def test_name_matching_several_is_an_error(self, spec: str, indices: list[int]) -> None:
+        """A substring that several devices contain is an error naming them, not a guess."""
+        with pytest.raises(AudioError) as info:
+            resolve_device(DEVICES, spec)
+        message = str(info.value)
+        assert message.startswith(f"audio device {spec!r} matches {len(indices)} input devices: ")
+        named = [d for d in DEVICES if f"{d.index} {d.name!r}" in message]
+        assert [d.index for d in named] == indices
+        assert "index" in message and "\n" not in message
+
+    def test_full_name_wins_over_substring(self) -> None:
+        """A name given in full picks that device even when longer names contain it."""
+        devices = [DeviceInfo(2, "USB Mic (hw:2,0)", 48000, 1, False),
+                   DeviceInfo(3, "USB Mic", 48000, 1, False)]
+        assert resolve_device(devices, "usb mic").index == 3
+        with pytest.raises(AudioError, match="matches 2 input devices"):
+            resolve_device(devices, "USB")
+
     def test_no_default_device(self) -> None:
         """Without any input device, the default is an error that says there are none."""
         with pytest.raises(AudioError, match=r"no default audio input device.*: none"):
@@ -476,6 +513,13 @@ class TestMicrophone:
             async with MicrophoneSource("no-such-mic"):
                 pass
 
+    async def test_ambiguous_name_is_an_error(self, mic_env: VirtualMic) -> None:
+        """'e' is in both 'pulse' and 'default': an error naming both, not the first one."""
+        both = r"audio device 'e' matches 2 input devices: \d+ 'pulse', \d+ 'default'"
+        with pytest.raises(AudioError, match=both):
+            async with MicrophoneSource("e"):
+                pass
+
     async def test_stop_ends_chunks(self, mic_env: VirtualMic) -> None:
         """stop() ends the microphone's iterator once the queue is drained."""
         async with MicrophoneSource() as mic, asyncio.timeout(5):
@@ -500,6 +544,33 @@ class TestMicrophone:
             chunks = mic.chunks()
             sizes = [len((await anext(chunks)).pcm) for _ in range(3)]
         assert sizes == [3200, 3200, 3200]
+
+    def test_stderr_lines_survive_device_listing(
+        self, mic_env: VirtualMic, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """Log lines written (one write each, as the logger does) while another thread lists
+        devices all reach stderr, and none of PortAudio's probing noise does."""
+        done = threading.Event()
+
+        def lister() -> None:
+            try:
+                for _ in range(3):
+                    list_devices()
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=lister, name="lister")
+        thread.start()
+        written = 0
+        while not done.wait(0.001):
+            os.write(2, f"line {written}\n".encode())
+            written += 1
+        thread.join()
+        assert written > 10
+        lines = capfd.readouterr().err.splitlines()  # in order, but for the instant of a swap
+        assert sorted(lines, key=lambda line: int(line.split()[-1])) == [
+            f"line {i}" for i in range(written)
+        ]
 
     def test_list_devices_shows_virtual_mic_quietly(
         self, mic_env: VirtualMic, capfd: pytest.CaptureFixture[str]

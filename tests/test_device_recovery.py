@@ -11,9 +11,10 @@ import pytest
 import structlog
 
 from daemon.audio import MicrophoneSource
+from daemon.errors import AudioError
 from daemon.events import AudioChunk
 from daemon.health import Heartbeat
-from tests.vmic import SOURCE, VirtualMic
+from tests.vmic import SINK, SOURCE, VirtualMic
 
 
 class LogEvents:
@@ -127,6 +128,35 @@ async def test_vanished_server_is_waited_for(private_mic: VirtualMic,
         seen = len(chunks.items)
         await chunks.more_than(seen + 2)
     assert recovered["gap_s"] > 0.25 and source.recoveries >= 1
+
+
+async def _modules(mic: VirtualMic) -> list[str]:
+    process = await asyncio.create_subprocess_exec(
+        "pactl", "list", "short", "modules", env=mic.env(), stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    return [line.split()[0] for line in out.decode().splitlines()
+            if "null-sink" in line or "remap-source" in line]
+
+
+async def test_unopenable_device_is_an_error_without_library_noise(
+        private_mic: VirtualMic, capfd: pytest.CaptureFixture[str]) -> None:
+    """Every source unloaded (a USB mic pulled): the 'default' device still lists but cannot
+    open; that is one AudioError, and ALSA/PortAudio print nothing on stderr (the log stream),
+    as on every reopen attempt while the device is away."""
+    for module in sorted(await _modules(private_mic), key=int, reverse=True):
+        await _pactl(private_mic, "unload-module", module)
+    try:
+        with private_mic.activated(), pytest.raises(AudioError, match=r"'default'.*no 16-bit"):
+            async with MicrophoneSource():
+                pass
+        err = capfd.readouterr().err
+        assert "ALSA lib" not in err and "Expression" not in err, err
+    finally:
+        await _pactl(private_mic, "load-module", "module-null-sink", f"sink_name={SINK}",
+                     "rate=16000", "channels=1", "format=s16le", "norewinds=1")
+        await _pactl(private_mic, "load-module", "module-remap-source", f"source_name={SOURCE}",
+                     f"master={SINK}.monitor", "rate=16000", "channels=1", "format=s16le")
+        await _pactl(private_mic, "set-default-source", SOURCE)
 
 
 def test_file_source_is_not_reopened(tmp_path: Path) -> None:

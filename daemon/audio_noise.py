@@ -1,0 +1,103 @@
+"""Keeping PortAudio, ALSA and JACK chatter out of the daemon's stderr (its log stream).
+
+ALSA and JACK report through handlers we replace with no-ops; PortAudio prints straight to fd 2,
+so its calls run inside :func:`stderr_silenced`, which parks fd 2 on a scratch file and passes on
+what other threads wrote meanwhile (the daemon's own log lines), dropping only the noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any, Final
+
+_stderr_lock = threading.Lock()
+# What PortAudio, ALSA and JACK print while probing or opening devices (lines starting so)
+_NOISE: Final = (b"ALSA lib ", b"Expression '", b"Cannot connect to server", b"jack server is not",
+                 b"JackShm")
+_ALSA_HANDLER: Final = ctypes.CFUNCTYPE(
+    None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
+)
+_JACK_HANDLER: Final = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+_installed: list[Any] = []  # the C callbacks, kept alive for as long as the libraries may call
+
+
+def quiet_libraries() -> None:
+    """Replace ALSA's error handler and JACK's error/info handlers with no-ops (once)."""
+    if _installed:
+        return
+    _installed.append(None)
+    with contextlib.suppress(OSError, AttributeError):
+        alsa = ctypes.CDLL(ctypes.util.find_library("asound") or "libasound.so.2")
+        handler = _ALSA_HANDLER(lambda *_: None)
+        alsa.snd_lib_error_set_handler(handler)
+        _installed.append(handler)
+    with contextlib.suppress(OSError, AttributeError):
+        jack = ctypes.CDLL(ctypes.util.find_library("jack") or "libjack.so.0")
+        quiet = _JACK_HANDLER(lambda _: None)
+        jack.jack_set_error_function(quiet)
+        jack.jack_set_info_function(quiet)
+        _installed.append(quiet)
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Keep PortAudio's noise off fd 2 for a moment; what other threads wrote is passed on."""
+    with _stderr_lock:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to protect
+            yield
+            return
+        scratch = _scratch_fd()
+        try:
+            os.dup2(scratch, 2)
+            yield
+        finally:
+            with contextlib.suppress(ValueError, OSError):
+                sys.stderr.flush()
+            # Pass on what is there, swap back, then pass on what came in meanwhile: lines keep
+            # their order but for the instant of the swap itself.
+            done = _pass_on(scratch, 0, saved, whole_lines=True)
+            os.dup2(saved, 2)
+            os.close(saved)
+            _pass_on(scratch, done, 2, whole_lines=False)
+            os.close(scratch)
+
+
+def _scratch_fd() -> int:
+    """An anonymous file to hold fd 2's output (``/dev/null`` if none can be had)."""
+    try:
+        return os.memfd_create("transcribed-stderr")
+    except (AttributeError, OSError):
+        return os.open(os.devnull, os.O_RDWR)
+
+
+def _pass_on(scratch: int, start: int, target: int, *, whole_lines: bool) -> int:
+    """Write what ``scratch`` caught from ``start`` on to ``target``, without the library noise.
+
+    Reads with ``pread``, as fd 2 may still be appending to the same file; with ``whole_lines``
+    an unfinished last line is left for the next call. Returns where that call starts.
+    """
+    caught = bytearray()
+    with contextlib.suppress(OSError):  # /dev/null: nothing was kept
+        while block := os.pread(scratch, 65536, start + len(caught)):
+            caught += block
+    if whole_lines:
+        del caught[caught.rfind(b"\n") + 1 :]
+    kept = b"".join(
+        line for line in bytes(caught).splitlines(keepends=True)
+        if line.strip() and not line.startswith(_NOISE)
+    )
+    if kept and not kept.endswith(b"\n"):  # a line cut by the swap back: its end went ahead
+        kept += b"\n"
+    with contextlib.suppress(OSError):
+        while kept:
+            kept = kept[os.write(target, kept):]
+    return start + len(caught)
