@@ -23,6 +23,9 @@ _FORMAT_EXTENSIBLE: Final = 0xFFFE
 _MIN_HEADER: Final = 44             # bytes before the audio in the smallest WAV file
 MIN_RATE: Final = 4000              # sample rates a WAV file may have (Hz)
 MAX_RATE: Final = 384_000
+# Data sizes a writer puts in the header when it cannot go back to fill in the real one (it
+# writes to a pipe: sox, arecord, ffmpeg): the length is unknown, not cut short.
+_UNKNOWN_SIZES: Final = (0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000)
 
 if TYPE_CHECKING:  # numpy and soxr load only when a conversion is needed
     import numpy as np
@@ -144,7 +147,9 @@ class WavReader:
     @property
     def truncated(self) -> bool:
         """The file holds fewer frames than its header declares (an interrupted copy)."""
-        return self.frames < self.declared
+        frame_bytes = self.fmt.width * self.fmt.channels
+        streamed = any(self.declared == size // frame_bytes for size in _UNKNOWN_SIZES)
+        return self.frames < self.declared and not streamed
 
 
 def open_wav(path: Path) -> WavReader:
