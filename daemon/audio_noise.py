@@ -8,8 +8,6 @@ what other threads wrote meanwhile (the daemon's own log lines), dropping only t
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import sys
 import threading
@@ -20,10 +18,6 @@ _stderr_lock = threading.Lock()
 # What PortAudio, ALSA and JACK print while probing or opening devices (lines starting so)
 _NOISE: Final = (b"ALSA lib ", b"Expression '", b"Cannot connect to server", b"jack server is not",
                  b"JackShm")
-_ALSA_HANDLER: Final = ctypes.CFUNCTYPE(
-    None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
-)
-_JACK_HANDLER: Final = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _installed: list[Any] = []  # the C callbacks, kept alive for as long as the libraries may call
 
 
@@ -32,14 +26,21 @@ def quiet_libraries() -> None:
     if _installed:
         return
     _installed.append(None)
+    import ctypes  # here, not at the top: only a microphone needs it (~0.7 MB RSS)
+    import ctypes.util
+
+    alsa_handler = ctypes.CFUNCTYPE(
+        None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
+    )
+    jack_handler = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
     with contextlib.suppress(OSError, AttributeError):
         alsa = ctypes.CDLL(ctypes.util.find_library("asound") or "libasound.so.2")
-        handler = _ALSA_HANDLER(lambda *_: None)
+        handler = alsa_handler(lambda *_: None)
         alsa.snd_lib_error_set_handler(handler)
         _installed.append(handler)
     with contextlib.suppress(OSError, AttributeError):
         jack = ctypes.CDLL(ctypes.util.find_library("jack") or "libjack.so.0")
-        quiet = _JACK_HANDLER(lambda _: None)
+        quiet = jack_handler(lambda _: None)
         jack.jack_set_error_function(quiet)
         jack.jack_set_info_function(quiet)
         _installed.append(quiet)
