@@ -23,11 +23,11 @@ def normalise(text: str) -> str:
     return re.sub(r"[^\w\s']", " ", text.lower()).replace("3", "three")
 
 
-async def test_local_engine_from_virtual_microphone(vmic: VirtualMic, tmp_path: Path) -> None:
-    """Speech played into the virtual mic is transcribed offline and lands in the JSONL file."""
-    turns = tmp_path / "turns.jsonl"
+def local_config(tmp_path: Path, extra: str = "") -> Path:
+    """A config for the offline engine (microphone unless ``extra`` says otherwise), turns to
+    ``tmp_path/turns.jsonl``."""
     config = tmp_path / "config.toml"
-    config.write_text(f"""
+    config.write_text(f"""{extra}
 [transcriber]
 engine = "local"
 [http]
@@ -38,8 +38,15 @@ format = "json"
 dir = "{tmp_path / "state"}"
 [sinks.journal]
 type = "file"
-path = "{turns}"
+path = "{tmp_path / "turns.jsonl"}"
 """)
+    return config
+
+
+async def test_local_engine_from_virtual_microphone(vmic: VirtualMic, tmp_path: Path) -> None:
+    """Speech played into the virtual mic is transcribed offline and lands in the JSONL file."""
+    turns = tmp_path / "turns.jsonl"
+    config = local_config(tmp_path)
     async with NotifySocket.listening(tmp_path / "notify.sock") as notify:
         daemon = await Daemon.start("run", "--config", str(config),
                                     env={**vmic.env(), **notify.env(), "HF_HUB_OFFLINE": "1"})
@@ -87,25 +94,12 @@ async def test_more_threads_than_cpus_are_capped(tmp_path: Path) -> None:
     """local.threads far above the CPU count is capped with a warning: it used to crash the
     process inside CTranslate2's OpenMP pool (SIGSEGV, or "libgomp: Thread creation failed")."""
     turns = tmp_path / "turns.jsonl"
-    config = tmp_path / "config.toml"
-    config.write_text(f"""
+    config = local_config(tmp_path, f"""
 [audio]
 source = "file"
 path = "{SPEECH_DIR / "espeak-s5.wav"}"
-[transcriber]
-engine = "local"
 [local]
-threads = 100000
-[http]
-enabled = false
-[log]
-format = "json"
-[state]
-dir = "{tmp_path / "state"}"
-[sinks.journal]
-type = "file"
-path = "{turns}"
-""")
+threads = 100000""")
     result = await run_daemon("run", "--config", str(config), limit_s=60)
     assert result.code == 0, result.stderr[-2000:]
     [capped] = result.events("local.threads_capped")

@@ -33,6 +33,7 @@ from plugins.webhook import WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
 from tests.conftest import TRANSCRIBED
 from tests.http_receiver import HttpReceiver, Reply
+from tests.loopback_server import LoopbackServer
 from tests.mosquitto import Mosquitto, Subscriber, make_certs
 from tests.test_outbox import ROOT, make_turn
 from tests.test_webhook import SECRET, delivered, wait_delivered
@@ -221,25 +222,14 @@ class TestPacketLimit:
         assert all(getattr(r, "broker", None) == f"{broker.host}:{broker.port}" for r in paho)
 
 
-class Mqtt311Broker:
+class Mqtt311Broker(LoopbackServer):
     """A minimal MQTT 3.1.1-only broker on 127.0.0.1: refuses MQTT 5 as such a broker does
     (CONNACK return code 1, then close), accepts 3.1.1 and acknowledges QoS 1 publishes."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.levels: list[int] = []           # protocol level of each CONNECT
         self.published: list[bytes] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
 
     @staticmethod
     async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -518,31 +508,16 @@ class TestTopics:
         assert str(turn.topic) == "transcribed/we_ird_h_st/turn"
 
 
-class SilentBroker:
+class SilentBroker(LoopbackServer):
     """Accepts TCP connections on 127.0.0.1 and never answers; counts those the client closed."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.accepted = 0
         self.closed_by_client = 0
         self.changed = asyncio.Event()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
         self.accepted += 1
         self.changed.set()
         with contextlib.suppress(ConnectionError):

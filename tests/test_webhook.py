@@ -7,7 +7,7 @@ import base64
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
@@ -26,6 +26,7 @@ from tests.daemon_proc import cloud_config, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.http_receiver import HttpReceiver, Reply
+from tests.loopback_server import LoopbackServer
 from tests.test_outbox import make_turn, run_and_kill
 
 S1 = "espeak-s1.wav"
@@ -220,33 +221,23 @@ class TestClassification:
         assert retry_after_s("-5", RETRY_AFTER_MAX_S) == 0.0
 
 
-class EndlessBody:
+class EndlessBody(LoopbackServer):
     """A raw HTTP server on 127.0.0.1 answering each POST with ``status`` and a chunked body
     far longer than any answer worth reading (``BODY_BYTES``; endless to the client)."""
 
     BODY_BYTES = 64 << 20
 
     def __init__(self, status: int) -> None:
+        super().__init__()
         self.status = status
         self.hung_up = asyncio.Event()     # the client closed the connection mid-body
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-        self.url = ""
 
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` once entered."""
+        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
