@@ -90,16 +90,15 @@ class WavFileSource:
         """Yield the file's audio as exact chunks, then end."""
         loop = asyncio.get_running_loop()
         start_wall, start_loop = self._clock(), loop.time()
-        emitted = 0
+        # paced by samples, not chunks: at 22050 Hz a 50 ms chunk holds 1102 samples, not 1102.5
+        played = 0
         async for chunk in self._converted(start_wall):
-            if self.realtime and not await self._wait_until(
-                start_loop + (emitted + 1) * self.chunk_ms / 1000
-            ):
+            played += len(chunk.pcm) // 2
+            if self.realtime and not await self._wait_until(start_loop + played / self.sample_rate):
                 return
             if self._stopped.is_set():
                 return
             yield chunk
-            emitted += 1
 
     async def _converted(self, start_wall: float) -> AsyncIterator[AudioChunk]:
         """Decode, convert and re-chunk the file block by block, off the event loop."""
