@@ -89,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 1
     try:
         code = _run(argv)
-        sys.stdout.flush()
+        if sys.stdout is not None:      # None: started with stdout closed (>&-)
+            sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     except KeyboardInterrupt:           # Ctrl-C where nothing handles it (run: while starting)

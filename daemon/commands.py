@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         secrets=secret_values(settings, settings.sinks),   # app.run adds the validated sinks'
     )
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
+    for plugin, why in plugins.failed.items():      # one no sink uses would go unnoticed
+        log.warning("plugin.unavailable", plugin=plugin, error=why)
     try:
         return asyncio.run(app.run(settings, masker, plugins, sinks=sinks,
                                    loader=lambda: _validated(args, plugins)))

@@ -10,6 +10,7 @@ permanently to a dead-letter file.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import random
 import time
@@ -329,7 +330,7 @@ class Dispatcher:
         while True:
             runner.heartbeat.beat(self.send_limit_s)
             try:
-                await runner.sink.send(delivery.record)
+                await _send(runner, delivery.record)
             except asyncio.CancelledError:
                 raise
             except PermanentSinkError as exc:
@@ -381,6 +382,20 @@ class Dispatcher:
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
         append_dead_letter(path, {"sink": runner.name, "error": reason,
                                   "record": delivery.record.to_dict()})
+
+
+async def _send(runner: SinkRunner, record: TurnRecord) -> None:
+    """``runner.sink.send(record)``, refusing a ``send`` that is not ``async``.
+
+    A plain ``def send`` has already run when its result turns out not to be awaitable: retrying
+    it would deliver the record again and again, so it is dead-lettered (permanent) instead.
+    """
+    pending = runner.sink.send(record)
+    if not inspect.isawaitable(pending):
+        raise PermanentSinkError(
+            f"sink type {runner.sink_type.name!r}: send() returned {type(pending).__name__}, "
+            "not an awaitable (it must be 'async def send'); it may have delivered the record")
+    await pending
 
 
 def _reason(exc: Exception) -> str:

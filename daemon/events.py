@@ -50,10 +50,17 @@ def json_line(value: Any) -> str:
     """``value`` as one compact JSON line (no trailing newline).
 
     UTF-8 as is, but U+2028 and U+2029 escaped: valid raw in JSON, they end a line for
-    ``str.splitlines`` and JavaScript, and a JSONL reader must not see a break there.
+    ``str.splitlines`` and JavaScript, and a JSONL reader must not see a break there. A lone
+    surrogate (it has no UTF-8 form) is written as its JSON escape sequence, so the line
+    can always be encoded and reads back as the same text.
     """
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:      # only inside strings: backslashreplace is the JSON escape
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,15 @@ checkout; third-party sinks are found through the ``transcribed.sinks`` entry-po
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, Protocol, Self
+from typing import Any, ClassVar, Final, Protocol, Self, cast
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, SinkError
 from daemon.events import PartialTurn, SessionInfo, SessionSummary, TurnRecord
 
 PROJECT: Final = "transcribed"
@@ -126,21 +126,43 @@ class PluginHost:
 
     specs: ClassVar[type[_Specs]] = _Specs
 
-    def __init__(self, manager: pluggy.PluginManager) -> None:
+    def __init__(self, manager: pluggy.PluginManager, failed: dict[str, str] | None = None
+                 ) -> None:
         self.manager = manager
+        self.failed: dict[str, str] = dict(failed or {})   # plugin -> why it provides nothing
         self._types: dict[str, SinkType] | None = None
 
     def sink_types(self) -> dict[str, SinkType]:
-        """Return every known sink type by name; duplicate names are a configuration error."""
+        """Return every known sink type by name; duplicate names are a configuration error.
+
+        A plugin whose hook raises or returns something else than ``SinkType``s provides no
+        type (``failed`` says why); every factory is guarded (``_guarded``).
+        """
         if self._types is None:
             found: dict[str, SinkType] = {}
-            for batch in self.manager.hook.transcribed_sink_types():
-                for sink_type in batch:
+            owner: dict[str, str] = {}
+            for impl in self.manager.hook.transcribed_sink_types.get_hookimpls():
+                for sink_type in self._provided(impl.plugin_name, impl.function):
                     if sink_type.name in found:
-                        raise ConfigError(f"two plugins provide sink type {sink_type.name!r}")
-                    found[sink_type.name] = sink_type
+                        raise ConfigError(
+                            f"sink type {sink_type.name!r} is provided by two plugins, "
+                            f"{owner[sink_type.name]} and {impl.plugin_name}: uninstall one")
+                    found[sink_type.name] = replace(sink_type, factory=_guarded(sink_type))
+                    owner[sink_type.name] = impl.plugin_name
             self._types = found
         return self._types
+
+    def _provided(self, plugin: str, hook: Callable[[], object]) -> list[SinkType]:
+        """What one plugin's ``transcribed_sink_types`` returns; a failure goes to ``failed``."""
+        try:
+            batch = list(cast(Iterable[object], hook()))
+        except Exception as exc:  # supervision boundary: one plugin must not stop the daemon
+            self.failed[plugin] = f"failed: transcribed_sink_types raised {_reason(exc)}"
+            return []
+        if not all(isinstance(item, SinkType) for item in batch):
+            self.failed[plugin] = "failed: transcribed_sink_types must return SinkType objects"
+            return []
+        return cast(list[SinkType], batch)
 
     def session_started(self, session: SessionInfo) -> None:
         """Tell plugins a session began."""
@@ -171,9 +193,89 @@ def load_plugins(
         manager.set_blocked(name)
     for module_name in builtins:
         manager.register(importlib.import_module(module_name), name=module_name)
-    if entry_points:
-        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    manager.check_pending()
+    failed = _load_entry_points(manager) if entry_points else {}
     for plugin in extra:
         manager.register(plugin)
     manager.check_pending()
-    return PluginHost(manager)
+    return PluginHost(manager, failed)
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> dict[str, str]:
+    """Register the ``transcribed.sinks`` entry points, each on its own.
+
+    One that cannot be imported or registered (or implements an unknown hook) is left out and
+    named with the reason, instead of stopping every command with a traceback.
+    """
+    from importlib.metadata import entry_points
+
+    failed: dict[str, str] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if manager.get_plugin(point.name) is not None or manager.is_blocked(point.name):
+            continue
+        where = f"{point.name} (entry point {point.value})"
+        try:
+            plugin = point.load()
+            manager.register(plugin, name=point.name)
+        except Exception as exc:  # supervision boundary: a broken package must not stop us
+            failed[where] = f"cannot be loaded: {_reason(exc)}"
+            continue
+        try:
+            manager.check_pending()
+        except pluggy.PluginValidationError as exc:
+            manager.unregister(name=point.name)
+            failed[where] = f"cannot be loaded: {exc}"
+    return failed
+
+
+def _guarded(sink_type: SinkType) -> SinkFactory:
+    """``sink_type.factory``, made safe: a factory that raises builds a sink that fails to start.
+
+    Its worker is restarted with backoff like any sink that cannot start (each start calls the
+    factory again), and ``test-sinks`` reports the error, instead of the daemon crashing.
+    """
+    factory = sink_type.factory
+
+    def build(name: str, config: Any, context: SinkContext) -> Sink:
+        try:
+            return factory(name, config, context)
+        except Exception as exc:  # supervision boundary: a plugin's bug
+            return _Unbuilt(name, sink_type.name, lambda: factory(name, config, context), exc)
+
+    return build
+
+
+class _Unbuilt:
+    """A sink whose factory raised: each ``__aenter__`` tries to build it again."""
+
+    def __init__(self, name: str, type_name: str, build: Callable[[], Sink],
+                 error: Exception) -> None:
+        self._what = f"sink {name!r} (type {type_name!r})"
+        self._build = build
+        self._error = error
+        self._sink: Sink | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._sink is None:
+            try:
+                self._sink = self._build()
+            except Exception as exc:  # supervision boundary: reported as a failed start
+                self._error = exc
+                raise SinkError(f"{self._what} cannot be built: {_reason(exc)}") from None
+        await self._sink.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._sink is not None:
+            await self._sink.__aexit__(exc_type, exc, tb)
+
+    async def send(self, record: TurnRecord) -> None:
+        """Deliver through the built sink."""
+        if self._sink is None:
+            raise SinkError(f"{self._what} cannot be built: {_reason(self._error)}")
+        await self._sink.send(record)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -51,7 +51,8 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
         if not isinstance(type_name, str) or type_name not in known:
             choices = ", ".join(sorted(known))
             got = "missing" if type_name is None else f"unknown type {type_name!r}"
-            problems.append(f"sinks.{name}.type: {got} (known types: {choices})")
+            broken = "".join(f"; plugin {plugin} {why}" for plugin, why in host.failed.items())
+            problems.append(f"sinks.{name}.type: {got} (known types: {choices}){broken}")
             continue
         sink_type = known[type_name]
         values, unparsed = _json_values(sink_type, table, {k[2] for k in keys if k[1] == name})

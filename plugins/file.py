@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -24,6 +25,9 @@ from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 log = structlog.get_logger("plugins.file")
+
+PRIVATE_FILE = 0o600    # transcripts are private: a file the sink creates, like a dead letter
+PRIVATE_DIR = 0o700     # and the folder it creates for it (folders that exist are left as is)
 
 
 class FileSinkConfig(SinkConfig):
@@ -75,12 +79,14 @@ class FileSink:
             self._close()   # the next send reopens (and closes off a torn line)
             raise SinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def _open(self) -> None:
+    def _open(self, mode: int = PRIVATE_FILE) -> None:
+        """Open (create) the file for appending; one this creates is ``mode`` (0600: private)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
             if self.path.is_fifo():     # opening it would wait for a reader, for ever
                 raise SinkError(f"cannot open {self.path}: it is a FIFO (a named pipe)")
-            handle = self.path.open("ab")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
+            handle = open(fd, "ab")
             if handle.tell() > 0:
                 with self.path.open("rb") as reader:
                     reader.seek(-1, os.SEEK_END)
@@ -111,6 +117,9 @@ class FileSink:
             os.fsync(self._handle.fileno())
 
     def _rotate(self) -> None:
+        """Shift ``path`` to ``path.1`` (… ``path.<keep>``); the new file keeps its mode."""
+        assert self._handle is not None
+        mode = stat.S_IMODE(os.fstat(self._handle.fileno()).st_mode)
         self._close()
         keep = self.config.keep
         if keep == 0:
@@ -122,7 +131,7 @@ class FileSink:
                 if older.exists():
                     older.rename(f"{self.path}.{index + 1}")
             self.path.rename(f"{self.path}.1")
-        self._open()
+        self._open(mode)
 
     def _moved(self, handle: IO[bytes]) -> str:
         """Why ``path`` no longer names the open file (deleted, rotated, replaced), or ``""``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tomllib
 import wave
 from pathlib import Path
@@ -14,9 +15,10 @@ from daemon import commands
 from daemon.commands import check_config
 from daemon.config import Settings
 from daemon.dispatch import Dispatcher
+from daemon.errors import ConfigError
 from daemon.logs import SecretMasker
 from daemon.outbox import Outbox
-from daemon.plugins import load_plugins
+from daemon.plugins import SinkConfig, load_plugins
 from daemon.reload import Reloader, SinkBuilder
 from daemon.sinktables import validate_sinks
 from tests.daemon_proc import cloud_config, run_daemon
@@ -238,3 +240,77 @@ class TestWebhookTable:
         assert "# no sink is enabled" not in out
         assert not any(secret in out for secret in SECRETS)
 
+
+
+def plugin_package(site: Path, module: str, source: str) -> Path:
+    """A third-party plugin installed in ``site`` under the ``transcribed.sinks`` entry point."""
+    dist = site / f"{module}-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[transcribed.sinks]\n{module} = {module}\n")
+    (site / f"{module}.py").write_text(
+        "from daemon.plugins import SinkConfig, SinkType, hookimpl\n" + source)
+    return site
+
+
+class TestThirdPartyPlugins:
+    def test_a_plugin_that_cannot_be_imported_is_named_not_a_traceback(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A broken package stopped every command with its traceback; now the sink that wants
+        its type is a config error naming the plugin and why."""
+        monkeypatch.syspath_prepend(str(plugin_package(
+            tmp_path, "tp_import_fails", "raise RuntimeError('no module foo')\n")))
+        with pytest.raises(ConfigError) as caught:
+            validate_sinks(load_plugins(), {"mine": {"type": "tp_import_fails"}}, env={})
+        assert caught.value.problems == [
+            f"sinks.mine.type: unknown type 'tp_import_fails' {KNOWN_TYPES}; plugin "
+            "tp_import_fails (entry point tp_import_fails) cannot be loaded: "
+            "RuntimeError: no module foo"]
+
+    def test_a_hook_that_raises_is_named(self, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.syspath_prepend(str(plugin_package(tmp_path, "tp_hook_fails", (
+            "@hookimpl\ndef transcribed_sink_types():\n    raise KeyError('oops')\n"))))
+        host = load_plugins()
+        assert {"file", "console"} <= set(host.sink_types())    # the others still work
+        with pytest.raises(ConfigError, match="plugin tp_hook_fails failed: "
+                           "transcribed_sink_types raised KeyError: 'oops'"):
+            validate_sinks(host, {"mine": {"type": "x"}}, env={})
+
+    def test_a_type_name_clash_names_both_plugins(self, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.syspath_prepend(str(plugin_package(tmp_path, "tp_clash", (
+            "@hookimpl\ndef transcribed_sink_types():\n"
+            "    return [SinkType('file', SinkConfig, object)]\n"))))
+        with pytest.raises(ConfigError, match=r"sink type 'file' is provided by two plugins, "
+                           r"plugins\.file and tp_clash: uninstall one"):
+            load_plugins().sink_types()
+
+    async def test_a_factory_that_raises_is_a_sink_that_fails_to_start(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """It crashed the daemon (exit 1, a restart loop); now its worker is restarted with
+        backoff like any sink that cannot start, each start building it again."""
+        out = tmp_path / "out.txt"
+        monkeypatch.syspath_prepend(str(plugin_package(tmp_path, "tp_factory", f"""
+import tests.example_sink.transcribed_example_sink as example
+calls = []
+def factory(name, config, context):
+    calls.append(name)
+    if len(calls) <= 2:   # when built, and at its first start
+        raise OSError("device busy")
+    return example.ExampleSink(name, example.ExampleConfig(type="x", path={str(out)!r}), context)
+@hookimpl
+def transcribed_sink_types():
+    return [SinkType("tp_factory", SinkConfig, factory)]
+""")))
+        sink_type = load_plugins().sink_types()["tp_factory"]
+        config = SinkConfig(type="tp_factory")
+        built = SinkBuilder("h", tmp_path / "state").build("mine", sink_type, config)
+        dispatcher = Dispatcher([built], dead_letter_dir=tmp_path / "dead")
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(make_turn(0))
+            await dispatcher.close(10)
+        assert out.read_text().splitlines() == [f"{make_turn(0).id} {make_turn(0).transcript}"]
+        assert built.stats.last_error == ("sink 'mine' (type 'tp_factory') cannot be built: "
+                                          "OSError: device busy")

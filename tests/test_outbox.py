@@ -280,20 +280,23 @@ class TestBatch:
             assert got == [2]
 
 
-    def test_a_record_no_encoder_takes_is_still_dead_lettered(self, outbox: Outbox,
-                                                              tmp_path: Path) -> None:
+    async def test_a_record_with_a_lone_surrogate_is_queued(self, outbox: Outbox,
+                                                           tmp_path: Path) -> None:
         """A lone surrogate (the protocol parser replaces them; a third-party engine might not)
-        is refused by SQLite's UTF-8 encoder: the turn still lands in the dead-letter file and
-        dispatch does not raise (it crashed the daemon)."""
+        has no UTF-8 form: the record's JSON line escapes it, so the outbox takes the turn and
+        gives it back unchanged (SQLite's encoder refused it: dead-lettered; before that it
+        crashed the daemon)."""
         memory = MemoryQueue()
-        dispatcher = Dispatcher([null_runner("hook", outbox.queue("hook")),
-                                 null_runner("file", memory)], dead_letter_dir=tmp_path / "dead")
+        queue = outbox.queue("hook")
+        dispatcher = Dispatcher([null_runner("hook", queue), null_runner("file", memory)],
+                                dead_letter_dir=tmp_path / "dead")
         record = dataclasses.replace(make_turn(1), transcript="caf\ud800e")
         with capture_logs():
             dispatcher.dispatch(record)
-        entry = json.loads((tmp_path / "dead" / "hook.jsonl").read_text())
-        assert entry["record"]["transcript"] == "caf\ud800e"     # written as a JSON escape
-        assert memory.depth() == 1
+        assert not (tmp_path / "dead").exists()
+        assert (queue.depth(), memory.depth()) == (1, 1)
+        delivery = await queue.get()
+        assert delivery is not None and delivery.record.transcript == "caf\ud800e"
 
     def test_rolled_back_batch_refuses_the_rest(self, outbox: Outbox) -> None:
         """SQLite rolls a transaction back by itself on a full disk or an I/O error: later

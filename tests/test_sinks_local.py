@@ -202,6 +202,68 @@ async def test_console_text_and_json() -> None:
     assert json.loads(line)["id"] == "s:1"
 
 
+class TestOddInput:
+    async def test_created_files_are_private_and_rotation_keeps_the_mode(
+            self, tmp_path: Path) -> None:
+        """Transcripts: a file and folder the sink creates are 0600 / 0700 (they were 0644 /
+        0755 under the usual umask); a rotated-in file keeps the mode the user gave the old."""
+        path = tmp_path / "new" / "t.jsonl"
+        config = FileSinkConfig(type="file", path=str(path), rotate_bytes=1, keep=1)
+        async with FileSink("j", config, CONTEXT) as sink:
+            await sink.send(record(0))
+            assert (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777) == (
+                0o600, 0o700)
+            path.chmod(0o640)
+            await sink.send(record(1))
+        assert path.stat().st_mode & 0o777 == 0o640 and json.loads(path.read_text())["id"] == "s:1"
+
+    async def test_any_text_is_one_line_in_every_local_sink(self, tmp_path: Path) -> None:
+        """A lone surrogate has no UTF-8 form: it stalled the file sink (retried for ever, every
+        later turn behind it); it is written as its JSON escape and reads back the same."""
+        text = "a\ud800 😀 \u05e9\u05dc\u05d5\u05dd \x00 é" + "x" * 100_000
+        path, out = tmp_path / "t.jsonl", io.StringIO()
+        async with FileSink("j", FileSinkConfig(type="file", path=str(path)), CONTEXT) as sink:
+            await sink.send(record(0, text))
+        async with ConsoleSink("c", ConsoleSinkConfig(type="console", format="json"), CONTEXT,
+                               out) as console:
+            await console.send(record(0, text))
+        for line in (path.read_text(encoding="utf-8"), out.getvalue()):
+            assert len(line.splitlines()) == 1 and json.loads(line)["transcript"] == text
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    async def test_console_in_a_latin1_locale(self, fmt: str) -> None:
+        """What stdout's encoding cannot take was a dead-lettered turn; now JSON is ASCII-escaped
+        (the same record) and text shows '?'."""
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding="latin-1", write_through=True)
+        config = ConsoleSinkConfig(type="console", format=fmt)
+        async with ConsoleSink("c", config, CONTEXT, out) as sink:
+            await sink.send(record(0, "café 😀"))
+        line = raw.getvalue().decode("latin-1")
+        assert (json.loads(line)["transcript"] if fmt == "json" else line.split("] ")[1]) == (
+            "café 😀" if fmt == "json" else "café ?\n")
+
+    async def test_console_with_stdout_closed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """``transcribed run >&-``: Python has no sys.stdout; an AttributeError was retried as
+        if transient; now it is a permanent error saying so (the turn is dead-lettered)."""
+        monkeypatch.setattr("sys.stdout", None)
+        async with ConsoleSink("c", ConsoleSinkConfig(type="console"), CONTEXT) as sink:
+            with pytest.raises(PermanentSinkError, match=r"^cannot write to stdout: it is closed$"):
+                await sink.send(record(0))
+
+    async def test_a_send_that_is_not_async_is_not_repeated(self, tmp_path: Path) -> None:
+        """A plugin's plain ``def send`` ran, then awaiting its None failed: it was retried (and
+        wrote the record again) until exit. Now the record is dead-lettered once, with why."""
+        sink = ScriptedSink()
+        sink.send = sink.got.append  # type: ignore[assignment,method-assign]
+        dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
+        await run_through(dispatcher, 2, flush_s=5)
+        assert len(sink.got) == 2
+        dead = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+        assert [d["record"]["id"] for d in dead] == ["s:0", "s:1"]
+        assert "send() returned NoneType, not an awaitable" in dead[0]["error"]
+
+
 class ScriptedSink:
     """A sink whose behaviour each test scripts: fail to open, fail, hang, or record."""
 
@@ -397,3 +459,15 @@ def test_hookspecs_typed_and_documented() -> None:
         assert "return" in hints and all(p in hints for p in inspect.signature(spec).parameters
                                          if p != "self"), spec.__name__
         assert f"`{spec.__name__}`" in readme, f"{spec.__name__} is not documented in README.md"
+
+
+def test_test_sinks_with_stdout_closed_ends_without_a_traceback(tmp_path: Path) -> None:
+    """``transcribed test-sinks >&-``: the console sink reports stdout closed and the command
+    exits 1 (it failed), without the traceback of flushing a stdout Python does not have."""
+    config = tmp_path / "c.toml"
+    config.write_text('[sinks.screen]\ntype = "console"\n')
+    done = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *TRANSCRIBED, "test-sinks",
+                           "--config", str(config)],
+                          cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
