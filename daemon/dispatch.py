@@ -177,6 +177,7 @@ class Dispatcher:
         in-memory queue (a durable queue keeps them on disk: the new queue reads them again).
         """
         old = self.runners[runner.name]
+        runner.stats = old.stats        # the same sink, rebuilt: its counters carry on
         self.runners[runner.name] = runner
         task = self._workers.pop(runner.name, None)
         old.retiring.set()

@@ -5,7 +5,7 @@ events (``Tee(listener, hub)``), plus connection-state updates. Each event becom
 serialised once and offered to every subscriber's bounded queue. A subscriber that falls
 ``client_queue`` events behind is dropped (its ``on_drop`` callback closes its connection):
 a slow viewer never blocks or grows the daemon. A new subscriber first receives a replay: the
-state, the open session, the last ``history`` finished turns and the current partial.
+state, the open sessions, the last ``history`` finished turns and the current partial.
 
 Event forms (one JSON object per message, documented in the README)::
 
@@ -108,7 +108,7 @@ class LiveHub:
             "type": "state", "connection": "connecting", "engine": engine,
             "session_id": None, "backlog_s": 0, "audio": False, "at": _now(),
         }
-        self._session: dict[str, Any] | None = None
+        self._sessions: dict[str, dict[str, Any]] = {}  # open sessions' starts, oldest first
         self._turns: deque[str] = deque(maxlen=history)
         self._partial: PartialTurn | None = None
         self._subscribers: set[Subscription] = set()
@@ -136,11 +136,12 @@ class LiveHub:
     def session_started(self, session: SessionInfo) -> None:
         """A session began: the connection is live."""
         expires = iso_utc(session.expires_at) if session.expires_at else None
-        self._session = {
+        event = {
             "type": "session", "event": "started", "session_id": session.session_id,
             "engine": session.engine, "expires_at": expires,
         }
-        self._publish(self._session)
+        self._sessions[session.session_id] = event
+        self._publish(event)
         self.state("live", engine=session.engine, session_id=session.session_id)
 
     def input_ended(self) -> None:
@@ -148,14 +149,15 @@ class LiveHub:
         self._input_ended = True
 
     def session_ended(self, summary: SessionSummary) -> None:
-        """A session ended: unless a newer one is already live, the engine is reconnecting.
+        """A session ended: unless another one is still open, the engine is reconnecting.
 
-        Not once the input has ended: then the daemon is finishing, and the app says
-        ``state("stopped")`` when it is done (which this never overrides).
+        Two overlap during a rollover and while a replay lane catches up after an outage;
+        whichever ends first, the view stays live on the other. Not once the input has ended:
+        then the daemon is finishing, and the app says ``state("stopped")`` when it is done
+        (which this never overrides).
         """
         current = self._state["session_id"] in (None, summary.session_id)
-        if self._session is not None and self._session["session_id"] == summary.session_id:
-            self._session = None
+        self._sessions.pop(summary.session_id, None)
         if self._partial is not None and self._partial.session_id == summary.session_id:
             self._partial = None
         self._publish({
@@ -163,7 +165,12 @@ class LiveHub:
             "engine": summary.engine, "duration_s": summary.duration_s,
             "audio_s": summary.audio_s, "turns": summary.turns, "reason": summary.reason,
         })
-        if current and not self._input_ended and self._state["connection"] != "stopped":
+        if not current or self._input_ended or self._state["connection"] == "stopped":
+            return
+        if self._sessions:                  # still live on the newest session left open
+            newest = next(reversed(self._sessions.values()))
+            self.state(engine=newest["engine"], session_id=newest["session_id"])
+        else:
             self.state("reconnecting", session_id=None)
 
     # -- state -----------------------------------------------------------------------------
@@ -219,10 +226,9 @@ class LiveHub:
     # -- subscribers -----------------------------------------------------------------------
 
     def subscribe(self, on_drop: Callable[[], None] | None = None) -> Subscription:
-        """A new subscription, preloaded with the replay (state, session, turns, partial)."""
+        """A new subscription, preloaded with the replay (state, open sessions, turns, partial)."""
         replay = [_dumps(self._state)]
-        if self._session is not None:
-            replay.append(_dumps(self._session))
+        replay.extend(_dumps(session) for session in self._sessions.values())
         replay.extend(self._turns)
         if self._partial is not None:
             replay.append(_dumps(_partial_event(self._partial)))

@@ -174,11 +174,27 @@ class LatencyHistogram:
                     self.counts[index] += 1
 
 
+@dataclass
+class Carried:
+    """A counter kept monotonic when its source restarts from 0 (a sink a reload rebuilt)."""
+
+    base: float = 0.0
+    last: float = 0.0
+
+    def __call__(self, raw: float) -> float:
+        """The running total for the source's ``raw`` figure now."""
+        if raw < self.last:                 # a fresh source: what the old one counted stays
+            self.base += self.last
+        self.last = raw
+        return self.base + raw
+
+
 class MetricsRenderer:
     """Renders snapshots as Prometheus text; keeps the per-sink histograms between scrapes."""
 
     def __init__(self) -> None:
         self._histograms: dict[str, LatencyHistogram] = {}
+        self._counters: dict[tuple[str, str], Carried] = {}
 
     def render(self, snap: StatusSnapshot, extra: Sequence[tuple[str, str, str, float]] = ()
                ) -> str:
@@ -215,8 +231,18 @@ class MetricsRenderer:
              "dead_lettered"),
         ]
         for name, kind, text, attr in per_sink:
-            samples = [(PREFIX + name, _labels(s.name), float(getattr(s, attr))) for s in sinks]
+            samples = [(PREFIX + name, _labels(s.name), self._figure(s, attr, kind))
+                       for s in sinks]
             _family(out, name, kind, text, samples)
+        self._latencies(out, sinks)
+
+    def _figure(self, sink: SinkSnapshot, attr: str, kind: str) -> float:
+        value = float(getattr(sink, attr))
+        if kind != "counter":
+            return value
+        return self._counters.setdefault((sink.name, attr), Carried())(value)
+
+    def _latencies(self, out: list[str], sinks: Sequence[SinkSnapshot]) -> None:
         name = PREFIX + "sink_latency_seconds"
         out += [f"# HELP {name} Seconds from a turn's end to its delivery by the sink.",
                 f"# TYPE {name} histogram"]

@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import sys
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Final, TextIO
@@ -59,7 +60,7 @@ def tail_main(url: str, token: str, json_lines: bool, retry: bool = False) -> in
         return EX_OK
     except TailError as exc:
         screen.finish()
-        print(f"transcribed tail: {exc}", file=sys.stderr)
+        print(f"transcribed tail: {_printable(str(exc))}", file=sys.stderr)  # a peer's words
         return EX_FAILURE
     except BrokenPipeError:
         return EX_OK
@@ -231,6 +232,7 @@ class Screen:
 
     def note(self, text: str) -> None:
         """A status line (dim on a terminal, stderr otherwise: stdout stays events only)."""
+        text = _printable(text)             # it may quote what the feed's peer said
         if not self._tty:
             print(f"transcribed tail: {text}", file=self._err, flush=True)
             return
@@ -253,7 +255,7 @@ class Screen:
             details.append(f"session {str(event['session_id'])[:12]}")
         if connection != "live" and event.get("backlog_s"):
             details.append(f"backlog {event['backlog_s']} s")
-        self.note(_printable(" ".join([connection, "—", ", ".join(d for d in details if d)])))
+        self.note(" ".join([connection, "—", ", ".join(d for d in details if d)]))
 
     def _show_partial(self, text: str) -> None:
         self._partial = text
@@ -271,15 +273,32 @@ class Screen:
         if not self._partial:
             return ""
         width = max(20, shutil.get_terminal_size().columns - 1)
-        text = self._partial
-        if len(text) + 9 > width:  # keep the newest words: the line must never wrap
-            text = "…" + text[-(width - 10):]
-        line = f"{'':8} {text}"
+        line = f"{'':8} {_newest(self._partial, width - 9)}"  # the line must never wrap
         return f"{DIM}{line}{RESET}" if self._color else line
 
     def _write(self, text: str) -> None:
         self._out.write(text)
         self._out.flush()
+
+
+def _newest(text: str, columns: int) -> str:
+    """The end of ``text`` that fits in ``columns`` terminal cells, after a ``…`` if cut.
+
+    Cells, not characters: CJK and other wide characters take two, combining marks none.
+    """
+    if sum(map(_cells, text)) <= columns:
+        return text
+    used, start = 1, len(text)                  # 1: the "…"
+    while start > 0 and used + _cells(text[start - 1]) <= columns:
+        start -= 1
+        used += _cells(text[start])
+    return "…" + text[start:]
+
+
+def _cells(char: str) -> int:
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
 
 
 def _clock(iso: str) -> str:

@@ -100,7 +100,8 @@ class TestPage:
             assert_same_origin(requests, server)
 
     async def test_banners_and_feed_reconnect(self, browser: Browser, tmp_path: Path) -> None:
-        """Reconnecting and backlog show a banner; the page re-attaches when the daemon returns."""
+        """Reconnecting and backlog show a banner; a daemon that stops says so until it
+        returns, and the page re-attaches then."""
         hub = LiveHub(engine="assemblyai")
         async with live_server(hub, poll_s=3600) as server:   # the test sets the state, not polls
             port = server.port
@@ -116,7 +117,10 @@ class TestPage:
             hub.state("paused")
             await expect(banner).to_have_text(
                 "Capture paused: reopening the microphone — 12 s of audio held")
-        await expect(banner).to_contain_text("Lost contact with the daemon")
+        # it said it was stopping before it went: that, not a lost contact, stays on screen
+        await expect(banner).to_have_text("The daemon has stopped — waiting for it to start "
+                                          "again…")
+        await expect(page.locator("#connection")).to_have_text("offline")
         async with live_server(hub, listen=f"127.0.0.1:{port}", poll_s=3600) as again:
             hub.state("live", session_id="sess-0002")
             await expect(page.locator("#connection")).to_have_text("live", timeout=10_000)

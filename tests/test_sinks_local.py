@@ -471,3 +471,39 @@ def test_test_sinks_with_stdout_closed_ends_without_a_traceback(tmp_path: Path) 
                           cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+class _Signalling:
+    """A sink that accepts everything and says when it has delivered."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def send(self, record: TurnRecord) -> None:
+        self.sent.set()
+
+
+async def test_a_replaced_sink_carries_its_counters_on(tmp_path: Path) -> None:
+    """A sink rebuilt by a reload (``Dispatcher.replace``) keeps counting from its old totals:
+    /metrics counters never go backwards (they restarted from 0)."""
+    def runner() -> SinkRunner:
+        return SinkRunner("s", SinkType("null", SinkConfig, lambda *_: _Signalling()),
+                          SinkConfig(type="null"), _Signalling(), MemoryQueue())
+
+    first = runner()
+    dispatcher = Dispatcher([first], dead_letter_dir=tmp_path / "dead")
+    async with asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        dispatcher.dispatch(synthetic_turn("h"))
+        assert isinstance(first.sink, _Signalling)
+        await asyncio.wait_for(first.sink.sent.wait(), 10)
+        await dispatcher.replace(runner())
+        dispatcher.dispatch(synthetic_turn("h"))
+        await dispatcher.close(flush_s=10)
+    assert dispatcher.runners["s"].stats.delivered == 2

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import termios
+import unicodedata
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -121,6 +122,19 @@ class TestTerminal:
             await term.wait_for("word39")
             line = term.output.rsplit(CLEAR, 1)[1]
             assert line.startswith(" " * 9 + "…") and len(line) <= 99
+
+    async def test_wide_characters_never_wrap(self) -> None:
+        """A partial in a script whose characters take two columns still fits on one line: a
+        wrapped partial leaves its first half on screen at every rewrite."""
+        hub = LiveHub(engine="local")
+        async with live_server(hub) as server, tail_on_terminal(server.url) as term:
+            await term.wait_for("· connecting")
+            text = "".join(chr(0x4E00 + i) for i in range(80)) + "終"   # 81 wide = 162 columns
+            hub.partial(partial(0, text))
+            await term.wait_for("終")
+            line = term.output.rsplit(CLEAR, 1)[1]
+            columns = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+            assert line.startswith(" " * 9 + "…") and columns <= 99
 
 
 def _clock_of(record: TurnRecord) -> str:
@@ -333,6 +347,17 @@ class TestHostileText:
             process.send_signal(signal.SIGINT)
             await process.communicate()
         assert line.endswith(" Hello ]0;pwnedthere[2J.\n") and "\x1b" not in line
+
+    async def test_escape_sequences_in_a_close_reason(self) -> None:
+        """Whatever closes the feed with escapes in its reason, the error line has none."""
+        async def hostile(ws: ServerConnection) -> None:
+            await ws.close(1011, "bye\x1b]0;pwned\x07\x1b[2J")
+
+        async with serve(hostile, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            code, err = await _run_tail(f"http://127.0.0.1:{port}", "")
+        assert code == 1 and err.count("\n") == 1, err
+        assert "bye]0;pwned[2J" in err and "\x1b" not in err and "\x07" not in err
 
 
 async def _piped_tail(url: str, mode: str) -> asyncio.subprocess.Process:

@@ -120,6 +120,33 @@ class TestMetrics:
             assert again[("transcribed_sink_latency_seconds_bucket",
                           (("le", "0.025"), *journal))] == 3
 
+    async def test_sink_counters_survive_a_rebuilt_sink(self) -> None:
+        """A reload that rebuilds a sink starts its figures from 0: the counters never go back."""
+        status = StatusBox(StatusSnapshot(
+            engine="assemblyai", sinks=(SinkSnapshot("journal", 0, 5, 2, 1, [0.1] * 5),)))
+        journal = (("sink", "journal"),)
+        counters = ("deliveries", "failures", "dead_lettered")
+        async with live_server(LiveHub(), status) as server, httpx.AsyncClient(
+            base_url=server.url) as http:
+            before = _samples((await http.get("/metrics")).text)
+            status.set(sinks=(SinkSnapshot("journal", 0, 0, 0, 0, []),))   # SIGHUP rebuilt it
+            rebuilt = _samples((await http.get("/metrics")).text)
+            status.set(sinks=(SinkSnapshot("journal", 0, 1, 0, 0, [0.2]),))
+            after = _samples((await http.get("/metrics")).text)
+        for name in counters:
+            key = (f"transcribed_sink_{name}_total", journal)
+            assert before[key] <= rebuilt[key] <= after[key], name
+        assert after[("transcribed_sink_deliveries_total", journal)] == 6
+        assert after[("transcribed_sink_latency_seconds_count", journal)] == 6
+
+
+async def _replay_of(hub: LiveHub) -> list[dict[str, object]]:
+    """What a viewer connecting now is sent first."""
+    sub = hub.subscribe()
+    texts = [await sub.next() for _ in range(sub.pending)]
+    hub.unsubscribe(sub)
+    return [json.loads(text) for text in texts if text is not None]
+
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     found = {}
@@ -218,6 +245,19 @@ class TestFeed:
         hub.state("stopped")
         hub.session_ended(ended("new"))
         assert hub.current["connection"] == "stopped"
+
+    async def test_catch_up_replay_ending_first_stays_live(self) -> None:
+        """After an outage the live session opens, then a replay lane's: the replay ending
+        first leaves the view live on the live session (not "reconnecting" for hours)."""
+        hub = LiveHub(engine="assemblyai")
+        hub.session_started(began("live"))
+        hub.session_started(began("replay"))
+        hub.session_ended(ended("replay"))
+        assert (hub.current["connection"], hub.current["session_id"]) == ("live", "live")
+        replayed = await _replay_of(hub)
+        assert [e["session_id"] for e in replayed if e["type"] == "session"] == ["live"]
+        hub.session_ended(ended("live"))
+        assert (hub.current["connection"], hub.current["session_id"]) == ("reconnecting", None)
 
     def test_no_reconnecting_once_the_input_ended(self) -> None:
         """The last session ending at the end of the input is not shown as a reconnect."""
