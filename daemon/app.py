@@ -229,7 +229,7 @@ async def run(
             reloader = None
             if loader is not None:
                 reloader = Reloader(loader, settings, dispatcher=dispatcher, sinks=parts.sinks,
-                                    masker=masker)
+                                    masker=masker, stopping=lambda: reporter.stopping)
             await _serve(settings, engine, parts, reporter, reloader)
     finally:
         notifier.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import socket
 import sys
 import uuid
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from daemon import app, logs
     from daemon.plugins import load_plugins
 
+    # until app.run handles it: a SIGHUP while starting (logrotate, kill -HUP) killed the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     plugins = load_plugins()
     try:
         settings, path, sinks = _validated(args, plugins)

@@ -103,6 +103,7 @@ class Dispatcher:
         self._leaving: dict[asyncio.Task[None], SinkRunner] = {}
         self._group: asyncio.TaskGroup | None = None
         self._cut = asyncio.Event()                  # set: stop waiting for the flush
+        self._closing = False                        # close() has begun
 
     def dispatch(self, record: TurnRecord) -> None:
         """Queue ``record`` for every sink. Never blocks, never raises for one sink's sake.
@@ -195,6 +196,10 @@ class Dispatcher:
     def _start(self, runner: SinkRunner) -> None:
         if self._group is None:
             return  # not started yet: start() picks it up
+        if self._closing:       # a reload's sink, too late: close() no longer waits for it
+            runner.queue.close()
+            self._spill(runner)
+            return
         self._workers[runner.name] = self._group.create_task(
             self._work(runner), name=f"sink:{runner.name}"
         )
@@ -206,6 +211,7 @@ class Dispatcher:
 
     async def close(self, flush_s: float) -> None:
         """Stop accepting work, deliver what is queued for up to ``flush_s``, then stop."""
+        self._closing = True
         for runner in self.runners.values():
             runner.queue.close()
         tasks = {**{t: r for r in self.runners.values() if (t := self._workers.get(r.name))},
@@ -328,8 +334,12 @@ class Dispatcher:
         Returns False, leaving the record unacknowledged, when the sink retires mid-backoff.
         """
         retry = _Retry(getattr(runner.config, "retry_max_s", None))
+        # a sink's own timeout_s may exceed the limit (a slow webhook is not a stuck daemon);
+        # twice it and 10 s: MQTT's connect and publish are each bounded by it
+        timeout = getattr(runner.config, "timeout_s", None)
+        limit = max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
         while True:
-            runner.heartbeat.beat(self.send_limit_s)
+            runner.heartbeat.beat(limit)
             try:
                 await _send(runner, delivery.record)
             except asyncio.CancelledError:

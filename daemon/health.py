@@ -97,6 +97,7 @@ class Reporter:
         self._status = status
         self.is_ready = False
         self.stopping = False
+        self._stop_reason = ""
         self._wake = asyncio.Event()
         self._last_status = ""
         self._status_at = -float("inf")
@@ -145,14 +146,14 @@ class Reporter:
         if self.is_ready or self.stopping or not self._ready_check():
             return
         self.is_ready = True
-        text = self._status()
+        text = self._current_status()
         self.notifier.ready(text)
         self._last_status, self._status_at = text, time.monotonic()
         log.info("daemon.ready", status=text)
 
     def _maybe_status(self) -> float:
         """Send STATUS= if it changed and the rate limit allows; returns when to look again."""
-        text = self._status()
+        text = self._current_status()
         if text == self._last_status:
             return IDLE_POLL_S
         since = time.monotonic() - self._status_at
@@ -162,20 +163,30 @@ class Reporter:
         self._last_status, self._status_at = text, time.monotonic()
         return IDLE_POLL_S
 
+    def _current_status(self) -> str:
+        """The status line; once stopping, it says so (the engine then looks "reconnecting")."""
+        text = self._status()
+        return f"stopping ({self._stop_reason}); {text}" if self.stopping else text
+
     def reloading(self) -> None:
-        """A reload begins (``RELOADING=1``) — only once READY, as systemd expects."""
-        if self.is_ready:
+        """A reload begins (``RELOADING=1``): only once READY and not stopping (systemd)."""
+        if self.is_ready and not self.stopping:
             self.notifier.reloading()
 
     def reloaded(self, outcome: str) -> None:
-        """A reload ended, applied or rejected: ``READY=1`` again with a status line."""
-        if self.is_ready:
+        """A reload ended, applied or rejected: ``READY=1`` again with a status line.
+
+        Never after ``STOPPING=1``: a reload under way when the stop came ends unreported.
+        """
+        if self.is_ready and not self.stopping:
             self.notifier.ready(f"{self._status()}; reload {outcome}")
         self.changed()
 
     def stop(self, reason: str) -> None:
-        """Shutdown has begun: ``STOPPING=1``, and no more READY."""
+        """Shutdown has begun: ``STOPPING=1``, and no more READY or RELOADING."""
         if self.stopping:
             return
-        self.stopping = True
-        self.notifier.stopping(f"stopping ({reason}); {self._status()}")
+        self.stopping, self._stop_reason = True, reason
+        text = self._current_status()
+        self.notifier.stopping(text)
+        self._last_status, self._status_at = text, time.monotonic()

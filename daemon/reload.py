@@ -161,18 +161,29 @@ class Reloader:
         dispatcher: Dispatcher,
         sinks: SinkBuilder,
         masker: SecretMasker,
+        stopping: Callable[[], bool] | None = None,
     ) -> None:
         self.loader = loader
         self.settings = settings
         self.dispatcher = dispatcher
         self.sinks = sinks
         self.masker = masker
+        self._stopping = stopping or (lambda: dispatcher_closing(dispatcher))
         self._lock = asyncio.Lock()
         self.reloads = 0
 
     async def reload(self) -> str:
-        """Reload once; returns ``"applied"``, ``"rejected"`` or ``"failed"`` (never raises)."""
+        """Reload once: ``"applied"``, ``"rejected"``, ``"failed"`` or ``"ignored"``; never raises.
+
+        ``"ignored"``: the daemon is stopping, and nothing more is started.
+
+        A reload waiting for another (a burst of SIGHUPs) or for a rebuilt sink's last send
+        may find the daemon stopping: a sink it started then would keep the process from
+        exiting (its worker waits for records that never come).
+        """
         async with self._lock:
+            if self._stopping():
+                return _ignored()
             try:
                 return await self._reload()
             except Exception:  # supervision boundary: a reload must never stop the daemon
@@ -196,12 +207,8 @@ class Reloader:
             log.error("reload.rejected", problems=exc.problems, kept="running config", **where)
             return "rejected"
         self.masker.add(*secret_values(settings, {n: c for n, (_t, c) in wanted.items()}))
-        for name in plan.removed:
-            self.dispatcher.remove(name)
-        for name in plan.added:
-            await self.dispatcher.add(built[name])
-        for name in plan.changed:
-            await self.dispatcher.replace(built[name])
+        if not await self._apply(plan, built):
+            return _ignored()
         sections = restart_sections(self.settings, settings)
         self.settings = settings.model_copy(update={
             name: getattr(self.settings, name) for name in sections
@@ -215,3 +222,39 @@ class Reloader:
                         hint="these settings take effect after a restart")
         warn_none_enabled(configured)
         return "applied"
+
+    async def _apply(self, plan: SinkPlan, built: dict[str, SinkRunner]) -> bool:
+        """Apply ``plan``; False when the daemon began stopping first (the rest is left out)."""
+        if self._stopping():
+            return False
+        for name in plan.removed:
+            self.dispatcher.remove(name)
+        for name in plan.added:
+            if self._stopping():
+                return False
+            await self.dispatcher.add(built[name])
+        for name in plan.changed:
+            if self._stopping():
+                return False
+            try:
+                await self.dispatcher.replace(built[name])
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                return False    # the old worker, mid-send, was cut off by the final flush
+        return True
+
+
+def dispatcher_closing(dispatcher: Dispatcher) -> bool:
+    """Whether ``dispatcher`` is flushing for the exit: every running sink's queue is closed.
+
+    (A removed sink leaves ``runners`` when its queue closes, so only ``close`` does this.)
+    """
+    runners = dispatcher.runners.values()
+    return bool(runners) and all(runner.queue.closed for runner in runners)
+
+
+def _ignored() -> str:
+    log.info("reload.ignored", reason="stopping")
+    return "ignored"

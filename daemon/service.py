@@ -123,17 +123,41 @@ WantedBy=multi-user.target
 """
 
 
+ENV: Final = "/usr/bin/env"
+
+
 def render(template: str, executable: str, *, specifiers: bool = False) -> str:
     """The unit text with ``ExecStart`` pointing at ``executable``.
 
     A path as systemd reads it: ``%`` doubled (else a specifier) unless ``specifiers`` (the
-    default ``%h/...``), and a path with a space, a quote or a backslash in double quotes (else
-    split into words): ``"/opt/my venv/bin/transcribed"``.
+    default ``%h/...``), and a path with a space in double quotes (else split into words):
+    ``"/opt/my venv/bin/transcribed"``. systemd refuses an executable whose name has a quote,
+    a backslash or a control character in it ("Executable name contains special characters":
+    the unit does not load), so such a path (``/home/o'brien/...``) is started through
+    ``/usr/bin/env``, as an argument, where quoting and escapes work and ``$`` is doubled
+    (else a variable); the process ``env`` execs keeps its PID (``NotifyAccess=main``).
     """
     word = executable if specifiers else executable.replace("%", "%%")
-    if any(c in word for c in ' \t"\'\\'):
-        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if any(c in word for c in "'\"\\$") or not word.isprintable():
+        return template.replace(PLACEHOLDER, f"{ENV} {_quoted(word.replace('$', '$$'))}")
+    if any(c.isspace() for c in word):
+        word = _quoted(word)
     return template.replace(PLACEHOLDER, word)
+
+
+def _quoted(word: str) -> str:
+    """``word`` as one double-quoted systemd word (C escapes for what needs them)."""
+    return '"' + "".join(map(_escaped, word)) + '"'
+
+
+def _escaped(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if c.isprintable():
+        return c
+    code = ord(c)      # \x is one byte: anything past ASCII as \u/\U (UTF-8, as systemd reads)
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code <= 0xFFFF \
+        else f"\\U{code:08x}"
 
 
 def current_executable() -> str:

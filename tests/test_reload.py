@@ -278,3 +278,45 @@ class TestDispatcherChanges:
         second = await queue.get()
         assert first is not None and second is not None
         assert [first.record.turn_order, second.record.turn_order] == [1, 2]
+
+
+# --------------------------------------------------------------- reloads while stopping
+
+
+class _Hung(_Recorder):
+    """A sink whose send never returns (its destination accepted and never answered)."""
+
+    async def send(self, record: TurnRecord) -> None:
+        self.attempted.set()
+        await asyncio.Event().wait()
+
+
+def _validated(**sinks: _Recorder) -> tuple[Settings, None, dict[str, tuple[SinkType, SinkConfig]]]:
+    """What a loader returns: each sink under its own type name (a new name = changed)."""
+    tables = {}
+    for name, sink in sinks.items():
+        kind = f"{name}-{id(sink)}"
+        tables[name] = (SinkType(kind, SinkConfig, lambda *_, s=sink: s), SinkConfig(type=kind))
+    return Settings(), None, tables
+
+
+async def test_reloads_queued_at_shutdown_change_nothing(tmp_path: Path) -> None:
+    """A reload stuck rebuilding a sink whose send hangs, a second one queued behind it, then
+    the daemon stops: the flush ends on time and the queued reload starts no sink (its new
+    worker waited for records forever: the daemon never exited after SIGTERM)."""
+    hung, rebuilt, extra = _Hung(), _Recorder(), _Recorder()
+    old = _runner("s", hung)
+    dispatcher = Dispatcher([old], dead_letter_dir=tmp_path)
+    configs = iter([_validated(s=rebuilt), _validated(s=rebuilt, extra=extra)])
+    reloader = Reloader(lambda: next(configs), Settings(), dispatcher=dispatcher,
+                        sinks=SinkBuilder("h", tmp_path), masker=SecretMasker())
+    async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        dispatcher.dispatch(make_turn(0))
+        await hung.attempted.wait()
+        first = group.create_task(reloader.reload())       # waits for the hung send
+        second = group.create_task(reloader.reload())      # waits for the first
+        await old.retiring.wait()                           # the first is replacing "s"
+        await dispatcher.close(0.05)
+    assert (first.result(), second.result()) == ("ignored", "ignored")
+    assert sorted(dispatcher.runners) == ["s"] and extra.received == []

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -507,3 +508,37 @@ async def test_a_replaced_sink_carries_its_counters_on(tmp_path: Path) -> None:
         dispatcher.dispatch(synthetic_turn("h"))
         await dispatcher.close(flush_s=10)
     assert dispatcher.runners["s"].stats.delivered == 2
+
+
+class _SlowConfig(SinkConfig):
+    timeout_s: float = 300.0
+
+
+class _Holding(_Signalling):
+    """Takes a record and holds the send until released (a webhook answering slowly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, record: TurnRecord) -> None:
+        self.sent.set()
+        await self.release.wait()
+
+
+async def test_a_sink_timeout_over_the_send_limit_is_not_overdue(tmp_path: Path) -> None:
+    """A sink whose own ``timeout_s`` (300 s) exceeds the 120 s send limit promises its next
+    beat within twice that and 10 s: a slow answer inside its timeout does not withhold the
+    watchdog (systemd restarted the daemon 120 s into such a send)."""
+    sink = _Holding()
+    runner = SinkRunner("hook", SinkType("slow", _SlowConfig, lambda *_: sink),
+                        _SlowConfig(type="slow"), sink, MemoryQueue())
+    dispatcher = Dispatcher([runner], dead_letter_dir=tmp_path / "dead")
+    async with asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        dispatcher.dispatch(synthetic_turn("h"))
+        await asyncio.wait_for(sink.sent.wait(), 10)
+        assert runner.heartbeat.due is not None
+        assert runner.heartbeat.due - time.monotonic() > 600
+        sink.release.set()
+        await dispatcher.close(flush_s=10)

@@ -130,6 +130,34 @@ class TestNotifier:
         assert not notifier.enabled and not notifier.ready() and not notifier.watchdog()
 
 
+class TestReporterWhileStopping:
+    async def test_no_ready_after_stopping_and_status_says_stopping(self) -> None:
+        """After STOPPING=1: a reload that ends meanwhile sends no READY=1 (nor RELOADING=1),
+        and a later STATUS= still says the daemon is stopping (the engine's ended session read
+        "reconnecting" in ``systemctl status`` while it shut down)."""
+        name = f"@transcribed-stop-{os.getpid()}"
+        state = ["session live"]
+        async with NotifySocket.listening(name) as sock:
+            notifier = Notifier({"NOTIFY_SOCKET": name})
+            reporter = Reporter(notifier, Health(), ready=lambda: True, status=lambda: state[0])
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                task = group.create_task(reporter.run())
+                await sock.wait_for(lambda m: "READY" in m)
+                reporter.reloading()                   # a reload under way when the stop comes
+                reporter.stop("SIGTERM received")
+                state[0] = "reconnecting"
+                reporter.reloaded("applied")
+                reporter.reloading()
+                stopped = await sock.wait_for(lambda m: "STOPPING" in m)
+                later = await sock.wait_for(lambda m: "reconnecting" in m.fields.get("STATUS", ""),
+                                            after=stopped + 1)
+                task.cancel()
+            notifier.close()
+        after = sock.messages[stopped + 1:]
+        assert not [m for m in after if "READY" in m or "RELOADING" in m], after
+        assert sock.messages[later].fields["STATUS"] == "stopping (SIGTERM received); reconnecting"
+
+
 class _HungSink:
     """A sink whose send never returns."""
 
@@ -250,6 +278,24 @@ class TestUnits:
         assert f'ExecStart="{tmp_path}/my 100%% venv/bin/transcribed" run\n' in text
         unit.write_text(text)
         done = _analyze("verify", "--user", unit.name, cwd=tmp_path, user=True)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+    @pytest.mark.parametrize(("folder", "written"), [
+        ("o'brien", "o'brien"), ('say "hi"', 'say \\"hi\\"'), ("back\\slash", "back\\\\slash"),
+        ("a$HOME", "a$$HOME"), ("tab\there", "tab\\x09here"),
+    ])
+    def test_executable_path_systemd_cannot_name(self, tmp_path: Path, folder: str,
+                                                 written: str) -> None:
+        """A venv under a folder with a quote or a backslash (a home like /home/o'brien):
+        systemd refuses such an executable name ("contains special characters", the unit did
+        not load), so ExecStart runs it through /usr/bin/env, quoted and escaped."""
+        script = tmp_path / folder / "bin" / "transcribed"
+        script.parent.mkdir(parents=True)
+        script.symlink_to(_transcribed_script())
+        text = service.render(service.USER_UNIT, str(script))
+        assert f'ExecStart=/usr/bin/env "{tmp_path}/{written}/bin/transcribed" run\n' in text
+        (tmp_path / "transcribed.service").write_text(text)
+        done = _analyze("verify", "--user", "transcribed.service", cwd=tmp_path, user=True)
         assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
     def test_system_unit_exposure(self, tmp_path: Path) -> None:
