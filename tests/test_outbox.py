@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from structlog.testing import capture_logs
@@ -212,7 +212,7 @@ class TestCrash:
 class NullSink:
     """A sink that accepts everything (only its queue matters here)."""
 
-    async def __aenter__(self) -> NullSink:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -25,6 +25,7 @@ from daemon.queues import Delivery, MemoryQueue
 from plugins.console import ConsoleSink, ConsoleSinkConfig
 from plugins.file import FileSink, FileSinkConfig
 from tests.conftest import REPO, TRANSCRIBED
+from tests.test_outbox import NullSink
 
 CONTEXT = SinkContext(host="h", state_dir=Path("/nonexistent"))
 
@@ -474,17 +475,11 @@ def test_test_sinks_with_stdout_closed_ends_without_a_traceback(tmp_path: Path) 
     assert "Traceback" not in done.stderr, done.stderr
 
 
-class _Signalling:
+class _Signalling(NullSink):
     """A sink that accepts everything and says when it has delivered."""
 
     def __init__(self) -> None:
         self.sent = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
     async def send(self, record: TurnRecord) -> None:
         self.sent.set()
