@@ -256,13 +256,10 @@ class TestRetry:
         and lines a second: a connection that opened reset the backoff, whose first wait is
         none.)"""
         arrivals: list[float] = []
-        enough = asyncio.Event()
         loop = asyncio.get_running_loop()
 
         async def close_at_once(ws: ServerConnection) -> None:
             arrivals.append(loop.time())
-            if len(arrivals) >= 4:
-                enough.set()
             await ws.send(json.dumps({"type": "state", "connection": "live"}))
             await ws.close()
 
@@ -271,11 +268,13 @@ class TestRetry:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", _RUN_TAIL, f"http://127.0.0.1:{port}", "", "json", "retry",
                 cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            async with asyncio.timeout(20):
-                await enough.wait()
+            assert process.stdout is not None
+            async with asyncio.timeout(20):     # its state, each time (4 connections)
+                shown = [json.loads(await process.stdout.readline()) for _ in range(4)]
                 process.send_signal(signal.SIGINT)
-                out, err = await process.communicate()
-        assert process.returncode == 0 and out.count(b"\n") == 4      # its state, each time
+                _out, err = await process.communicate()
+        assert process.returncode == 0 and {e["connection"] for e in shown} == {"live"}
+        assert len(arrivals) >= 4
         assert all(b - a >= 0.2 for a, b in itertools.pairwise(arrivals)), arrivals
         assert err.decode().splitlines() == [
             "transcribed tail: the daemon stopped; waiting for it (--retry)"]
