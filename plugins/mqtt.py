@@ -199,7 +199,12 @@ class MqttSink:
                                      timeout=self.config.timeout_s)
         if self._task is not None:
             self._task.cancel()
-            await asyncio.wait([self._task])
+            done, _ = await asyncio.wait([self._task], timeout=self.config.timeout_s)
+            if not done:    # aiomqtt waits, unbounded, for the broker to end the connection
+                log.warning("mqtt.close_unanswered", sink=self.name, broker=self._where,
+                            timeout_s=self.config.timeout_s)
+                self._task.cancel()
+                await asyncio.wait([self._task])
             self._task = None
 
     @property
