@@ -142,6 +142,11 @@ class Dispatcher:
         for runner in [*self.runners.values(), *self._leaving.values()]:
             yield runner.heartbeat
 
+    @property
+    def closing(self) -> bool:
+        """``close`` has begun: the daemon is flushing for the exit."""
+        return self._closing
+
     def queued(self) -> int:
         """Records waiting across all sinks."""
         return sum(r.queue.depth() for r in self.runners.values())

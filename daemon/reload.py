@@ -168,7 +168,7 @@ class Reloader:
         self.dispatcher = dispatcher
         self.sinks = sinks
         self.masker = masker
-        self._stopping = stopping or (lambda: dispatcher_closing(dispatcher))
+        self._stopping = stopping or (lambda: dispatcher.closing)
         self._lock = asyncio.Lock()
         self.reloads = 0
 
@@ -244,15 +244,6 @@ class Reloader:
                     raise
                 return False    # the old worker, mid-send, was cut off by the final flush
         return True
-
-
-def dispatcher_closing(dispatcher: Dispatcher) -> bool:
-    """Whether ``dispatcher`` is flushing for the exit: every running sink's queue is closed.
-
-    (A removed sink leaves ``runners`` when its queue closes, so only ``close`` does this.)
-    """
-    runners = dispatcher.runners.values()
-    return bool(runners) and all(runner.queue.closed for runner in runners)
 
 
 def _ignored() -> str:
