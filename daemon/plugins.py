@@ -9,6 +9,7 @@ checkout; third-party sinks are found through the ``transcribed.sinks`` entry-po
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Protocol, Self, cast
 
 import pluggy
+import structlog
 from pydantic import BaseModel, ConfigDict
 
 from daemon.errors import ConfigError, SinkError
@@ -27,6 +29,9 @@ BUILTIN_PLUGINS: Final = ("plugins.file", "plugins.console", "plugins.webhook", 
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+HOOK_FAILURE_LOG_S: Final = 60.0  # a hook that keeps failing is logged again at most this often
+
+log = structlog.get_logger("daemon.plugins")
 
 
 class SinkConfig(BaseModel):
@@ -131,6 +136,7 @@ class PluginHost:
         self.manager = manager
         self.failed: dict[str, str] = dict(failed or {})   # plugin -> why it provides nothing
         self._types: dict[str, SinkType] | None = None
+        self._hook_failures: dict[tuple[str, str], _Failures] = {}
 
     def sink_types(self) -> dict[str, SinkType]:
         """Return every known sink type by name; duplicate names are a configuration error.
@@ -166,15 +172,51 @@ class PluginHost:
 
     def session_started(self, session: SessionInfo) -> None:
         """Tell plugins a session began."""
-        self.manager.hook.transcribed_session_started(session=session)
+        self._notify("transcribed_session_started", session=session)
 
     def session_ended(self, summary: SessionSummary) -> None:
         """Tell plugins a session ended."""
-        self.manager.hook.transcribed_session_ended(summary=summary)
+        self._notify("transcribed_session_ended", summary=summary)
 
     def turn_partial(self, partial: PartialTurn) -> None:
         """Hand a partial turn to live-view plugins."""
-        self.manager.hook.transcribed_turn_partial(partial=partial)
+        self._notify("transcribed_turn_partial", partial=partial)
+
+    def _notify(self, hook: str, **kwargs: object) -> None:
+        """Call every plugin's implementation of a notification hook, each on its own.
+
+        pluggy ends a hook call at the first implementation that raises, so one broken plugin
+        would silence every plugin after it; here a failure is logged (``plugin.hook_failed``,
+        then at most every ``HOOK_FAILURE_LOG_S`` with a count) and the others are still called,
+        in pluggy's order. Never raises: notifications run on the engine's path.
+        """
+        for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                self._hook_failed(impl.plugin_name, hook, "a wrapper cannot implement a "
+                                  "notification hook (nothing to wrap); it is not called")
+                continue
+            try:
+                impl.function(*(kwargs[name] for name in impl.argnames))
+            except Exception as exc:  # supervision boundary: a plugin must not break the stream
+                self._hook_failed(impl.plugin_name, hook, _reason(exc))
+
+    def _hook_failed(self, plugin: str, hook: str, error: str) -> None:
+        """Log a plugin's failing hook: the first time, then once a minute with a count."""
+        now = time.monotonic()
+        failures = self._hook_failures.setdefault((plugin, hook), _Failures(now))
+        failures.count += 1
+        if failures.count == 1 or now - failures.logged_at >= HOOK_FAILURE_LOG_S:
+            log.error("plugin.hook_failed", plugin=plugin, hook=hook, error=error,
+                      failures=failures.count)
+            failures.logged_at = now
+
+
+@dataclass
+class _Failures:
+    """How often one plugin's hook has failed, and when that was last logged."""
+
+    logged_at: float
+    count: int = 0
 
 
 def load_plugins(

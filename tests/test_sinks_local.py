@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 from daemon.commands import synthetic_turn
 from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import PermanentSinkError, SinkError
-from daemon.events import TurnRecord
-from daemon.plugins import SinkConfig, SinkContext, SinkType, load_plugins
+from daemon.events import PartialTurn, SessionInfo, TurnRecord
+from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl, load_plugins
 from daemon.queues import Delivery, MemoryQueue
 from plugins.console import ConsoleSink, ConsoleSinkConfig
 from plugins.file import FileSink, FileSinkConfig
@@ -365,6 +365,53 @@ class TestPlugins:
         assert result.returncode == 0, result.stderr
         assert "mine (example): delivered" in result.stdout
         assert "This is a test turn from transcribed." in out.read_text()
+
+
+    def test_a_failing_notification_hook_does_not_silence_other_plugins(self) -> None:
+        """A plugin whose session and partial hooks raise is logged (once, not per partial);
+        the plugin registered before it, which pluggy would call after it, still hears all."""
+        heard, broken = Listening(), Broken()
+        host = load_plugins(entry_points=False, extra=[heard, broken])
+        session = SessionInfo("s1", "local")
+        partial = PartialTurn("s1", 0, "hello", "local")
+        with capture_logs() as logs:
+            host.session_started(session)
+            for _ in range(50):
+                host.turn_partial(partial)
+        assert heard.sessions == [session] and len(heard.partials) == 50
+        failed = [entry for entry in logs if entry["event"] == "plugin.hook_failed"]
+        name = host.manager.get_name(broken)
+        assert [(e["plugin"], e["hook"], e["error"], e["failures"]) for e in failed] == [
+            (name, "transcribed_session_started", "RuntimeError: plugin bug", 1),
+            (name, "transcribed_turn_partial", "ValueError: bad partial", 1)]
+
+
+class Listening:
+    """A third-party plugin that records the notifications it hears."""
+
+    def __init__(self) -> None:
+        self.sessions: list[SessionInfo] = []
+        self.partials: list[PartialTurn] = []
+
+    @hookimpl
+    def transcribed_session_started(self, session: SessionInfo) -> None:
+        self.sessions.append(session)
+
+    @hookimpl
+    def transcribed_turn_partial(self, partial: PartialTurn) -> None:
+        self.partials.append(partial)
+
+
+class Broken:
+    """A third-party plugin whose notification hooks raise."""
+
+    @hookimpl
+    def transcribed_session_started(self, session: SessionInfo) -> None:
+        raise RuntimeError("plugin bug")
+
+    @hookimpl
+    def transcribed_turn_partial(self, partial: PartialTurn) -> None:
+        raise ValueError("bad partial")
 
 
 class FullQueue(MemoryQueue):
