@@ -6,6 +6,7 @@ the same texts rendered with the default paths, and a test keeps the two identic
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -172,6 +173,10 @@ def current_executable() -> str:
     return str(argv0.resolve()) if argv0.name == "transcribed" else str(beside)
 
 
+USER_EDIT: Final = "systemctl --user edit transcribed"
+SYSTEM_EDIT: Final = "sudo systemctl edit transcribed"
+
+
 @dataclass(frozen=True)
 class Plan:
     """Where ``install-service`` writes, and what to run afterwards."""
@@ -183,6 +188,7 @@ class Plan:
     commands: tuple[str, ...]
     warnings: tuple[str, ...] = ()
     shared: bool = False         # the system unit's dynamic user reads what is written
+    edit: str = USER_EDIT        # how to change the unit locally: a drop-in, which we never touch
 
 
 SYSTEM_COMMANDS: Final = (
@@ -228,6 +234,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             warnings=(*_hidden_from_system_unit(exe, interpreter or sys.executable),
                       *_unreadable_by_others(config)),
             shared=True,
+            edit=SYSTEM_EDIT,
         )
     config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     if root is not None:
@@ -304,14 +311,33 @@ def example_config(*, system: bool = False) -> str:
 
 
 def install(target: Plan) -> list[str]:
-    """Write the unit (always) and the example config (only if none exists); report lines.
+    """Write the unit and the example config (only if none exists); report lines.
+
+    A unit already there is left as it is when it is the one we would write, and otherwise kept
+    next to it as ``transcribed.service.bak`` (``.bak.1``, ``.bak.2``... when that name holds
+    something else) before the new one is written: a unit edited by hand is never lost, and
+    running the command twice makes no backup. The report names the backup and the drop-in
+    (``systemctl edit``) for local changes, which this command never touches.
 
     Modes do not depend on the installer's umask: a user's config is 0600 (it may come to hold
     secrets); for the system unit the config is 0644 (its dynamic user reads it) and folders
-    created are 0755 (an image built with ``--root`` keeps a readable ``/etc``). Units: 0644.
+    created are 0755 (an image built with ``--root`` keeps a readable ``/etc``). Units: 0644;
+    a backup keeps the mode of the file it copies.
     """
-    _write(target.unit_path, target.unit_text, 0o644, shared=target.shared)
-    done = [f"wrote {target.unit_path}"]
+    text = target.unit_text.encode("utf-8")
+    try:
+        before: bytes | None = target.unit_path.read_bytes()
+    except FileNotFoundError:
+        before = None
+    if before == text:
+        done = [f"{target.unit_path} is unchanged"]
+    else:
+        backup = None if before is None else _back_up(target.unit_path, before)
+        _write(target.unit_path, target.unit_text, 0o644, shared=target.shared)
+        done = [f"wrote {target.unit_path}" if backup is None else
+                f"wrote {target.unit_path}; the unit there differed and is kept as {backup} "
+                f"(for changes of your own use a drop-in, which install-service leaves alone: "
+                f"{target.edit})"]
     if target.config_path.exists():
         done.append(f"kept the existing config {target.config_path}")
     else:
@@ -319,6 +345,39 @@ def install(target: Plan) -> list[str]:
                shared=target.shared)
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done
+
+
+def _back_up(path: Path, content: bytes) -> Path:
+    """A copy of ``content`` (``path``'s) next to it: the first free ``.bak``, ``.bak.1``...
+
+    One that already holds exactly ``content`` is reused. Created exclusively (``x``): a name
+    taken meanwhile is never overwritten. systemd ignores these names (no unit suffix).
+    """
+    mode = path.stat().st_mode & 0o777
+    for n in itertools.count():
+        backup = path.with_name(f"{path.name}.bak" + (f".{n}" if n else ""))
+        try:
+            file = backup.open("xb")
+        except FileExistsError:
+            if _holds(backup, content):
+                return backup
+            continue
+        try:
+            with file:
+                backup.chmod(mode)
+                file.write(content)
+        except BaseException:
+            backup.unlink(missing_ok=True)    # no half-written backup left behind
+            raise
+        return backup
+    raise AssertionError("unreachable")
+
+
+def _holds(path: Path, content: bytes) -> bool:
+    try:
+        return path.read_bytes() == content
+    except OSError:                 # a folder, or not ours to read: not a backup to reuse
+        return False
 
 
 def _write(path: Path, text: str, mode: int, *, shared: bool) -> None:

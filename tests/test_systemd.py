@@ -369,6 +369,67 @@ class TestInstallService:
         assert "sudo systemctl enable --now transcribed.service" in done.stdout
         assert "delete the unit's LoadCredential= line" in done.stdout
 
+    def test_edited_unit_is_kept_as_a_backup(self, tmp_path: Path) -> None:
+        """A unit edited by hand is copied, byte for byte, to transcribed.service.bak before the
+        new one is written, and one line names it and the drop-in for local changes; a second
+        edit goes to .bak.1 (the first backup stays), and a rerun with no edit makes none."""
+        env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+        folder = tmp_path / "cfg/systemd/user"
+        unit = folder / "transcribed.service"
+        assert _install(env=env).returncode == 0
+        ours = unit.read_bytes()
+        edited = ours.replace(b"RestartSec=5\n", b"RestartSec=5\nNice=5  # mine \xe9\n")
+        unit.write_bytes(edited)                     # not even UTF-8: kept as it is
+        unit.chmod(0o600)
+        done = _install(env=env)
+        assert done.returncode == 0, done.stderr
+        assert unit.read_bytes() == ours and unit.stat().st_mode & 0o777 == 0o644
+        backup = folder / "transcribed.service.bak"
+        assert backup.read_bytes() == edited and backup.stat().st_mode & 0o777 == 0o600
+        named = [line for line in done.stdout.splitlines() if str(backup) in line]
+        assert len(named) == 1 and named[0].startswith(f"wrote {unit};"), done.stdout
+        assert "systemctl --user edit transcribed" in named[0]
+        unit.write_bytes(ours + b"# again\n")
+        again = _install(env=env)
+        assert again.returncode == 0, again.stderr
+        assert backup.read_bytes() == edited and unit.read_bytes() == ours
+        assert (folder / "transcribed.service.bak.1").read_bytes() == ours + b"# again\n"
+        assert f"kept as {folder}/transcribed.service.bak.1 " in again.stdout
+        listing = sorted(folder.iterdir())
+        rerun = _install(env=env)
+        assert rerun.returncode == 0 and sorted(folder.iterdir()) == listing
+        assert f"{unit} is unchanged" in rerun.stdout
+
+    def test_unchanged_unit_is_left_alone(self, tmp_path: Path) -> None:
+        """Twice in a row with no edit: the second run says the unit is unchanged, does not
+        write it (its mtime stays) and makes no backup."""
+        unit = tmp_path / "etc/systemd/system/transcribed.service"
+        first = _install("--system", "--root", str(tmp_path))
+        assert first.returncode == 0 and f"wrote {unit}\n" in first.stdout, first.stderr
+        os.utime(unit, ns=(1_000_000_000, 1_000_000_000))
+        again = _install("--system", "--root", str(tmp_path))
+        assert again.returncode == 0, again.stderr
+        assert f"{unit} is unchanged\n" in again.stdout and "wrote" not in again.stdout
+        assert unit.stat().st_mtime_ns == 1_000_000_000
+        assert [p.name for p in unit.parent.iterdir()] == ["transcribed.service"]
+
+    def test_edited_system_unit_names_sudo_systemctl_edit(self, tmp_path: Path) -> None:
+        """--system: the backup line points at ``sudo systemctl edit transcribed``; a backup
+        name already taken by something else is not overwritten."""
+        unit = tmp_path / "etc/systemd/system/transcribed.service"
+        assert _install("--system", "--root", str(tmp_path)).returncode == 0
+        ours = unit.read_text()
+        unit.write_text(ours.replace("LoadCredential=", "#LoadCredential="))
+        (unit.parent / "transcribed.service.bak").write_text("someone else's\n")
+        done = _install("--system", "--root", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert unit.read_text() == ours
+        assert (unit.parent / "transcribed.service.bak").read_text() == "someone else's\n"
+        backup = unit.parent / "transcribed.service.bak.1"
+        assert backup.read_text() == ours.replace("LoadCredential=", "#LoadCredential=")
+        assert (f"wrote {unit}; the unit there differed and is kept as {backup} ") in done.stdout
+        assert "sudo systemctl edit transcribed)\n" in done.stdout
+
     @pytest.mark.parametrize(("executable", "interpreter", "named"), [
         ("/home/ada/src/transcribed/.venv/bin/transcribed", "/usr/bin/python3", "ExecStart"),
         ("/root/.venv/bin/transcribed", "/usr/bin/python3", "ExecStart"),
@@ -400,3 +461,9 @@ class TestInstallService:
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "daemon"]
+
+
+def _install(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``transcribed install-service ARGS``, run for real."""
+    return subprocess.run([*_cli(), "install-service", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=30, check=False)
