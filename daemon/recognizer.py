@@ -32,6 +32,7 @@ HALLUCINATIONS: Final = frozenset(
 )
 WEAK_HALLUCINATIONS: Final = frozenset({"thank you", "thanks", "bye", "so", "okay"})
 _SURE_SPEECH: Final = 0.8
+_MULTILINGUAL_SIZE: Final = 51865  # the vocabulary of multilingual Whisper (large-v3: 51866)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,65 @@ def _check_language(language: str, supported: list[str], path: Path) -> None:
         f"local.language: {language!r} is not a Whisper language code (such as "
         "'en', 'de' or 'fr'; '' or 'auto' detects the language)"
     )
+
+
+def language_problems(language: str, path: Path) -> list[str]:
+    """What :func:`load_model` would say of ``local.language``, without loading the model.
+
+    For ``check-config``, ``run`` and a reload (:mod:`daemon.validate`). Nothing when that cannot
+    be told cheaply (faster-whisper missing, a vocabulary CTranslate2 releases disagree on): the
+    loaded model's check in :func:`load_model` still applies.
+    """
+    supported = model_languages(path)
+    if supported is None:
+        return []
+    try:
+        _check_language(language, supported, path)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def model_languages(path: Path) -> list[str] | None:
+    """faster-whisper's ``WhisperModel.supported_languages`` for ``path``, from its vocabulary file.
+
+    faster-whisper answers every Whisper code when CTranslate2 calls the model multilingual, else
+    ``["en"]``, and CTranslate2 decides from the vocabulary alone: the pinned 4.8.5 when it has
+    the empty token (OpenNMT/CTranslate2#2000), earlier releases when it has at least 51,865
+    tokens. Genuine models meet both rules or neither; when they disagree (an edited vocabulary)
+    the answer is None.
+    """
+    try:
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+    except ImportError:
+        return None                      # no local extra: check-config says what it said before
+    tokens = _vocabulary(path)
+    if tokens is None:
+        return None                      # loading the model reports it (as it did before)
+    size = len(tokens) + ("<|endoftext|>" not in tokens)  # CTranslate2 appends a missing unk
+    has_empty, large = "" in tokens, size >= _MULTILINGUAL_SIZE
+    if has_empty != large:
+        return None
+    return list(_LANGUAGE_CODES) if has_empty else ["en"]
+
+
+def _vocabulary(path: Path) -> list[str] | None:
+    """The tokens as CTranslate2 reads them: ``vocabulary.json``, else ``vocabulary.txt``."""
+    try:
+        if (path / "vocabulary.json").is_file():
+            tokens = json.loads((path / "vocabulary.json").read_bytes())
+            if not isinstance(tokens, list):
+                return None
+            words = [token for token in tokens if isinstance(token, str)]
+            return words if len(words) == len(tokens) else None
+        lines = (path / "vocabulary.txt").read_bytes().decode("utf-8").split("\n")
+    except (OSError, ValueError):
+        return None
+    if lines[-1] == "":
+        lines.pop()                      # the last line's newline ends it, not another token
+    if lines and all(line.endswith("\r") for line in lines):
+        lines = [line[:-1] for line in lines]  # CRLF lines; a lone CR token is kept otherwise
+    return lines
 
 
 def _first_line(exc: BaseException) -> str:

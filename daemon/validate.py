@@ -162,12 +162,14 @@ def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> l
     engine_known = valid("transcriber") and (settings.transcriber.engine != "auto"
                                              or valid("assemblyai", KEY_UNKNOWN))
     if engine_known and valid("local") and settings.engine_name() == "local":
-        from daemon.recognizer import resolve_model_path  # numpy: only for the local engine
+        from daemon.recognizer import language_problems, resolve_model_path  # numpy: local only
 
         try:
-            resolve_model_path(settings.local.model)
+            model = resolve_model_path(settings.local.model)
         except EngineError as exc:
             problems.append(str(exc))
+        else:                            # what run refuses once it has loaded the model
+            problems += language_problems(settings.local.language, model)
         problems += _compute_type_problems(settings.local.compute_type)
     if valid("http"):
         from daemon.web import check_http

