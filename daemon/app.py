@@ -238,7 +238,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
     def status() -> StatusSnapshot:
         return snapshot_of(engine=engine, source=parts.source, dispatcher=dispatcher,
                            meter=listener.meter, sessions=listener.sessions, turns=listener.turns,
-                           engine_live=_audio_flows(engine, listener))
+                           engine_live=listener.live)
 
     async with contextlib.AsyncExitStack() as web:
         if settings.http.enabled:
