@@ -378,7 +378,10 @@ class Dispatcher:
             self._dead_letter(runner, delivery, f"gave up after {retry.max_s:g} s: {reason}")
             return None
         runner.stats.failed += 1
-        return retry.next_wait(exc.retry_after if isinstance(exc, SinkError) else None)
+        wait = retry.next_wait(exc.retry_after if isinstance(exc, SinkError) else None)
+        if retry.max_s is not None:     # the last try comes at retry_max_s, not after a longer wait
+            wait = min(wait, retry.first_failure + retry.max_s - now)
+        return wait
 
     @staticmethod
     def _delivered(runner: SinkRunner, delivery: Delivery, first_failure: float | None) -> None:

@@ -296,6 +296,12 @@ class ScriptedSink:
         self.arrived.set()
 
 
+class GivesUpConfig(SinkConfig):
+    """A sink table with ``retry_max_s``, as the webhook's has."""
+
+    retry_max_s: float | None = None
+
+
 def runner(name: str, sink: ScriptedSink) -> SinkRunner:
     sink_type = SinkType("scripted", SinkConfig, lambda *_: sink)
     return SinkRunner(name, sink_type, SinkConfig(type="scripted"), sink, MemoryQueue())
@@ -330,6 +336,19 @@ class TestDispatcher:
         dispatcher = Dispatcher([runner("s", sink)], dead_letter_dir=tmp_path)
         await run_through(dispatcher, 3, flush_s=10)
         assert sink.got == ["s:0", "s:1", "s:2"]
+
+    async def test_retry_after_never_outlasts_retry_max_s(self, tmp_path: Path) -> None:
+        """A destination asking for a retry in 30 s (``Retry-After``) gets its last try at
+        ``retry_max_s`` (0.3 s), then the record is dead-lettered: not 30 s later."""
+        sink = ScriptedSink([SinkError("answered 429", retry_after=30.0)] * 5)
+        config = GivesUpConfig(type="scripted", retry_max_s=0.3)
+        dispatcher = Dispatcher([SinkRunner("s", SinkType("scripted", GivesUpConfig,
+                                                          lambda *_: sink),
+                                            config, sink, MemoryQueue())],
+                                dead_letter_dir=tmp_path)
+        await run_through(dispatcher, 1, flush_s=10)
+        dead = json.loads((tmp_path / "s.jsonl").read_text())
+        assert dead["record"]["id"] == "s:0" and "gave up after 0.3 s" in dead["error"]
 
     async def test_permanent_dead_lettered(self, tmp_path: Path) -> None:
         """A permanent failure moves the record to the dead-letter file and goes on."""
