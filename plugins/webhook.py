@@ -5,13 +5,15 @@ Body: ``{"type": "turn.completed", "timestamp": <ended_at>, "data": <record>}``.
 attempt) and ``webhook-signature`` (``v1,<base64 HMAC-SHA256>``, one per configured secret,
 space-separated, so receivers can rotate secrets).
 
-Failures are classified here, at the I/O boundary: timeouts, connection errors, 408, 429 and 5xx
-raise ``SinkError`` (with ``retry_after`` from a ``Retry-After`` header); any other non-2xx raises
-``PermanentSinkError``. Neither message carries a secret, a header value or the URL's path.
+Failures are classified here, at the I/O boundary: timeouts, connection errors (a TLS failure
+says why), 408, 425, 429 and 5xx raise ``SinkError`` (with ``retry_after`` from a ``Retry-After``
+header); any other non-2xx raises ``PermanentSinkError``. Neither message carries a secret, a
+header value or the URL's path.
 
 Only the status line and headers of an answer decide; its body is read and discarded up to
-``BODY_READ_MAX`` bytes (so a normal connection can be reused) and a longer or endless body is
-not read on: the connection is closed instead, so a receiver cannot grow the daemon's memory.
+``BODY_READ_MAX`` bytes within ``timeout_s`` (so a normal connection can be reused) and a longer,
+endless, slow or broken-off body is not read on: the connection is closed instead, so a receiver
+cannot grow the daemon's memory, and the status it sent still counts.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import re
+import ssl
 import time
+from contextlib import suppress
 from types import TracebackType
 from typing import Annotated, Any, Final, Self
 from urllib.parse import urlsplit
@@ -46,7 +49,7 @@ from daemon.backoff import retry_after_s
 from daemon.config import read_secret_file
 from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
-from daemon.events import TurnRecord, iso_utc
+from daemon.events import TurnRecord, iso_utc, json_line
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 log = structlog.get_logger("plugins.webhook")
@@ -65,11 +68,15 @@ _HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")   # what httpx can send: pr
 
 
 def _header_value(value: str) -> str:
-    """A header value httpx can send; the message never shows the value (it may be a secret)."""
+    """A header value httpx can send; the message never shows the value (it may be a secret).
+
+    Spaces and tabs around it are dropped: HTTP does not count them as part of the value, and
+    h11 refuses to send them (every send failed, retried for ever).
+    """
     if not _HEADER_VALUE.fullmatch(value):
         raise ValueError("header value must be printable ASCII (no line breaks, control "
                          "characters or non-ASCII letters)")
-    return value
+    return value.strip(" \t")
 
 
 HeaderValue = Annotated[str, AfterValidator(_header_value)]
@@ -114,7 +121,7 @@ class WebhookConfig(SinkConfig):
             raise ValueError(problem)
         if any(c.isspace() for c in value) or ("%" in url.host and ":" not in url.host):
             raise ValueError("must not contain spaces or a percent-encoded host name")
-        return value
+        return str(url)     # as httpx sends and logs it, so the log masker learns that text
 
     @field_validator("secret", mode="before")
     @classmethod
@@ -191,9 +198,13 @@ def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def event_body(record: TurnRecord) -> bytes:
-    """The JSON body for one turn (identical on every attempt)."""
+    """The JSON body for one turn (identical on every attempt).
+
+    ``json_line``: a lone surrogate (no UTF-8 form) is sent as its JSON escape; encoding it
+    raised, and the turn was retried for ever ahead of every later one.
+    """
     event = {"type": EVENT_TYPE, "timestamp": iso_utc(record.ended_at), "data": record.to_dict()}
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return json_line(event).encode()
 
 
 class WebhookSink:
@@ -233,20 +244,23 @@ class WebhookSink:
         if self._client is None:
             raise SinkError(f"webhook sink {self.name!r} is not open")
         body = event_body(record)
-        headers = self._headers(record.id, body)
+        request = self._client.build_request(
+            "POST", self.config.url, content=body, headers=self._headers(record.id, body),
+            timeout=self.config.timeout_s)
+        deadline = asyncio.get_running_loop().time() + self.config.timeout_s  # total, not per read
         try:
-            async with asyncio.timeout(self.config.timeout_s):  # total, not per read
-                async with self._client.stream(
-                    "POST", self.config.url, content=body, headers=headers,
-                    timeout=self.config.timeout_s,
-                ) as response:
-                    await _drain(response)
+            async with asyncio.timeout_at(deadline):
+                response = await self._client.send(request, stream=True)
         except (httpx.TimeoutException, TimeoutError):
             raise SinkError(
                 f"webhook {self._where} timed out after {self.config.timeout_s:g} s"
             ) from None
         except httpx.TransportError as exc:
-            raise SinkError(f"webhook {self._where} unreachable: {type(exc).__name__}") from None
+            raise SinkError(f"webhook {self._where} {_transport_problem(exc)}") from None
+        try:
+            await _drain(response, deadline)
+        finally:
+            await response.aclose()
         self._check(response)
 
     def _headers(self, msg_id: str, body: bytes) -> dict[str, str]:
@@ -271,6 +285,21 @@ class WebhookSink:
         raise PermanentSinkError(message)
 
 
+def _transport_problem(exc: httpx.TransportError) -> str:
+    """Why no answer came, in a few words: a TLS failure says why, not only ``ConnectError``."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, ssl.SSLError):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS certificate not accepted: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        reason = (cause.reason or type(cause).__name__).replace("_", " ").lower()
+        return f"TLS handshake failed: {reason}"
+    return f"unreachable: {type(exc).__name__}"
+
+
 def _origin(response: httpx.Response, location: str) -> str:
     """``scheme://host[:port]`` of a redirect's target (never its path: it may be a secret)."""
     try:
@@ -280,17 +309,21 @@ def _origin(response: httpx.Response, location: str) -> str:
     return f"{target.scheme}://{target.netloc.decode()}"
 
 
-async def _drain(response: httpx.Response) -> None:
-    """Read and discard the body, but stop after ``BODY_READ_MAX`` bytes.
+async def _drain(response: httpx.Response, deadline: float) -> None:
+    """Read and discard the body, but stop after ``BODY_READ_MAX`` bytes or at ``deadline``.
 
     Raw bytes, not decoded: a compressed body cannot inflate either. Stopping early leaves the
-    body unread, so leaving ``client.stream()`` closes the connection instead of reusing it.
+    body unread, so the caller's ``response.aclose()`` closes the connection instead of reusing
+    it. The status line has already decided: a body that breaks off or outlasts the deadline
+    changes nothing (a 2xx taken for a failure was delivered again, a 4xx retried for ever).
     """
     seen = 0
-    async for chunk in response.aiter_raw():
-        seen += len(chunk)
-        if seen > BODY_READ_MAX:
-            return  # the caller's ``async with client.stream()`` closes the response
+    with suppress(httpx.TransportError, TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            async for chunk in response.aiter_raw():
+                seen += len(chunk)
+                if seen > BODY_READ_MAX:
+                    return
 
 
 def _factory(name: str, config: Any, context: SinkContext) -> WebhookSink:

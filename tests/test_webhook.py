@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
+import logging
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ from structlog.testing import capture_logs
 from daemon.backoff import retry_after_s
 from daemon.dispatch import Dispatcher, SinkRunner
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
+from daemon.logs import SecretMasker
+from daemon.masking import url_secrets
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
@@ -27,6 +32,7 @@ from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.http_receiver import HttpReceiver, Reply
 from tests.loopback_server import LoopbackServer
+from tests.mosquitto import make_certs
 from tests.test_outbox import make_turn, run_and_kill
 
 S1 = "espeak-s1.wav"
@@ -99,6 +105,27 @@ class TestSigning:
                 await sink.send(make_turn(1))
             request = await receiver.next()
             Webhook(SECRET).verify(request.body, request.headers)
+
+    async def test_spaces_around_a_header_value_are_dropped(self,
+                                                            receiver: HttpReceiver) -> None:
+        """A value with a space or tab around it (a pasted token) passed the check, but h11
+        refuses to send it: every send failed as a retried ``LocalProtocolError``, for ever."""
+        cfg = config(receiver.url, headers={"Authorization": "Bearer tok3n ", "X-Pad": "\t"})
+        async with WebhookSink("hook", cfg) as sink:
+            await sink.send(make_turn(1))
+        request = await receiver.next()
+        assert (request.headers["authorization"], request.headers["x-pad"]) == ("Bearer tok3n", "")
+
+    async def test_a_lone_surrogate_is_sent_escaped(self, receiver: HttpReceiver) -> None:
+        """A lone surrogate has no UTF-8 form: encoding the body raised (not a ``SinkError``), so
+        the turn was retried for ever ahead of every later one. It is sent as its JSON escape,
+        and the signed bytes are the bytes sent."""
+        record = dataclasses.replace(make_turn(1), transcript="caf\ud800e")
+        async with WebhookSink("hook", config(receiver.url, secret=SECRET)) as sink:
+            await sink.send(record)
+        request = await receiver.next()
+        payload = Webhook(SECRET).verify(request.body, request.headers)
+        assert payload["data"]["transcript"] == "caf\ud800e"
 
 
 class TestConfig:
@@ -210,6 +237,47 @@ class TestClassification:
             with pytest.raises(SinkError, match="unreachable: ConnectError"):
                 await sink.send(make_turn(1))
 
+    @pytest.mark.parametrize(("status", "stall", "error"), [
+        (200, False, None), (200, True, None),
+        (400, False, "answered 400"), (503, True, "answered 503")])
+    async def test_the_status_decides_when_the_body_breaks_off(
+            self, status: int, stall: bool, error: str | None) -> None:
+        """An answer whose body then breaks off or stalls past ``timeout_s`` is judged by its
+        status: a 2xx was a failure (retried: delivered twice), a 400 was retried for ever."""
+        async with BrokenBody(status, stall=stall) as server, \
+                WebhookSink("hook", config(server.url + "/x", timeout_s=0.5)) as sink:
+            async with asyncio.timeout(5):
+                if error is None:
+                    await sink.send(make_turn(1))
+                else:
+                    with pytest.raises(SinkError, match=error) as info:
+                        await sink.send(make_turn(1))
+                    assert isinstance(info.value, PermanentSinkError) == (status < 500)
+                await server.hung_up.wait()     # the unfinished connection was not kept
+        assert server.requests == 1
+
+    async def test_a_tls_failure_says_why(self, tmp_path: Path, receiver: HttpReceiver) -> None:
+        """An untrusted certificate, or TLS to a plain HTTP port, is named in one line (it was
+        ``unreachable: ConnectError``), without the URL's path; it stays transient."""
+        certs = make_certs(tmp_path / "certs")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.cert, certs.key)
+        server = await asyncio.start_server(_hang_up, "127.0.0.1", 0, ssl=context)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            cases = [(f"https://127.0.0.1:{port}/secret-path",
+                      "TLS certificate not accepted: unable to get local issuer certificate"),
+                     (receiver.url.replace("http:", "https:") + "/secret-path",
+                      "TLS handshake failed: ")]
+            for url, expected in cases:
+                async with WebhookSink("hook", config(url)) as sink:
+                    with pytest.raises(SinkError) as info:
+                        await sink.send(make_turn(1))
+                origin = url.removesuffix("/secret-path")
+                assert str(info.value).startswith(f"webhook {origin} {expected}")
+                assert "secret-path" not in str(info.value) and "\n" not in str(info.value)
+                assert not isinstance(info.value, PermanentSinkError)
+
     def test_retry_after_forms(self) -> None:
         """Retry-After parses seconds and HTTP dates, and is capped."""
         assert retry_after_s("7", RETRY_AFTER_MAX_S) == 7.0
@@ -255,6 +323,45 @@ class EndlessBody(LoopbackServer):
             self.hung_up.set()
         finally:
             writer.close()
+
+
+async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A TLS server's handler: the client gives up during the handshake; close."""
+    writer.close()
+
+
+class BrokenBody(LoopbackServer):
+    """A raw HTTP server on 127.0.0.1 answering a POST with ``status`` and 3 of the 100 body bytes
+    it announces, then hanging up (or, with ``stall``, sending nothing more)."""
+
+    def __init__(self, status: int, *, stall: bool) -> None:
+        super().__init__()
+        self.status = status
+        self.stall = stall
+        self.requests = 0
+        self.hung_up = asyncio.Event()     # the connection is closed (by either side)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` once entered."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            self.requests += 1
+            writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 100\r\n\r\nabc" % self.status)
+            await writer.drain()
+            if self.stall:
+                await reader.read()         # until the client hangs up
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.hung_up.set()
 
 
 class TestLargeAnswers:
@@ -362,6 +469,23 @@ class TestDelivery:
         assert "answered 403" in text
         for secret in (SECRET, SECRET.removeprefix("whsec_"), "hunter2", "tok3n"):
             assert secret not in text
+
+    async def test_the_url_httpx_logs_is_masked(self, receiver: HttpReceiver,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+        """At debug level httpx logs each request's URL in its own spelling (percent-encoded,
+        dot segments resolved): the user info and path leaked past the masker, which knew only
+        the config's spelling. The validated url is httpx's spelling, so the masker learns it."""
+        raw = receiver.url.replace("//", "//\u00fcser:p\u00e4ss@") + "/hook/../t\u00f6k3n?k=v"
+        cfg = config(raw)
+        masker = SecretMasker([*url_secrets(raw), *url_secrets(cfg.url)])   # as the daemon does
+        with caplog.at_level(logging.INFO, logger="httpx"):
+            async with WebhookSink("hook", cfg) as sink:
+                await sink.send(make_turn(1))
+        assert (await receiver.next()).path == "/t%C3%B6k3n?k=v"
+        lines = [masker.mask(r.getMessage()) for r in caplog.records if r.name == "httpx"]
+        assert len(lines) == 1 and "HTTP Request: POST" in lines[0]
+        for part in ("%C3%BCser", "p%C3%A4ss", "k3n", "k=v"):
+            assert part not in lines[0]
 
 
 CHILD = """
