@@ -8,6 +8,7 @@ built-in defaults. Unknown keys are errors. Every problem becomes one line namin
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import stat
@@ -38,6 +39,8 @@ DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
 KEY_UNKNOWN: Final = "assemblyai.api_key"   # a failed "section": the key file could not be read
+HEADER_SAFE: Final = re.compile(r"[!-~]*")   # what an HTTP header carries: printable ASCII
+NOT_HEADER_SAFE: Final = "must be printable ASCII without spaces (it is sent in a header)"
 
 
 class _Section(BaseModel):
@@ -94,6 +97,14 @@ class AssemblyAIConfig(_Section):
     language_detection: bool = False
     connect_timeout: float = Field(10.0, gt=0, description="handshake and Begin timeout, seconds")
     terminate_timeout: float = Field(10.0, gt=0, description="Terminate → Termination, seconds")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_header_safe(cls, value: SecretStr) -> SecretStr:
+        """A non-ASCII letter crashed the token request; a line break failed it for ever."""
+        if not HEADER_SAFE.fullmatch(value.get_secret_value()):
+            raise ValueError(NOT_HEADER_SAFE)
+        return value
 
     @field_validator("streaming_url")
     @classmethod
@@ -165,8 +176,8 @@ class HttpConfig(_Section):
     @field_validator("token")
     @classmethod
     def _header_safe(cls, value: SecretStr) -> SecretStr:
-        if not re.fullmatch(r"[!-~]*", value.get_secret_value()):
-            raise ValueError("must be printable ASCII without spaces (it is sent in a header)")
+        if not HEADER_SAFE.fullmatch(value.get_secret_value()):
+            raise ValueError(NOT_HEADER_SAFE)
         return value
 
 
@@ -239,7 +250,8 @@ class Settings(BaseSettings):
 def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
     """Return the config file to use, or ``None`` for built-in defaults.
 
-    An explicitly named file (``--config`` or ``$TRANSCRIBED_CONFIG``) must exist.
+    An explicitly named file (``--config`` or ``$TRANSCRIBED_CONFIG``) must exist; at a lookup
+    path, a folder or a broken link is an error too (not a silent fallback to the defaults).
     """
     env = os.environ if env is None else env
     named = explicit or env.get("TRANSCRIBED_CONFIG")
@@ -254,6 +266,10 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     for candidate in candidates:
         if look(candidate, "config"):
             return candidate
+        if look(candidate, "config", lambda path: path.is_symlink() or path.exists()):
+            # a folder, or a link to nothing: never the defaults in its place without a word
+            problem = "not a regular file" if candidate.exists() else "a link to a missing file"
+            raise ConfigError(f"{candidate}: {problem}")
     return None
 
 
@@ -323,6 +339,9 @@ def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]
         found = re.search(r'field "([^"]+)"', str(exc))
         return None, failed, [unparsable_line(found.group(1) if found else None, exc.__cause__,
                                               os.environ, Settings)]
+    except RecursionError:      # a variable's JSON nested too deeply for the settings source
+        return None, failed, [unparsable_line(None, ValueError("nested too deeply"), os.environ,
+                                              Settings)]
     if "assemblyai" not in failed:
         try:
             settings = _resolve_secrets(settings, where, os.environ)
@@ -344,6 +363,10 @@ def _settings(path: Path | None, **sections: Any) -> Settings:
 def _check_toml(path: Path) -> None:
     try:
         with path.open("rb") as handle:
+            if handle.read(3) == codecs.BOM_UTF8:    # tomllib: "Invalid statement" at 1:1
+                raise ConfigError(f"{path}: invalid TOML: it starts with a byte order mark "
+                                  "(BOM): save it as UTF-8 without one")
+            handle.seek(0)
             tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
@@ -391,17 +414,34 @@ def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> 
     key: str | None = None
     if section.api_key_file:
         try:
-            key = read_secret_file(section.api_key_file, "assemblyai.api_key_file")
+            key = _read_key(section.api_key_file, "assemblyai.api_key_file")
         except ConfigError as exc:
             raise ConfigError([problem_origin(p, where, env) + p for p in exc.problems]) from None
     elif env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
         if look(candidate, "assemblyai.api_key (credential)"):
-            key = read_secret_file(str(candidate), "assemblyai.api_key (credential)")
+            key = _read_key(str(candidate), "assemblyai.api_key (credential)")
     if key is None:
         return settings
     new_section = section.model_copy(update={"api_key": SecretStr(key)})
     return settings.model_copy(update={"assemblyai": new_section})
+
+
+def _read_key(path: str, key: str) -> str:
+    """The API key in a secret file: text an HTTP header can carry."""
+    value = read_secret_file(path, key)
+    if not HEADER_SAFE.fullmatch(value):
+        raise ConfigError(f"{key}: the key in {path} {NOT_HEADER_SAFE}")
+    return value
+
+
+def key_text(part: str | int) -> str:
+    """A key as a problem line names it: escaped and quoted if it has a control character.
+
+    A quoted TOML key may hold a line break (or a terminal escape): a problem stays one line.
+    """
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection[str] = (),
@@ -417,7 +457,7 @@ def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection
     for error in exc.errors(include_url=False):   # the input is looked at, never shown
         if error["loc"] and str(error["loc"][0]) in skip:
             continue
-        loc = ".".join(str(part) for part in error["loc"])
+        loc = ".".join(key_text(part) for part in error["loc"])
         key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
         message = error["msg"]
         if error["type"] == "extra_forbidden":

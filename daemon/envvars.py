@@ -37,7 +37,8 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
                    file_sinks: AbstractSet[str] | None = None) -> str:
     """Who set the key a problem line names: the environment variable that set it, else ``where``.
 
-    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``).
+    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``),
+    or those that set keys below a key (which made it a table).
     With ``file_sinks`` (the sink names the file has): a sink the file does not have exists
     only because of the environment, so the variables that set its keys are named.
     """
@@ -47,6 +48,11 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
         name = ENV_PREFIX + "__".join(parts[:end])
         if name in names:
             return environment([names[name]])
+    if len(parts) == (3 if parts[0] == "SINKS" else 2):    # a key: ``…__API_KEY__X`` made it
+        below = sorted(variable for name, variable in names.items()     # a table, not text
+                       if name.startswith(f"{ENV_PREFIX}{'__'.join(parts)}__"))
+        if below:
+            return environment(below)
     if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
             and parts[1].lower() not in {sink.lower() for sink in file_sinks}:
         setters = sorted(variable for name, variable in names.items()

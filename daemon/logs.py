@@ -20,6 +20,12 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 from daemon.masking import MASK
 
 _TOKEN_IN_URL: Final = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
+# ``scheme://user:password@``: a URL's user info, wherever a URL is written (an error message,
+# httpx's request line); and an ``Authorization`` header's credentials (websockets logs the
+# handshake's headers at debug: a URL's user info is sent as ``Basic <base64>``).
+_URL_USER_INFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>\\]+@")
+_AUTH_HEADER: Final = re.compile(r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?"
+                                 r"(?:(?:basic|bearer|digest|token)\s+)?)[^\s\"',;}\\]+")
 _TRANSCRIPT_KEYS: Final = frozenset({"transcript", "text", "words", "partial"})
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -67,6 +73,10 @@ class SecretMasker:
         for secret in self._ordered:          # longest first: a secret inside another one
             if secret in text:
                 text = text.replace(secret, MASK)
+        if "@" in text:
+            text = _URL_USER_INFO.sub(rf"\g<1>{MASK}@", text)
+        if "uthorization" in text or "UTHORIZATION" in text:
+            text = _AUTH_HEADER.sub(rf"\g<1>{MASK}", text)
         return _TOKEN_IN_URL.sub(rf"\g<1>{MASK}", text)
 
     def _walk(self, value: Any) -> Any:
@@ -121,6 +131,8 @@ def configure(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if not use_console:     # the traceback as text, masked before JSON escapes a secret in it
+        shared.append(structlog.processors.format_exc_info)
     if not transcripts:
         shared.append(_drop_transcripts)
     shared.append(masker)
@@ -129,30 +141,24 @@ def configure(
         if use_console
         else structlog.processors.JSONRenderer()
     )
-    tail: list[Processor] = (
-        [renderer] if use_console else [structlog.processors.format_exc_info, renderer]
-    )
     structlog.configure(
-        processors=[*shared, *tail, _mask_rendered(masker)],
+        processors=[*shared, renderer, _mask_rendered(masker)],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    _bridge_stdlib(shared, renderer, use_console, stream, _LEVELS[level], masker)
+    _bridge_stdlib(shared, renderer, stream, _LEVELS[level], masker)
     return masker
 
 
 def _bridge_stdlib(
     shared: list[Processor],
     renderer: Processor,
-    use_console: bool,
     stream: TextIO,
     level: int,
     masker: SecretMasker,
 ) -> None:
     pre_chain: list[Processor] = [structlog.stdlib.ExtraAdder(), *shared]
-    if not use_console:
-        pre_chain.append(structlog.processors.format_exc_info)
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=pre_chain,
         processors=[

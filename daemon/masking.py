@@ -1,10 +1,12 @@
 """Secrets out of sight: the config as printed by ``check-config``, and the values to mask in logs.
 
-Secret keys (``api_key``, ``secret``, ``password``, ``token``), header values, and the parts of a
+Secret keys (``api_key``, ``secret``, ``password``, ``token``), header values, the parts of a
 sink ``url`` that may be credentials (user info, path and query: webhook URLs are often bearer
-secrets) are replaced by ``MASK``; ``secret_values`` lists the same strings for the log masker
-(``daemon.logs``). A list of secrets (a webhook's, during rotation) is shown in the form the
-example config documents: one string, ``MASK`` for each, space-separated.
+secrets), and the user info and query of the service's URLs (``assemblyai.streaming_url``,
+``token_url``: they may carry credentials too) are replaced by ``MASK``; ``secret_values`` lists
+the same strings for the log masker (``daemon.logs``; a user name it masks only in a URL). A
+list of secrets (a webhook's, during rotation) is shown in the form the example config
+documents: one string, ``MASK`` for each, space-separated.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> d
 
 
 _SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
+_SERVICE_URL_KEYS: Final = frozenset({"streaming_url", "token_url"})
 
 
 def url_secrets(url: str) -> list[str]:
@@ -61,6 +64,34 @@ def _masked_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}/{MASK}"
 
 
+def service_url_secrets(url: str) -> list[str]:
+    """The parts of a service URL that may be credentials: the password and the query.
+
+    Its path is the API's, and its user name no secret alone: neither is learnt by the log
+    masker (a user name such as "token" would mask that word in every line); the masker hides
+    a URL's whole user info wherever it is written (``daemon.logs``).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:                  # refused by validation; all of it, to be safe
+        return [url] if url else []
+    return [part for part in (parts.password, parts.query, parts.fragment) if part]
+
+
+def _masked_service_url(url: str) -> str:
+    """``scheme://********@host/path?********``: the path shown, user info and query masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url
+    user = f"{MASK}@" if "@" in parts.netloc else ""
+    query = f"?{MASK}" if parts.query else ""
+    fragment = f"#{MASK}" if parts.fragment else ""
+    return f"{parts.scheme}://{user}{parts.netloc.rpartition('@')[2]}{parts.path}{query}{fragment}"
+
+
 def _url_text(key: str, value: Any) -> str | None:
     """A sink's ``url`` value as text: a str, or a plugin's pydantic ``HttpUrl``."""
     if key != "url" or value is None or isinstance(value, dict | list | tuple):
@@ -74,6 +105,8 @@ def _mask(value: Any, key: str = "") -> Any:
     url = _url_text(key, value)
     if url is not None:
         return _masked_url(url)
+    if key in _SERVICE_URL_KEYS and isinstance(value, str):
+        return _masked_service_url(value)
     if key == "headers" and isinstance(value, dict):
         return {k: MASK for k in value}       # header values are often credentials
     if isinstance(value, dict):
@@ -89,7 +122,9 @@ def _mask(value: Any, key: str = "") -> Any:
 
 def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
     """Every secret string in the config, for the log masker."""
-    found = [settings.assemblyai.api_key.get_secret_value(), settings.http.token.get_secret_value()]
+    cloud = settings.assemblyai
+    found = [cloud.api_key.get_secret_value(), settings.http.token.get_secret_value(),
+             *service_url_secrets(cloud.streaming_url), *service_url_secrets(cloud.token_url)]
 
     def walk(value: Any, key: str = "") -> None:
         if isinstance(value, SecretStr):
@@ -97,6 +132,9 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 walk(getattr(value, name), name)
+        elif key == "headers" and isinstance(value, dict):   # every value, as check-config
+            for v in value.values():
+                walk(v, "secret")
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(v, str(k))

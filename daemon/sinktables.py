@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from daemon.config import validation_lines
+from daemon.config import key_text, validation_lines
 from daemon.envvars import CONTAINER_ERRORS, json_error, json_problem, takes_json, variable_key
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
@@ -41,8 +41,8 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
     result: ValidatedSinks = {}
     for name, table in tables.items():
         if not SINK_NAME.fullmatch(name):
-            problems.append(f"sinks.{name}: a sink name is lower-case letters, digits, '_' or '-' "
-                            "(environment overrides are matched in lower case)")
+            problems.append(f"sinks.{key_text(name)}: a sink name is lower-case letters, digits, "
+                            "'_' or '-' (environment overrides are matched in lower case)")
             continue
         if not isinstance(table, Mapping):
             problems.append(f"sinks.{name}: must be a table")

@@ -19,6 +19,7 @@ from daemon.errors import ConfigError
 from daemon.masking import masked_dict, secret_values
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
+from daemon.validate import validate
 from tests.conftest import REPO, TRANSCRIBED
 
 
@@ -50,6 +51,21 @@ class TestLookup:
         """A config file named explicitly must exist."""
         with pytest.raises(ConfigError, match="config file not found"):
             find_config(str(tmp_path / "nope.toml"))
+
+    def test_a_folder_or_broken_link_at_a_lookup_path(self, tmp_path: Path) -> None:
+        """``~/.config/transcribed/config.toml`` as a folder, or a link to a file that is gone
+        (a dotfiles checkout elsewhere): an error, never the built-in defaults in its place."""
+        xdg = Path(os.environ["XDG_CONFIG_HOME"]) / "transcribed" / "config.toml"
+        xdg.parent.mkdir(parents=True)
+        xdg.symlink_to(tmp_path / "gone.toml")
+        result = subprocess.run([*TRANSCRIBED, "check-config"], capture_output=True, text=True,
+                                cwd=REPO, timeout=60, check=False)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            78, "", f"transcribed: config error: {xdg}: a link to a missing file\n")
+        xdg.unlink()
+        xdg.mkdir()
+        with pytest.raises(ConfigError, match=f"^{xdg}: not a regular file$"):
+            find_config(None)
 
     def test_a_path_that_cannot_be_looked_at(self, tmp_path: Path) -> None:
         """A lookup path the system refuses to stat (e.g. a 0700 folder of another user: EACCES,
@@ -94,6 +110,21 @@ class TestValues:
         assert info.value.problems == [
             "environment TRANSCRIBED_AUDIO__CHUNK_MS: audio.chunk_ms: Input should be a valid "
             "integer, unable to parse string as an integer"]
+
+    def test_env_variable_below_a_key_is_named(self, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        """A variable one level too deep (``…__API_KEY__X``) makes the key a table: the line
+        blames that variable, as any other from the environment."""
+        monkeypatch.setenv("TRANSCRIBED_ASSEMBLYAI__API_KEY__X", "k-secret-9")
+        monkeypatch.setenv("TRANSCRIBED_SINKS__C__FORMAT__A", "json")
+        path = write(tmp_path / "c.toml", '[sinks.c]\ntype = "console"\n')
+        with pytest.raises(ConfigError) as info:
+            validate(str(path), load_plugins(entry_points=False))
+        assert info.value.problems == [
+            "environment TRANSCRIBED_ASSEMBLYAI__API_KEY__X: assemblyai.api_key: Input should be "
+            "a valid string",
+            "environment TRANSCRIBED_SINKS__C__FORMAT__A: sinks.c.format: Input should be 'text' "
+            "or 'json'"]
 
     def test_env_sink_table_value_is_json(self, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +181,20 @@ class TestValues:
             "value (Expecting value: line 1 column 1 (char 0)); lists and tables are written as "
             "JSON, e.g. '[\"a\", \"b\"]'"]
 
+    @pytest.mark.parametrize(("variable", "key", "value"), [
+        ("TRANSCRIBED_ASSEMBLYAI__KEYTERMS", "assemblyai.keyterms", "[" * 20000 + "]" * 20000),
+        ("TRANSCRIBED_SINKS", "sinks", '{"a": ' * 20000 + "1" + "}" * 20000),
+    ])
+    def test_env_json_nested_too_deeply(self, variable: str, key: str, value: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        """JSON nested too deeply for the parser is a problem line (exit 78), not a traceback."""
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ConfigError) as info:
+            load_settings(None)
+        (line,) = info.value.problems
+        assert line.startswith(f"environment {variable}: {key}: cannot parse the value (nested "
+                               "too deeply); lists and tables are written as JSON"), line
+
     def test_api_key_file_and_credentials(self, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
         """The key comes from api_key_file, else from $CREDENTIALS_DIRECTORY."""
@@ -189,6 +234,40 @@ class TestValues:
         assert masked_dict(settings, ipv6)["sinks"]["x"]["url"] == "http://[::1]:8080/********"
 
 
+    def test_service_url_credentials_masked(self, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        """User info and query of ``streaming_url`` / ``token_url`` are masked by check-config
+        (their path, the API's, is shown) and learnt by the log masker."""
+        path = write(tmp_path / "c.toml",
+                     '[assemblyai]\nstreaming_url = "wss://usr:pw-secret-5@127.0.0.1/v3/ws'
+                     '?key=q-secret-6"\ntoken_url = "https://usr:pw-secret-7@127.0.0.1/v3/token"\n')
+        out = printed_config(path, capsys)
+        assert 'streaming_url = "wss://********@127.0.0.1/v3/ws?********"' in out
+        assert 'token_url = "https://********@127.0.0.1/v3/token"' in out
+        assert 'token_url = "https://streaming.assemblyai.com/v3/token"' in printed_config(
+            write(tmp_path / "plain.toml", ""), capsys)
+        for secret in ("pw-secret-5", "q-secret-6", "pw-secret-7"):
+            assert secret not in out
+        learnt = secret_values(load_settings(path), {})
+        assert {"pw-secret-5", "key=q-secret-6", "pw-secret-7"} <= set(learnt)
+
+    def test_header_values_learnt_by_the_log_masker(self, tmp_path: Path) -> None:
+        """Header values, which check-config masks, are masked in log lines too."""
+        path = write(tmp_path / "c.toml", '[sinks.hook]\ntype = "webhook"\n'
+                     'url = "http://127.0.0.1:9"\nheaders = { X-Api-Key = "hdr-secret-3" }\n')
+        settings = load_settings(path)
+        sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
+        learnt = secret_values(settings, {name: config for name, (_t, config) in sinks.items()})
+        assert "hdr-secret-3" in learnt
+        assert "hdr-secret-3" in secret_values(settings, settings.effective_sinks())
+
+
+def printed_config(path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """check-config's output for a valid ``path``."""
+    assert check_config(argparse.Namespace(config=str(path))) == 0
+    return capsys.readouterr().out
+
+
 class TestErrors:
     def test_every_problem_named(self, tmp_path: Path) -> None:
         """Each bad key gives its own line naming file and key."""
@@ -212,11 +291,34 @@ class TestErrors:
                                        "sections assemblyai, audio, http, local, log, reconnect, "
                                        "sinks, state, transcriber)"]
 
+    def test_a_key_with_a_line_break_is_one_line(self, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+        """A quoted TOML key with a line break or a terminal escape is named escaped: one line
+        per problem, nothing written to the terminal that it would act on."""
+        path = write(tmp_path / "c.toml", '[audio]\n"bo\\ngus\\u001b[2J" = 1\n'
+                     '[sinks."ev\\nil"]\ntype = "console"\n[sinks.ok]\ntype = "console"\n'
+                     '"x\\ny" = 1\n')
+        assert check_config(argparse.Namespace(config=str(path))) == 78
+        assert capsys.readouterr().err.splitlines() == [
+            f"transcribed: config error: {path}: audio.'bo\\ngus\\x1b[2J': unknown key",
+            f"transcribed: config error: {path}: sinks.'ev\\nil': a sink name is lower-case "
+            "letters, digits, '_' or '-' (environment overrides are matched in lower case)",
+            f"transcribed: config error: {path}: sinks.ok.'x\\ny': unknown key"]
+
     def test_invalid_toml(self, tmp_path: Path) -> None:
         """A syntax error names the file and the position."""
         path = write(tmp_path / "c.toml", "[audio\n")
         with pytest.raises(ConfigError, match=r"c\.toml: invalid TOML: .*line 1"):
             load_settings(path)
+
+    def test_byte_order_mark_is_named(self, tmp_path: Path) -> None:
+        """A file saved with a BOM (some Windows editors) says so, not "Invalid statement"."""
+        path = tmp_path / "c.toml"
+        path.write_bytes(b'\xef\xbb\xbf[log]\nlevel = "debug"\n')
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert info.value.problems == [f"{path}: invalid TOML: it starts with a byte order mark "
+                                       "(BOM): save it as UTF-8 without one"]
 
     def test_unknown_sink_type_lists_known(self) -> None:
         """An unknown sink type names the sink and lists the known types."""
@@ -284,6 +386,28 @@ def test_a_bad_value_hides_no_other_problem(tmp_path: Path,
     [unknown, sink] = _problems(path, capsys)
     assert unknown.startswith(f"{path}: nosuch: unknown section (the sections are assemblyai")
     assert sink == f"{path}: sinks.j.path: must name a file"
+
+
+def test_an_api_key_a_header_cannot_carry(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key is sent in a header: a non-ASCII letter (it crashed the token request, exit 1) or
+    a second line in its file (every token request failed, retried for ever) is a config error
+    naming where the key came from, never showing it."""
+    problem = "must be printable ASCII without spaces (it is sent in a header)"
+    path = write(tmp_path / "c.toml", '[assemblyai]\napi_key = "key-secret-1\u00e9"\n')
+    assert _problems(path, capsys) == [f"{path}: assemblyai.api_key: {problem}"]
+    key_file = write(tmp_path / "key", "key-secret-2\nsecond line\n")
+    path = write(tmp_path / "c.toml", f'[assemblyai]\napi_key_file = "{key_file}"\n')
+    assert _problems(path, capsys) == [
+        f"{path}: assemblyai.api_key_file: the key in {key_file} {problem}"]
+    write(tmp_path / "creds" / "assemblyai_api_key", "key secret 3\r\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    assert check_config(argparse.Namespace(config=None)) == 78
+    assert capsys.readouterr().err == (
+        "transcribed: config error: assemblyai.api_key (credential): the key in "
+        f"{tmp_path / 'creds' / 'assemblyai_api_key'} {problem}\n")
+    write(tmp_path / "creds" / "assemblyai_api_key", "key-secret-4\r\n")   # CRLF: stripped
+    assert load_settings(None).assemblyai.api_key.get_secret_value() == "key-secret-4"
 
 
 class TestEveryProblemOnce:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
+import wave
+from pathlib import Path
 
 import structlog
 
 from daemon.logs import SecretMasker, configure
+from tests.daemon_proc import cloud_config, run_daemon
+from tests.fake_assemblyai import FakeAssemblyAI
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -76,3 +81,61 @@ def test_console_format() -> None:
     configure(fmt="console", stream=out)
     structlog.get_logger("t").info("session.began", session_id="abc")
     assert "session.began" in out.getvalue() and "session_id=abc" in out.getvalue()
+
+
+class TestMaskingWhatTheConfigDoesNotList:
+    def test_tracebacks_masked_before_json_escapes_them(self) -> None:
+        """A secret with a quote, a backslash or a non-ASCII letter is masked in a traceback
+        too, of ours or a library's: JSON would escape it before a masker of the line saw it."""
+        for secret in ('pw"with-quote', "pw\\with-backslash", "pässwort-7"):
+            out = io.StringIO()
+            configure(fmt="json", level="debug", secrets=[secret], stream=out)
+            try:
+                raise RuntimeError(f"refused {secret}")
+            except RuntimeError:
+                structlog.get_logger("t").exception("z.failed")
+                logging.getLogger("lib").exception("lib.failed")
+            records = lines(out)
+            assert len(records) == 2
+            for record in records:
+                assert secret not in str(record["exception"]), record
+                assert "RuntimeError: refused ********" in str(record["exception"])
+
+    async def test_service_url_credentials_never_logged(self, tmp_path: Path) -> None:
+        """User info in ``assemblyai.streaming_url`` / ``token_url`` is masked at debug level:
+        httpx's request line, websockets' handshake (``Authorization: Basic …``) and the
+        token error, and so is a query of the streaming URL."""
+        wav = tmp_path / "quiet.wav"
+        with wave.open(str(wav), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(16000)
+            out.writeframes(bytes(2 * 4000))
+        async with FakeAssemblyAI() as fake:
+            config = cloud_config(tmp_path, fake, wav)
+            text = config.read_text()
+            host = f"127.0.0.1:{fake.port}"
+            streaming = text.replace(f'"ws://{host}/v3/ws"',
+                                     f'"ws://usr:pw-url-secret-5@{host}/v3/ws?q-url-secret-6"')
+            config.write_text(streaming)
+            streamed = await run_daemon("run", "--config", str(config), limit_s=30)
+            config.write_text(text.replace(f'"http://{host}/v3/token"',
+                                           f'"http://usr:pw-url-secret-7@{host}/v3/token"'))
+            refused = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert streamed.code == 0, streamed.stderr
+        assert refused.code == 77, refused.stderr
+        basic = base64.b64encode(b"usr:pw-url-secret-5").decode()
+        assert "> Authorization: Basic ********" in streamed.stderr
+        assert "HTTP Request: GET http://********@127.0.0.1" in refused.stderr
+        for secret in ("pw-url-secret-5", "q-url-secret-6", basic, "pw-url-secret-7"):
+            assert secret not in streamed.stderr + streamed.stdout + refused.stderr, secret
+
+    def test_authorization_headers_masked(self) -> None:
+        """An ``Authorization`` header in a log line is masked, its scheme kept."""
+        masker = SecretMasker()
+        assert masker.mask("> Authorization: Bearer abc.def-1") == \
+            "> Authorization: Bearer ********"
+        assert masker.mask("{'authorization': 'xyz123'}") == "{'authorization': '********'}"
+        assert masker.mask("see https://u:p@h.example/x and mailto:a@b") == \
+            "see https://********@h.example/x and mailto:a@b"
+        assert masker.mask("http://h.example/p?email=a@b") == "http://h.example/p?email=a@b"
