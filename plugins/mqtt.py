@@ -159,6 +159,9 @@ class MqttConfig(SinkConfig):
 def _tls_context(ca_file: str) -> ssl.SSLContext:
     """A verifying client context trusting ``ca_file`` (or the system CAs when empty)."""
     path = str(Path(ca_file).expanduser()) if ca_file else None
+    if path is not None and Path(path).exists() and not Path(path).is_file():
+        # a FIFO would hang OpenSSL's read (check-config, run and every reload) for ever
+        raise ValueError(f"cannot load CA certificates from {path}: not a regular file")
     try:
         return ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as exc:

@@ -452,6 +452,19 @@ class TestConfig:
         assert expected in str(info.value)
         assert "pw" not in str(info.value).replace("password", "")
 
+    @pytest.mark.parametrize("kind", ["fifo", "folder"])
+    def test_ca_file_not_a_regular_file(self, tmp_path: Path, kind: str) -> None:
+        """A FIFO (or a folder) as ``ca_file`` is named at once: reading a FIFO hung for ever."""
+        ca = tmp_path / "ca.pem"
+        if kind == "fifo":
+            os.mkfifo(ca)
+        else:
+            ca.mkdir()
+        with pytest.raises(ConfigError, match=f"sinks.bus.ca_file: cannot load CA certificates "
+                                              f"from {ca}: not a regular file"):
+            validate_sinks(load_plugins(entry_points=False),
+                           {"bus": {"type": "mqtt", "host": "h", "tls": True, "ca_file": str(ca)}})
+
     def test_password_file(self, tmp_path: Path) -> None:
         """The password can come from a file."""
         secret = tmp_path / "pw"
