@@ -158,8 +158,9 @@ def test_sinks(args: argparse.Namespace) -> int:
         settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
-    logs.configure(level=settings.log.level, fmt=settings.log.format,   # stderr, masked
-                   secrets=secret_values(settings, {n: c for n, (_t, c) in validated.items()}))
+    masker = logs.configure(level=settings.log.level, fmt=settings.log.format,  # stderr, masked
+                            secrets=secret_values(settings,
+                                                  {n: c for n, (_t, c) in validated.items()}))
     if disabled := none_enabled(validated):
         print(f"transcribed test-sinks: no sink is enabled ({', '.join(disabled)}: "
               "enabled = false)", file=sys.stderr)
@@ -171,7 +172,8 @@ def test_sinks(args: argparse.Namespace) -> int:
         sink = sink_type.factory(name, config, context)
         error = asyncio.run(_try_send(sink, record))
         failures += error is not None
-        print(f"{name} ({sink_type.name}): {'delivered' if error is None else 'FAILED: ' + error}")
+        outcome = "delivered" if error is None else "FAILED: " + masker.mask(error)  # as logs are
+        print(f"{name} ({sink_type.name}): {outcome}")
     return EX_OK if failures == 0 else EX_FAILURE
 
 

@@ -529,6 +529,21 @@ def test_hookspecs_typed_and_documented() -> None:
         assert f"`{spec.__name__}`" in readme, f"{spec.__name__} is not documented in README.md"
 
 
+def test_test_sinks_masks_secrets_in_a_sink_error(tmp_path: Path) -> None:
+    """A sink's error is printed through the log masker: a secret in it (here the live view's
+    token, which a file path happens to contain) never reaches the output."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the sink wants a folder")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[http]\ntoken = "s3cretTOKENvalue"\n[sinks.notes]\ntype = "file"\n'
+                      f'path = "{blocker}/s3cretTOKENvalue/turns.jsonl"\n')
+    done = subprocess.run([*TRANSCRIBED, "test-sinks", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "notes (file): FAILED: " in done.stdout and "********" in done.stdout, done.stdout
+    assert "s3cretTOKENvalue" not in done.stdout + done.stderr
+
+
 def test_test_sinks_with_stdout_closed_ends_without_a_traceback(tmp_path: Path) -> None:
     """``transcribed test-sinks >&-``: the console sink reports stdout closed and the command
     exits 1 (it failed), without the traceback of flushing a stdout Python does not have."""
