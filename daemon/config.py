@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 
@@ -26,14 +26,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from daemon.envvars import (
-    ENV_PREFIX,
-    problem_origin,
-    unknown_variables,
-    unparsable_line,
-    unparsed_container,
-)
+from daemon.envvars import ENV_PREFIX, problem_origin, unknown_variables, unparsable_line
 from daemon.errors import ConfigError
+from daemon.problems import validation_lines
 
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
@@ -433,46 +428,3 @@ def _read_key(path: str, key: str) -> str:
     if not HEADER_SAFE.fullmatch(value):
         raise ConfigError(f"{key}: the key in {path} {NOT_HEADER_SAFE}")
     return value
-
-
-def key_text(part: str | int) -> str:
-    """A key as a problem line names it: escaped and quoted if it has a control character.
-
-    A quoted TOML key may hold a line break (or a terminal escape): a problem stays one line.
-    """
-    text = str(part)
-    return text if text.isprintable() else repr(text)
-
-
-def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection[str] = (),
-                     sections: Collection[str] = (), env: Mapping[str, str] | None = None
-                     ) -> list[str]:
-    """Turn a pydantic error into ``dotted.key: message`` lines, never echoing input values.
-
-    ``skip``: keys whose problems are reported otherwise. ``sections``: the top level's keys
-    (a table there that is none of them is an unknown section). ``env``: the environment the
-    values came from (a list or table there that is not JSON says so).
-    """
-    lines = []
-    for error in exc.errors(include_url=False):   # the input is looked at, never shown
-        if error["loc"] and str(error["loc"][0]) in skip:
-            continue
-        loc = ".".join(key_text(part) for part in error["loc"])
-        key = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-            if sections and len(error["loc"]) == 1:
-                known = ", ".join(sorted(sections))
-                message = (f"unknown section (the sections are {known})"
-                           if isinstance(error.get("input"), dict)
-                           else f"unknown key (the top level has only the sections {known})")
-        elif env is not None and (unparsed := unparsed_container(
-                error["type"], error["loc"], error.get("input"), env)) is not None:
-            message = unparsed
-        elif error["type"] == "missing":
-            message = "required key is missing"
-        elif error["type"] in ("value_error", "assertion_error"):
-            message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        lines.append(f"{key}: {message}")
-    return lines
