@@ -11,6 +11,7 @@ documents: one string, ``MASK`` for each, space-separated.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -33,6 +34,9 @@ def masked_dict(settings: Settings, sinks: Mapping[str, Mapping[str, Any]]) -> d
 
 _SECRET_KEYS: Final = frozenset({"api_key", "secret", "password", "token"})
 _SERVICE_URL_KEYS: Final = frozenset({"streaming_url", "token_url"})
+# Headers whose values the log masker learns (check-config masks every value): learning them
+# all would mask "ops" or "application/json" in every line that has the word.
+_CREDENTIAL_HEADER: Final = re.compile(r"(?i)auth|token|key|secret|signature|cookie|pass|session")
 
 
 def url_secrets(url: str) -> list[str]:
@@ -48,6 +52,25 @@ def url_secrets(url: str) -> list[str]:
     rest = url.split(parts.netloc, 1)[-1] if parts.netloc else ""
     if rest.strip("/"):
         found.append(rest)
+    return found
+
+
+def url_log_secrets(url: str) -> list[str]:
+    """What the log masker learns of a sink's URL: its password, and host + path + query.
+
+    The path is learnt only as written in a URL, after its host: a bare path such as ``/hook``
+    would mask every log line that has it (a dead-letter file named after its sink,
+    ``/tmp/hook…``). A URL's user info is masked wherever it is written (``daemon.logs``), so
+    the user name is not learnt either.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:                  # unparsable (a third-party sink's own url key): all of it
+        return [url] if url else []
+    found = [parts.password] if parts.password else []
+    rest = url.split(parts.netloc, 1)[-1] if parts.netloc else ""
+    if rest.strip("/"):
+        found.append(parts.netloc.rpartition("@")[2] + rest)
     return found
 
 
@@ -132,9 +155,10 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 walk(getattr(value, name), name)
-        elif key == "headers" and isinstance(value, dict):   # every value, as check-config
-            for v in value.values():
-                walk(v, "secret")
+        elif key == "headers" and isinstance(value, dict):   # the values of credential headers
+            for name, v in value.items():
+                if _CREDENTIAL_HEADER.search(str(name)):
+                    walk(v, "secret")
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(v, str(k))
@@ -144,7 +168,7 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
         elif isinstance(value, str) and key in _SECRET_KEYS:
             found.append(value)
         elif (url := _url_text(key, value)) is not None:
-            found.extend(url_secrets(url))
+            found.extend(url_log_secrets(url))
 
     walk(dict(sinks))
     return [s for s in found if s]

@@ -16,6 +16,7 @@ from daemon.commands import check_config
 from daemon.config import find_config, load_settings
 from daemon.envvars import takes_json
 from daemon.errors import ConfigError
+from daemon.logs import SecretMasker
 from daemon.masking import masked_dict, secret_values
 from daemon.plugins import load_plugins
 from daemon.sinktables import validate_sinks
@@ -229,7 +230,7 @@ class TestValues:
         settings = load_settings(write(tmp_path / "c.toml", ""))
         sinks = {"x": {"type": "custom", "url": HttpUrl("https://h.example/p-secret-4")}}
         assert masked_dict(settings, sinks)["sinks"]["x"]["url"] == "https://h.example/********"
-        assert "/p-secret-4" in secret_values(settings, sinks)
+        assert "h.example/p-secret-4" in secret_values(settings, sinks)
         ipv6 = {"x": {"type": "custom", "url": "http://[::1]:8080/p"}}
         assert masked_dict(settings, ipv6)["sinks"]["x"]["url"] == "http://[::1]:8080/********"
 
@@ -250,6 +251,22 @@ class TestValues:
             assert secret not in out
         learnt = secret_values(load_settings(path), {})
         assert {"pw-secret-5", "key=q-secret-6", "pw-secret-7"} <= set(learnt)
+
+    def test_log_masker_hides_a_url_path_only_in_the_url(self, tmp_path: Path) -> None:
+        """A webhook's path is masked where the URL is written, not wherever the word is: a
+        path '/hook' masked the dead-letter file of a sink named hook in every log line; nor
+        is a plain header's value ('ops') learnt, only a credential header's."""
+        path = write(tmp_path / "c.toml", '[sinks.hook]\ntype = "webhook"\n'
+                     'url = "http://u:pw-secret-8@127.0.0.1:9/hook"\n'
+                     'headers = { X-Team = "ops-team", X-Auth-Token = "hdr-secret-9" }\n')
+        settings = load_settings(path)
+        sinks = validate_sinks(load_plugins(entry_points=False), settings.effective_sinks())
+        masker = SecretMasker(secret_values(
+            settings, {name: config for name, (_t, config) in sinks.items()}))
+        kept = 'path=/var/lib/dead-letter/hook.jsonl team=ops-team'
+        assert masker.mask(kept) == kept
+        assert masker.mask("POST http://127.0.0.1:9/hook ok") == "POST http://******** ok"
+        assert masker.mask("x pw-secret-8 hdr-secret-9") == "x ******** ********"
 
     def test_header_values_learnt_by_the_log_masker(self, tmp_path: Path) -> None:
         """Header values, which check-config masks, are masked in log lines too."""
