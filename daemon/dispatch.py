@@ -45,6 +45,7 @@ class SinkStats:
     dead_lettered: int = 0
     latencies: list[float] = field(default_factory=list)
     last_error: str = ""
+    failing_since: float | None = None  # the sink's outage, across records (some dead-lettered)
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Dispatcher:
                 if not await self._backoff(runner, wait):
                     return False
                 continue
-            self._delivered(runner, delivery, retry.first_failure)
+            self._delivered(runner, delivery)
             break
         runner.queue.ack(delivery)
         return True
@@ -371,9 +372,12 @@ class Dispatcher:
         now = time.monotonic()
         if retry.first_failure is None:
             retry.first_failure = now
+            if runner.stats.failing_since is None or reason != runner.stats.last_error:
+                log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
+                            retrying=True)      # once per outage (or change of error)
+            if runner.stats.failing_since is None:
+                runner.stats.failing_since = now
             runner.stats.last_error = reason
-            log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
-                        retrying=True)
         if retry.max_s is not None and now - retry.first_failure >= retry.max_s:
             self._dead_letter(runner, delivery, f"gave up after {retry.max_s:g} s: {reason}")
             return None
@@ -384,11 +388,12 @@ class Dispatcher:
         return wait
 
     @staticmethod
-    def _delivered(runner: SinkRunner, delivery: Delivery, first_failure: float | None) -> None:
+    def _delivered(runner: SinkRunner, delivery: Delivery) -> None:
         """Count a delivery and its latency; log the end of an outage."""
-        if first_failure is not None:
+        if runner.stats.failing_since is not None:
             log.info("sink.recovered", record_id=delivery.record.id,
-                     outage_s=round(time.monotonic() - first_failure, 3))
+                     outage_s=round(time.monotonic() - runner.stats.failing_since, 3))
+            runner.stats.failing_since = None
         runner.stats.delivered += 1
         runner.stats.latencies.append(time.monotonic() - delivery.enqueued_at)
         if len(runner.stats.latencies) > 4096:

@@ -296,6 +296,19 @@ class ScriptedSink:
         self.arrived.set()
 
 
+class DownFor(ScriptedSink):
+    """A destination that is down for the first ``count`` records (every try fails)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    async def send(self, record: TurnRecord) -> None:
+        if record.turn_order < self.count:
+            raise SinkError("connection refused")
+        await super().send(record)
+
+
 class GivesUpConfig(SinkConfig):
     """A sink table with ``retry_max_s``, as the webhook's has."""
 
@@ -349,6 +362,22 @@ class TestDispatcher:
         await run_through(dispatcher, 1, flush_s=10)
         dead = json.loads((tmp_path / "s.jsonl").read_text())
         assert dead["record"]["id"] == "s:0" and "gave up after 0.3 s" in dead["error"]
+
+    async def test_an_outage_is_logged_once_though_records_are_dead_lettered(
+            self, tmp_path: Path) -> None:
+        """With ``retry_max_s``, every record of an outage is dead-lettered in turn: the outage
+        is still one ``sink.send_failed`` and one ``sink.recovered``, not a warning per turn."""
+        sink = DownFor(3)
+        config = GivesUpConfig(type="scripted", retry_max_s=0.05)
+        dispatcher = Dispatcher([SinkRunner("s", SinkType("scripted", GivesUpConfig,
+                                                          lambda *_: sink),
+                                            config, sink, MemoryQueue())],
+                                dead_letter_dir=tmp_path)
+        with capture_logs() as logs:
+            await run_through(dispatcher, 4, flush_s=10)
+        events = [entry["event"] for entry in logs if entry["event"].startswith("sink.")]
+        assert events == ["sink.send_failed", *["sink.dead_lettered"] * 3, "sink.recovered"]
+        assert sink.got == ["s:3"]
 
     async def test_permanent_dead_lettered(self, tmp_path: Path) -> None:
         """A permanent failure moves the record to the dead-letter file and goes on."""
