@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
 import ssl
 import time
@@ -286,18 +287,30 @@ class WebhookSink:
 
 
 def _transport_problem(exc: httpx.TransportError) -> str:
-    """Why no answer came, in a few words: a TLS failure says why, not only ``ConnectError``."""
+    """Why no answer came, in a few words.
+
+    A TLS failure says why, and so does the system call under a ``ConnectError`` (``Connection
+    refused``, ``Name or service not known``).
+    """
     cause: BaseException | None = exc
     seen: set[int] = set()
+    system: OSError | None = None
     while cause is not None and id(cause) not in seen and not isinstance(cause, ssl.SSLError):
         seen.add(id(cause))
+        if system is None and isinstance(cause, OSError) and isinstance(cause.errno, int):
+            system = cause
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return f"TLS certificate not accepted: {cause.verify_message}"
     if isinstance(cause, ssl.SSLError):
         reason = (cause.reason or type(cause).__name__).replace("_", " ").lower()
         return f"TLS handshake failed: {reason}"
-    return f"unreachable: {type(exc).__name__}"
+    problem = f"unreachable: {type(exc).__name__}"
+    if system is None or system.errno is None:
+        return problem
+    # a DNS failure's number is getaddrinfo's (negative), its text the resolver's
+    why = os.strerror(system.errno) if system.errno > 0 else system.strerror
+    return f"{problem} ({why})" if why else problem
 
 
 def _origin(response: httpx.Response, location: str) -> str:

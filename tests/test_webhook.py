@@ -226,7 +226,8 @@ class TestClassification:
         assert "s3cret" not in str(moved.value)
 
     async def test_unreachable_and_timeout_are_transient(self, receiver: HttpReceiver) -> None:
-        """A refused connection or a hung server raises a transient error naming only the host."""
+        """A refused connection or a hung server raises a transient error naming only the host
+        (and, for the refusal, the system's reason, not only the exception's type)."""
         receiver.script(Reply(hang=True))
         cfg = config(receiver.url + "/secret-path", timeout_s=0.3)
         async with WebhookSink("hook", cfg) as sink:
@@ -234,7 +235,8 @@ class TestClassification:
                 await sink.send(make_turn(1))
         assert "secret-path" not in str(hung.value)
         async with WebhookSink("hook", config("http://127.0.0.1:9/x")) as sink:
-            with pytest.raises(SinkError, match="unreachable: ConnectError"):
+            with pytest.raises(SinkError,
+                               match=r"unreachable: ConnectError \(Connection refused\)$"):
                 await sink.send(make_turn(1))
 
     @pytest.mark.parametrize(("status", "stall", "error"), [
