@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     install.set_defaults(system=False)
     install.add_argument("--root", metavar="DIR",
                          help="install below DIR instead of / (for images and tests)")
+    for command in commands.choices.values():   # who reports an option it does not know
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -100,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:     # the command's usage, not the top level's (argparse leaves them to it)
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from daemon import commands
 
     handlers = {

@@ -610,6 +610,15 @@ class TestCheckConfigCommand:
                 "local.model: " + str(tmp_path / "nope") + " is not a CTranslate2 Whisper "
                 "model directory (missing model.bin, config.json, tokenizer.json)")
 
+    def test_an_unknown_option_shows_the_commands_usage(self) -> None:
+        """``transcribed run --bogus`` exits 2 with ``run``'s usage (its options), not the top
+        level's, which lists none of them."""
+        result = self.run("run", "--bogus")
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            "usage: transcribed run [-h] [--config PATH]",
+            "transcribed run: error: unrecognized arguments: --bogus"]
+
     def test_version_is_fast_to_import(self) -> None:
         """--version prints the version without importing the daemon's heavy modules."""
         result = self.run("--version")
