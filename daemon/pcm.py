@@ -229,7 +229,8 @@ def _check_wav(path: Path, reader: WavReader) -> None:
         reader.close()
         raise AudioError(
             f"audio file {path}: unsupported WAV format "
-            f"({fmt.width * 8}-bit, {fmt.channels} ch, {fmt.rate} Hz)"
+            f"({fmt.width * 8}-bit, {fmt.channels} ch, {fmt.rate} Hz; readable: 8/16/24/32-bit "
+            f"PCM or 32/64-bit float, {MIN_RATE // 1000}-{MAX_RATE // 1000} kHz)"
         )
     if reader.frames == 0:
         reader.close()

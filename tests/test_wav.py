@@ -150,7 +150,8 @@ class TestWavErrors:
             (lambda p: cut(write_wav(p, sine(440, 1.0, 16000), 16000, 2), 44),
              "contains no audio (0 frames of the 16000 its header declares)"),
             (lambda p: write_riff(p, 1, 1, 1_000_000_000, 16, b"\x01" * 100),
-             "unsupported WAV format (16-bit, 1 ch, 1000000000 Hz)"),
+             "unsupported WAV format (16-bit, 1 ch, 1000000000 Hz; readable: 8/16/24/32-bit PCM "
+             "or 32/64-bit float, 4-384 kHz)"),
         ],
         ids=["missing", "directory", "text", "empty", "zero-frames", "mp3", "float16", "truncated",
              "header-only", "absurd-rate"],
