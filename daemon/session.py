@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from daemon.engine import EngineListener
-from daemon.events import SessionInfo, SessionSummary
+from daemon.events import SessionInfo, SessionSummary, iso_utc
 from daemon.ledger import Piece, Timeline, rms
 from daemon.liveness import Liveness
 from daemon.protocol import (
@@ -136,7 +136,8 @@ class StreamSession:
         if self.begin.unreadable_expiry is not None:
             self.log.warning("session.expiry_unreadable", expires_at=self.begin.unreadable_expiry,
                              effect="no rollover before it; the service's close is handled")
-        self.log.info("session.began", expires_at=str(self.begin.expires_at),
+        expires = self.begin.expires_at
+        self.log.info("session.began", expires_at=iso_utc(expires) if expires else None,
                       model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2),
                       lane=self.lane)
         self.listener.session_started(SessionInfo(self.begin.id, "assemblyai",
@@ -373,6 +374,7 @@ class StreamSession:
         elif isinstance(message, Termination):
             self.assembler.flush()
             if self.terminating:
+                self.assembler.finish_open()
                 return self._terminated("terminated")
             return Outcome(CloseKind.EXPIRED, "terminated by the service", began=True)
         elif isinstance(message, ServerError):

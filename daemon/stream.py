@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import structlog
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from daemon import __version__
@@ -138,6 +138,8 @@ class AssemblyAIEngine:
                 await self._lane(live, group, None)
             ended = True
         finally:
+            if not ended:                       # stopped during an outage: its loss too
+                self._report_backlog_loss()
             speech_s = 0.0 if ended else self.ledger.held_speech_s(self.chunk_samples,
                                                                     SILENCE_RMS)
             if speech_s:                        # stopped (SIGTERM) before the service answered
@@ -272,8 +274,13 @@ class AssemblyAIEngine:
                       lost_samples=lost, backlog_seconds=self._reconnect.backlog_seconds)
 
     def _delay_for(self, outcome: Outcome, delays: Iterator[float]) -> float:
+        """The wait before the next attempt; none only after a session that lived (no tight loop).
+
+        An expiry (or a normal end) of a healthy session reconnects at once; any other close
+        backs off, an expiry refused before ``Begin`` or cut short included.
+        """
         expired = outcome.kind is CloseKind.EXPIRED
-        if expired or (outcome.kind is CloseKind.NORMAL and outcome.began):
+        if outcome.healthy and (expired or outcome.kind is CloseKind.NORMAL):
             return 0.0
         delay = next(delays)
         if outcome.kind is CloseKind.RATE:
@@ -334,6 +341,7 @@ class AssemblyAIEngine:
         """
         token = await self._tokens.fresh()
         url = streaming_url(self.config, sample_rate=self.sample_rate, token=token)
+        ws: ClientConnection | None = None
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 ws = await connect(url, open_timeout=None, close_timeout=2, max_size=2**20,
@@ -350,6 +358,8 @@ class AssemblyAIEngine:
             raise _Failed(Outcome(classify_close(code, reason),
                                   f"closed before Begin: {code} {reason}")) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
+            if ws is not None:      # no Begin in time: close it, or it stays open (and billed)
+                await ws.close()
             raise _Failed(Outcome(CloseKind.TRANSIENT,
                                   f"connect failed: {type(exc).__name__}: {exc}")) from None
         try:

@@ -53,6 +53,7 @@ class TurnAssembler:
         self.open_turn: int | None = None  # turn_order of an unfinished turn with words
         self.emitted = 0
         self._sealed: set[int] | None = None  # after a rollover: the turns still ours
+        self._partial_turn: Turn | None = None  # the open turn's latest partial with words
 
     @property
     def holding(self) -> bool:
@@ -63,6 +64,7 @@ class TurnAssembler:
         """Rollover: keep only turns that have ended; the next session redoes the others."""
         self._sealed = self._done | set(self._held)
         self.open_turn = None
+        self._partial_turn = None
 
     def handle(self, turn: Turn) -> None:
         """Process one ``Turn`` message."""
@@ -98,6 +100,20 @@ class TurnAssembler:
         for order in sorted(self._held):
             self._release(order)
 
+    def finish_open(self) -> None:
+        """``Termination`` came without the open turn's final: its last partial is the record.
+
+        The service has ended the session, so no final can follow and no session replays it.
+        """
+        turn = self._partial_turn
+        self._partial_turn = None
+        if turn is None or turn.turn_order in self._done or turn.turn_order in self._held:
+            return
+        log.warning("turn.final_missing", session_id=self.session_id, turn_order=turn.turn_order,
+                    effect="the turn is delivered from its last partial")
+        self._cover_until(turn.words[-1].end)
+        self._finish(turn)
+
     def _release(self, order: int) -> None:
         turn, _since = self._held.pop(order)
         self._finish(turn)
@@ -105,6 +121,7 @@ class TurnAssembler:
     def _on_partial(self, turn: Turn) -> None:
         if turn.words:
             self.open_turn = turn.turn_order
+            self._partial_turn = turn
             self._cover_until(turn.words[0].start - PRE_SPEECH_MS)
         self._partial(PartialTurn(self.session_id, turn.turn_order, turn.transcript, "assemblyai"))
 

@@ -40,17 +40,19 @@ One ``websockets`` server on an ephemeral port serves both endpoints:
 Observing: ``fake.token_requests``, ``fake.upgrade_requests`` and ``fake.sessions`` (one
 ``SessionRecord`` per accepted upgrade, rejected ones included: headers, query, params, auth kind,
 id, frames, raw audio, client texts, every message sent, close code/reason and who closed).
-``await fake.wait_for_session(i)`` (0-based), ``await session.wait_begun()``,
-``await session.wait_closed()`` and ``await session.wait_for(predicate)`` wake on every change;
-they have no timeout of their own, so wrap them in ``asyncio.timeout``. ``session.abort()`` drops
-a live session; ``fake.expire_tokens()`` ages every minted token past its window.
+``await fake.wait_for_session(i)`` (0-based), ``await fake.wait_for_token_requests(n)``,
+``await session.wait_begun()``, ``await session.wait_closed()`` and
+``await session.wait_for(predicate)`` wake on every change; they have no timeout of their own,
+so wrap them in ``asyncio.timeout``. ``session.abort()`` drops a live session;
+``fake.expire_tokens()`` ages every minted token past its window.
 
 Faults (``fake.faults``, see ``Faults`` in ``fake_assemblyai_records``): queues consumed one per
-request or session (``token_status``, ``http_status_on_upgrade``, ``reject_handshake``), flags
-(``key_revoked``, ``no_termination``, ``close_without_termination``, ``termination_delay_s``,
-``token_retry_after``, ``token_raw_body``) and per-session faults armed for the next session
-that reaches ``Begin`` (``drop_after_audio_ms``, ``error_after_audio_ms``,
-``deaf_after_audio_ms``, ``stall_after_audio_ms``, ``send_garbage``).
+request or session (``token_status``, ``http_status_on_upgrade``, ``reject_handshake``,
+``begin_delay_s``), flags (``key_revoked``, ``no_termination``, ``close_without_termination``,
+``termination_without_finals``, ``termination_delay_s``, ``token_retry_after``,
+``token_raw_body``) and per-session faults armed for the next session that reaches ``Begin``
+(``drop_after_audio_ms``, ``error_after_audio_ms``, ``deaf_after_audio_ms``,
+``stall_after_audio_ms``, ``send_garbage``).
 
 ``time_scale`` (default 1): the fake's notion of time runs that many times faster than the
 event loop's clock, for the audio-rate limit, the session cap (``expires_at`` is in real wall
@@ -211,6 +213,11 @@ class FakeAssemblyAI:
             await self._changed.wait_for(lambda: len(self.sessions) > index)
         return self.sessions[index]
 
+    async def wait_for_token_requests(self, count: int) -> None:
+        """Wait until ``count`` token requests have been answered."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.token_requests) >= count)
+
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
@@ -224,6 +231,7 @@ class FakeAssemblyAI:
         headers = {k.lower(): v for k, v in request.headers.raw_items()}
         if path == "/v3/token":
             status, body = self._mint(headers, parse_qs(urlsplit(request.path).query))
+            await self._notify()
             injected = str(body.get("error", "")).startswith("Injected")
             if injected and self.faults.token_raw_body is not None:
                 response = connection.respond(HTTPStatus(status), self.faults.token_raw_body)
@@ -380,6 +388,8 @@ class _Session:
                     await timer
 
     async def begin(self, cap: int) -> None:
+        if self.fake.faults.begin_delay_s:     # a slow service, not test synchronisation
+            await asyncio.sleep(self.fake.faults.begin_delay_s.pop(0))
         self.began = self.loop.time()
         self.record.began_at = self.began
         expiry = time.time() + cap / self.fake.time_scale
@@ -516,8 +526,9 @@ class _Session:
             return True
         if self.fake.faults.termination_delay_s:    # a slow service, not test synchronisation
             await asyncio.sleep(self.fake.faults.termination_delay_s)
-        for turn in self.turns.end_turn():
-            await self.send(turn)
+        if not self.fake.faults.termination_without_finals:
+            for turn in self.turns.end_turn():
+                await self.send(turn)
         if self.fake.faults.close_without_termination:
             await self.close(1000, "")
             return False

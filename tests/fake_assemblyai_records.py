@@ -56,11 +56,15 @@ class Faults:
         http_status_on_upgrade: HTTP statuses for the next ``/v3/ws`` upgrades (e.g. ``[503]``).
         reject_handshake: close codes (1008, 1011, 3009, …) for the next sessions: the upgrade is
             accepted (and its token consumed), then closed before ``Begin``.
+        begin_delay_s: seconds the next accepted sessions wait before sending ``Begin`` (a slow
+            service).
         key_revoked: the API key is rejected from now on: 401 on tokens, 1008 on sessions.
         echo_key: a rejected key is quoted back in the 401's error text (as some services do).
         no_termination: ``Terminate`` is recorded but never answered.
         close_without_termination: ``Terminate`` is answered with the last finals and a close
             1000, but no ``Termination`` frame.
+        termination_without_finals: ``Terminate`` is answered with ``Termination`` and a close
+            1000, but the open turn gets no final (the reference says the service flushes them).
         termination_delay_s: ``Terminate`` is answered this many seconds late (a slow service).
         session_faults: faults for the next sessions that reach ``Begin`` (see the methods).
     """
@@ -70,10 +74,12 @@ class Faults:
     token_raw_body: str | None = None
     http_status_on_upgrade: list[int] = field(default_factory=list)
     reject_handshake: list[int] = field(default_factory=list)
+    begin_delay_s: list[float] = field(default_factory=list)
     key_revoked: bool = False
     echo_key: bool = False
     no_termination: bool = False
     close_without_termination: bool = False
+    termination_without_finals: bool = False
     termination_delay_s: float = 0.0
     session_faults: list[SessionFault] = field(default_factory=list)
 

@@ -112,6 +112,25 @@ class TestFailures:
         assert retry["kind"] == "transient" and retry["reason"] == "handshake answered HTTP 503"
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    @pytest.mark.parametrize("began", [False, True])
+    async def test_expiry_at_once_is_no_tight_loop(self, fake: FakeAssemblyAI, tmp_path: Path,
+                                                   began: bool) -> None:
+        """Sessions closed 3008 again and again, before ``Begin`` or just after it: only a
+        session that lived (a missed rollover) reconnects at once; these back off. (They were
+        retried with no delay at all: a token and a handshake in a tight loop.)"""
+        for _ in range(3):
+            if began:
+                fake.faults.error_after_audio_ms(0, code=3008)
+            else:
+                fake.faults.reject_handshake.append(3008)
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        retries = result.events("stream.reconnecting")
+        assert [r["kind"] for r in retries] == ["expired"] * 3
+        assert retries[0]["retry_in_s"] == 0 and all(r["retry_in_s"] > 0 for r in retries[1:])
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     async def test_settings_rejected_exits_78(self, fake: FakeAssemblyAI,
                                               tmp_path: Path) -> None:
         """A 3006 from the service is a configuration error: exit 78 with its message."""
@@ -169,6 +188,25 @@ async def test_sigterm_mid_turn_delivers(fake: FakeAssemblyAI, tmp_path: Path) -
     assert 3 <= len(heard) < len(TRANSCRIPTS[S2].split())
     assert TRANSCRIPTS[S2].startswith(" ".join(heard))
     assert "Terminate" in "".join(session.texts)
+
+
+async def test_termination_without_the_last_final(fake: FakeAssemblyAI, tmp_path: Path) -> None:
+    """The input ends mid-turn and the service answers ``Terminate`` with ``Termination`` but no
+    final for the open turn: the turn is delivered once, from its last partial. (Its words were
+    lost without a word said.)"""
+    fake.faults.termination_without_finals = True
+    wav = tmp_path / "cut.wav"
+    with wave.open(str(SPEECH_DIR / S2)) as source, wave.open(str(wav), "wb") as out:
+        out.setparams(source.getparams())
+        out.writeframes(source.readframes(source.getframerate() * 2))     # mid-sentence
+    config = cloud_config(tmp_path, fake, wav)
+    result = await run_daemon("run", "--config", str(config), limit_s=30)
+    assert result.code == 0, result.stderr
+    [turn] = read_turns(tmp_path / "turns.jsonl")
+    heard = turn["transcript"].split()
+    assert 3 <= len(heard) < len(TRANSCRIPTS[S2].split())
+    assert TRANSCRIPTS[S2].lower().startswith(" ".join(heard))
+    assert result.events("turn.final_missing") and len(fake.sessions) == 1
 
 
 async def test_virtual_microphone(fake: FakeAssemblyAI, vmic: VirtualMic, tmp_path: Path) -> None:

@@ -7,13 +7,21 @@ or more faults, and compares the delivered words with the reference transcript w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import time
 import wave
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import pytest
+import structlog
 
+from daemon.config import AssemblyAIConfig, ReconnectConfig
+from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.stream import AssemblyAIEngine
+from daemon.tokens import TokenProvider
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, Finished, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
@@ -207,6 +215,43 @@ class TestSingleFaults:
         # the first audio sent is exactly where the dropped audio ends (or, if the replay
         # skipped leading silence, at most the hangover-bounded silence later)
         assert 0 <= offset_samples - loss["lost_samples"] <= 16000 * 0.35
+
+
+class _Listener:
+    def turn(self, record: TurnRecord) -> None: ...
+    def partial(self, value: PartialTurn) -> None: ...
+    def session_started(self, session: SessionInfo) -> None: ...
+    def session_ended(self, summary: SessionSummary) -> None: ...
+
+
+async def _captured(pcm: bytes) -> AsyncIterator[AudioChunk]:
+    """``pcm`` as 100 ms chunks, all captured already."""
+    now = time.time()
+    for offset in range(0, len(pcm), 3200):
+        yield AudioChunk(pcm[offset:offset + 3200], now)
+
+
+async def test_outage_loss_reported_when_stopped_during_it() -> None:
+    """Stopped (the shutdown deadline) while the outage lasts: the audio the full backlog
+    dropped is still reported, exactly, as ``stream.backlog_dropped``. (It was reported only on
+    reconnecting, so this loss went unsaid: ``stream.untranscribed`` counts what is held.)"""
+    async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
+        fake.faults.token_status = [500] * 100
+        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                                  token_url=fake.token_url)
+        reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
+        engine = AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
+                                  sample_rate=16000, chunk_ms=100, source="file", host="h")
+        with structlog.testing.capture_logs() as logs:
+            running = asyncio.create_task(engine.run(_captured(_samples(SPEECH_DIR / S2)),
+                                                     _Listener()))
+            async with asyncio.timeout(20):
+                await fake.wait_for_token_requests(3)
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    [loss] = [e for e in logs if e["event"] == "stream.backlog_dropped"]
+    assert loss["lost_samples"] == engine.ledger.dropped_samples > 16000
 
 
 async def test_three_failures_and_12_second_sessions(fake: FakeAssemblyAI,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 import httpx
+import pytest
 import structlog
 from websockets.asyncio.client import ClientConnection
 
@@ -18,7 +19,7 @@ from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, 
 from daemon.liveness import HEARTBEAT_S
 from daemon.protocol import Begin
 from daemon.session import StreamSession
-from daemon.stream import MAX_QUEUE, AssemblyAIEngine, rollover_plan
+from daemon.stream import MAX_QUEUE, AssemblyAIEngine, _Failed, rollover_plan
 from daemon.tokens import TokenProvider
 from tests.fake_assemblyai import SPEECH_DIR, FakeAssemblyAI, load_speech_references
 
@@ -88,3 +89,21 @@ async def test_heartbeats_queued_while_waiting_do_not_end_a_healthy_session() ->
                 outcome = await running
         assert outcome.reason == "terminated", outcome
         assert not [e for e in logs if e["event"].startswith("session.service")]
+
+
+async def test_a_session_whose_begin_comes_too_late_is_closed() -> None:
+    """No ``Begin`` within ``connect_timeout``: the attempt fails and its socket is closed. (It
+    was left open, kept alive by the keepalive pings: a session the service went on billing,
+    one more after every slow handshake.)"""
+    async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
+        fake.faults.begin_delay_s = [1.0]
+        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                                  token_url=fake.token_url, connect_timeout=0.3)
+        engine = AssemblyAIEngine(config, ReconnectConfig(), TokenProvider(config, client),
+                                  sample_rate=16000, chunk_ms=100, source="file", host="h")
+        with pytest.raises(_Failed, match="TimeoutError"):
+            await engine._open(_Listener(), None)
+        record = fake.sessions[0]
+        async with asyncio.timeout(5):
+            await record.wait_closed()
+        assert record.closed_by == "client"
