@@ -47,6 +47,7 @@ class Ledger:
         self._next = 0  # absolute index of the next appended sample
         self._covered = 0  # audio before this is covered by finished turns
         self._changed = asyncio.Event()
+        self.ended = asyncio.Event()  # set with ``eof``: for a wait that ends with the input
         self.eof = False
         self.dropped_samples = 0  # total audio dropped because the backlog was full
 
@@ -66,6 +67,7 @@ class Ledger:
     def finish(self) -> None:
         """No more audio will come (end of file, or shutdown)."""
         self.eof = True
+        self.ended.set()
         self._changed.set()
 
     def cover(self, position: int) -> None:

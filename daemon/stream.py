@@ -197,7 +197,7 @@ class AssemblyAIEngine:
                 outcome = await self._drive(session, listener, group)
             except TokenError as exc:
                 auth_failures += exc.rejected
-                await _token_failed(exc, auth_failures, delays)
+                await self._pause(_token_failed(exc, auth_failures, delays))
                 continue
             except _Failed as failed:
                 outcome = failed.outcome
@@ -220,7 +220,25 @@ class AssemblyAIEngine:
             log.info("stream.reconnecting", kind=outcome.kind.value, reason=outcome.reason,
                      retry_in_s=round(delay, 2), backlog_s=round(self.ledger.seconds_held(), 2),
                      lane="live" if stop is None else "replay")
+            await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """The wait before the next attempt, cut short once when the input ends.
+
+        A stop (or the end of a file) gives the held audio a bounded time to be sent: one more
+        attempt now beats a backoff that may outlast it (up to ``reconnect.max_delay``). Only
+        the wait the input ends in: after that the backoff applies again (no tight loop).
+        """
+        if self.ledger.eof:
             await asyncio.sleep(delay)
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self.ledger.ended.wait()
+        except TimeoutError:
+            return
+        log.info("stream.retrying_now", reason="the input ended",
+                 backlog_s=round(self.ledger.seconds_held(), 2))
 
     def _maybe_split(self, group: asyncio.TaskGroup) -> None:
         """Far behind live: start the live session at a silence near live, replay the rest."""
@@ -376,15 +394,15 @@ class AssemblyAIEngine:
         return StreamSession(self, ws, begin, listener, stop=stop)
 
 
-async def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> None:
-    """Wait before the next attempt after a failed token; the second rejection is fatal."""
+def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> float:
+    """The wait before the next attempt after a failed token; the second rejection is fatal."""
     if auth_failures >= 2:
         raise AuthError(_auth_message(str(exc))) from None
     delay = next(delays)               # a floor: "Retry-After: 0" must not make a tight loop
     if exc.retry_after is not None:
         delay = max(delay, exc.retry_after)
     log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
-    await asyncio.sleep(delay)
+    return delay
 
 
 def _auth_message(reason: str) -> str:

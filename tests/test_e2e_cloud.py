@@ -112,6 +112,22 @@ class TestFailures:
         assert retry["kind"] == "transient" and retry["reason"] == "handshake answered HTTP 503"
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    async def test_the_end_of_input_cuts_a_long_backoff_short(self, fake: FakeAssemblyAI,
+                                                            tmp_path: Path) -> None:
+        """Connections fail and the backoff grows long (``initial_delay = 60``): when
+        the input ends (end of file, as at a stop) the held speech gets one attempt at once,
+        instead of waiting past the stop deadline and being lost."""
+        fake.faults.reject_handshake = [1011, 1011]     # the first retry is at once
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30, env={
+            "TRANSCRIBED_RECONNECT__INITIAL_DELAY": "60", "TRANSCRIBED_RECONNECT__MAX_DELAY": "60"})
+        assert result.code == 0, result.stderr
+        [first, second] = result.events("stream.reconnecting")
+        assert first["retry_in_s"] == 0 and second["retry_in_s"] >= 30
+        [now] = result.events("stream.retrying_now")
+        assert now["reason"] == "the input ended" and now["backlog_s"] > 1
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     @pytest.mark.parametrize("began", [False, True])
     async def test_expiry_at_once_is_no_tight_loop(self, fake: FakeAssemblyAI, tmp_path: Path,
                                                    began: bool) -> None:
