@@ -15,9 +15,17 @@ import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,6 +44,16 @@ DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"
 KEY_UNKNOWN: Final = "assemblyai.api_key"   # a failed "section": the key file could not be read
 HEADER_SAFE: Final = re.compile(r"[!-~]*")   # what an HTTP header carries: printable ASCII
 NOT_HEADER_SAFE: Final = "must be printable ASCII without spaces (it is sent in a header)"
+
+
+def _header_safe(value: SecretStr) -> SecretStr:
+    """A secret sent in a header (a non-ASCII letter crashed the request, a break failed it)."""
+    if not HEADER_SAFE.fullmatch(value.get_secret_value()):
+        raise ValueError(NOT_HEADER_SAFE)
+    return value
+
+
+HeaderSecret = Annotated[SecretStr, AfterValidator(_header_safe)]
 
 
 class _Section(BaseModel):
@@ -76,7 +94,7 @@ class TranscriberConfig(_Section):
 class AssemblyAIConfig(_Section):
     """``[assemblyai]``: the Universal Streaming v3 service."""
 
-    api_key: SecretStr = Field(SecretStr(""), description="API key (prefer api_key_file)")
+    api_key: HeaderSecret = Field(SecretStr(""), description="API key (prefer api_key_file)")
     api_key_file: str = Field("", description="file holding the API key")
     streaming_url: str = "wss://streaming.assemblyai.com/v3/ws"
     token_url: str = DEFAULT_TOKEN_URL
@@ -92,14 +110,6 @@ class AssemblyAIConfig(_Section):
     language_detection: bool = False
     connect_timeout: float = Field(10.0, gt=0, description="handshake and Begin timeout, seconds")
     terminate_timeout: float = Field(10.0, gt=0, description="Terminate → Termination, seconds")
-
-    @field_validator("api_key")
-    @classmethod
-    def _key_header_safe(cls, value: SecretStr) -> SecretStr:
-        """A non-ASCII letter crashed the token request; a line break failed it for ever."""
-        if not HEADER_SAFE.fullmatch(value.get_secret_value()):
-            raise ValueError(NOT_HEADER_SAFE)
-        return value
 
     @field_validator("streaming_url")
     @classmethod
@@ -166,14 +176,8 @@ class HttpConfig(_Section):
 
     enabled: bool = True
     listen: str = "127.0.0.1:8765"
-    token: SecretStr = SecretStr("")
+    token: HeaderSecret = SecretStr("")
 
-    @field_validator("token")
-    @classmethod
-    def _header_safe(cls, value: SecretStr) -> SecretStr:
-        if not HEADER_SAFE.fullmatch(value.get_secret_value()):
-            raise ValueError(NOT_HEADER_SAFE)
-        return value
 
 
 class StateConfig(_Section):
