@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import wave
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +15,16 @@ SPEECH = SPEECH_DIR / "espeak-s1.wav"
 
 Floats = npt.NDArray[np.float64]
 Int16s = npt.NDArray[np.int16]
+
+
+def write_pcm16(path: Path, pcm: bytes, rate: int = 16000) -> Path:
+    """Write mono 16-bit PCM (silence: ``bytes(2 * frames)``) as a WAV file."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm)
+    return path
 
 
 def sine(freq: float, seconds: float, rate: int, channels: int = 1) -> Floats:

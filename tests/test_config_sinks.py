@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tomllib
-import wave
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from daemon.outbox import Outbox
 from daemon.plugins import SinkConfig, load_plugins
 from daemon.reload import Reloader, SinkBuilder
 from daemon.sinktables import validate_sinks
+from tests.audio_samples import write_pcm16
 from tests.daemon_proc import cloud_config, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.test_outbox import make_turn
@@ -170,12 +170,7 @@ class TestDisabled:
         outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
         outbox.queue("notes").put(make_turn(0))
         outbox.close()
-        wav = tmp_path / "quiet.wav"
-        with wave.open(str(wav), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(16000)
-            out.writeframes(bytes(2 * 4000))
+        wav = write_pcm16(tmp_path / "quiet.wav", bytes(2 * 4000))
         async with FakeAssemblyAI() as fake:
             config = cloud_config(tmp_path, fake, wav, sinks=DISABLED)
             result = await run_daemon("run", "--config", str(config), limit_s=30)

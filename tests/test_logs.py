@@ -6,12 +6,12 @@ import base64
 import io
 import json
 import logging
-import wave
 from pathlib import Path
 
 import structlog
 
 from daemon.logs import SecretMasker, configure
+from tests.audio_samples import write_pcm16
 from tests.daemon_proc import cloud_config, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 
@@ -105,12 +105,7 @@ class TestMaskingWhatTheConfigDoesNotList:
         """User info in ``assemblyai.streaming_url`` / ``token_url`` is masked at debug level:
         httpx's request line, websockets' handshake (``Authorization: Basic …``) and the
         token error, and so is a query of the streaming URL."""
-        wav = tmp_path / "quiet.wav"
-        with wave.open(str(wav), "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(16000)
-            out.writeframes(bytes(2 * 4000))
+        wav = write_pcm16(tmp_path / "quiet.wav", bytes(2 * 4000))
         async with FakeAssemblyAI() as fake:
             config = cloud_config(tmp_path, fake, wav)
             text = config.read_text()

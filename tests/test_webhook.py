@@ -309,10 +309,7 @@ class EndlessBody(LoopbackServer):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            await reader.readexactly(length)
+            await _read_request(reader)
             writer.write(b"HTTP/1.1 %d Whatever\r\nTransfer-Encoding: chunked\r\n\r\n"
                          % self.status)
             block = b"x" * (1 << 16)
@@ -325,6 +322,14 @@ class EndlessBody(LoopbackServer):
             self.hung_up.set()
         finally:
             writer.close()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    """Read one request: its head, then the body its ``Content-Length`` announces."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
 
 
 async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -350,10 +355,7 @@ class BrokenBody(LoopbackServer):
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
-            await reader.readexactly(length)
+            await _read_request(reader)
             self.requests += 1
             writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 100\r\n\r\nabc" % self.status)
             await writer.drain()
