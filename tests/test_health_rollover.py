@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.conftest import SPEECH_DIR
 from tests.daemon_proc import Daemon, cloud_config
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
+from tests.mosquitto import free_port
 
 FIVE = "espeak-five-sentences.wav"   # 25 s: 10-second sessions roll over twice
 
@@ -31,12 +31,6 @@ async def fake() -> AsyncIterator[FakeAssemblyAI]:
     async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, FIVE),
                               allow_short_sessions=True) as server:
         yield server
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def _next_session_started(feed: ClientConnection, after: str) -> str:
@@ -50,7 +44,7 @@ async def _next_session_started(feed: ClientConnection, after: str) -> str:
 
 async def test_healthy_while_a_session_rolls_over(fake: FakeAssemblyAI, tmp_path: Path) -> None:
     """Probed the moment the next session of a rollover starts, /healthz is 200 and live."""
-    port = _free_port()
+    port = free_port()
     config = cloud_config(tmp_path, fake, SPEECH_DIR / FIVE,
                           extra=f'[http]\nlisten = "127.0.0.1:{port}"\n')
     config.write_text(config.read_text()

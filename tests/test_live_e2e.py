@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
+from tests.mosquitto import free_port
 
 S2 = "espeak-s2.wav"
 
@@ -28,15 +28,9 @@ async def fake() -> AsyncIterator[FakeAssemblyAI]:
         yield server
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_live_view_follows_the_daemon(fake: FakeAssemblyAI, tmp_path: Path) -> None:
     """While a WAV streams: /healthz is 200, tail --json sees partials then the final turn."""
-    port = _free_port()
+    port = free_port()
     config = cloud_config(tmp_path, fake, SPEECH_DIR / S2,
                           extra=f'[http]\nlisten = "127.0.0.1:{port}"\n')
     daemon = await Daemon.start("run", "--config", str(config))
@@ -72,7 +66,7 @@ async def test_live_view_follows_the_daemon(fake: FakeAssemblyAI, tmp_path: Path
 
 async def test_tail_without_daemon(tmp_path: Path) -> None:
     """transcribed tail with nothing listening: one line naming the URL, exit 1."""
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "config.toml"
     config.write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n')
     process = await asyncio.create_subprocess_exec(
