@@ -291,21 +291,25 @@ class TestClassification:
         assert retry_after_s("-5", RETRY_AFTER_MAX_S) == 0.0
 
 
-class EndlessBody(LoopbackServer):
-    """A raw HTTP server on 127.0.0.1 answering each POST with ``status`` and a chunked body
-    far longer than any answer worth reading (``BODY_BYTES``; endless to the client)."""
-
-    BODY_BYTES = 64 << 20
+class RawHttp(LoopbackServer):
+    """A hand-played HTTP server on 127.0.0.1 answering with ``status``."""
 
     def __init__(self, status: int) -> None:
         super().__init__()
         self.status = status
-        self.hung_up = asyncio.Event()     # the client closed the connection mid-body
+        self.hung_up = asyncio.Event()     # the connection is closed mid-answer
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>`` once entered."""
         return f"http://127.0.0.1:{self.port}"
+
+
+class EndlessBody(RawHttp):
+    """Answers each POST with a chunked body far longer than any answer worth reading
+    (``BODY_BYTES``; endless to the client)."""
+
+    BODY_BYTES = 64 << 20
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -337,21 +341,14 @@ async def _hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
     writer.close()
 
 
-class BrokenBody(LoopbackServer):
-    """A raw HTTP server on 127.0.0.1 answering a POST with ``status`` and 3 of the 100 body bytes
-    it announces, then hanging up (or, with ``stall``, sending nothing more)."""
+class BrokenBody(RawHttp):
+    """Answers a POST with 3 of the 100 body bytes it announces, then hangs up (or, with
+    ``stall``, sends nothing more)."""
 
     def __init__(self, status: int, *, stall: bool) -> None:
-        super().__init__()
-        self.status = status
+        super().__init__(status)
         self.stall = stall
         self.requests = 0
-        self.hung_up = asyncio.Event()     # the connection is closed (by either side)
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:<port>`` once entered."""
-        return f"http://127.0.0.1:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
