@@ -198,16 +198,17 @@ class PluginHost:
             try:
                 impl.function(*(kwargs[name] for name in impl.argnames))
             except Exception as exc:  # supervision boundary: a plugin must not break the stream
-                self._hook_failed(impl.plugin_name, hook, _reason(exc))
+                self._hook_failed(impl.plugin_name, hook, _reason(exc), exc)
 
-    def _hook_failed(self, plugin: str, hook: str, error: str) -> None:
-        """Log a plugin's failing hook: the first time, then once a minute with a count."""
+    def _hook_failed(self, plugin: str, hook: str, error: str,
+                     exc: Exception | None = None) -> None:
+        """Log a failing hook: first with its traceback (the plugin's bug), then once a minute."""
         now = time.monotonic()
         failures = self._hook_failures.setdefault((plugin, hook), _Failures(now))
         failures.count += 1
         if failures.count == 1 or now - failures.logged_at >= HOOK_FAILURE_LOG_S:
             log.error("plugin.hook_failed", plugin=plugin, hook=hook, error=error,
-                      failures=failures.count)
+                      failures=failures.count, exc_info=exc if failures.count == 1 else None)
             failures.logged_at = now
 
 
