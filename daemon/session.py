@@ -195,6 +195,9 @@ class StreamSession:
                 return                          # a replay session's range is sent
             await ledger.wait_beyond(position)
             piece = self._next_piece(position)
+            while piece is not None and piece.samples < ledger.sample_rate // 20:  # < 50 ms:
+                await ledger.wait_beyond(piece.end)     # the newest audio: wait for the next
+                piece = self._next_piece(position, ledger.sample_rate)   # chunk, take it all
             if piece is None:
                 return                          # the input ended and everything is sent
             if self._should_switch(piece):
@@ -230,14 +233,20 @@ class StreamSession:
         return piece if keep == piece.samples else Piece(piece.start, piece.pcm[: 2 * keep],
                                                          piece.captured_at)
 
-    def _next_piece(self, position: int) -> Piece | None:
-        """The next chunk to send: whole chunks, never under 50 ms (merged or padded)."""
+    def _next_piece(self, position: int, merged: int = 0) -> Piece | None:
+        """The next chunk to send: whole chunks, never under 50 ms (merged, up to ``merged``).
+
+        Short with no audio after it yet, it is returned short (the caller waits: a pad would
+        skip as much of the next chunk); padded only where no more comes (end of input, stop).
+        """
         piece = self._read(position, self.engine.chunk_samples)
         if piece is None:
             return None
         minimum = self.engine.sample_rate // 20
         while piece.samples < minimum:
-            more = self._read(piece.end, self.engine.chunk_samples - piece.samples)
+            more = self._read(piece.end, (merged or self.engine.chunk_samples) - piece.samples)
+            if more is None and not self.engine.ledger.eof and piece.end != self.stop:
+                return piece
             if more is None or more.start != piece.end or more.samples == 0:
                 pad = bytes(2 * (minimum - piece.samples))
                 return Piece(piece.start, piece.pcm + pad, piece.captured_at)

@@ -444,6 +444,7 @@ class _Session:
             FrameRecord(len(data), duration_ms, self.loop.time() - self.began)
         )
         self.record.audio += data
+        await self.fake._notify()           # ``wait_for`` wakes on every frame too
         if not 50 <= duration_ms <= 1000:
             return await self.fail(
                 3007,

@@ -254,6 +254,55 @@ async def test_outage_loss_reported_when_stopped_during_it() -> None:
     assert loss["lost_samples"] == engine.ledger.dropped_samples > 16000
 
 
+@pytest.mark.parametrize("chunk_ms", [100, 60])
+async def test_newest_audio_under_50_ms_is_not_padded(chunk_ms: int) -> None:
+    """A session that starts inside a chunk (a turn covered the ledger up to 30 ms before its
+    end) reaches the newest chunk with under 50 ms of it left to send, before the next chunk is
+    captured: it waits for that chunk. It padded the rest to 50 ms with silence and went on
+    after the pad, so the next chunk's first samples were never sent, and the session counted
+    the silence as audio."""
+    chunk = 16 * chunk_ms
+    pcm = _samples(SPEECH_DIR / S1)[32000:32000 + 2 * chunk * 6]       # 6 chunks of speech
+    async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
+        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                                  token_url=fake.token_url)
+        engine = AssemblyAIEngine(config, ReconnectConfig(), TokenProvider(config, client),
+                                  sample_rate=16000, chunk_ms=chunk_ms, source="file", host="h")
+        ledger, now = engine.ledger, time.time()
+        for index in range(2):
+            ledger.append(AudioChunk(pcm[2 * chunk * index:2 * chunk * (index + 1)], now))
+        ledger.cover(chunk - 480)                   # 30 ms of the first chunk left
+        session = await engine._open(_Listener(), None)
+        record = fake.sessions[-1]
+        running = asyncio.create_task(session.run(ledger.head))
+        async with asyncio.timeout(10):
+            # the first chunk's rest with the start of the second: what is left is the newest
+            # audio, 30 ms (the sender reads it in the same step, before the service gets this)
+            await record.wait_for(lambda r: len(r.audio) >= 2 * chunk)
+            for index in range(2, 6):
+                ledger.append(AudioChunk(pcm[2 * chunk * index:2 * chunk * (index + 1)], now))
+            ledger.finish()
+            outcome = await running
+    assert outcome.reason == "terminated", outcome
+    sent = pcm[2 * (chunk - 480):]
+    received = bytes(record.audio)
+    assert received == sent, f"first difference at sample {_first_difference(received, sent)}"
+    # it waited for the third chunk and sent it whole with those 30 ms: whole chunks again
+    assert [f.nbytes // 2 for f in record.frames] == [chunk, 480 + chunk, chunk, chunk, chunk]
+    # the session's timeline maps every sample the service heard to that sample of the ledger
+    timeline = session.timeline
+    assert timeline.sent_samples == len(sent) // 2
+    for ms in range(timeline.sent_samples // 16):
+        located = timeline.locate(ms)
+        assert located is not None
+        assert pcm[2 * located[0]:2 * located[0] + 2] == received[32 * ms:32 * ms + 2], ms
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    return next((i // 2 for i in range(min(len(a), len(b))) if a[i] != b[i]),
+                min(len(a), len(b)) // 2)
+
+
 async def test_three_failures_and_12_second_sessions(fake: FakeAssemblyAI,
                                                      tmp_path: Path) -> None:
     """Done-when of issue 3: three mid-turn failures of different kinds and 12-second sessions."""
