@@ -5,6 +5,7 @@ Writes run in a worker thread so the event loop never blocks on the disk. A line
 Before each write the path is checked to still name the open file (one ``stat``): a file deleted
 or rotated away, or a folder replaced, is reopened (created again) rather than written into a
 file nobody can see; if it cannot be reopened the send fails and the dispatcher retries it.
+A write that fails part-way (disk full) is cut back off, so the retry never follows half a line.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ class FileSinkConfig(SinkConfig):
     def _not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a file")
+        if "\0" in value:    # no file can have it: every open failed, for ever, unnamed
+            raise ValueError("must not contain a NUL character")
+        try:                # ~nosuchuser (or no home at all) failed only when the sink started
+            Path(value).expanduser()
+        except RuntimeError:
+            raise ValueError(f"cannot expand {value.split('/', 1)[0]!r}: no such user, or no "
+                             "home directory") from None
         return value
 
 
@@ -54,6 +62,7 @@ class FileSink:
         self.config = config
         self.path = Path(config.path).expanduser()
         self._handle: IO[bytes] | None = None
+        self._rotate_failed = ""    # why the last rotation failed (logged once), or ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -86,12 +95,16 @@ class FileSink:
             if self.path.is_fifo():     # opening it would wait for a reader, for ever
                 raise SinkError(f"cannot open {self.path}: it is a FIFO (a named pipe)")
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
-            handle = open(fd, "ab")
-            if handle.tell() > 0:
-                with self.path.open("rb") as reader:
-                    reader.seek(-1, os.SEEK_END)
-                    if reader.read(1) != b"\n":
-                        handle.write(b"\n")
+            handle = open(fd, "ab", buffering=0)    # unbuffered: a failed write is undone whole
+            try:
+                if os.fstat(fd).st_size > 0:
+                    with self.path.open("rb") as reader:
+                        reader.seek(-1, os.SEEK_END)
+                        if reader.read(1) != b"\n":
+                            _append(fd, b"\n")
+            except BaseException:
+                handle.close()
+                raise
             self._handle = handle
         except FileExistsError:         # mkdir: the folder's name is taken by a file
             raise SinkError(
@@ -108,29 +121,50 @@ class FileSink:
             self._open()
         assert self._handle is not None
         limit = self.config.rotate_bytes
-        if limit and self._handle.tell() > 0 and self._handle.tell() + len(line) > limit:
+        # the size, not tell(): a file truncated under us (copytruncate) keeps a stale offset
+        size = os.fstat(self._handle.fileno()).st_size
+        if limit and size > 0 and size + len(line) > limit:
             self._rotate()
             assert self._handle is not None
-        self._handle.write(line)
-        self._handle.flush()
-        if self.config.fsync:
-            os.fsync(self._handle.fileno())
+            size = os.fstat(self._handle.fileno()).st_size
+        fd = self._handle.fileno()
+        try:
+            _append(fd, line)
+            if self.config.fsync:
+                os.fsync(fd)
+        except OSError:     # ENOSPC part-way: cut the torn line off; the send is retried whole
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
 
     def _rotate(self) -> None:
-        """Shift ``path`` to ``path.1`` (… ``path.<keep>``); the new file keeps its mode."""
+        """Shift ``path`` to ``path.1`` (… ``path.<keep>``); the new file keeps its mode.
+
+        A rotation that fails (a folder we cannot write, ``path.1`` a folder) is logged once
+        and the record goes on into the open file: turns never wait in memory for it.
+        """
         assert self._handle is not None
         mode = stat.S_IMODE(os.fstat(self._handle.fileno()).st_mode)
-        self._close()
         keep = self.config.keep
-        if keep == 0:
-            self.path.unlink(missing_ok=True)
-        else:
-            Path(f"{self.path}.{keep}").unlink(missing_ok=True)
-            for index in range(keep - 1, 0, -1):
-                older = Path(f"{self.path}.{index}")
-                if older.exists():
-                    older.rename(f"{self.path}.{index + 1}")
-            self.path.rename(f"{self.path}.1")
+        try:
+            if keep == 0:
+                self.path.unlink(missing_ok=True)
+            else:
+                Path(f"{self.path}.{keep}").unlink(missing_ok=True)
+                for index in range(keep - 1, 0, -1):
+                    older = Path(f"{self.path}.{index}")
+                    if older.exists():
+                        older.rename(f"{self.path}.{index + 1}")
+                self.path.rename(f"{self.path}.1")
+        except OSError as exc:
+            error = f"{exc.filename}: {exc.strerror or exc}"
+            if error != self._rotate_failed:
+                log.warning("file.rotate_failed", sink=self.name, path=str(self.path),
+                            error=error, rotate_bytes=self.config.rotate_bytes)
+            self._rotate_failed = error
+            return
+        self._rotate_failed = ""
+        self._close()
         self._open(mode)
 
     def _moved(self, handle: IO[bytes]) -> str:
@@ -147,14 +181,18 @@ class FileSink:
         return ""
 
     def _close(self) -> None:
-        """Close the file; a failing final flush (ENOSPC) is not raised again.
-
-        Nothing is lost: the send whose write failed has failed, and is retried whole.
-        """
+        """Close the file (nothing is buffered: a failed send is retried whole)."""
         handle, self._handle = self._handle, None
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (a regular file may take less than asked, then fail)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @hookimpl

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +38,36 @@ def record(order: int, text: str = "hello") -> TurnRecord:
     base = synthetic_turn("h")
     return TurnRecord(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
                          "session_id": "s", "turn_order": order, "transcript": text})
+
+
+# A file sink's writes under a file size limit (RLIMIT_FSIZE): the kernel writes what fits, then
+# fails with EFBIG, as a filling disk does with ENOSPC. argv[1]: the file.
+FULL_DISK = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from daemon.errors import SinkError
+from daemon.plugins import SinkContext
+from plugins.file import FileSink, FileSinkConfig
+from tests.test_sinks_local import record
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the limit fails the write, not the process
+path = Path(sys.argv[1])
+
+async def main() -> None:
+    config = FileSinkConfig(type="file", path=str(path), fsync=False)
+    async with FileSink("j", config, SinkContext("h", path.parent)) as sink:
+        await sink.send(record(0))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 100, hard))
+        try:
+            await sink.send(record(1, "x" * 20_000))
+        except SinkError as exc:
+            print(exc)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        await sink.send(record(1, "x" * 20_000))
+
+asyncio.run(main())
+"""
 
 
 class WatchedFileSink(FileSink):
@@ -252,6 +286,137 @@ class TestOddInput:
         async with ConsoleSink("c", ConsoleSinkConfig(type="console"), CONTEXT) as sink:
             with pytest.raises(PermanentSinkError, match=r"^cannot write to stdout: it is closed$"):
                 await sink.send(record(0))
+
+    def test_a_write_cut_short_by_a_full_disk_leaves_no_half_line(self, tmp_path: Path) -> None:
+        """A write the disk takes only part of (ENOSPC; here the kernel's file size limit, which
+        cuts a write short the same way) left that half line in the file, closed off by the
+        retry: a line no JSON reader can parse. It is cut back off; the retry writes it whole."""
+        path = tmp_path / "t.jsonl"
+        done = subprocess.run([TRANSCRIBED[0], "-c", FULL_DISK, str(path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"cannot write {path}: File too large\n"
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and [json.loads(x)["id"] for x in lines[:-1]] == ["s:0", "s:1"]
+
+    async def test_a_file_truncated_under_the_sink_is_not_rotated_empty(
+            self, tmp_path: Path) -> None:
+        """logrotate's ``copytruncate`` (or ``: > turns.jsonl``) left the sink's offset at the
+        old size: the next turn rotated the empty file to .1, pushing a kept file out."""
+        path = tmp_path / "t.jsonl"
+        line = len(record(0).to_json()) + 1
+        config = FileSinkConfig(type="file", path=str(path), rotate_bytes=3 * line - 1, keep=1)
+        async with FileSink("j", config, CONTEXT) as sink:
+            for i in range(2):
+                await sink.send(record(i))
+            os.truncate(path, 0)
+            await sink.send(record(2))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
+        assert json.loads(path.read_text())["id"] == "s:2"
+
+    async def test_a_rotation_that_fails_holds_back_no_turn(self, tmp_path: Path) -> None:
+        """A rotation that cannot be done (here turns.jsonl.1 is a folder) failed every send,
+        naming the wrong file ("turns.jsonl: Is a directory"): turns piled up in memory for as
+        long as the daemon ran. They go on into the file, with one warning naming the cause."""
+        path = tmp_path / "turns.jsonl"
+        (tmp_path / "turns.jsonl.1").mkdir()
+        config = FileSinkConfig(type="file", path=str(path), rotate_bytes=1000, keep=1)
+        with capture_logs() as logs:
+            async with FileSink("j", config, CONTEXT) as sink:
+                for i in range(4):
+                    await sink.send(record(i))
+        assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == [
+            "s:0", "s:1", "s:2", "s:3"]
+        failed = [e for e in logs if e["event"] == "file.rotate_failed"]
+        assert [(e["path"], e["error"]) for e in failed] == [
+            (str(path), f"{path}.1: Is a directory")]
+
+    def test_a_path_no_file_can_have_is_a_config_error(self, tmp_path: Path) -> None:
+        """``~nosuchuser/…`` and a NUL character passed check-config, then failed every turn
+        (a sink that could not be built; ``embedded null byte``, naming nothing)."""
+        config = tmp_path / "c.toml"
+        config.write_text('[sinks.a]\ntype = "file"\npath = "~nosuchuser-x/t.jsonl"\n'
+                          '[sinks.b]\ntype = "file"\npath = "/tmp/t\\u0000.jsonl"\n')
+        done = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 78, done.stdout
+        assert done.stderr.splitlines() == [
+            f"transcribed: config error: {config}: sinks.a.path: cannot expand "
+            "'~nosuchuser-x': no such user, or no home directory",
+            f"transcribed: config error: {config}: sinks.b.path: must not contain a NUL "
+            "character"]
+
+    async def test_a_console_nobody_reads_stalls_no_other_sink(self, tmp_path: Path) -> None:
+        """stdout a pipe whose reader stopped (``| less`` paused, a terminal held by Ctrl-S):
+        the console sink's write blocked the event loop, and with it every other sink (and
+        capture). Now the file sink delivers at once; the console's lines follow, in order,
+        when the reader reads again."""
+        read_fd, write_fd = os.pipe()
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(write_fd, False)
+        filled = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filled += os.write(write_fd, b"x" * 4096)
+        os.set_blocking(write_fd, True)
+        released, read, late = threading.Event(), bytearray(), []
+
+        def reader() -> None:   # safety net: a blocked event loop cannot time out on its own
+            late.append(not released.wait(5))
+            with open(read_fd, "rb") as pipe:
+                read.extend(pipe.read())
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        path = tmp_path / "t.jsonl"
+        file_config = FileSinkConfig(type="file", path=str(path), fsync=False)
+        file_sink = WatchedFileSink("j", file_config, CONTEXT)
+        out = io.TextIOWrapper(io.FileIO(write_fd, "w"), encoding="utf-8")   # closed below
+        console_config = ConsoleSinkConfig(type="console")
+        console = ConsoleSink("c", console_config, CONTEXT, out)
+        dispatcher = Dispatcher([
+            SinkRunner("c", SinkType("console", ConsoleSinkConfig, lambda *_: console),
+                       console_config, console, MemoryQueue()),
+            SinkRunner("j", SinkType("file", FileSinkConfig, lambda *_: file_sink),
+                       file_config, file_sink, MemoryQueue())],
+            dead_letter_dir=tmp_path / "dead")
+        try:
+            async with asyncio.TaskGroup() as group:
+                dispatcher.start(group)
+                for i in range(3):
+                    dispatcher.dispatch(record(i, f"turn {i}"))
+                async with asyncio.timeout(2):
+                    while not path.exists() or len(path.read_text().splitlines()) < 3:
+                        await file_sink.wrote.wait()
+                        file_sink.wrote.clear()
+                released.set()
+                await dispatcher.close(5)
+        finally:
+            released.set()
+            out.close()
+            thread.join(10)
+        assert late == [False], "the file sink waited for the console's reader"
+        lines = read[filled:].decode().splitlines()
+        assert [line.split("] ", 1)[1] for line in lines] == ["turn 0", "turn 1", "turn 2"]
+
+    @pytest.mark.parametrize("fmt", ["text", "json"])
+    async def test_console_never_writes_a_control_character_raw(self, fmt: str) -> None:
+        """A transcript with terminal escape sequences (ESC [2J clears the screen, ESC ]0; sets
+        the window title, U+009B is CSI) drove the terminal showing the text format; JSON left
+        C1 controls raw. Text shows them as U+FFFD (a line break as a blank); JSON escapes them
+        (the same record)."""
+        text = "a\x1b[2Jb\x1b]0;title\x07c\u009b31md\re\nf\x7f"
+        out = io.StringIO()
+        async with ConsoleSink("c", ConsoleSinkConfig(type="console", format=fmt), CONTEXT,
+                               out) as sink:
+            await sink.send(record(0, text))
+        line = out.getvalue()
+        assert line.endswith("\n") and not re.search("[\x00-\x1f\x7f-\x9f]", line[:-1]), line
+        if fmt == "json":
+            assert json.loads(line)["transcript"] == text
+        else:
+            assert line[:-1].split("] ", 1)[1] == \
+                "a\ufffd[2Jb\ufffd]0;title\ufffdc\ufffd31md e f\ufffd"
 
     async def test_a_send_that_is_not_async_is_not_repeated(self, tmp_path: Path) -> None:
         """A plugin's plain ``def send`` ran, then awaiting its None failed: it was retried (and
