@@ -94,17 +94,17 @@ class FileSink:
             self.path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
             if self.path.is_fifo():     # opening it would wait for a reader, for ever
                 raise SinkError(f"cannot open {self.path}: it is a FIFO (a named pipe)")
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, mode)
             handle = open(fd, "ab", buffering=0)    # unbuffered: a failed write is undone whole
             try:
                 if os.fstat(fd).st_size > 0:
-                    with self.path.open("rb") as reader:
-                        reader.seek(-1, os.SEEK_END)
-                        if reader.read(1) != b"\n":
-                            _append(fd, b"\n")
+                    self._end_torn_line(fd)
             except BaseException:
                 handle.close()
                 raise
+            if created and self.config.fsync:   # the new name (and a rotation's) survives too
+                _sync_folder(self.path.parent)
             self._handle = handle
         except FileExistsError:         # mkdir: the folder's name is taken by a file
             raise SinkError(
@@ -112,6 +112,17 @@ class FileSink:
             ) from None
         except OSError as exc:
             raise SinkError(f"cannot open {self.path}: {exc.strerror or exc}") from None
+
+    def _end_torn_line(self, fd: int) -> None:
+        """A file whose last line was cut off (a crash mid-write) gets its newline first."""
+        try:
+            with self.path.open("rb") as reader:
+                reader.seek(-1, os.SEEK_END)
+                torn = reader.read(1) != b"\n"
+        except PermissionError:     # a file we may append to but not read: cannot tell
+            return
+        if torn:
+            _append(fd, b"\n")
 
     def _write(self, line: bytes) -> None:
         if self._handle is not None and (moved := self._moved(self._handle)):
@@ -186,6 +197,19 @@ class FileSink:
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Sync a folder, so a file created or renamed in it survives a power loss.
+
+    Best effort: a file system that cannot sync a folder must not stop the sink.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _append(fd: int, data: bytes) -> None:
