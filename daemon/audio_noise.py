@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Final
 
+from daemon.fdio import write_all
+
 _stderr_lock = threading.Lock()
 # What PortAudio, ALSA and JACK print while probing or opening devices (lines starting so)
 _NOISE: Final = (b"ALSA lib ", b"Expression '", b"Cannot connect to server", b"jack server is not",
@@ -99,6 +101,5 @@ def _pass_on(scratch: int, start: int, target: int, *, whole_lines: bool) -> int
     if kept and not kept.endswith(b"\n"):  # a line cut by the swap back: its end went ahead
         kept += b"\n"
     with contextlib.suppress(OSError):
-        while kept:
-            kept = kept[os.write(target, kept):]
+        write_all(target, kept)
     return start + len(caught)

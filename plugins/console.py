@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import queue
 import re
 import sys
@@ -23,6 +22,7 @@ from pydantic import Field
 
 from daemon.errors import PermanentSinkError
 from daemon.events import TurnRecord
+from daemon.fdio import write_all
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 # C0 and C1 controls and DEL: ESC [ … drives a terminal, and so does CSI (U+009B) where it is
@@ -129,9 +129,7 @@ def _write_lines(lines: _LineQueue) -> None:
         if not done.set_running_or_notify_cancel():
             continue        # the send was given up on (the flush at exit timed out)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
         except OSError as exc:
             done.set_exception(exc)
         else:

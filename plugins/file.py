@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
+from daemon.fdio import write_all
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 log = structlog.get_logger("plugins.file")
@@ -122,7 +123,7 @@ class FileSink:
         except PermissionError:     # a file we may append to but not read: cannot tell
             return
         if torn:
-            _append(fd, b"\n")
+            write_all(fd, b"\n")
 
     def _write(self, line: bytes) -> None:
         if self._handle is not None and (moved := self._moved(self._handle)):
@@ -140,7 +141,7 @@ class FileSink:
             size = os.fstat(self._handle.fileno()).st_size
         fd = self._handle.fileno()
         try:
-            _append(fd, line)
+            write_all(fd, line)
             if self.config.fsync:
                 os.fsync(fd)
         except OSError:     # ENOSPC part-way: cut the torn line off; the send is retried whole
@@ -210,13 +211,6 @@ def _sync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _append(fd: int, data: bytes) -> None:
-    """Write all of ``data`` (a regular file may take less than asked, then fail)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 @hookimpl
