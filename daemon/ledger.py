@@ -47,8 +47,7 @@ class Ledger:
         self._next = 0  # absolute index of the next appended sample
         self._covered = 0  # audio before this is covered by finished turns
         self._changed = asyncio.Event()
-        self.ended = asyncio.Event()  # set with ``eof``: for a wait that ends with the input
-        self.eof = False
+        self.ended = asyncio.Event()  # set by ``finish``: no more audio will come
         self.dropped_samples = 0  # total audio dropped because the backlog was full
 
     # -- writer side ----------------------------------------------------------------------
@@ -66,7 +65,6 @@ class Ledger:
 
     def finish(self) -> None:
         """No more audio will come (end of file, or shutdown)."""
-        self.eof = True
         self.ended.set()
         self._changed.set()
 
@@ -84,6 +82,11 @@ class Ledger:
             self._pieces[0] = Piece(position, head.pcm[cut:], head.captured_at + offset_s)
 
     # -- reader side ----------------------------------------------------------------------
+
+    @property
+    def eof(self) -> bool:
+        """The input has ended (``finish`` was called)."""
+        return self.ended.is_set()
 
     @property
     def head(self) -> int:

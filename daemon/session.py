@@ -118,6 +118,7 @@ class StreamSession:
         self._switch_deadline: float | None = None
         self._switched = asyncio.Event()
         self._skipped = 0
+        self._min_samples = engine.sample_rate // 20   # the shortest frame it takes: 50 ms
         self.liveness = Liveness()
         self.assembler = TurnAssembler(
             begin.id, self.timeline, format_turns=engine.config.format_turns,
@@ -195,7 +196,7 @@ class StreamSession:
                 return                          # a replay session's range is sent
             await ledger.wait_beyond(position)
             piece = self._next_piece(position)
-            while piece is not None and piece.samples < ledger.sample_rate // 20:  # < 50 ms:
+            while piece is not None and piece.samples < self._min_samples:
                 await ledger.wait_beyond(piece.end)     # the newest audio: wait for the next
                 piece = self._next_piece(position, ledger.sample_rate)   # chunk, take it all
             if piece is None:
@@ -242,7 +243,7 @@ class StreamSession:
         piece = self._read(position, self.engine.chunk_samples)
         if piece is None:
             return None
-        minimum = self.engine.sample_rate // 20
+        minimum = self._min_samples
         while piece.samples < minimum:
             more = self._read(piece.end, (merged or self.engine.chunk_samples) - piece.samples)
             if more is None and not self.engine.ledger.eof and piece.end != self.stop:
