@@ -179,7 +179,6 @@ class HttpConfig(_Section):
     token: HeaderSecret = SecretStr("")
 
 
-
 class StateConfig(_Section):
     """``[state]``: where durable queues live."""
 
