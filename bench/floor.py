@@ -10,7 +10,13 @@ fake v3 service (``bench/fake_server.py``) in its own process:
 4. a bare thread that wakes every 100 ms (``time.sleep``) and does nothing else;
 5. the smallest threaded client on ``websockets.sync`` (no compression);
 6. the smallest threaded client there can be: the ``websockets`` sans-I/O protocol on a blocking
-   socket, the sending thread writing each frame, one reader thread parsing every message.
+   socket, the sending thread writing each frame, one reader thread parsing every message;
+7. a hybrid: an audio thread paces and writes each frame (as a PortAudio callback could), the
+   event loop reads and parses every message (sans-I/O protocol, one socket, one lock);
+8. the same hybrid doing the daemon's own core work: each chunk counted (``AudioMeter``), kept
+   in the ``Ledger`` and the session's ``Timeline``; each message parsed by
+   ``daemon.protocol.parse_message`` and fed to the ``TurnAssembler`` (finals built as records).
+   What it leaves out (logging, sinks, the reporter, reconnects) only adds.
 
 Run:  .venv/bin/python bench/floor.py [--seconds 30]
 """
@@ -42,6 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cloud import LONG, FakeService, build_wav
 from common import busy_cpu_s, machine, now, revision, save
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from daemon.events import AudioChunk, TurnRecord  # noqa: E402
+from daemon.ledger import Ledger, Piece, Timeline  # noqa: E402
+from daemon.metrics import AudioMeter  # noqa: E402
+from daemon.protocol import Turn, parse_message  # noqa: E402
+from daemon.turns import TurnAssembler  # noqa: E402
 
 
 def cpu_s() -> float:
@@ -140,6 +155,102 @@ def threaded_sans_io(fake: FakeService, pcm: bytes, chunks: int) -> float:
     return rate
 
 
+class _CoreWork:
+    """The daemon's own per-chunk and per-message work, shared by an audio thread and the loop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()              # ledger and timeline: written by both sides
+        self.ledger = Ledger(16000, 300.0)
+        self.timeline = Timeline(16000)
+        self.meter = AudioMeter()
+        self.finals = 0
+        self.assembler = TurnAssembler("bench", self.timeline, format_turns=True, source="file",
+                                       host="bench", emit=self._emit, partial=lambda _p: None,
+                                       cover=self._cover)
+        self._origin = time.time()
+
+    def _emit(self, record: TurnRecord) -> None:
+        record.to_json()                          # as every sink gets it
+        self.finals += 1
+
+    def _cover(self, position: int) -> None:
+        self.ledger.cover(position)               # called under ``lock`` (from ``message``)
+
+    def chunk(self, index: int, pcm: bytes) -> Piece:
+        """Count and keep one captured chunk; the piece the session sends."""
+        chunk = AudioChunk(pcm, self._origin + index * 0.1)
+        self.meter.count(chunk)
+        with self.lock:
+            piece = Piece(self.ledger.end, pcm, chunk.captured_at)
+            self.ledger.append(chunk)
+        return piece
+
+    def sent(self, piece: Piece) -> None:
+        with self.lock:
+            self.timeline.add(piece)
+
+    def message(self, frame: bytes) -> None:
+        message = parse_message(frame.decode())
+        if isinstance(message, Turn):
+            with self.lock:
+                self.assembler.handle(message)
+
+
+async def hybrid(fake: FakeService, pcm: bytes, chunks: int, *, work: bool) -> float:
+    """An audio thread sends, the event loop reads (``add_reader``); optionally our core work."""
+    loop = asyncio.get_running_loop()
+    uri = parse_uri(session_url(fake))
+    protocol = ClientProtocol(uri)
+    lock = threading.Lock()                    # the protocol is shared by the thread and loop
+    core = _CoreWork() if work else None
+    with socket.create_connection((uri.host, uri.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def flush() -> None:
+            for data in protocol.data_to_send():
+                if data:
+                    sock.sendall(data)
+
+        protocol.send_request(protocol.connect())
+        flush()
+        began = False
+        while not began:                       # handshake and Begin, blocking
+            protocol.receive_data(sock.recv(65536))
+            began = any(isinstance(event, Frame) and event.opcode is Opcode.TEXT
+                        for event in protocol.events_received())
+
+        def readable() -> None:
+            data = sock.recv(65536)
+            with lock:
+                protocol.receive_data(data)
+                events = protocol.events_received()
+                flush()
+            for event in events:
+                if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                    if core is None:
+                        json.loads(bytes(event.data))
+                    else:
+                        core.message(bytes(event.data))
+            if not data:
+                loop.remove_reader(sock.fileno())
+
+        def send(index: int) -> None:
+            frame = pcm[index * 3200 : (index + 1) * 3200]
+            piece = core.chunk(index, frame) if core is not None else None
+            with lock:
+                protocol.send_binary(frame)
+                flush()
+            if core is not None and piece is not None:
+                core.sent(piece)
+
+        loop.add_reader(sock.fileno(), readable)
+        before = cpu_s()
+        await asyncio.to_thread(paced_thread, chunks, send)
+        rate = (cpu_s() - before) / (chunks / 600)
+        loop.remove_reader(sock.fileno())
+    return rate
+
+
 async def streaming(fake: FakeService, pcm: bytes, chunks: int,
                     compression: Literal["deflate"] | None) -> float:
     """The smallest asyncio streaming client; CPU s per audio minute."""
@@ -184,6 +295,10 @@ def main() -> None:
                 "bare thread, 10 wakes/s": paced_thread(chunks),
                 "threaded client, websockets.sync": threaded_sync(fake, pcm, chunks),
                 "threaded client, sans-I/O": threaded_sans_io(fake, pcm, chunks),
+                "hybrid: audio thread sends, event loop reads": asyncio.run(
+                    hybrid(fake, pcm, chunks, work=False)),
+                "hybrid + the daemon's ledger, timeline, parsing and turn assembly": asyncio.run(
+                    hybrid(fake, pcm, chunks, work=True)),
             }
         finally:
             fake.close()

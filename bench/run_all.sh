@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the benchmarks of docs/benchmarks.md and rewrite its generated sections.
 #
-#   bench/run_all.sh            start-up, turn -> sink latency, cloud path vs the SDK (~14 min)
+#   bench/run_all.sh            start-up, turn -> sink latency, cloud path vs the SDK, floors (~15 min)
 #   REPS=5 bench/run_all.sh     more repetitions of the cloud A B C block (default 3)
 #   bench/run_all.sh --all      also the local-engine and lossless-session benchmarks
 #
