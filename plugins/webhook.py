@@ -153,6 +153,12 @@ class WebhookConfig(SinkConfig):
         if not isinstance(value, dict):
             return handler(value)
         problems = {name: problem for name in value if (problem := _header_name_problem(name))}
+        first: dict[str, str] = {}          # both would be sent: the receiver picks one
+        for name in value:
+            if name in problems or not isinstance(name, str):
+                continue
+            if (other := first.setdefault(name.lower(), name)) != name:
+                problems[name] = f"header {name!r} is set twice (names ignore case: also {other!r})"
         errors: list[InitErrorDetails] = [
             {"type": PydanticCustomError("header_name", problem), "loc": (), "input": name}
             for name, problem in problems.items()]

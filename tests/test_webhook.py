@@ -173,6 +173,8 @@ class TestConfig:
              "sinks.hook.headers: header 'Content-Length' is set by the sink"),
             ({"host": "other.example"}, "sinks.hook.headers: header 'host' is set by the sink"),
             ({"Transfer-Encoding": "chunked"}, "header 'Transfer-Encoding' is set by the sink"),
+            ({"X-Key": "tok3n", "x-key": "tok3n"},
+             "sinks.hook.headers: header 'x-key' is set twice (names ignore case: also 'X-Key')"),
         ],
     )
     def test_bad_headers_give_one_line_without_the_value(self, headers: dict[str, str],
