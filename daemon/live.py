@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,7 +46,19 @@ _UNSET: Final[Any] = object()
 
 
 def _dumps(event: dict[str, Any]) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    """One event as JSON text that UTF-8 can carry.
+
+    A transcript may hold a lone surrogate (half an emoji the service sent escaped): raw, it
+    cannot be sent as a WebSocket text frame (every viewer was cut off at that event), so such an
+    event is written with its non-ASCII characters escaped.
+    """
+    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    if _SURROGATE.search(text) is None:
+        return text
+    return json.dumps(event, separators=(",", ":"))
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class Subscription:

@@ -175,14 +175,16 @@ def _event(message: str | bytes, feed: str) -> dict[str, Any]:
 
 
 def _printable(text: str) -> str:
-    """Text for a terminal, control characters dropped.
+    """Text for a terminal, control characters dropped, a lone surrogate shown as U+FFFD.
 
-    An escape sequence in a transcript could retitle, clear or reprogram the terminal.
+    An escape sequence in a transcript could retitle, clear or reprogram the terminal; a lone
+    surrogate (half an emoji from the service) cannot be written at all.
     """
-    return _CONTROL.sub("", text)
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub("", text))
 
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class Screen:
@@ -198,6 +200,7 @@ class Screen:
         self._partial_session: Any = None
         self._connection: str | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()   # ids of the last turns shown
+        self._encoding = out.encoding or "utf-8"
 
     def event(self, event: dict[str, Any]) -> bool:
         """Render one feed event; True for a turn not shown before.
@@ -208,7 +211,10 @@ class Screen:
         if kind == "turn" and self._shown(str(event.get("id"))):
             return False
         if self._json:
-            self._write(json.dumps(event, ensure_ascii=False) + "\n")
+            line = json.dumps(event, ensure_ascii=False)
+            if not _encodes(line, self._encoding):   # a lone surrogate, or a narrow locale
+                line = json.dumps(event)            # escaped: still the same JSON
+            self._write(line + "\n")
             return kind == "turn"
         if kind == "partial":
             self._partial_session = event.get("session_id")
@@ -277,8 +283,18 @@ class Screen:
         return f"{DIM}{line}{RESET}" if self._color else line
 
     def _write(self, text: str) -> None:
+        if not _encodes(text, self._encoding):       # "?" for what the locale cannot show
+            text = text.encode(self._encoding, "replace").decode(self._encoding)
         self._out.write(text)
         self._out.flush()
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _newest(text: str, columns: int) -> str:

@@ -11,6 +11,7 @@ browsers. With a token, every endpoint wants ``Authorization: Bearer <token>`` o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -217,22 +218,32 @@ class LiveServer:
     # -- plain HTTP ------------------------------------------------------------------------
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Answer plain HTTP; return ``None`` to let ``/events`` upgrade to a WebSocket."""
+        """Answer plain HTTP; return ``None`` to let ``/events`` upgrade to a WebSocket.
+
+        HEAD (``wget --spider``, ``curl -I``: the usual health checks) is answered as GET
+        without the body.
+        """
         try:
-            return self._answer(request)
+            response = self._answer(request)
         except MultipleValuesError as exc:
-            return _text(HTTPStatus.BAD_REQUEST, f"header sent more than once: {exc}\n")
+            response = _text(HTTPStatus.BAD_REQUEST, f"header sent more than once: {exc}\n")
+        if response is not None and request.method == "HEAD":
+            response = dataclasses.replace(response, body=b"")
+        return response
 
     def _answer(self, request: Request) -> Response | None:
         url = urlsplit(request.path)
-        if request.method != "GET":
-            return _text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET\n", allow="GET")
+        if request.method not in ("GET", "HEAD"):
+            return _text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET or HEAD\n", allow="GET, HEAD")
         if not self._token and not is_loopback(_host_name(request.headers.get("Host", ""))):
             return _text(HTTPStatus.FORBIDDEN, "Host must name a loopback address\n")
         if not self._authorised(request, url.query):
             return _text(HTTPStatus.UNAUTHORIZED, "token required\n",
                          **{"WWW-Authenticate": 'Bearer realm="transcribed"'})
         if url.path == "/events":
+            if request.method != "GET":
+                return _text(HTTPStatus.METHOD_NOT_ALLOWED, "the feed is a WebSocket: GET\n",
+                             allow="GET")
             return self._upgrade_check(request)
         if url.path in ("/", "/index.html"):
             return _response(HTTPStatus.OK, self._page, "text/html; charset=utf-8",
