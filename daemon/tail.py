@@ -52,6 +52,11 @@ class TailError(Exception):
 
 def tail_main(url: str, token: str, json_lines: bool, retry: bool = False) -> int:
     """Follow the daemon's feed at ``url`` until Ctrl-C (0) or a failure (1, one line)."""
+    if sys.stdout is None or sys.stderr is None:    # started with ``>&-``: nowhere to write
+        if sys.stderr is not None:
+            print("transcribed tail: standard output is closed: nothing to show the feed on",
+                  file=sys.stderr)
+        return EX_FAILURE
     screen = Screen(sys.stdout, sys.stderr, json_lines=json_lines)
     try:
         asyncio.run(_until_interrupted(follow(url, token, screen, retry=retry)))

@@ -64,3 +64,16 @@ class TestUnencodableText:
         code, out, err = await _tail_output("json", encoding)
         assert code == 0, err
         assert [json.loads(line) for line in out.splitlines()] == EVENTS
+
+
+async def test_closed_stdout_is_one_line() -> None:
+    """``transcribed tail >&-`` (no standard output at all): one line on stderr and exit 1, not a
+    traceback from the first write."""
+    process = await asyncio.create_subprocess_exec(
+        "bash", "-c", 'exec "$@" >&-', "tail", sys.executable, "-c", _RUN_TAIL,
+        "ws://127.0.0.1:9/events", "", "text", cwd=REPO, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        _out, err = await process.communicate()
+    assert process.returncode == 1
+    assert err.decode() == ("transcribed tail: standard output is closed: nothing to show the "
+                            "feed on\n")
