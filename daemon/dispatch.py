@@ -27,7 +27,7 @@ from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
-from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue
+from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue, hand_over
 
 log = structlog.get_logger("daemon.dispatch")
 
@@ -156,15 +156,21 @@ class Dispatcher:
         """Start delivering to a new sink (it receives records dispatched from now on).
 
         A removed sink of that name still delivering what it had queued (it was disabled or
-        removed, and is back) is retired first, as ``replace`` does: one worker per queue.
+        removed, and is back) is retired first and hands what it holds over, as ``replace``
+        does: one worker per queue, no record dropped.
         """
         if runner.name in self.runners:
             raise ValueError(f"sink {runner.name!r} already running")
         self.runners[runner.name] = runner
         for task, old in list(self._leaving.items()):
-            if old.name == runner.name and not task.done():
+            if old.name == runner.name:
+                task.remove_done_callback(self._left)   # not removed: back, with what it held
                 old.retiring.set()
-                await asyncio.shield(task)
+                try:
+                    await asyncio.shield(task)
+                finally:
+                    self._leaving.pop(task, None)
+                await self._hand_over(old, runner)
         self._start(runner)
 
     def remove(self, name: str) -> None:
@@ -180,8 +186,8 @@ class Dispatcher:
         """Swap in a rebuilt sink of the same name; queued and in-flight records carry over.
 
         New records go to the new queue at once. The old worker finishes the send in progress
-        (a backoff wait is cut short), then its undelivered records move to the head of the new
-        in-memory queue (a durable queue keeps them on disk: the new queue reads them again).
+        (a backoff wait is cut short), then its undelivered records go to the new one
+        (``_hand_over``; also when the type changed between a local and a network sink).
         """
         old = self.runners[runner.name]
         runner.stats = old.stats        # the same sink, rebuilt: its counters carry on
@@ -194,10 +200,15 @@ class Dispatcher:
                 await asyncio.shield(task)
             finally:
                 self._leaving.pop(task, None)
-        if isinstance(old.queue, MemoryQueue) and isinstance(runner.queue, MemoryQueue):
-            handed = [old.abandoned] if old.abandoned is not None else []
-            runner.queue.push_front(handed + old.queue.take_all())
+        await self._hand_over(old, runner)
         self._start(runner)
+
+    async def _hand_over(self, old: SinkRunner, new: SinkRunner) -> None:
+        """What a retired runner still holds goes to its successor of the same name."""
+        held, old.abandoned = old.abandoned, None
+        with structlog.contextvars.bound_contextvars(sink=new.name):
+            await hand_over(old.queue, held, new.queue,
+                            lambda record, exc: self._not_queued(new, record, exc))
 
     def _start(self, runner: SinkRunner) -> None:
         if self._group is None:
@@ -223,8 +234,15 @@ class Dispatcher:
         tasks = {**{t: r for r in self.runners.values() if (t := self._workers.get(r.name))},
                  **self._leaving}
         workers = [t for t in tasks if not t.done()]
-        if not workers:
-            return
+        if workers:
+            await self._flush(workers, tasks, flush_s)
+        for runner in list(self.runners.values()):
+            if runner.name not in self._workers:    # a reload's sink, waiting for its start
+                self._spill(runner)
+
+    async def _flush(self, workers: list[asyncio.Task[None]],
+                     tasks: dict[asyncio.Task[None], SinkRunner], flush_s: float) -> None:
+        """Wait for ``workers`` until done, ``flush_s`` or the cut; spill the ones cut off."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + flush_s
         cut = asyncio.create_task(self._cut.wait(), name="flush-cut")
@@ -282,13 +300,35 @@ class Dispatcher:
 
     async def _serve(self, runner: SinkRunner) -> None:
         """Open the sink and deliver its queue until it closes or the sink retires."""
-        async with runner.sink:
+        await runner.sink.__aenter__()
+        try:
             while (delivery := await self._next(runner)) is not None:
                 runner.holding = delivery
                 if not await self._deliver(runner, delivery):
                     runner.abandoned = delivery
                     break
                 runner.holding = None
+        except BaseException as exc:
+            await self._close_sink(runner, exc)
+            raise
+        await self._close_sink(runner, None)
+
+    async def _close_sink(self, runner: SinkRunner, exc: BaseException | None) -> None:
+        """The sink's ``__aexit__``, given as long as a send: a close that hangs is left behind.
+
+        Else a reload rebuilding the sink waited for ever (the new one never started, its
+        turns piled up, later reloads queued behind it) and nothing noticed: no send was due.
+        """
+        limit = self._limit(runner)
+        tb = exc.__traceback__ if exc is not None else None
+        try:
+            async with asyncio.timeout(limit) as bound:
+                await runner.sink.__aexit__(type(exc) if exc is not None else None, exc, tb)
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            log.error("sink.close_timeout", sink=runner.name, timeout_s=limit,
+                      hint="left open; a third-party sink's close should not wait for ever")
 
     async def _crashed(self, runner: SinkRunner, exc: Exception, delay: float) -> bool:
         """Log a crashed worker and put back its record; wait, then True to restart it."""
@@ -340,10 +380,7 @@ class Dispatcher:
         Returns False, leaving the record unacknowledged, when the sink retires mid-backoff.
         """
         retry = _Retry(getattr(runner.config, "retry_max_s", None))
-        # a sink's own timeout_s may exceed the limit (a slow webhook is not a stuck daemon);
-        # twice it and 10 s: MQTT's connect and publish are each bounded by it
-        timeout = getattr(runner.config, "timeout_s", None)
-        limit = max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
+        limit = self._limit(runner)
         while True:
             runner.heartbeat.beat(limit)
             try:
@@ -364,6 +401,15 @@ class Dispatcher:
             break
         runner.queue.ack(delivery)
         return True
+
+    def _limit(self, runner: SinkRunner) -> float:
+        """How long one send (or the sink's close) may take before it counts as stuck.
+
+        A sink's own timeout_s may exceed ``send_limit_s`` (a slow webhook is not a stuck
+        daemon): then twice it and 10 s (MQTT's connect and publish are each bounded by it).
+        """
+        timeout = getattr(runner.config, "timeout_s", None)
+        return max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
 
     def _failed(self, runner: SinkRunner, delivery: Delivery, exc: Exception,
                 retry: _Retry) -> float | None:

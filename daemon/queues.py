@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
+
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
+
+log = structlog.get_logger("daemon.dispatch")
 
 
 @dataclass
@@ -126,3 +130,38 @@ class MemoryQueue:
         self._items.extendleft(reversed(deliveries))
         if deliveries:
             self._ready.set()
+
+
+async def hand_over(old: SinkQueue, held: Delivery | None, new: SinkQueue,
+                    refused: Callable[[TurnRecord, Exception], None]) -> None:
+    """Move what ``old`` (a retired sink's queue) holds, ``held`` first, to ``new`` (its successor).
+
+    Two durable queues share the records on disk (the new one reads them). Otherwise ``old`` is
+    drained: into the head of a new in-memory queue, in order, or onto the end of a new durable
+    one (after the records dispatched while the old worker finished; one ``new.put`` refused
+    goes to ``refused``); a record leaves the outbox only once the new queue holds it.
+    """
+    if not isinstance(old, MemoryQueue) and not isinstance(new, MemoryQueue):
+        return
+    if held is not None:
+        old.requeue(held)
+    old.close()
+    taken: list[Delivery] = []
+    try:
+        while (delivery := await old.get()) is not None:
+            taken.append(delivery)
+    except DaemonError as exc:          # the outbox unreadable: the rest stays on disk
+        log.error("sink.handover_failed", error=str(exc), moved=len(taken))
+    if isinstance(new, MemoryQueue):
+        new.push_front(taken)
+    else:
+        for delivery in taken:
+            try:
+                new.put(delivery.record)
+            except Exception as exc:  # supervision boundary: dead-lettered, never dropped
+                refused(delivery.record, exc)
+    try:
+        for delivery in taken:
+            old.ack(delivery)
+    except DaemonError as exc:          # on disk too: named as orphaned at the next start
+        log.error("sink.handover_failed", error=str(exc), moved=len(taken))

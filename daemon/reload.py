@@ -3,7 +3,8 @@
 The file is loaded and validated exactly as ``check-config`` does. An invalid file is rejected
 with one log line and the running config stays. Otherwise sinks are diffed by name: new ones
 start, removed ones drain their queue and stop, changed ones (type or any key) are rebuilt and
-inherit what the old one held (durable sinks keep their on-disk outbox). Other sections (audio,
+inherit what the old one held (durable sinks keep their on-disk outbox; a type changed between a
+local and a network sink moves the records between memory and the outbox). Other sections (audio,
 engine, reconnect, log, http, state) need a restart: the reload says so in the log.
 """
 
@@ -19,7 +20,7 @@ import structlog
 
 from daemon.config import Settings
 from daemon.dispatch import Dispatcher, SinkRunner
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, DaemonError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
@@ -186,6 +187,9 @@ class Reloader:
                 return _ignored()
             try:
                 return await self._reload()
+            except DaemonError as exc:   # e.g. the outbox a new network sink needs cannot open
+                log.error("reload.failed", error=str(exc), kept="running config")
+                return "failed"
             except Exception:  # supervision boundary: a reload must never stop the daemon
                 log.exception("reload.failed")
                 return "failed"
@@ -229,15 +233,13 @@ class Reloader:
             return False
         for name in plan.removed:
             self.dispatcher.remove(name)
-        for name in plan.added:
-            if self._stopping():
-                return False
-            await self.dispatcher.add(built[name])
-        for name in plan.changed:
+        steps = [(self.dispatcher.add, name) for name in plan.added]
+        steps += [(self.dispatcher.replace, name) for name in plan.changed]
+        for start, name in steps:   # each may wait for a leaving worker of that name
             if self._stopping():
                 return False
             try:
-                await self.dispatcher.replace(built[name])
+                await start(built[name])
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
