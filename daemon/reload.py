@@ -207,7 +207,10 @@ class Reloader:
                 for name in (*plan.added, *plan.changed)
             }
         except ConfigError as exc:
-            where = {"path": str(path)} if path else {}   # else each problem names the file
+            where: dict[str, str] = {"path": str(path)} if path else {}  # else the problems do
+            if any(".type: unknown type " in problem for problem in exc.problems):
+                where["hint"] = ("sink types come from the plugins loaded at start: restart the "
+                                 "daemon after installing one")
             log.error("reload.rejected", problems=exc.problems, kept="running config", **where)
             return "rejected"
         self.masker.add(*secret_values(settings, {n: c for n, (_t, c) in wanted.items()}))

@@ -189,3 +189,24 @@ async def test_a_sink_whose_close_hangs_is_left_behind(tmp_path: Path) -> None:
     assert old.received == _ids(0) and new.received == _ids(1)
     [stuck] = [e for e in logs if e["event"] == "sink.close_timeout"]
     assert stuck["sink"] == "s" and stuck["timeout_s"] == 0.2
+
+
+async def test_a_type_no_loaded_plugin_provides_says_to_restart(tmp_path: Path) -> None:
+    """A reload naming a sink type of a plugin installed after the daemon started: rejected, and
+    the line says plugins load at start (it read as a typo: "unknown type")."""
+    from daemon.plugins import load_plugins
+    from daemon.validate import validate
+
+    config = tmp_path / "config.toml"
+    config.write_text('[sinks.notes]\ntype = "notion"\n')
+    running = Settings(sinks={"journal": {"type": "file", "path": str(tmp_path / "t.jsonl")}})
+    host = load_plugins(entry_points=False)
+    reloader = Reloader(lambda: validate(str(config), host), running,
+                        dispatcher=Dispatcher([], dead_letter_dir=tmp_path),
+                        sinks=SinkBuilder("h", tmp_path), masker=SecretMasker())
+    with capture_logs() as logs:
+        assert await reloader.reload() == "rejected"
+    [rejected] = [e for e in logs if e["event"] == "reload.rejected"]
+    assert rejected["problems"][0].startswith(f"{config}: sinks.notes.type: unknown type 'notion'")
+    assert rejected["hint"] == ("sink types come from the plugins loaded at start: restart the "
+                                "daemon after installing one")
