@@ -348,11 +348,17 @@ async def _beating(
 
 @dataclass
 class _Hangup:
-    """SIGHUP: run one reload at a time as a task, bracketed by RELOADING=1 / READY=1."""
+    """SIGHUP: run one reload at a time as a task, bracketed by RELOADING=1 / READY=1.
+
+    SIGHUPs while a reload runs are folded into one more after it (the file may have changed
+    after the running one read it): a burst makes two reloads, not one each.
+    """
 
     group: asyncio.TaskGroup
     reloader: Reloader | None
     reporter: Reporter
+    _task: asyncio.Task[None] | None = None
+    _again: bool = False
 
     def __call__(self) -> None:
         if self.reloader is None:
@@ -361,12 +367,20 @@ class _Hangup:
         if self.reporter.stopping:
             log.info("reload.ignored", reason="stopping")
             return
-        self.group.create_task(self._reload(self.reloader), name="reload")
+        if self._task is not None and not self._task.done():
+            self._again = True
+            log.info("reload.queued", reason="a reload is under way: one more follows it")
+            return
+        self._task = self.group.create_task(self._reload(self.reloader), name="reload")
 
     async def _reload(self, reloader: Reloader) -> None:
-        self.reporter.reloading()
-        outcome = await reloader.reload()
-        self.reporter.reloaded(outcome)
+        while True:
+            self._again = False
+            self.reporter.reloading()
+            outcome = await reloader.reload()
+            self.reporter.reloaded(outcome)
+            if not self._again or self.reporter.stopping:
+                return
 
 
 async def _run_engine(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -210,3 +211,47 @@ async def test_a_type_no_loaded_plugin_provides_says_to_restart(tmp_path: Path) 
     assert rejected["problems"][0].startswith(f"{config}: sinks.notes.type: unknown type 'notion'")
     assert rejected["hint"] == ("sink types come from the plugins loaded at start: restart the "
                                 "daemon after installing one")
+
+
+async def test_a_burst_of_sighups_while_one_reload_runs_makes_one_more(tmp_path: Path) -> None:
+    """SIGHUPs arriving while a reload runs are folded into one more reload after it (the file
+    may have changed after the running one read it), not one each: systemd sees RELOADING=1 /
+    READY=1 in pairs. (Each started a reload; their READY=1 and RELOADING=1 interleaved.)"""
+    import threading
+
+    from daemon.app import _Hangup
+    from daemon.health import Health, Reporter
+    from daemon.notify import Notifier
+    from tests.notify_socket import NotifySocket
+
+    entered, gate, loads = threading.Event(), threading.Event(), []
+
+    def loader() -> tuple[Settings, Path | None, dict[str, Any]]:
+        loads.append(1)
+        entered.set()
+        gate.wait(10)
+        return Settings(), None, {}
+
+    reloader = Reloader(loader, Settings(), dispatcher=Dispatcher([], dead_letter_dir=tmp_path),
+                        sinks=SinkBuilder("h", tmp_path), masker=SecretMasker())
+    async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+        notifier = Notifier(sock.env())
+        reporter = Reporter(notifier, Health(), ready=lambda: True, status=lambda: "up")
+        reporter.is_ready = True
+        try:
+            async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+                hup = _Hangup(group, reloader, reporter)
+                hup()
+                await asyncio.to_thread(entered.wait, 10)
+                for _ in range(3):
+                    hup()
+                gate.set()
+                applied = "reload applied"
+                first = await sock.wait_for(lambda m: applied in m.fields.get("STATUS", ""))
+                await sock.wait_for(lambda m: applied in m.fields.get("STATUS", ""),
+                                    after=first + 1)
+        finally:
+            notifier.close()
+    kinds = ["RELOADING" if "RELOADING" in m else "READY" for m in sock.messages]
+    assert kinds == ["RELOADING", "READY", "RELOADING", "READY"]
+    assert len(loads) == 2 and reloader.reloads == 2
