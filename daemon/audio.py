@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,12 +27,15 @@ from daemon.audio_noise import stderr_silenced
 from daemon.backoff import backoff
 from daemon.devices import (
     DeviceInfo,
+    blocking,
     close_pyaudio,
     format_devices,
     input_devices,
     list_devices,
     new_pyaudio,
     resolve_device,
+    shut,
+    stop_stream,
 )
 from daemon.errors import AudioError
 from daemon.events import AudioChunk, SourceName
@@ -55,8 +59,10 @@ log = structlog.get_logger("daemon.audio")
 _PA_INT16: Final = 8      # pyaudio.paInt16
 _PA_CONTINUE: Final = 0   # pyaudio.paContinue
 _PA_COMPLETE: Final = 1   # pyaudio.paComplete
+_PA_INPUT_OVERFLOW: Final = 2  # pyaudio.paInputOverflow: input was lost before the callback
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than this is stuck
+CLOSE_LIMIT_S: Final = 5.0  # at the end, a close taking longer (a hung sound server) is left
 REOPEN_INITIAL_S: Final = 0.5  # device recovery backoff: first delay after an immediate retry…
 REOPEN_MAX_S: Final = 30.0  # …doubling up to this
 GAP_LOG_S: Final = 0.5  # a jump in capture time bigger than this is logged as a gap
@@ -76,11 +82,36 @@ def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> flo
     return now - frames / rate
 
 
+class _Tally:
+    """A count of losses, logged as a warning at once, then at most every few seconds."""
+
+    def __init__(self, event: str, field: str, **context: object) -> None:
+        self.total = 0
+        self._event, self._field, self._context = event, field, context
+        self._unlogged, self._last_log = 0, -math.inf
+
+    def add(self) -> None:
+        self.total += 1
+        self._unlogged += 1
+        if time.monotonic() - self._last_log >= _DROP_LOG_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Log what is not yet reported (call once more at the end)."""
+        if self._unlogged:
+            log.warning(self._event, **{self._field: self._unlogged,
+                                        f"total_{self._field}": self.total}, **self._context)
+            self._unlogged, self._last_log = 0, time.monotonic()
+
+
 class CaptureBridge:
     """Carries PortAudio callback buffers into the event loop: bounded, drop-oldest, counted.
 
     :meth:`on_audio` is the pyaudio stream callback. It runs on PortAudio's thread and only
     schedules :meth:`_offer` on the loop, which converts, re-chunks and queues the audio.
+    Both losses are counted and logged: chunks dropped as the consumer lags
+    (``audio.chunks_dropped``), input PortAudio lost before the callback
+    (``audio.input_overflow``, e.g. an ALSA overrun).
     """
 
     def __init__(
@@ -96,8 +127,9 @@ class CaptureBridge:
         self._loop = loop
         self._sample_rate, self._chunk_ms, self._label = sample_rate, chunk_ms, label
         self._queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue(queue_chunks)
-        self.dropped = 0
-        self._unlogged, self._last_log = 0, -math.inf
+        self._drops = _Tally("audio.chunks_dropped", "dropped", source=label,
+                             queue_chunks=queue_chunks)
+        self._overflows = _Tally("audio.input_overflow", "overflows", source=label)
         self._ended = False
         self._error: AudioError | None = None
         self.retune(fmt)
@@ -114,38 +146,39 @@ class CaptureBridge:
         """The PortAudio callback: stamp the buffer and hand it to the loop, nothing else."""
         captured_at = _capture_time(time_info, frames, self._fmt.rate)
         try:
-            self._loop.call_soon_threadsafe(self._offer, data or b"", captured_at)
+            self._loop.call_soon_threadsafe(
+                self._offer, data or b"", captured_at, bool(status & _PA_INPUT_OVERFLOW)
+            )
         except RuntimeError:  # the loop has closed: end the stream instead of raising in C
             return None, _PA_COMPLETE
         return None, _PA_CONTINUE
 
-    def _offer(self, data: bytes, captured_at: float) -> None:
+    @property
+    def dropped(self) -> int:
+        """Chunks dropped because the consumer fell behind."""
+        return self._drops.total
+
+    @property
+    def overflows(self) -> int:
+        """Callback buffers PortAudio flagged as overflowed (input lost before them)."""
+        return self._overflows.total
+
+    def _offer(self, data: bytes, captured_at: float, overflowed: bool = False) -> None:
         """On the loop: convert, re-chunk and queue, dropping the oldest chunk when full."""
         if self._ended:
             return
+        if overflowed:
+            self._overflows.add()
         for chunk in self._rechunker.push(self._converter.convert(data), captured_at):
             if self._queue.full():
                 self._queue.get_nowait()
-                self._count_drop()
+                self._drops.add()
             self._queue.put_nowait(chunk)
 
-    def _count_drop(self) -> None:
-        self.dropped += 1
-        self._unlogged += 1
-        if time.monotonic() - self._last_log >= _DROP_LOG_INTERVAL:
-            self.log_drops()
-
     def log_drops(self) -> None:
-        """Log drops not yet reported (rate-limited while dropping; call once more at the end)."""
-        if self._unlogged:
-            log.warning(
-                "audio.chunks_dropped",
-                source=self._label,
-                dropped=self._unlogged,
-                total_dropped=self.dropped,
-                queue_chunks=self._queue.maxsize,
-            )
-            self._unlogged, self._last_log = 0, time.monotonic()
+        """Log losses not yet reported (rate-limited meanwhile; call once more at the end)."""
+        self._drops.flush()
+        self._overflows.flush()
 
     def finish(self, error: AudioError | None = None) -> None:
         """End the stream: the consumer drains what is queued, then ends (or gets ``error``)."""
@@ -229,8 +262,13 @@ class MicrophoneSource:
         """Chunks dropped because the consumer fell behind."""
         return self._bridge.dropped if self._bridge is not None else 0
 
+    @property
+    def input_overflows(self) -> int:
+        """Callback buffers PortAudio flagged as overflowed (input lost before them)."""
+        return self._bridge.overflows if self._bridge is not None else 0
+
     async def __aenter__(self) -> Self:
-        self._pa = await asyncio.to_thread(new_pyaudio)
+        self._pa = await blocking(new_pyaudio, close_pyaudio)
         try:
             await self._open()
         except BaseException:
@@ -299,7 +337,8 @@ class MicrophoneSource:
                 if await self._stopped_within(delay):
                     return
                 try:
-                    await self._reopen_fresh()
+                    if not await self._reopened_unless_stopped():
+                        return
                 except AudioError as exc:
                     log.warning("audio.reopen_failed", attempt=attempt, error=str(exc))
                     continue
@@ -307,6 +346,25 @@ class MicrophoneSource:
                 return
         finally:
             self.recovering = False
+
+    async def _reopened_unless_stopped(self) -> bool:
+        """Reopen the device; False if ``stop()`` came first.
+
+        A reopen hung in PortAudio is then left behind: the stream must end even when the
+        sound server never answers.
+        """
+        reopen = asyncio.create_task(self._reopen_fresh())
+        stopped = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait((reopen, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not reopen.done():
+                reopen.cancel()
+        if not reopen.done() or reopen.cancelled():  # left behind (cancelling)
+            return False
+        reopen.result()  # its AudioError, if it failed
+        return True
 
     async def _stopped_within(self, delay: float) -> bool:
         """Wait ``delay`` seconds; True if ``stop()`` was called meanwhile."""
@@ -320,8 +378,8 @@ class MicrophoneSource:
         await self._close_stream()
         pa, self._pa = self._pa, None
         if pa is not None:
-            await asyncio.to_thread(close_pyaudio, pa)
-        self._pa = await asyncio.to_thread(new_pyaudio)
+            await blocking(functools.partial(close_pyaudio, pa))
+        self._pa = await blocking(new_pyaudio, close_pyaudio)
         await self._open()
 
     async def reopen(self) -> None:
@@ -332,7 +390,7 @@ class MicrophoneSource:
     async def _open(self) -> None:
         pa = self._pa
         assert pa is not None  # set by __aenter__
-        info, fmt = await asyncio.to_thread(self._choose, pa)
+        info, fmt = await blocking(functools.partial(self._choose, pa))
         if self._bridge is None:
             self._bridge = CaptureBridge(
                 asyncio.get_running_loop(),
@@ -344,7 +402,10 @@ class MicrophoneSource:
             )
         else:
             self._bridge.retune(fmt)
-        self._stream = await asyncio.to_thread(self._open_stream, pa, info, fmt, self._bridge)
+        bridge = self._bridge
+        self._stream = await blocking(
+            functools.partial(self._open_stream, pa, info, fmt, bridge), stop_stream
+        )
         self.device_info, self.capture_format = info, fmt
         log.info(
             "audio.device_opened",
@@ -357,7 +418,7 @@ class MicrophoneSource:
 
     def _choose(self, pa: pyaudio.PyAudio) -> tuple[DeviceInfo, PcmFormat]:
         """Blocking: resolve the device and a 16-bit format it supports."""
-        info = resolve_device(input_devices(pa), self.device)
+        info = resolve_device(input_devices(pa), self.device, self.device_info)
         with stderr_silenced():  # a device that cannot be opened makes ALSA print
             return info, self._supported_format(pa, info)
 
@@ -397,20 +458,17 @@ class MicrophoneSource:
     async def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            await asyncio.to_thread(_stop_stream, stream)
+            await blocking(functools.partial(stop_stream, stream))
 
     async def _close(self) -> None:
-        await self._close_stream()
+        """Close the stream and PortAudio, leaving them after :data:`CLOSE_LIMIT_S` (logged)."""
+        stream, self._stream = self._stream, None
+        pa, self._pa = self._pa, None
+        try:
+            async with asyncio.timeout(CLOSE_LIMIT_S):
+                await blocking(functools.partial(shut, stream, pa))
+        except TimeoutError:  # its thread finishes the job if the sound server comes back
+            log.warning("audio.close_stuck", device=self.device or "default",
+                        limit_s=CLOSE_LIMIT_S, hint="the sound server does not answer")
         if self._bridge is not None:
             self._bridge.finish()
-        pa, self._pa = self._pa, None
-        if pa is not None:
-            await asyncio.to_thread(close_pyaudio, pa)
-
-
-def _stop_stream(stream: pyaudio.Stream) -> None:
-    """Blocking: stop and close a stream, ignoring a device that is already gone."""
-    with stderr_silenced(), contextlib.suppress(OSError):
-        stream.stop_stream()
-    with stderr_silenced(), contextlib.suppress(OSError):
-        stream.close()

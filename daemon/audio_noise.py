@@ -20,6 +20,9 @@ _stderr_lock = threading.Lock()
 # What PortAudio, ALSA and JACK print while probing or opening devices (lines starting so)
 _NOISE: Final = (b"ALSA lib ", b"Expression '", b"Cannot connect to server", b"jack server is not",
                  b"JackShm")
+# fd 2 is parked no longer: a hung PortAudio call lets the logs out (and is back before the
+# callers give up on such a call: audio.CLOSE_LIMIT_S, devices.LIST_LIMIT_S)
+SILENCE_LIMIT_S: Final = 3.0
 _installed: list[Any] = []  # the C callbacks, kept alive for as long as the libraries may call
 
 
@@ -50,7 +53,12 @@ def quiet_libraries() -> None:
 
 @contextlib.contextmanager
 def stderr_silenced() -> Iterator[None]:
-    """Keep PortAudio's noise off fd 2 for a moment; what other threads wrote is passed on."""
+    """Keep PortAudio's noise off fd 2 for a moment; what other threads wrote is passed on.
+
+    A moment at most: a call that hangs (a frozen sound server never answers PortAudio) gets
+    fd 2 back after :data:`SILENCE_LIMIT_S`, so the daemon's own lines meanwhile (the watchdog
+    saying capture is stuck) reach the journal instead of piling up unseen.
+    """
     with _stderr_lock:
         sys.stderr.flush()
         try:
@@ -59,19 +67,39 @@ def stderr_silenced() -> Iterator[None]:
             yield
             return
         scratch = _scratch_fd()
+        parked = _Parked(saved, scratch)
+        timer = threading.Timer(SILENCE_LIMIT_S, parked.restore)
+        timer.daemon = True
         try:
             os.dup2(scratch, 2)
+            timer.start()
             yield
         finally:
+            timer.cancel()
+            parked.restore()
+            os.close(saved)
+            os.close(scratch)
+
+
+class _Parked:
+    """fd 2 parked on a scratch file; :meth:`restore` swaps it back once, from either thread."""
+
+    def __init__(self, saved: int, scratch: int) -> None:
+        self._saved, self._scratch = saved, scratch
+        self._lock = threading.Lock()
+        self._restored = False
+
+    def restore(self) -> None:
+        """Swap fd 2 back, passing on what was caught (in order but for the swap's instant)."""
+        with self._lock:
+            if self._restored:
+                return
+            self._restored = True
             with contextlib.suppress(ValueError, OSError):
                 sys.stderr.flush()
-            # Pass on what is there, swap back, then pass on what came in meanwhile: lines keep
-            # their order but for the instant of the swap itself.
-            done = _pass_on(scratch, 0, saved, whole_lines=True)
-            os.dup2(saved, 2)
-            os.close(saved)
-            _pass_on(scratch, done, 2, whole_lines=False)
-            os.close(scratch)
+            done = _pass_on(self._scratch, 0, self._saved, whole_lines=True)
+            os.dup2(self._saved, 2)
+            _pass_on(self._scratch, done, 2, whole_lines=False)
 
 
 def _scratch_fd() -> int:

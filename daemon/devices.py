@@ -1,15 +1,26 @@
-"""Audio input devices as PortAudio sees them: listing, the ``devices`` table, selection."""
+"""Audio input devices as PortAudio sees them: listing, the ``devices`` table, selection.
+
+Also PortAudio's blocking calls, each in a thread of its own (a hung sound server never answers).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from daemon.audio_noise import quiet_libraries, stderr_silenced
 from daemon.errors import AudioError
 
 if TYPE_CHECKING:  # PortAudio loads only when a device is opened or listed
     import pyaudio
+
+_T = TypeVar("_T")
+LIST_LIMIT_S: Final = 20.0  # listing the devices taking longer than this: the sound server is hung
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +71,34 @@ def input_devices(pa: pyaudio.PyAudio) -> list[DeviceInfo]:
     return devices
 
 
-def list_devices() -> list[DeviceInfo]:
-    """Return the audio input devices (blocking: call it via ``asyncio.to_thread`` in a loop)."""
-    pa = new_pyaudio()
-    try:
-        return input_devices(pa)
-    finally:
-        close_pyaudio(pa)
+def list_devices(limit_s: float = LIST_LIMIT_S) -> list[DeviceInfo]:
+    """Return the audio input devices (blocking: call it via ``asyncio.to_thread`` in a loop).
+
+    Raises:
+        AudioError: no answer within ``limit_s`` (a hung sound server hangs PortAudio's
+            start-up for ever; the listing is left to its thread).
+    """
+    outcome: list[list[DeviceInfo] | Exception] = []
+
+    def listing() -> None:
+        try:
+            pa = new_pyaudio()
+            try:
+                outcome.append(input_devices(pa))
+            finally:
+                close_pyaudio(pa)
+        except Exception as exc:  # raised again in the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=listing, name="portaudio-list", daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    if not outcome:
+        raise AudioError(f"listing audio devices: no answer within {limit_s:g} s "
+                         "(is the sound server (PipeWire/PulseAudio) hung?)")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 def format_devices(devices: list[DeviceInfo]) -> str:
@@ -84,13 +116,40 @@ def format_devices(devices: list[DeviceInfo]) -> str:
     return "\n".join(lines)
 
 
+_CARD_SUFFIX = re.compile(r" \(hw:\d+,\d+\)$")  # ALSA's card number: a replug may change it
+
+
+def resolve_device(
+    devices: list[DeviceInfo], spec: str, opened: DeviceInfo | None = None
+) -> DeviceInfo:
+    """Pick a device per SPEC: '' = default, an integer = index, else a name substring.
+
+    ``opened`` is the device a reopen replaces. An index named that device, which is found
+    again by its name wherever it now is (a device plugged in meanwhile, or a replug, moves
+    indices); while it is not listed, it is missing, whatever now has its index.
+
+    Raises:
+        AudioError: nothing or several match; the message lists the devices to choose from.
+    """
+    if opened is None or not spec.strip().isdecimal():
+        return _resolve(devices, spec)
+    for key in (lambda name: name, lambda name: _CARD_SUFFIX.sub("", name)):
+        same = [d for d in devices if key(d.name) == key(opened.name)]
+        if len(same) == 1:
+            return same[0]
+    raise AudioError(
+        f"audio device {spec.strip()} ({opened.name!r}) is gone; "
+        f"available input devices: {_describe(devices)}"
+    )
+
+
 def _describe(devices: list[DeviceInfo]) -> str:
     """One-line list of input devices for error messages."""
     return ", ".join(f"{d.index} {d.name!r}" for d in devices) or "none"
 
 
-def resolve_device(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
-    """Pick a device per SPEC: '' = default, an integer = index, else a name substring.
+def _resolve(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
+    """The device ``spec`` names in ``devices``.
 
     A name matched in full wins over names that merely contain it; a name that matches several
     devices is an error, never a guess.
@@ -119,3 +178,56 @@ def resolve_device(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
     if not found:
         raise AudioError(f"{problem}; available input devices: {_describe(devices)}")
     return found[0]
+
+
+async def blocking(call: Callable[[], _T], undo: Callable[[_T], object] | None = None) -> _T:
+    """Run a blocking PortAudio call in a daemon thread of its own and await its outcome.
+
+    Unlike ``asyncio.to_thread``, a call that never returns (a hung sound server never answers)
+    holds neither the loop's executor nor the process's exit once its caller gives up on it.
+    What such a call opens after all is closed again with ``undo``.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: Exception | None) -> None:  # on the loop
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]  # None only with an error
+        elif undo is not None and result is not None:  # the caller gave up on it
+            threading.Thread(target=undo, args=(result,), name="portaudio-undo",
+                             daemon=True).start()
+
+    def run() -> None:
+        result: _T | None = None
+        error: Exception | None = None
+        try:
+            result = call()
+        except Exception as exc:  # raised again in the awaiting coroutine
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            if undo is not None and result is not None:
+                undo(result)
+
+    threading.Thread(target=run, name="portaudio-call", daemon=True).start()
+    return await future
+
+
+def shut(stream: pyaudio.Stream | None, pa: pyaudio.PyAudio | None) -> None:
+    """Blocking: stop and close the stream, then terminate PortAudio."""
+    if stream is not None:
+        stop_stream(stream)
+    if pa is not None:
+        close_pyaudio(pa)
+
+
+def stop_stream(stream: pyaudio.Stream) -> None:
+    """Blocking: stop and close a stream, ignoring a device that is already gone."""
+    with stderr_silenced(), contextlib.suppress(OSError):
+        stream.stop_stream()
+    with stderr_silenced(), contextlib.suppress(OSError):
+        stream.close()

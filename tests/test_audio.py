@@ -41,14 +41,15 @@ def test_sources_implement_the_protocol(tmp_path: Path) -> None:
 
 
 def _feed_from_thread(
-    bridge: CaptureBridge, buffers: list[bytes], frames: int, loop: asyncio.AbstractEventLoop
+    bridge: CaptureBridge, buffers: list[bytes], frames: int, loop: asyncio.AbstractEventLoop,
+    statuses: list[int] | None = None,
 ) -> asyncio.Event:
     """Call the PortAudio callback from a real thread; the event is set once all are offered."""
     done = asyncio.Event()
 
     def produce() -> None:
-        for data in buffers:
-            bridge.on_audio(data, frames, {}, 0)
+        for data, status in zip(buffers, statuses or [0] * len(buffers), strict=True):
+            bridge.on_audio(data, frames, {}, status)
         loop.call_soon_threadsafe(done.set)  # FIFO: runs after every offer
 
     threading.Thread(target=produce, name="fake-portaudio").start()
@@ -81,6 +82,25 @@ class TestCaptureBridge:
         drops = [e for e in logs if e["event"] == "audio.chunks_dropped"]
         assert sum(e["dropped"] for e in drops) == 15
         assert len(drops) == 2  # the first at once, the rest rate-limited then flushed at finish
+
+    async def test_input_overflow_is_counted_and_logged(self) -> None:
+        """Buffers PortAudio flags as overflowed (input lost before it reached us, e.g. an ALSA
+        overrun) are counted and logged like our own drops, never silent."""
+        loop = asyncio.get_running_loop()
+        bridge = CaptureBridge(
+            loop, PcmFormat(16000, 1, 2), sample_rate=16000, chunk_ms=100, queue_chunks=50
+        )
+        overflow = 2  # paInputOverflow
+        statuses = [0, overflow, 0, overflow, overflow, 1, 0]  # 1: paInputUnderflow, no loss
+        with capture_logs() as logs:
+            async with asyncio.timeout(5):
+                await _feed_from_thread(bridge, [bytes(3200)] * 7, 1600, loop, statuses).wait()
+            kept = await drain(bridge)
+        assert len(kept) == 7 and bridge.dropped == 0
+        assert bridge.overflows == 3
+        lines = [e for e in logs if e["event"] == "audio.input_overflow"]
+        assert sum(e["overflows"] for e in lines) == 3 and lines[-1]["total_overflows"] == 3
+        assert all(e["log_level"] == "warning" and e["source"] == "microphone" for e in lines)
 
     async def test_resamples_and_downmixes_seamlessly(self) -> None:
         """48 kHz stereo callback buffers become exact 16 kHz chunks of a continuous sine."""
@@ -174,6 +194,18 @@ class TestDeviceSelection:
         with pytest.raises(AudioError, match="matches 2 input devices"):
             resolve_device(devices, "USB")
 
+    def test_reopen_by_index_follows_the_opened_device(self) -> None:
+        """On a reopen an index means the device opened before: found by name where it moved to
+        (also when a replug changed its ALSA card number), missing while it is not listed."""
+        opened = DeviceInfo(4, "USB Audio Mic: - (hw:2,0)", 48000, 1, False)
+        moved = [DeviceInfo(4, "Webcam Mic: - (hw:3,0)", 48000, 1, False),
+                 DeviceInfo(5, "USB Audio Mic: - (hw:4,0)", 48000, 1, False)]
+        assert resolve_device(moved, "4", opened).index == 5
+        assert resolve_device(moved, "4").index == 4  # at start-up the index is all there is
+        with pytest.raises(AudioError, match=r"^audio device 4 \('USB Audio Mic.*'\) is gone; "
+                           r"available input devices: 4 'Webcam Mic"):
+            resolve_device(moved[:1], "4", opened)
+
     def test_no_default_device(self) -> None:
         """Without any input device, the default is an error that says there are none."""
         with pytest.raises(AudioError, match=r"no default audio input device.*: none"):
@@ -231,7 +263,7 @@ class TestMicrophone:
         assert steps.min() > 0
         assert abs(steps.mean() - 0.1) < 0.02
         assert abs(captured[-1].captured_at - time.time()) < 2
-        assert mic.dropped_chunks == 0
+        assert mic.dropped_chunks == 0 and mic.input_overflows == 0
 
     async def test_raw_pcm_round_trip(self, mic_env: VirtualMic) -> None:
         """Raw PCM fed with pacat is captured unchanged."""

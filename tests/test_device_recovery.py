@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+import os
+import select
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from daemon.audio import MicrophoneSource
+from daemon.audio import MicrophoneSource, list_devices
 from daemon.errors import AudioError
 from daemon.events import AudioChunk
 from daemon.health import Heartbeat
@@ -164,3 +168,131 @@ def test_file_source_is_not_reopened(tmp_path: Path) -> None:
     from daemon.audio import WavFileSource
 
     assert not hasattr(WavFileSource(tmp_path / "x.wav"), "recover")
+
+
+def _alsa_inputs(home: Path, *names: str) -> None:
+    """Define ALSA input devices (each a PulseAudio client of the virtual mic) in ~/.asoundrc.
+
+    PortAudio lists them in this order and re-reads the file on each initialisation, so
+    writing a new one between two reopens moves the devices' indices, as a replug does.
+    """
+    home.mkdir(exist_ok=True)
+    (home / ".asoundrc").write_text(
+        "".join(f'pcm.{name} {{ type pulse device "{SOURCE}" }}\n' for name in names)
+    )
+
+
+async def test_device_given_by_index_is_followed_when_indices_move(
+        private_mic: VirtualMic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``audio.device`` as an index: a device plugged in meanwhile moves ours to the next index.
+    The reopen follows the device it had opened (same name), not whatever now sits there."""
+    home = tmp_path / "home"
+    _alsa_inputs(home, "zmic")
+    monkeypatch.setenv("HOME", str(home))
+    logs = LogEvents()
+    with private_mic.activated():
+        index = next(d.index for d in await asyncio.to_thread(list_devices) if d.name == "zmic")
+        source = MicrophoneSource(str(index), stall_seconds=0.5)
+        async with source, asyncio.timeout(30):
+            chunks = Chunks()
+            task = asyncio.create_task(chunks.consume(source))
+            await chunks.more_than(2)
+            _alsa_inputs(home, "amic", "zmic")  # "amic" now has our index, zmic the next
+            await _pactl(private_mic, "suspend-source", SOURCE, "1")
+            lost, _ = await logs.wait("audio.device_lost")
+            await _pactl(private_mic, "suspend-source", SOURCE, "0")
+            await logs.wait("audio.device_recovered", after=lost)
+            source.stop()
+            await task
+    assert source.device_info is not None
+    assert (source.device_info.name, source.device_info.index) == ("zmic", index + 1)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` (a state another thread changes, with no event to await) to a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout:g} s"
+        time.sleep(0.01)
+
+
+def test_log_lines_get_out_while_the_sound_server_hangs(private_mic: VirtualMic) -> None:
+    """A hung sound server blocks PortAudio's start-up (a reopen, `devices`) for ever. Its noise
+    is kept off stderr meanwhile, but only for a few seconds: the daemon's own lines (the
+    watchdog saying capture is stuck) must reach the journal, not pile up unseen."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    pipe = os.fstat(2).st_ino
+    lister = threading.Thread(target=list_devices, name="hung-lister", daemon=True)
+    try:
+        with private_mic.activated(), private_mic.frozen():
+            lister.start()
+            _wait_until(lambda: os.fstat(2).st_ino != pipe, 10, "silenced")  # PortAudio's turn
+            os.write(2, b"watchdog.withheld capture: overdue\n")
+            ready, _, _ = select.select([read_end], [], [], 30)
+            heard = os.read(read_end, 4096) if ready else b""
+            assert b"watchdog.withheld capture: overdue\n" in heard
+    finally:
+        if lister.ident is not None:  # it swaps fd 2 back to the pipe as it ends
+            lister.join(30)
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_end)
+        os.close(read_end)
+    assert not lister.is_alive()
+
+
+async def _portaudio_call_running() -> None:
+    """Until a PortAudio call of the source is under way (no event says so: polled)."""
+    def running() -> bool:
+        return any(t.name == "portaudio-call" for t in threading.enumerate())
+
+    await asyncio.to_thread(_wait_until, running, 20, "calling PortAudio")
+
+
+async def _portaudio_calls_ended() -> None:
+    """Wait for the source's PortAudio threads (what they opened after all is closed again)."""
+    while calls := [t for t in threading.enumerate() if t.name.startswith("portaudio-")]:
+        await asyncio.to_thread(calls[0].join)
+
+
+async def test_stop_and_close_leave_a_hung_sound_server_behind(private_mic: VirtualMic) -> None:
+    """The sound server hangs: capture stalls and the reopen hangs inside PortAudio (stopping
+    the old stream never returns). SIGTERM's stop() still ends the chunks (so the engine ends
+    its turns cleanly) and closing gives up after a while, logged, instead of holding the
+    daemon's exit until systemd kills it."""
+    logs = LogEvents()
+    chunks = Chunks()
+    with private_mic.activated():
+        source = MicrophoneSource(stall_seconds=0.5)
+        try:
+            async with asyncio.timeout(60):  # a hang guard only: each step below is prompt
+                async with source:
+                    task = asyncio.create_task(chunks.consume(source))
+                    await chunks.more_than(0)
+                    private_mic.freeze()
+                    await logs.wait("audio.device_lost")
+                    await _portaudio_call_running()  # the reopen, stuck stopping the stream
+                    source.stop()
+                    await task
+                _, stuck = await logs.wait("audio.close_stuck")
+        finally:
+            private_mic.thaw()
+            async with asyncio.timeout(20):  # the calls left behind end once it answers
+                await _portaudio_calls_ended()
+    assert stuck["device"] == "default" and not source.recovering
+
+
+async def test_listing_devices_gives_up_on_a_hung_sound_server(private_mic: VirtualMic) -> None:
+    """`transcribed devices` while the sound server hangs: one clear error after a while, not a
+    hang that even Ctrl-C cannot end (PortAudio's start-up blocks the main thread in C)."""
+    with private_mic.activated():
+        try:
+            with private_mic.frozen(), pytest.raises(
+                AudioError, match=r"^listing audio devices: no answer within 1 s "
+                                  r"\(is the sound server \(PipeWire/PulseAudio\) hung\?\)$"):
+                list_devices(limit_s=1)
+        finally:
+            async with asyncio.timeout(20):  # the listing left behind ends once it answers
+                await _portaudio_calls_ended()

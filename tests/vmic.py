@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -136,6 +137,26 @@ class VirtualMic:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Our PulseAudio hung (see :meth:`freeze`) for the block, resumed on exit."""
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
+
+    def freeze(self) -> None:
+        """Stop our PulseAudio (SIGSTOP by PID), as a hung sound server: its clients hang,
+        a new connection never gets its answer, nor does a running stream."""
+        assert self._process is not None and self._process.poll() is None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Resume our PulseAudio after :meth:`freeze` (SIGCONT by PID)."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, signal.SIGCONT)
 
     @contextlib.contextmanager
     def activated(self) -> Iterator[None]:
