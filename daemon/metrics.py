@@ -43,6 +43,7 @@ class StatusSnapshot:
     audio_seconds: float = 0.0
     audio_age_s: float | None = None  # seconds since the last chunk arrived; None = none yet
     chunks_dropped: int = 0
+    input_overflows: int = 0  # capture buffers PortAudio flagged as overflowed (audio lost)
     capture_recovering: bool = False  # the microphone is being reopened (capture paused)
     sessions: int = 0
     reconnects: int = 0
@@ -138,6 +139,7 @@ def snapshot_of(
         audio_seconds=meter.seconds,
         audio_age_s=meter.age(),
         chunks_dropped=int(getattr(source, "dropped_chunks", 0)),
+        input_overflows=int(getattr(source, "input_overflows", 0)),
         capture_recovering=bool(getattr(source, "recovering", False)),
         sessions=sessions,
         reconnects=int(getattr(engine, "reconnects", 0)),
@@ -205,6 +207,9 @@ class MetricsRenderer:
              snap.audio_seconds),
             ("audio_chunks_dropped_total", "counter",
              "Audio chunks dropped because the consumer fell behind.", snap.chunks_dropped),
+            ("audio_input_overflows_total", "counter",
+             "Capture buffers the audio system flagged as overflowed (input lost before them).",
+             snap.input_overflows),
             ("sessions_total", "counter", "Engine sessions begun.", snap.sessions),
             ("reconnects_total", "counter", "Reconnections to the streaming service.",
              snap.reconnects),

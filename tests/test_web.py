@@ -90,7 +90,8 @@ class TestMetrics:
         latencies = [0.004, 0.03, 0.2, 1.5]
         status = StatusBox(StatusSnapshot(
             engine="assemblyai", engine_live=True, audio_seconds=61.5, audio_age_s=0.05,
-            chunks_dropped=2, sessions=3, reconnects=2, backlog_seconds=4.25, turns=9,
+            chunks_dropped=2, input_overflows=7, sessions=3, reconnects=2, backlog_seconds=4.25,
+            turns=9,
             sinks=(SinkSnapshot("journal", 1, 4, 0, 0, latencies),
                    SinkSnapshot('we"ird', 0, 2, 5, 1, [0.1, 0.2])),
         ))
@@ -101,6 +102,7 @@ class TestMetrics:
             samples = _samples(response.text)
             assert samples[("transcribed_audio_seconds_total", ())] == 61.5
             assert samples[("transcribed_audio_chunks_dropped_total", ())] == 2
+            assert samples[("transcribed_audio_input_overflows_total", ())] == 7
             assert samples[("transcribed_sessions_total", ())] == 3
             assert samples[("transcribed_reconnects_total", ())] == 2
             assert samples[("transcribed_backlog_seconds", ())] == 4.25
