@@ -111,47 +111,67 @@ def threaded_sync(fake: FakeService, pcm: bytes, chunks: int) -> float:
     return rate
 
 
+class _SansIo:
+    """One session by the ``websockets`` sans-I/O protocol on a plain socket, for two threads."""
+
+    def __init__(self, fake: FakeService) -> None:
+        uri = parse_uri(session_url(fake))
+        self.protocol = ClientProtocol(uri)
+        self.lock = threading.Lock()               # the protocol is shared by both sides
+        self.sock = socket.create_connection((uri.host, uri.port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_request()
+
+    def send_request(self) -> None:
+        with self.lock:
+            self.protocol.send_request(self.protocol.connect())
+            self._flush()
+
+    def _flush(self) -> None:
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+
+    def texts(self, data: bytes) -> list[bytes]:
+        """Take received bytes (``b""``: end of stream); the text messages they complete."""
+        with self.lock:
+            if data:
+                self.protocol.receive_data(data)
+            else:
+                self.protocol.receive_eof()
+            events = self.protocol.events_received()
+            self._flush()
+        return [bytes(e.data) for e in events if isinstance(e, Frame) and e.opcode is Opcode.TEXT]
+
+    def send(self, pcm: bytes) -> None:
+        with self.lock:
+            self.protocol.send_binary(pcm)
+            self._flush()
+
+    def send_close(self) -> None:
+        with self.lock:
+            self.protocol.send_close()
+            self._flush()
+
+
 def threaded_sans_io(fake: FakeService, pcm: bytes, chunks: int) -> float:
     """The smallest threaded client: sans-I/O ``websockets`` on a blocking socket."""
-    uri = parse_uri(session_url(fake))
-    protocol = ClientProtocol(uri)
-    lock = threading.Lock()                    # the protocol is shared by the two threads
+    session = _SansIo(fake)
     began = threading.Event()
-    with socket.create_connection((uri.host, uri.port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        def flush() -> None:
-            for data in protocol.data_to_send():
-                if data:
-                    sock.sendall(data)
+    def read() -> None:
+        while data := session.sock.recv(65536):
+            for text in session.texts(data):
+                json.loads(text)
+                began.set()
 
-        def read() -> None:
-            while data := sock.recv(65536):
-                with lock:
-                    protocol.receive_data(data)
-                    events = protocol.events_received()
-                    flush()
-                for event in events:
-                    if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
-                        json.loads(bytes(event.data))
-                        began.set()
-
-        def send(index: int) -> None:
-            with lock:
-                protocol.send_binary(pcm[index * 3200 : (index + 1) * 3200])
-                flush()
-
-        with lock:
-            protocol.send_request(protocol.connect())
-            flush()
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        began.wait(5)
-        rate = paced_thread(chunks, send)
-        with lock:
-            protocol.send_close()
-            flush()
-        reader.join(5)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    began.wait(5)
+    rate = paced_thread(chunks, lambda index: session.send(pcm[index * 3200 : (index + 1) * 3200]))
+    session.send_close()
+    reader.join(5)                             # it ends with the service's close
+    session.sock.close()
     return rate
 
 
@@ -199,55 +219,35 @@ class _CoreWork:
 async def hybrid(fake: FakeService, pcm: bytes, chunks: int, *, work: bool) -> float:
     """An audio thread sends, the event loop reads (``add_reader``); optionally our core work."""
     loop = asyncio.get_running_loop()
-    uri = parse_uri(session_url(fake))
-    protocol = ClientProtocol(uri)
-    lock = threading.Lock()                    # the protocol is shared by the thread and loop
+    session = _SansIo(fake)
     core = _CoreWork() if work else None
-    with socket.create_connection((uri.host, uri.port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while not session.texts(session.sock.recv(65536)):     # handshake and Begin, blocking
+        pass
 
-        def flush() -> None:
-            for data in protocol.data_to_send():
-                if data:
-                    sock.sendall(data)
+    def readable() -> None:
+        data = session.sock.recv(65536)
+        for text in session.texts(data):
+            if core is None:
+                json.loads(text)
+            else:
+                core.message(text)
+        if not data:
+            loop.remove_reader(session.sock.fileno())
 
-        protocol.send_request(protocol.connect())
-        flush()
-        began = False
-        while not began:                       # handshake and Begin, blocking
-            protocol.receive_data(sock.recv(65536))
-            began = any(isinstance(event, Frame) and event.opcode is Opcode.TEXT
-                        for event in protocol.events_received())
+    def send(index: int) -> None:
+        frame = pcm[index * 3200 : (index + 1) * 3200]
+        piece = core.chunk(index, frame) if core is not None else None
+        session.send(frame)
+        if core is not None and piece is not None:
+            core.sent(piece)
 
-        def readable() -> None:
-            data = sock.recv(65536)
-            with lock:
-                protocol.receive_data(data)
-                events = protocol.events_received()
-                flush()
-            for event in events:
-                if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
-                    if core is None:
-                        json.loads(bytes(event.data))
-                    else:
-                        core.message(bytes(event.data))
-            if not data:
-                loop.remove_reader(sock.fileno())
-
-        def send(index: int) -> None:
-            frame = pcm[index * 3200 : (index + 1) * 3200]
-            piece = core.chunk(index, frame) if core is not None else None
-            with lock:
-                protocol.send_binary(frame)
-                flush()
-            if core is not None and piece is not None:
-                core.sent(piece)
-
-        loop.add_reader(sock.fileno(), readable)
-        before = cpu_s()
-        await asyncio.to_thread(paced_thread, chunks, send)
-        rate = (cpu_s() - before) / (chunks / 600)
-        loop.remove_reader(sock.fileno())
+    loop.add_reader(session.sock.fileno(), readable)
+    before = cpu_s()
+    await asyncio.to_thread(paced_thread, chunks, send)
+    rate = (cpu_s() - before) / (chunks / 600)
+    loop.remove_reader(session.sock.fileno())
+    session.send_close()
+    session.sock.close()
     return rate
 
 

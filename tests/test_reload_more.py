@@ -15,7 +15,7 @@ from daemon.outbox import Outbox
 from daemon.plugins import SinkConfig, SinkType
 from daemon.reload import Reloader, SinkBuilder
 from tests.test_outbox import make_turn, read_dead_letters
-from tests.test_reload import _Hung, _Recorder, _runner, _validated
+from tests.test_reload import _failing_hook, _Hung, _Recorder, _runner, _validated
 
 
 def _ids(*orders: int) -> list[str]:
@@ -68,24 +68,14 @@ async def test_webhook_turned_file_sink_keeps_what_it_held(tmp_path: Path) -> No
     """A durable sink rebuilt as a memory one of the same name (``type`` changed from webhook
     to file): the records its outbox held are delivered by the new one, first, and leave the
     outbox. (They stayed on disk for no configured sink; the next start called them orphaned.)"""
-    old, new = _Recorder(failing=True), _Recorder()
-    outbox = Outbox(tmp_path / "outbox.sqlite3")
-    try:
-        dispatcher = Dispatcher([_runner("s", old, outbox.queue("s"), durable=True)],
-                                dead_letter_dir=tmp_path)
-        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
-            dispatcher.start(group)
-            for i in range(3):
-                dispatcher.dispatch(make_turn(i))
-            await old.attempted.wait()
-            await dispatcher.replace(_runner("s", new))
-            dispatcher.dispatch(make_turn(3))
-            await new.wait_count(4)
-            await dispatcher.close(5)
-        assert new.received == _ids(0, 1, 2, 3) and old.received == []
-        assert outbox.depth("s") == 0
-    finally:
-        outbox.close()
+    async with _failing_hook(tmp_path) as (dispatcher, old, new, _outbox):
+        for i in range(3):
+            dispatcher.dispatch(make_turn(i))
+        await old.attempted.wait()
+        await dispatcher.replace(_runner("hook", new))
+        dispatcher.dispatch(make_turn(3))
+        await new.wait_count(4)
+    assert new.received == _ids(0, 1, 2, 3) and old.received == []
 
 
 async def test_stop_while_rebuilding_dead_letters_the_new_sinks_records(tmp_path: Path) -> None:
