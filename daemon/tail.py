@@ -26,7 +26,12 @@ from typing import Any, Final, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedError, InvalidStatus, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosedError,
+    InvalidMessage,
+    InvalidStatus,
+    WebSocketException,
+)
 
 from daemon.backoff import backoff
 from daemon.errors import EX_FAILURE, EX_OK
@@ -163,8 +168,15 @@ async def _follow_once(feed: str, token: str, screen: Screen,
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if token:
             reason = reason.replace(token, MASK)    # a library error may quote our header
-        raise TailError(f"cannot reach the daemon at {feed}: {reason} "
-                        "(is `transcribed run` running with http.enabled?)") from None
+        raise TailError(f"cannot reach the daemon at {feed}: {reason} ({_hint(exc)})") from None
+
+
+def _hint(exc: BaseException) -> str:
+    """What a failed connection suggests: nobody listening, or a daemon that cut it unanswered."""
+    if isinstance(exc, ConnectionResetError) or (
+            isinstance(exc, InvalidMessage) and isinstance(exc.__cause__, EOFError)):
+        return "the daemon cut the connection unanswered, as it does beyond 256 open at once"
+    return "is `transcribed run` running with http.enabled?"
 
 
 def _event(message: str | bytes, feed: str) -> dict[str, Any]:

@@ -77,3 +77,20 @@ async def test_closed_stdout_is_one_line() -> None:
     assert process.returncode == 1
     assert err.decode() == ("transcribed tail: standard output is closed: nothing to show the "
                             "feed on\n")
+
+
+async def test_a_daemon_at_its_connection_cap_is_not_called_absent() -> None:
+    """The daemon cuts connections beyond its cap: tail says so, instead of asking whether
+    ``transcribed run`` is running (it is)."""
+    from daemon.live import LiveHub
+    from tests.live_helpers import live_server
+    from tests.test_tail import _run_tail
+
+    async with live_server(LiveHub(), max_connections=1) as server:
+        held = await asyncio.open_connection("127.0.0.1", server.port)
+        code, err = await _run_tail(server.url, "")
+        held[1].close()
+    assert code == 1
+    assert "is `transcribed run` running" not in err, err
+    assert err.endswith("(the daemon cut the connection unanswered, as it does beyond 256 open "
+                        "at once)\n"), err
