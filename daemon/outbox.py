@@ -31,7 +31,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Final
 
@@ -339,7 +339,7 @@ def _lock(path: Path) -> int:
     """Create the directory and take an exclusive lock next to the database."""
     lock_path = path.with_name(path.name + ".lock")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)     # queued transcripts
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise OutboxError(f"{lock_path}: cannot create the outbox: {exc.strerror}") from None
@@ -354,17 +354,29 @@ def _lock(path: Path) -> int:
 _DAMAGED: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
+_COLUMNS: Final = ["sink", "seq", "record_id", "body", "queued_at"]
+
+
 def _open(path: Path) -> sqlite3.Connection:
-    """Open (or create) the database in WAL mode and check that it is readable."""
+    """Open (or create) the database in WAL mode and check that it is readable.
+
+    The file is created 0600 before SQLite opens it: SQLite gives its WAL and shared-memory
+    files (the WAL holds the queued transcripts) the database's mode.
+    """
     try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         db = sqlite3.connect(path, isolation_level=None)
+    except OSError as exc:
+        raise OutboxError(f"{path}: cannot open the outbox database: {exc.strerror}") from None
     except sqlite3.Error as exc:
         raise OutboxError(f"{path}: cannot open the outbox database: {exc}") from None
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
-        db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        foreign = _foreign(db)     # before anything writes to it (WAL mode is kept in the file)
+        if foreign is None:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM outbox").fetchone()
     except sqlite3.Error as exc:
         db.close()
         if getattr(exc, "sqlite_errorcode", None) in _DAMAGED:    # not a full disk, say
@@ -372,5 +384,23 @@ def _open(path: Path) -> sqlite3.Connection:
                 f"{path}: outbox database is unreadable ({exc}); move it aside to start empty"
             ) from None
         raise OutboxError(f"{path}: cannot open the outbox database: {exc}") from None
-    os.chmod(path, 0o600)
+    if foreign is not None:
+        db.close()
+        raise OutboxError(f"{path}: not a transcribed outbox database ({foreign}); move it "
+                          f"aside or set another state_dir")
+    for suffix in ("", "-wal", "-shm"):     # also what an older version (or a crash) left 0644
+        with suppress(OSError):
+            os.chmod(path.with_name(path.name + suffix), 0o600)
     return db
+
+
+def _foreign(db: sqlite3.Connection) -> str | None:
+    """What shows that ``db`` is another program's database, or None (ours, or empty)."""
+    tables = sorted(str(name) for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"))
+    if tables and tables != ["outbox"]:
+        return "it holds the tables " + ", ".join(tables[:5])
+    columns = [str(row[1]) for row in db.execute("PRAGMA table_info(outbox)")]
+    if tables and columns != _COLUMNS:
+        return "its outbox table has the columns " + ", ".join(columns[:8])
+    return None

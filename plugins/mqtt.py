@@ -2,10 +2,12 @@
 
 The sink owns one connection, kept by a background task started in ``__aenter__``: it connects
 (never failing the sink when the broker is down), publishes a retained ``online`` on the
-availability topic (last will: retained ``offline``), watches the connection and reconnects with
-jittered backoff when the broker goes away. ``send`` waits up to ``timeout_s`` for a connection,
-publishes under the same timeout and raises ``SinkError`` on any failure, so the record stays in
-the outbox and the dispatcher retries it. A clean shutdown publishes ``offline`` first.
+availability topic (last will: retained ``offline``; an ``offline`` seen there while connected,
+an earlier connection's late will, is answered with ``online``), watches the connection and
+reconnects with jittered backoff when the broker goes away. ``send`` waits up to ``timeout_s``
+for a connection, publishes under the same timeout and raises ``SinkError`` on any failure, so
+the record stays in the outbox and the dispatcher retries it. A clean shutdown publishes
+``offline`` first.
 
 It speaks MQTT 5 (falling back to 3.1.1, once, for a broker that refuses 5) because only MQTT 5
 tells the client the broker's Maximum Packet Size (in CONNACK): a record whose PUBLISH would
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 import re
 import ssl
@@ -40,6 +43,7 @@ from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 from plugins.mqtt_client import (
+    CLOSED_BEFORE_CONNACK,
     MQTT_MAX_PACKET,
     UNSUPPORTED_PROTOCOL,
     client_class,
@@ -52,6 +56,7 @@ from plugins.mqtt_client import (
 )
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
+    import aiomqtt
 
     from plugins.mqtt_client import MqttClient
 
@@ -184,9 +189,11 @@ class MqttSink:
         self._connected = asyncio.Event()
         self._last_error = "not connected yet"
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def __aenter__(self) -> Self:
         """Start connecting in the background; never fails because the broker is down."""
+        self._closing = False       # entered again when the dispatcher restarts its worker
         self._task = asyncio.create_task(self._maintain(), name=f"mqtt:{self.name}")
         return self
 
@@ -195,6 +202,7 @@ class MqttSink:
         """Publish ``offline`` if connected, then disconnect cleanly (no last will)."""
         import aiomqtt
 
+        self._closing = True        # our own 'offline' is not a stale will (_reassert)
         client = self._client
         if client is not None and self._connected.is_set() and self.availability:
             with contextlib.suppress(aiomqtt.MqttError):
@@ -256,9 +264,11 @@ class MqttSink:
 
         The backoff restarts only after a connection that stayed up ``STABLE_S``: a broker that
         drops every connection at once (another client took over the same ``client_id``) is not
-        reconnected to in a tight loop.
+        reconnected to in a tight loop. Each reason for failing to connect is logged once until
+        a connection is made (refused while the broker starts, then refused for the password).
         """
-        delay, failing = RECONNECT_INITIAL_S, False
+        delay = RECONNECT_INITIAL_S
+        said: set[str] = set()     # connect failures logged since the last connection
         while True:
             error, uptime = await self._session()
             if error is None:
@@ -270,11 +280,14 @@ class MqttSink:
                           f"connected with client_id {self.config.client_id!r}?)")
             self._last_error = error
             wait = delay * (0.5 + random.random())
-            if uptime is not None or not failing:
-                log.warning("mqtt.disconnected" if uptime is not None else "mqtt.connect_failed",
-                            sink=self.name, broker=self._where, error=error,
-                            retry_in_s=round(wait, 2))
-            failing = True
+            if uptime is not None:
+                said.clear()
+                log.warning("mqtt.disconnected", sink=self.name, broker=self._where,
+                            error=error, retry_in_s=round(wait, 2))
+            elif error not in said:         # once per reason: a broker up again may refuse us
+                said.add(error)
+                log.warning("mqtt.connect_failed", sink=self.name, broker=self._where,
+                            error=error, retry_in_s=round(wait, 2))
             await asyncio.sleep(wait)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -288,8 +301,8 @@ class MqttSink:
             async with client:
                 await self._announce(client)
                 up_at = loop.time()
-                async for _ in client.messages:     # ends with MqttError on disconnect
-                    pass
+                async for message in client.messages:   # ends with MqttError on disconnect
+                    await self._reassert(client, message)
             error = "the connection ended"
         except aiomqtt.MqttError as exc:
             if self._v5 and up_at is None and reason_code(exc) == UNSUPPORTED_PROTOCOL:
@@ -298,7 +311,7 @@ class MqttSink:
                             protocol="3.1.1", note="the broker does not announce its maximum "
                             "packet size under 3.1.1: an oversized record is retried")
                 return None, None
-            error = describe(exc)
+            error = self._hint(describe(exc)) if up_at is None else describe(exc)
         except Exception:  # supervision boundary: the connection task must never die
             log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
             error = "internal error (see log)"
@@ -308,13 +321,46 @@ class MqttSink:
             release(client)
         return error, None if up_at is None else loop.time() - up_at
 
+    def _hint(self, error: str) -> str:
+        """``error`` (of a connect), with a question about ``tls`` where it may be the cause."""
+        if error == CLOSED_BEFORE_CONNACK and self._tls is None:
+            return f"{error} (is {self._where} a TLS listener? then set tls = true)"
+        if self._tls is not None and f"[Errno {errno.ECONNRESET}]" in error:
+            return f"{error} (in the TLS handshake: does {self._where} speak TLS? tls = true)"
+        return error
+
     async def _announce(self, client: MqttClient) -> None:
         if self.availability:
             await client.publish(self.availability, ONLINE, qos=1, retain=True,
                                  timeout=self.config.timeout_s)
+            # watched for a late last will (_reassert); a broker's ACL may refuse it: no error
+            await client.subscribe(self.availability, qos=1, timeout=self.config.timeout_s)
         self._client = client
         self._connected.set()
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
+
+    async def _reassert(self, client: MqttClient, message: aiomqtt.Message) -> None:
+        """Say ``online`` again when ``offline`` appears while connected and not closing.
+
+        An earlier connection that died on this side only (an address change, a NAT reset) is
+        still open at the broker until its keep-alive timeout: its last will (retained
+        ``offline``) comes after this connection announced ``online``. A failed publish ends
+        nothing: a connection that is really gone ends the message loop by itself.
+        """
+        import aiomqtt
+
+        if self._closing or message.payload != OFFLINE.encode() \
+                or not message.topic.matches(self.availability):
+            return
+        try:
+            await client.publish(self.availability, ONLINE, qos=1, retain=True,
+                                 timeout=self.config.timeout_s)
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt.online_not_reasserted", sink=self.name, broker=self._where,
+                        error=describe(exc))
+            return
+        log.info("mqtt.online_reasserted", sink=self.name, broker=self._where,
+                 reason="an earlier connection's last will said offline")
 
     def _new_client(self) -> MqttClient:
         import aiomqtt

@@ -39,6 +39,7 @@ log = structlog.get_logger("plugins.mqtt")
 _AUTH_REFUSED: Final = frozenset({4, 5, 134, 135})  # CONNACK codes, MQTT 3.1.1 and 5
 UNSUPPORTED_PROTOCOL: Final = 132  # CONNACK code (paho also maps a 3.1.1 broker's 1 to it)
 MQTT_MAX_PACKET: Final = 268_435_455 + 5  # the largest packet the protocol can encode at all
+CLOSED_BEFORE_CONNACK: Final = "the broker closed the connection before accepting it"
 _NOT_AUTHORIZED: Final = 135
 _REFUSED_FOR_GOOD: Final = frozenset({_NOT_AUTHORIZED, 144, 149, 153})  # topic, size, payload
 
@@ -55,7 +56,10 @@ def client_class() -> type[MqttClient]:
     """``aiomqtt.Client`` that keeps the broker's Maximum Packet Size from CONNACK (MQTT 5).
 
     aiomqtt drops CONNACK properties (empicano/aiomqtt#362), so this overrides its callback,
-    keeping the value and calling the original. Defined on first use: aiomqtt loads lazily.
+    keeping the value and calling the original. A connection closed before CONNACK (plain MQTT
+    to a TLS listener, a broker at its connection limit) fails the connect at once: aiomqtt
+    waited out its timeout and said only "Operation timed out". Defined on first use: aiomqtt
+    loads lazily.
     """
     import aiomqtt
 
@@ -73,6 +77,16 @@ def client_class() -> type[MqttClient]:
             if reason_code.is_failure:
                 self.refusals[mid] = reason_code
             super()._on_publish(client, userdata, mid, reason_code, properties)
+
+        def _on_disconnect(self, client: Any, userdata: Any, flags: Any,
+                           reason_code: ReasonCode, properties: Properties | None = None) -> None:
+            # while __aenter__ waits for CONNACK (it holds the lock); aiomqtt ignored this.
+            # Its internals, read defensively: another aiomqtt just waits out the timeout again
+            lock, connected = getattr(self, "_lock", None), getattr(self, "_connected", None)
+            if isinstance(lock, asyncio.Lock) and isinstance(connected, asyncio.Future) \
+                    and lock.locked() and not connected.done():
+                connected.set_exception(aiomqtt.MqttError(CLOSED_BEFORE_CONNACK))
+            super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
         def _on_connect(self, client: Any, userdata: Any, flags: Any,
                         reason_code: ReasonCode, properties: Properties | None = None) -> None:
@@ -130,9 +144,10 @@ def release(client: MqttClient) -> None:
     sock_close = getattr(paho, "_sock_close", None)
     if sock_close is not None and paho.socket() is not None:
         sock_close()
-    lost = getattr(client, "_disconnected", None)
-    if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
-        lost.exception()
+    for name in ("_disconnected", "_connected"):    # _connected: closed after a timed-out CONNECT
+        lost = getattr(client, name, None)
+        if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
+            lost.exception()
 
 
 _UNAVAILABLE: set[str] = set()     # effects already reported

@@ -1,0 +1,195 @@
+"""The MQTT sink's availability topic when a connection dies on one side only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+
+from plugins.mqtt import MqttConfig, MqttSink
+from tests.mosquitto import Mosquitto, Subscriber, make_certs
+from tests.test_mqtt import LogWatch
+from tests.test_outbox import make_turn
+
+HOST = "testhost"
+STATUS = "transcribed/testhost/status"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    with Mosquitto(tmp_path / "broker") as running:
+        yield running
+
+
+class HalfOpenProxy:
+    """A TCP relay to the broker that can drop a connection on the client's side only.
+
+    ``drop_client_side`` closes the sink's end of every relayed connection and keeps the
+    broker's end open, as when the network fails on the client's side (an address change,
+    a NAT reset): the broker still sees the old connection. ``drop_broker_side`` then closes
+    those ends, as the broker's keep-alive timeout finally does: it publishes their last will.
+    """
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.port = 0
+        self.connections = 0
+        self.connected = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._kept: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for writer in [w for pair in self._pairs for w in pair] + self._kept:
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def drop_client_side(self) -> None:
+        """Close the client's end of every connection; keep the broker's end open."""
+        for client, upstream in self._pairs:
+            client.transport.abort()
+            self._kept.append(upstream)
+        self._pairs.clear()
+
+    def drop_broker_side(self) -> None:
+        """Close the broker's end of the connections ``drop_client_side`` kept."""
+        for upstream in self._kept:
+            upstream.transport.abort()
+        self._kept.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.broker.address)
+        self._pairs.append((writer, up_writer))
+        self.connections += 1
+        self.connected.set()
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, target))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await source.read(65536):
+                if target.is_closing():
+                    return          # this side was dropped: the bytes go nowhere
+                target.write(data)
+                await target.drain()
+
+
+async def payloads(subscriber: Subscriber, *wanted: bytes) -> None:
+    """Wait for the next messages on the status topic to be ``wanted``, in order."""
+    for expected in wanted:
+        message = await subscriber.next(within=10)
+        assert message.payload == expected
+
+
+class TestStaleWill:
+    async def test_an_old_connections_will_does_not_leave_the_daemon_offline(
+            self, broker: Mosquitto) -> None:
+        """The broker publishes a dead connection's last will late (its keep-alive timeout,
+        1.5 x keep_alive), when the sink is already connected again: the sink says 'online'
+        again. The retained 'offline' stayed, and the daemon looked down while delivering."""
+        async with HalfOpenProxy(broker) as proxy, Subscriber(broker, STATUS) as subscriber:
+            cfg = MqttConfig.model_validate({"type": "mqtt", "host": "127.0.0.1",
+                                             "port": proxy.port, "timeout_s": 2})
+            async with MqttSink("bus", cfg, HOST):
+                await payloads(subscriber, b"online")
+                proxy.drop_client_side()
+                await payloads(subscriber, b"online")       # reconnected: a new connection
+                proxy.drop_broker_side()
+                await payloads(subscriber, b"offline", b"online")
+                async with Subscriber(broker, STATUS) as late:
+                    retained = await late.next()
+                assert (retained.payload, retained.retain) == (b"online", True)
+            await payloads(subscriber, b"offline")          # a clean stop still says so
+            async with Subscriber(broker, STATUS) as late:
+                retained = await late.next()
+            assert (retained.payload, retained.retain) == (b"offline", True)
+
+    async def test_a_status_topic_the_acl_lets_write_only_still_works(
+            self, tmp_path: Path) -> None:
+        """Watching the status topic needs read access; a broker refusing it changes nothing."""
+        acl = "topic write transcribed/+/status\ntopic readwrite transcribed/+/turn\n"
+        with Mosquitto(tmp_path / "acl", acl=acl) as broker:
+            cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                             "port": broker.port, "timeout_s": 2})
+            async with Subscriber(broker, "transcribed/+/turn") as turns, \
+                    MqttSink("bus", cfg, HOST) as sink:
+                await sink.send(make_turn(1))
+                message = await turns.next()
+            assert json.loads(bytes(message.payload))["id"] == make_turn(1).id
+
+
+class TestConnectErrors:
+    async def test_a_new_reason_for_failing_to_connect_is_logged(self, tmp_path: Path) -> None:
+        """Started before the broker (at boot), then refused by it: both reasons are logged,
+        once each. Only 'Connection refused' was: a wrong password stayed unsaid until a turn
+        came to send (the send's error), and the broker looked down."""
+        broker = Mosquitto(tmp_path / "late", users={"daemon": "s3cret-pw"})
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2,
+                                         "username": "daemon", "password": "wr0ng-pw"})
+        watch = LogWatch()
+
+        def failures(entries: list[MutableMapping[str, Any]]) -> list[str]:
+            return [str(e["error"]) for e in entries if e["event"] == "mqtt.connect_failed"]
+
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST):
+                await watch.until(lambda entries: len(failures(entries)) == 1)
+                with broker:
+                    await watch.until(lambda entries: any(
+                        "check username and password" in error for error in failures(entries)))
+        errors = failures(watch.entries)
+        assert "Connection refused" in errors[0]
+        assert len(errors) == len(set(errors)) == 2
+        assert "wr0ng-pw" not in repr(watch.entries)
+
+    # paho-mqtt 2.2 does not close its SSLSocket when the handshake fails (test_mqtt.py)
+    @pytest.mark.filterwarnings(
+        "ignore:Exception ignored in.*SSLSocket:pytest.PytestUnraisableExceptionWarning"
+    )
+    async def test_tls_set_wrong_either_way_says_so(self, tmp_path: Path) -> None:
+        """Plain MQTT to a TLS listener said 'Operation timed out' (after timeout_s, every
+        attempt: aiomqtt ignores a connection closed before CONNACK); TLS to a plain one said
+        only 'Connection reset by peer'. Both now point at the setting."""
+        certs = make_certs(tmp_path / "certs")
+        with Mosquitto(tmp_path / "tls", certs=certs) as secure, \
+                Mosquitto(tmp_path / "plain") as plain:
+            errors = [await first_connect_error({"port": secure.port}),
+                      await first_connect_error({"port": plain.port, "tls": True,
+                                                 "ca_file": str(certs.ca)})]
+        assert errors[0].startswith("the broker closed the connection before accepting it")
+        assert f"is 127.0.0.1:{secure.port} a TLS listener? then set tls = true" in errors[0]
+        assert "Connection reset by peer" in errors[1]
+        assert f"does 127.0.0.1:{plain.port} speak TLS? tls = true" in errors[1]
+
+
+async def first_connect_error(table: dict[str, Any]) -> str:
+    """The error of the sink's first ``mqtt.connect_failed`` with ``table``'s settings."""
+    cfg = MqttConfig.model_validate({"type": "mqtt", "host": "127.0.0.1", "timeout_s": 2,
+                                     **table})
+    watch = LogWatch()
+    with watch.active():
+        async with MqttSink("bus", cfg, HOST):
+            await watch.until(lambda entries: any(
+                e["event"] == "mqtt.connect_failed" for e in entries))
+    return next(str(e["error"]) for e in watch.entries if e["event"] == "mqtt.connect_failed")
