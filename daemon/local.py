@@ -16,8 +16,9 @@ Pipeline, all on the event loop except the recogniser:
    second of new speech, only while the worker is idle: a final waits for at most one (~0.3 s).
 
 ``end_of_turn_confidence`` is the VAD's certainty that the speaker stopped: one minus the mean
-speech probability over the silence that ended the turn (1.0 at end of input; one minus the last
-chunk's probability when ``max_turn_seconds`` cut the turn).
+speech probability over the silence that ended the turn (1.0 at end of input). A turn that
+reaches ``max_turn_seconds`` is cut in its last pause (the same measure over that pause), or, with
+no pause at all, at the limit (one minus the last chunk's probability).
 
 Turns are skipped when the recogniser returns no text, only bracketed annotations (``[Music]``),
 one of :data:`HALLUCINATIONS` (what Whisper invents on noise), or one of
@@ -89,6 +90,10 @@ log = structlog.get_logger("daemon.local")
 _PARTIAL_EVERY_S: Final = 1.0
 _PAD_MS: Final = 100  # silence kept after the last speech chunk; speculation starts then
 _LIVE_S: Final = 1.0  # speculate only on live audio: in a backlog the turn's end is only ms away
+_BEHIND_S: Final = 30.0  # a turn delivered this long after its speech ended: the recogniser lags
+_BEHIND_EVERY_S: Final = 60.0
+_BEHIND_HINT: Final = ("the recogniser is slower than the speech: use a smaller local.model, "
+                       "a lower local.beam_size or local.compute_type = 'int8'")
 
 
 def _utc(posix: float) -> datetime:
@@ -196,6 +201,7 @@ class _Session:
         self.in_flight = 0
         self.audio_s = 0.0
         self.resampler: Any = None
+        self.behind_warned = -_BEHIND_EVERY_S  # monotonic time of the last falling_behind warning
 
     async def run(self, chunks: AsyncIterator[AudioChunk]) -> None:
         started, reason = time.monotonic(), "error"
@@ -220,6 +226,7 @@ class _Session:
         finally:
             emitter.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
+            self._report_lost(reason)
             self._end(time.monotonic() - started, reason)
 
     async def _drain(self, emitter: asyncio.Task[None]) -> None:
@@ -227,6 +234,15 @@ class _Session:
             self._handle(self.endpointer.flush())
             self.finals.put_nowait(None)
         await emitter
+
+    def _report_lost(self, reason: str) -> None:
+        """Warn of heard turns that will never be delivered.
+
+        Stopped before they were recognised, or queued behind a turn whose recognition failed.
+        """
+        lost = self.in_flight + len(self.endpointer.flush())
+        if lost:
+            log.warning("local.turns_lost", session_id=self.id, turns=lost, reason=reason)
 
     def _end(self, duration_s: float, reason: str) -> None:
         summary = SessionSummary(
@@ -342,6 +358,17 @@ class _Session:
             )
             self.turns += 1
             self.listener.turn(record)
+            self._check_behind(ended)
+
+    def _check_behind(self, ended: TurnEnded) -> None:
+        """Warn (once a minute) when turns are delivered long after they were spoken."""
+        behind = time.time() - ended.speech_ended_at
+        now = time.monotonic()
+        if behind < _BEHIND_S or now - self.behind_warned < _BEHIND_EVERY_S:
+            return
+        self.behind_warned = now
+        log.warning("local.falling_behind", session_id=self.id, behind_s=round(behind, 1),
+                    turns_waiting=self.in_flight, hint=_BEHIND_HINT)  # fmt: skip
 
 
 def _is_live(audio: TurnAudio) -> bool:

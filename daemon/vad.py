@@ -13,6 +13,10 @@ and ``pad_ms`` of the silence after it. It reports three events:
 * :class:`TurnResumed`: speech came back before ``end_silence_ms``; the paused audio is stale.
 * :class:`TurnEnded`: the turn is over (``end_silence_ms`` of silence, ``max_turn_ms`` reached,
   or end of input); its audio is final.
+
+A turn that reaches ``max_turn_ms`` without ending is cut in its last pause (a chunk the VAD did
+not call speech, however short), so no word is cut in two; the speech after that pause opens the
+next turn. Only speech without any pause is cut at ``max_turn_ms`` itself.
 """
 
 from __future__ import annotations
@@ -166,6 +170,7 @@ class _Turn:
     onset: int = 0
     length_s: float = 0.0
     probs: list[float] = field(default_factory=list)
+    speech: list[bool] = field(default_factory=list)  # per piece: did the VAD call it speech
 
 
 class Endpointer:
@@ -228,6 +233,7 @@ class Endpointer:
             self._serial, pieces, onset, piece.duration, onset=onset, length_s=length
         )
         self._turn.probs.append(piece.prob)
+        self._turn.speech = [False] * onset + [True]
         self._serial += 1
         return self._check_length(self._turn)
 
@@ -236,6 +242,7 @@ class Endpointer:
         turn.length_s += piece.duration
         events: list[Event] = []
         speech = piece.prob >= self._on or (piece.prob >= self._off and turn.silence_s == 0)
+        turn.speech.append(speech)
         if speech:
             if turn.paused:
                 events.append(TurnResumed(turn.serial))
@@ -274,9 +281,34 @@ class Endpointer:
         self._turn = None
         if turn.silence_s > 0:  # cut inside a pause: commit up to the pad as usual
             return self._end_on_silence(turn)
+        pause = _last_pause(turn)
+        if pause is not None:
+            return self._split(turn, *pause)
         audio = TurnAudio(turn.serial, tuple(turn.pieces), _mean(turn.probs), turn.onset)
         confidence = round(1.0 - turn.pieces[-1].prob, 3)
         return [TurnEnded(audio, "max_length", confidence, self._speech_end(turn))]
+
+    def _split(self, turn: _Turn, start: int, stop: int) -> list[Event]:
+        """End ``turn`` inside its pause ``pieces[start:stop]``; the rest opens the next turn."""
+        cut = start + max(1, (stop - start) // 2)
+        before, after = turn.pieces[:cut], turn.pieces[cut:]
+        flags_before, flags_after = turn.speech[:cut], turn.speech[cut:]
+        probs_before = [p.prob for p, s in zip(before, flags_before, strict=True) if s]
+        audio = TurnAudio(turn.serial, tuple(before), _mean(probs_before), turn.onset)
+        last = turn.pieces[start - 1]
+        confidence = round(1.0 - _mean([p.prob for p in turn.pieces[start:stop]]), 3)
+        ended = TurnEnded(audio, "max_length", confidence, last.captured_at + last.duration)
+        onset = flags_after.index(True)
+        rest = _Turn(
+            self._serial, after, len(after) - 1, onset=onset,
+            speech_s=sum(p.duration for p, s in zip(after, flags_after, strict=True) if s),
+            length_s=sum(p.duration for p in after),
+            probs=[p.prob for p, s in zip(after, flags_after, strict=True) if s],
+            speech=flags_after,
+        )  # fmt: skip
+        self._serial += 1
+        self._turn = rest
+        return [ended, *self._check_length(rest)]
 
     def _committed(self, turn: _Turn) -> TurnAudio:
         end = turn.last_speech + 1
@@ -290,6 +322,17 @@ class Endpointer:
     def _speech_end(turn: _Turn) -> float:
         last = turn.pieces[turn.last_speech]
         return last.captured_at + last.duration
+
+
+def _last_pause(turn: _Turn) -> tuple[int, int] | None:
+    """``(start, stop)`` of the last run of non-speech pieces after the turn's onset, if any."""
+    stop = None
+    for index in range(len(turn.speech) - 1, turn.onset - 1, -1):
+        if not turn.speech[index]:
+            stop = index + 1 if stop is None else stop
+        elif stop is not None:
+            return index + 1, stop
+    return None
 
 
 def _mean(values: list[float]) -> float:
