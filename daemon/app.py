@@ -249,12 +249,16 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
             reporting = group.create_task(reporter.run(), name="systemd-reporter")
             hup = _Hangup(group, reloader, reporter)
             signalled = True                 # until the engine returns of its own accord
+            why = "input ended"
             try:
                 signalled = await _run_engine(engine, parts.source, listener, reporter, hup,
                                               parts.capture, parts.hub)
+            except Exception:
+                why = "an error (see the log)"   # run's last STATUS= names it
+                raise
             finally:
                 parts.hub.state("stopped")
-                reporter.stop("input ended")
+                reporter.stop(why)
                 with _flush_signals(dispatcher):
                     bound = _flush_bound(dispatcher, signalled)
                     log.info("sinks.flushing", queued=dispatcher.queued(), timeout_s=bound)

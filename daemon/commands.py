@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import faulthandler
 import signal
 import socket
 import sys
@@ -19,6 +21,7 @@ from daemon.config import Settings, find_config, load_settings
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
 from daemon.events import TurnRecord, Word
 from daemon.masking import MASK, masked_dict, secret_values
+from daemon.notify import last_status
 
 if TYPE_CHECKING:
     from daemon.plugins import PluginHost
@@ -59,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     # until app.run handles it: a SIGHUP while starting (logrotate, kill -HUP) killed the process
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _stacks_on_abort()
     plugins = load_plugins()
     try:
         settings, path, sinks = _validated(args, plugins)
     except ConfigError as exc:
-        return _config_failed(exc)
+        return _last_status(_config_failed(exc), [f"config error: {p}" for p in exc.problems])
     masker = logs.configure(
         level=settings.log.level,
         fmt=settings.log.format,
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(error, ConfigError):
             for problem in error.problems:
                 log.error("config.invalid", problem=problem)
-            return _config_failed(error, masker.mask)     # a server may echo what we sent
+            return _last_status(_config_failed(error, masker.mask),   # a server may echo what
+                                [f"config error: {masker.mask(p)}" for p in error.problems])
         if error is not None:
             log.error(
                 "daemon.failed",
@@ -90,11 +95,42 @@ def run(args: argparse.Namespace) -> int:
                 exit_code=error.exit_code,
             )
             print(f"transcribed: {masker.mask(str(error))}", file=sys.stderr)
-            return error.exit_code
+            return _last_status(error.exit_code, [masker.mask(str(error))])
         if isinstance(exc, KeyboardInterrupt):
             return EX_OK
         log.exception("daemon.crashed")
-        return EX_FAILURE
+        cause = _first_leaf(exc)
+        return _last_status(EX_FAILURE, [f"crashed: {type(cause).__name__}: "
+                                         f"{masker.mask(str(cause))}"])
+
+
+def _stacks_on_abort() -> None:
+    """Every thread's stack to stderr (the journal) on SIGABRT and fatal signals, then die.
+
+    SIGABRT is how systemd ends a daemon whose watchdog pings stopped; a blocked event loop
+    logs nothing itself, and without this the journal said only "Aborted".
+    """
+    with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):  # no stderr
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first exception an exception group (a task group's) holds, however deep."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _last_status(code: int, lines: list[str]) -> int:
+    """Tell systemd why ``run`` ends with ``code`` (its last ``STATUS=``); returns ``code``.
+
+    systemd keeps a dead unit's last status line: without this one ``systemctl status`` read
+    "stopping (input ended)" after the key was rejected, and nothing after a config error.
+    """
+    more = len(lines) - 1
+    extra = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    last_status(f"failed (exit {code}): {lines[0] if lines else 'no reason given'}{extra}")
+    return code
 
 
 def check_config(args: argparse.Namespace) -> int:

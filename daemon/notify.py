@@ -12,10 +12,14 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from typing import Final
 
 import structlog
 
 log = structlog.get_logger("daemon.notify")
+
+STATE_KEYS: Final = frozenset({"READY", "RELOADING", "STOPPING"})  # kept until sent
+HELD_MAX: Final = 8  # state changes kept while the manager does not read (the newest)
 
 
 def _address(value: str) -> str | None:
@@ -47,6 +51,10 @@ class Notifier:
     """Sends ``sd_notify`` messages to ``$NOTIFY_SOCKET``; silent when there is none.
 
     Send failures are logged once (a service manager that went away must not break capture).
+    A send never blocks: with the manager not reading (busy, hung, a container runtime's proxy
+    that read only until ``READY=1``) its queue fills, and a blocking send froze the daemon.
+    A message that changes the state (``READY``, ``RELOADING``, ``STOPPING``) is then kept and
+    sent before the next one; pings and status lines are dropped (the next ones replace them).
     """
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
@@ -58,6 +66,7 @@ class Notifier:
         self.watchdog_s = watchdog_interval(env)
         self._socket: socket.socket | None = None
         self._failed = False
+        self._held: list[str] = []  # state changes the manager has not taken yet, oldest first
         self.sent: list[str] = []  # the last few messages, for the status line and debugging
 
     @property
@@ -66,15 +75,26 @@ class Notifier:
         return self.address is not None
 
     def send(self, *lines: str) -> bool:
-        """Send ``KEY=VALUE`` lines as one datagram; returns whether it went out."""
+        """Send ``KEY=VALUE`` lines as one datagram; returns whether it went out.
+
+        Held state changes go first, in order; after one that still cannot go, the rest wait.
+        """
         if self.address is None:
             return False
         message = "\n".join(lines)
+        queue, self._held = [*self._held, message], []
+        for index, item in enumerate(queue):
+            if not self._send_one(self.address, item):
+                self._held = [m for m in queue[index:] if _changes_state(m)][-HELD_MAX:]
+                return False
+        return True
+
+    def _send_one(self, address: str, message: str) -> bool:
         try:
             if self._socket is None:
-                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
                 self._socket = socket.socket(socket.AF_UNIX, kind)
-            self._socket.sendto(message.encode("utf-8", "replace"), self.address)
+            self._socket.sendto(message.encode("utf-8", "replace"), address)
         except OSError as exc:
             if not self._failed:
                 log.warning("notify.send_failed", error=exc.strerror or str(exc))
@@ -114,6 +134,29 @@ class Notifier:
         sock, self._socket = self._socket, None
         if sock is not None:
             sock.close()
+
+
+def last_status(text: str, env: Mapping[str, str] | None = None) -> bool:
+    """One ``STATUS=`` as the process ends, without logging (the logs may not be set up yet).
+
+    systemd keeps a dead unit's last status line and ``systemctl status`` shows it: this says
+    why the daemon stopped instead of what it was last doing. Returns whether it went out.
+    """
+    env = os.environ if env is None else env
+    address = _address(env.get("NOTIFY_SOCKET", ""))
+    if address is None:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            data = "\n".join(_status(text)).encode("utf-8", "replace")
+            sock.sendto(data, socket.MSG_DONTWAIT, address)     # never hold up the exit
+    except OSError:
+        return False
+    return True
+
+
+def _changes_state(message: str) -> bool:
+    return any(line.split("=", 1)[0] in STATE_KEYS for line in message.splitlines())
 
 
 def _status(text: str | None) -> tuple[str, ...]:

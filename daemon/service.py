@@ -232,7 +232,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             config_text=example_config(system=True),
             commands=SYSTEM_COMMANDS,
             warnings=(*_hidden_from_system_unit(exe, interpreter or sys.executable),
-                      *_unreadable_by_others(config)),
+                      *_in_the_cache(exe, env), *_unreadable_by_others(config)),
             shared=True,
             edit=SYSTEM_EDIT,
         )
@@ -245,7 +245,27 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
         config_path=config_home / "transcribed/config.toml",
         config_text=example_config(),
         commands=USER_COMMANDS,
+        warnings=_in_the_cache(exe, env),
     )
+
+
+def _in_the_cache(executable: str, env: dict[str, str]) -> tuple[str, ...]:
+    """An ``ExecStart`` in a cache folder: a temporary environment that will go away.
+
+    ``pipx run`` and ``uvx`` run from environments in a cache (``~/.cache/uv``, pipx's
+    ``.cache``) that they, or a cache clean-up, delete later; the unit then fails to start
+    (203/EXEC) days or weeks after it was written.
+    """
+    home = env.get("HOME") or str(Path.home())
+    xdg = Path(env.get("XDG_CACHE_HOME") or Path(home) / ".cache")
+    path = Path(executable)
+    cache = next((c for p in (path, path.resolve()) for c in (xdg, *_dot_caches(p))
+                  if p.is_relative_to(c)), None)
+    if cache is None:
+        return ()
+    return (f"ExecStart={executable} is in {cache}, a temporary environment (pipx run, uvx) "
+            "that is deleted later, and the unit then no longer starts: install transcribed "
+            "(pipx install, uv tool install or a venv) and run install-service from there",)
 
 
 HIDDEN_FROM_SYSTEM_UNIT: Final = {"/home": "ProtectHome=yes", "/root": "ProtectHome=yes",
@@ -274,6 +294,11 @@ def _hidden_from_system_unit(executable: str, interpreter: str) -> tuple[str, ..
                     "/opt/transcribed on a system Python) and run that one's install-service "
                     "--system, or use the user unit (--user)",)
     return ()
+
+
+def _dot_caches(path: Path) -> list[Path]:
+    """The folders named ``.cache`` that ``path`` is in."""
+    return [Path(*path.parts[:i + 1]) for i, part in enumerate(path.parts[:-1]) if part == ".cache"]
 
 
 def _unreadable_by_others(config: Path) -> tuple[str, ...]:

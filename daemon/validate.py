@@ -125,11 +125,22 @@ def _wav_problems(path: Path) -> list[str]:
 
 
 def _state_problems(state: Path) -> list[str]:
+    """The state folder: a folder we can write in, or one we can create below one.
+
+    The outbox and the dead letters go there; ``run`` failing at the outbox (exit 1) was
+    restarted by systemd in a loop.
+    """
     try:
         if look(state, "state.dir", lambda path: path.exists() and not path.is_dir()):
             return [f"state.dir: {state} exists and is not a directory"]
+        folder = next(p for p in (state, *state.parents) if look(p, "state.dir", Path.exists))
     except ConfigError as exc:
         return exc.problems
+    if folder != state and not folder.is_dir():
+        return [f"state.dir: {state} cannot be created: {folder} is not a directory"]
+    if not os.access(folder, os.W_OK | os.X_OK):     # a read-only file system, or not ours
+        what = "" if folder == state else f"cannot be created: {folder} "
+        return [f"state.dir: {state} {what}is not writable by this user"]
     return []
 
 

@@ -1,0 +1,210 @@
+"""The command line under systemd: what ``systemctl status`` is left with when ``run`` fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from daemon import service
+from daemon.notify import Notifier
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
+from tests.daemon_proc import Daemon, cloud_config, read_turns
+from tests.fake_assemblyai import FakeAssemblyAI
+from tests.fake_assemblyai_speech import load_speech_references
+from tests.notify_socket import NotifySocket
+
+S1 = "espeak-s1.wav"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeAssemblyAI]:
+    async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1)) as server:
+        yield server
+
+
+async def _run_with_socket(tmp_path: Path, *args: str) -> tuple[int, str, list[str]]:
+    """``transcribed run ARGS`` with a real NOTIFY_SOCKET: exit code, stderr, STATUS= lines."""
+    async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+        daemon = await Daemon.start("run", *args, env=sock.env())
+        result = await daemon.finish(30)
+        async with asyncio.timeout(5):       # the datagrams sent before exit, all read
+            while True:
+                count = len(sock.messages)
+                try:
+                    async with asyncio.timeout(0.5):
+                        await sock.wait_for(lambda _m: True, after=count)
+                except TimeoutError:
+                    break
+    return result.code, result.stderr, [m.fields["STATUS"] for m in sock.with_key("STATUS")]
+
+
+class TestLastStatusOnFailure:
+    """systemd keeps a dead unit's last ``STATUS=``: ``systemctl status`` shows it as the
+    headline. It said ``stopping (input ended)`` after the credentials were rejected (exit 77),
+    and nothing at all after a config error: it must say why the daemon stopped."""
+
+    async def test_rejected_key_says_so(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        fake.faults.key_revoked = fake.faults.echo_key = True
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config))
+        assert code == 77, stderr
+        assert statuses[-1].startswith("failed (exit 77): "), statuses
+        assert "assemblyai.api_key" in statuses[-1]
+        assert not [s for s in statuses if "input ended" in s], statuses    # STOPPING=1's too
+        assert not [s for s in statuses if fake.api_key in s]
+
+    async def test_config_error_at_start_says_so(self, tmp_path: Path) -> None:
+        config = tmp_path / "config.toml"
+        config.write_text("[audio]\nchunk_ms = 5\nbogus = 1\n")
+        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config))
+        assert code == 78, stderr
+        assert statuses == [f"failed (exit 78): config error: {config}: audio.chunk_ms: Input "
+                            "should be greater than or equal to 50 (and 1 more problem)"]
+
+    async def test_unexpected_failure_says_so(self, tmp_path: Path) -> None:
+        """Exit 1 (here: the microphone named is not there)."""
+        config = tmp_path / "config.toml"
+        config.write_text('[audio]\ndevice = "no such microphone"\n[transcriber]\n'
+                          'engine = "local"\n[http]\nenabled = false\n'
+                          f'[state]\ndir = "{tmp_path / "state"}"\n')
+        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config))
+        assert code == 1, stderr
+        assert statuses[-1].startswith("failed (exit 1): "), statuses
+        assert "no audio input device matches 'no such microphone'" in statuses[-1]
+
+
+class TestStateDirThatCannotBeMade:
+    """A ``state.dir`` below a regular file: ``check-config`` passed it and ``run`` failed at
+    the outbox with exit 1, which systemd restarts (10 times, then the unit is dead). It is a
+    configuration error: named by check-config, exit 78 from both."""
+
+    @pytest.mark.parametrize("command", ["check-config", "run"])
+    def test_named_and_78(self, tmp_path: Path, command: str) -> None:
+        (tmp_path / "file").write_text("")
+        state = tmp_path / "file" / "state"
+        config = tmp_path / "config.toml"
+        config.write_text(f'[audio]\nsource = "file"\npath = "{SPEECH_DIR / S1}"\n'
+                          '[transcriber]\nengine = "local"\n[http]\nenabled = false\n'
+                          f'[state]\ndir = "{state}"\n'
+                          '[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/"\n')
+        done = subprocess.run([*TRANSCRIBED, command, "--config", str(config)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 78, done.stderr
+        assert (f"transcribed: config error: {config}: state.dir: {state} cannot be created: "
+                f"{tmp_path / 'file'} is not a directory\n") in done.stderr
+
+
+def _fill(address: str, most: int = 1000) -> list[socket.socket]:
+    """Fill the queue of the datagram socket at ``address`` (``net.unix.max_dgram_qlen``: 10
+    by default, 512 where systemd sets it): senders until a fresh one cannot add a datagram
+    (one sender alone may first run out of its own send buffer). Close them afterwards."""
+    fillers: list[socket.socket] = []
+    while len(fillers) < most:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        fillers.append(filler)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                filler.sendto(b"FILLER=1", address)
+                sent += 1
+        if sent == 0:
+            return fillers
+    raise AssertionError(f"{address}: still taking datagrams after {most} senders")
+
+
+class TestANotifySocketNobodyReads:
+    """A manager that stops reading its notification socket (busy, hung, a container runtime's
+    proxy that read only until READY=1): the socket's queue fills (10 datagrams by default)
+    and a blocking send froze the whole daemon, SIGTERM included. Sends must never block."""
+
+    async def test_the_daemon_runs_on(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        address = tmp_path / "notify.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unread:
+            unread.bind(str(address))
+            fillers = _fill(str(address))
+            config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+            daemon = await Daemon.start("run", "--config", str(config), env={
+                "NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "100000"})   # pings every 50 ms
+            result = await daemon.finish(30)
+            for filler in fillers:
+                filler.close()
+        assert result.code == 0, result.stderr
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+        assert len(result.events("notify.send_failed")) == 1
+
+    def test_a_state_change_is_sent_once_the_manager_reads_again(self, tmp_path: Path) -> None:
+        """``READY=1`` that found the queue full is sent before the next message, not lost
+        (systemd would wait for it until the start timed out); pings are simply dropped."""
+        address = tmp_path / "notify.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+            manager.bind(str(address))
+            manager.setblocking(False)
+            notifier = Notifier({"NOTIFY_SOCKET": str(address)})
+            sent = 0
+            while notifier.watchdog():              # fill the queue
+                sent += 1
+                assert sent < 100_000
+            assert not notifier.ready("up") and not notifier.watchdog()
+            for _ in range(sent):                   # the manager reads again
+                assert manager.recv(4096) == b"WATCHDOG=1"
+            assert notifier.status("later")
+            assert manager.recv(4096) == b"READY=1\nSTATUS=up"
+            assert manager.recv(4096) == b"STATUS=later"
+            with pytest.raises(BlockingIOError):
+                manager.recv(4096)
+            notifier.close()
+
+
+class TestInstallServiceFromATemporaryEnvironment:
+    """``pipx run transcribed install-service`` or ``uvx transcribed install-service`` run
+    from an environment in the cache, which pipx and uv delete later: the unit they wrote
+    started for days, then failed (203/EXEC) once the cache was cleaned. Said at install."""
+
+    @pytest.mark.parametrize("system", [False, True])
+    @pytest.mark.parametrize(("cached", "folder"), [
+        (".cache/uv/archive-v0/Xq1/bin/transcribed", ".cache"),             # uvx
+        (".cache/pipx/5f2d1c/bin/transcribed", ".cache"),                   # pipx run
+        (".local/pipx/.cache/5f2d1c/bin/transcribed", ".local/pipx/.cache"),  # older pipx run
+    ])
+    def test_warned(self, tmp_path: Path, cached: str, folder: str, system: bool) -> None:
+        home = tmp_path / "home"
+        executable = str(home / cached)
+        target = service.plan(system=system, root=tmp_path / "root", executable=executable,
+                              interpreter=executable.removesuffix("transcribed") + "python",
+                              env={"HOME": str(home)})
+        [warning] = [w for w in target.warnings if "pipx install" in w]
+        assert warning.startswith(f"ExecStart={executable} is in {home}/{folder}, "), warning
+        assert "pipx install" in warning and "uv tool install" in warning
+
+    def test_xdg_cache_home_and_an_installed_tool_are_not_confused(self, tmp_path: Path) -> None:
+        cache = tmp_path / "cache"
+        warned = service.plan(system=False, root=tmp_path, env={"XDG_CACHE_HOME": str(cache)},
+                              executable=str(cache / "pipx/1/bin/transcribed")).warnings
+        assert len(warned) == 1 and f"is in {cache}, " in warned[0]
+        installed = tmp_path / ".local/share/pipx/venvs/transcribed/bin/transcribed"
+        assert not service.plan(system=False, root=tmp_path, executable=str(installed),
+                                env={"XDG_CACHE_HOME": str(cache)}).warnings
+
+
+class TestWatchdogKillLeavesATrace:
+    async def test_sigabrt_dumps_the_threads(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """systemd ends a daemon that stopped its watchdog pings with SIGABRT: the journal got
+        "Aborted" and nothing that said where it was stuck (a blocked event loop logs nothing).
+        Every thread's stack goes to stderr (the journal) first, then it dies as before."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
+            daemon = await Daemon.start("run", "--config", str(config), env=sock.env())
+            async with asyncio.timeout(20):
+                await sock.wait_for(lambda m: "READY" in m)
+            daemon.signal(signal.SIGABRT)
+            result = await daemon.finish(20)
+        assert result.code == -signal.SIGABRT
+        assert "Fatal Python error: Aborted" in result.stderr
+        assert 'File "' in result.stderr.split("Fatal Python error: Aborted")[1]
