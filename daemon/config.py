@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -114,16 +115,12 @@ class AssemblyAIConfig(_Section):
     @field_validator("streaming_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
-        if not value.startswith(("ws://", "wss://")):
-            raise ValueError("must start with ws:// or wss://")
-        return value
+        return service_url(value, ("ws", "wss"))
 
     @field_validator("token_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        return service_url(value, ("http", "https"))
 
     @field_validator("keyterms")
     @classmethod
@@ -132,6 +129,27 @@ class AssemblyAIConfig(_Section):
             if not term.strip() or len(term) > 50:
                 raise ValueError(f"each term must be 1..50 characters (got {term!r})")
         return value
+
+
+def service_url(value: str, schemes: tuple[str, ...]) -> str:
+    """``value`` if a connection can use it; else ``ValueError`` saying why (never echoing it).
+
+    Accepted, a bad one failed every connection attempt, retried for ever.
+    """
+    if not value.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+        raise ValueError("must start with " + " or ".join(f"{s}://" for s in schemes))
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain spaces")
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("its port is not 1-65535")
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    return value
 
 
 class LocalConfig(_Section):

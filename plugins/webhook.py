@@ -115,9 +115,14 @@ class WebhookConfig(SinkConfig):
         problem = "must be an http:// or https:// URL with a host"
         try:
             url = httpx.URL(value)
-            _port = urlsplit(value).port  # what the masker and the log lines parse it with
-        except (httpx.InvalidURL, ValueError):
+        except httpx.InvalidURL:
             raise ValueError(problem) from None
+        try:
+            port = urlsplit(value).port  # what the masker and the log lines parse it with
+        except ValueError:          # a port out of range (httpx took it), or a broken [IPv6]
+            raise ValueError("its port is not 1-65535" if url.port else problem) from None
+        if port == 0:
+            raise ValueError("its port is not 1-65535")
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(problem)
         if any(c.isspace() for c in value) or ("%" in url.host and ":" not in url.host):

@@ -101,6 +101,25 @@ class TestValues:
         with pytest.raises(ConfigError):
             load_settings(write(tmp_path / "c.toml", "[audio]\ndevice = true\n"))
 
+    @pytest.mark.parametrize(("key", "url", "problem"), [
+        ("streaming_url", "wss://streaming.example:99999/v3/ws", "its port is not 1-65535"),
+        ("streaming_url", "wss://streaming.example:0/v3/ws", "its port is not 1-65535"),
+        ("streaming_url", "wss://stream ing.example/v3/ws", "must not contain spaces"),
+        ("streaming_url", "wss:///v3/ws", "must name a host"),
+        ("streaming_url", "https://streaming.example/v3/ws", "must start with ws:// or wss://"),
+        ("token_url", "https://x:pw-secret-3@tok.example:70000/v3/token",
+         "its port is not 1-65535"),
+        ("token_url", "https://tok.example/v3/token x", "must not contain spaces"),
+    ])
+    def test_service_urls_are_checked(self, tmp_path: Path, key: str, url: str,
+                                      problem: str) -> None:
+        """A service URL no connection can use is a config error naming the key (it passed,
+        and every connection attempt failed and was retried for ever)."""
+        path = write(tmp_path / "u.toml", f'[assemblyai]\n{key} = "{url}"\n')
+        with pytest.raises(ConfigError) as info:
+            load_settings(path)
+        assert info.value.problems == [f"{path}: assemblyai.{key}: {problem}"]
+
     def test_env_problem_names_the_variable(self, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
         """A bad value from the environment is blamed on its variable, not on the file."""

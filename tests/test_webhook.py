@@ -135,6 +135,8 @@ class TestConfig:
             ({"url": "ftp://x"}, "sinks.hook.url: must be an http:// or https://"),
             ({"url": "http://[bad/x"}, "sinks.hook.url: must be an http:// or https://"),
             ({"url": "http://h:port/x"}, "sinks.hook.url: must be an http:// or https://"),
+            ({"url": "http://h:99999/x"}, "sinks.hook.url: its port is not 1-65535"),
+            ({"url": "http://h:0/x"}, "sinks.hook.url: its port is not 1-65535"),
             ({"url": "https://exa mple.invalid/x"}, "sinks.hook.url: must not contain spaces"),
             ({"url": "https://exa%20mple.invalid/x"}, "sinks.hook.url: must not contain spaces"),
             ({"url": "http://x", "secret": "nope"}, "secret #1 must start with 'whsec_'"),
