@@ -323,7 +323,8 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
         session = "ready" if listener.live else "session ended" if listener.sessions else "loading"
     ledger = getattr(engine, "ledger", None)
     backlog = f", backlog {ledger.seconds_held():.0f} s" if ledger is not None else ""
-    capture = "reopening the device" if getattr(source, "recovering", False) else "ok"
+    capture = ("waiting for the device" if getattr(source, "waiting", False)
+               else "reopening the device" if getattr(source, "recovering", False) else "ok")
     names = ", ".join(sorted(dispatcher.runners)) or "none"
     return (
         f"{engine.name}: {session}, {listener.turns} turns{backlog}; capture {capture}; "
@@ -421,6 +422,8 @@ async def _run_engine(
     within = _chunk_deadline(source)
     try:
         async with source:
+            if stopping:    # stopped while the microphone was waited for: nothing to transcribe
+                return True
             chunks = _beating(source.chunks(), capture, listener, within, hub.input_ended)
             await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
     finally:        # the handlers stay until the flush replaces them (_flush_signals)

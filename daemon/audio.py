@@ -26,9 +26,11 @@ if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
 from daemon.audio_noise import stderr_silenced
 from daemon.backoff import backoff
 from daemon.devices import (
+    AmbiguousDevice,
     DeviceInfo,
     blocking,
     close_pyaudio,
+    describe_devices,
     format_devices,
     input_devices,
     list_devices,
@@ -223,7 +225,8 @@ class MicrophoneSource:
         stall_seconds: no audio for this long counts as a stalled device.
         heartbeat: beaten on every chunk and every reopen attempt (see :mod:`daemon.health`).
         recover: on a capture error or stall, reopen the device with backoff and keep going
-            (the gap is logged); with False, ``chunks()`` raises :class:`AudioError` instead.
+            (the gap is logged), and wait the same way at start for a device that cannot be
+            found or opened yet; with False, both raise :class:`AudioError` instead.
     """
 
     name: SourceName = "microphone"
@@ -251,8 +254,10 @@ class MicrophoneSource:
         self._bridge: CaptureBridge | None = None
         self.heartbeat = heartbeat or Heartbeat("capture")
         self.recover = recover
-        self.recovering = False
+        self.recovering = False  # capture paused: the device is being reopened (or waited for)
+        self.waiting = False  # at start: the device is not there yet and is waited for
         self.recoveries = 0
+        self._listed: list[DeviceInfo] = []  # the input devices the last open attempt saw
         self._stopped = asyncio.Event()
         self._last_end: float | None = None  # wall-clock end of the last chunk yielded
         self._lost_at: float | None = None  # set while a gap is open (device lost)
@@ -268,9 +273,13 @@ class MicrophoneSource:
         return self._bridge.overflows if self._bridge is not None else 0
 
     async def __aenter__(self) -> Self:
-        self._pa = await blocking(new_pyaudio, close_pyaudio)
+        """Open the device; with ``recover``, wait for it (until ``stop()``) while it is missing."""
         try:
-            await self._open()
+            if self.recover:
+                await self._open_waiting()
+            else:
+                self._pa = await blocking(new_pyaudio, close_pyaudio)
+                await self._open()
         except BaseException:
             await self._close()
             raise
@@ -293,6 +302,8 @@ class MicrophoneSource:
     async def chunks(self) -> AsyncIterator[AudioChunk]:
         """Yield chunks until ``stop()``, recovering from capture errors and stalls."""
         bridge = self._bridge
+        if bridge is None and self._stopped.is_set():  # stopped while waiting for the device
+            return
         if bridge is None:
             raise AudioError(f"microphone {self.device!r}: source used outside 'async with'")
         while True:
@@ -346,6 +357,44 @@ class MicrophoneSource:
                 return
         finally:
             self.recovering = False
+
+    async def _open_waiting(self) -> None:
+        """Open the device, waiting for it with the recovery backoff while it cannot be opened.
+
+        Each attempt beats the heartbeat (a promise kept); each new reason is logged once
+        (``audio.device_waiting``). Returns with nothing opened if ``stop()`` comes first.
+
+        Raises:
+            AmbiguousDevice: ``audio.device`` matches several devices (a config error).
+        """
+        reasons: set[str] = set()
+        try:
+            for attempt, delay in enumerate(backoff(REOPEN_INITIAL_S, REOPEN_MAX_S), start=1):
+                self.heartbeat.beat(delay + OPEN_LIMIT_S)
+                if await self._stopped_within(delay):
+                    return
+                self._listed = []
+                try:
+                    await self._reopened_unless_stopped()
+                    return  # opened, or stopped meanwhile
+                except AmbiguousDevice:
+                    raise
+                except AudioError as exc:
+                    self._note_waiting(attempt, str(exc), reasons)
+        finally:
+            self.heartbeat.idle()  # chunks() promises from its first read on
+            self.waiting = self.recovering = False
+
+    def _note_waiting(self, attempt: int, reason: str, reasons: set[str]) -> None:
+        """Log a reason the device cannot be opened yet, once each."""
+        self.waiting = self.recovering = True
+        if reason in reasons:
+            return
+        reasons.add(reason)
+        log.error("audio.device_waiting", device=self.device or "default", attempt=attempt,
+                    error=reason, available=describe_devices(self._listed),
+                    effect="waiting for the device (retried with backoff up to "
+                           f"{REOPEN_MAX_S:g} s); capture starts when it appears")
 
     async def _reopened_unless_stopped(self) -> bool:
         """Reopen the device; False if ``stop()`` came first.
@@ -418,7 +467,8 @@ class MicrophoneSource:
 
     def _choose(self, pa: pyaudio.PyAudio) -> tuple[DeviceInfo, PcmFormat]:
         """Blocking: resolve the device and a 16-bit format it supports."""
-        info = resolve_device(input_devices(pa), self.device, self.device_info)
+        self._listed = input_devices(pa)
+        info = resolve_device(self._listed, self.device, self.device_info)
         with stderr_silenced():  # a device that cannot be opened makes ALSA print
             return info, self._supported_format(pa, info)
 

@@ -23,6 +23,10 @@ _T = TypeVar("_T")
 LIST_LIMIT_S: Final = 20.0  # listing the devices taking longer than this: the sound server is hung
 
 
+class AmbiguousDevice(AudioError):
+    """``audio.device`` matches several input devices: a configuration error, never waited out."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
     """One audio input device as PortAudio reports it."""
@@ -139,12 +143,12 @@ def resolve_device(
             return same[0]
     raise AudioError(
         f"audio device {spec.strip()} ({opened.name!r}) is gone; "
-        f"available input devices: {_describe(devices)}"
+        f"available input devices: {describe_devices(devices)}"
     )
 
 
-def _describe(devices: list[DeviceInfo]) -> str:
-    """One-line list of input devices for error messages."""
+def describe_devices(devices: list[DeviceInfo]) -> str:
+    """One-line list of input devices for error messages and logs."""
     return ", ".join(f"{d.index} {d.name!r}" for d in devices) or "none"
 
 
@@ -155,7 +159,8 @@ def _resolve(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
     devices is an error, never a guess.
 
     Raises:
-        AudioError: nothing or several match; the message lists the devices to choose from.
+        AudioError: nothing matches (:class:`AmbiguousDevice`: several do); the message lists
+            the devices to choose from.
     """
     spec = spec.strip()
     if not spec:
@@ -171,12 +176,12 @@ def _resolve(devices: list[DeviceInfo], spec: str) -> DeviceInfo:
         ]
         problem = f"no audio input device matches {spec!r}"
     if len(found) > 1:
-        raise AudioError(
-            f"audio device {spec!r} matches {len(found)} input devices: {_describe(found)}; "
+        raise AmbiguousDevice(
+            f"audio device {spec!r} matches {len(found)} input devices: {describe_devices(found)}; "
             "set audio.device to the index or more of the name (see `transcribed devices`)"
         )
     if not found:
-        raise AudioError(f"{problem}; available input devices: {_describe(devices)}")
+        raise AudioError(f"{problem}; available input devices: {describe_devices(devices)}")
     return found[0]
 
 

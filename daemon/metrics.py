@@ -45,6 +45,7 @@ class StatusSnapshot:
     chunks_dropped: int = 0
     input_overflows: int = 0  # capture buffers PortAudio flagged as overflowed (audio lost)
     capture_recovering: bool = False  # the microphone is being reopened (capture paused)
+    capture_waiting: bool = False  # at start: the microphone is not there yet and waited for
     sessions: int = 0
     reconnects: int = 0
     backlog_seconds: float = 0.0
@@ -74,6 +75,8 @@ class Health:
 
 def health(snapshot: StatusSnapshot, stale_s: float) -> Health:
     """Healthy when audio arrived within ``stale_s`` seconds and the engine session is live."""
+    if snapshot.capture_waiting:
+        return Health(False, "waiting for the microphone (audio.device) to appear")
     if snapshot.audio_age_s is None:
         return Health(False, "no audio received yet")
     if snapshot.audio_age_s > stale_s:
@@ -141,6 +144,7 @@ def snapshot_of(
         chunks_dropped=int(getattr(source, "dropped_chunks", 0)),
         input_overflows=int(getattr(source, "input_overflows", 0)),
         capture_recovering=bool(getattr(source, "recovering", False)),
+        capture_waiting=bool(getattr(source, "waiting", False)),
         sessions=sessions,
         reconnects=int(getattr(engine, "reconnects", 0)),
         backlog_seconds=float(ledger.seconds_held()) if ledger is not None else 0.0,

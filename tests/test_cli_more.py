@@ -19,6 +19,7 @@ from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.notify_socket import NotifySocket
+from tests.vmic import VirtualMic
 
 S1 = "espeak-s1.wav"
 
@@ -29,10 +30,11 @@ async def fake() -> AsyncIterator[FakeAssemblyAI]:
         yield server
 
 
-async def _run_with_socket(tmp_path: Path, *args: str) -> tuple[int, str, list[str]]:
+async def _run_with_socket(tmp_path: Path, *args: str, env: dict[str, str] | None = None
+                           ) -> tuple[int, str, list[str]]:
     """``transcribed run ARGS`` with a real NOTIFY_SOCKET: exit code, stderr, STATUS= lines."""
     async with NotifySocket.listening(tmp_path / "notify.sock") as sock:
-        daemon = await Daemon.start("run", *args, env=sock.env())
+        daemon = await Daemon.start("run", *args, env={**(env or {}), **sock.env()})
         result = await daemon.finish(30)
         async with asyncio.timeout(5):       # the datagrams sent before exit, all read
             while True:
@@ -68,16 +70,17 @@ class TestLastStatusOnFailure:
         assert statuses == [f"failed (exit 78): config error: {config}: audio.chunk_ms: Input "
                             "should be greater than or equal to 50 (and 1 more problem)"]
 
-    async def test_unexpected_failure_says_so(self, tmp_path: Path) -> None:
-        """Exit 1 (here: the microphone named is not there)."""
+    async def test_unexpected_failure_says_so(self, vmic: VirtualMic, tmp_path: Path) -> None:
+        """Exit 1 (here: the microphone named is ambiguous; a missing one is waited for)."""
         config = tmp_path / "config.toml"
-        config.write_text('[audio]\ndevice = "no such microphone"\n[transcriber]\n'
+        config.write_text('[audio]\ndevice = "e"\n[transcriber]\n'
                           'engine = "local"\n[http]\nenabled = false\n'
                           f'[state]\ndir = "{tmp_path / "state"}"\n')
-        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config))
+        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config),
+                                                        env=vmic.env())
         assert code == 1, stderr
         assert statuses[-1].startswith("failed (exit 1): "), statuses
-        assert "no audio input device matches 'no such microphone'" in statuses[-1]
+        assert "audio device 'e' matches 2 input devices" in statuses[-1]
 
 
 class TestStateDirThatCannotBeMade:

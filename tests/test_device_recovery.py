@@ -142,25 +142,99 @@ async def _modules(mic: VirtualMic) -> list[str]:
             if "null-sink" in line or "remap-source" in line]
 
 
+async def _unload_sources(mic: VirtualMic) -> None:
+    """Every source unloaded (a USB mic pulled, or not plugged in yet)."""
+    for module in sorted(await _modules(mic), key=int, reverse=True):
+        await _pactl(mic, "unload-module", module)
+
+
+async def _load_sources(mic: VirtualMic) -> None:
+    """The virtual mic's source back (a USB mic plugged in)."""
+    if await _modules(mic):
+        return
+    await _pactl(mic, "load-module", "module-null-sink", f"sink_name={SINK}",
+                 "rate=16000", "channels=1", "format=s16le", "norewinds=1")
+    await _pactl(mic, "load-module", "module-remap-source", f"source_name={SOURCE}",
+                 f"master={SINK}.monitor", "rate=16000", "channels=1", "format=s16le")
+    await _pactl(mic, "set-default-source", SOURCE)
+
+
 async def test_unopenable_device_is_an_error_without_library_noise(
         private_mic: VirtualMic, capfd: pytest.CaptureFixture[str]) -> None:
     """Every source unloaded (a USB mic pulled): the 'default' device still lists but cannot
-    open; that is one AudioError, and ALSA/PortAudio print nothing on stderr (the log stream),
-    as on every reopen attempt while the device is away."""
-    for module in sorted(await _modules(private_mic), key=int, reverse=True):
-        await _pactl(private_mic, "unload-module", module)
+    open; without recovery that is one AudioError, and ALSA/PortAudio print nothing on stderr
+    (the log stream), as on every reopen attempt while the device is away."""
+    await _unload_sources(private_mic)
     try:
         with private_mic.activated(), pytest.raises(AudioError, match=r"'default'.*no 16-bit"):
-            async with MicrophoneSource():
+            async with MicrophoneSource(recover=False):
                 pass
         err = capfd.readouterr().err
         assert "ALSA lib" not in err and "Expression" not in err, err
     finally:
-        await _pactl(private_mic, "load-module", "module-null-sink", f"sink_name={SINK}",
-                     "rate=16000", "channels=1", "format=s16le", "norewinds=1")
-        await _pactl(private_mic, "load-module", "module-remap-source", f"source_name={SOURCE}",
-                     f"master={SINK}.monitor", "rate=16000", "channels=1", "format=s16le")
-        await _pactl(private_mic, "set-default-source", SOURCE)
+        await _load_sources(private_mic)
+
+
+async def test_device_missing_at_start_is_waited_for(
+        private_mic: VirtualMic, capfd: pytest.CaptureFixture[str]) -> None:
+    """No source when capture starts (a USB mic plugged in after login): the source waits
+    for it (one warning per reason, each attempt a promise kept, no library noise), then
+    opens it when it comes and audio flows."""
+    logs = LogEvents()
+    await _unload_sources(private_mic)
+    beat = Heartbeat("capture")
+    source = MicrophoneSource(stall_seconds=0.5, heartbeat=beat)
+    try:
+        with private_mic.activated():
+            async with asyncio.timeout(30):
+                entering = asyncio.create_task(source.__aenter__())
+                _, waiting = await logs.wait("audio.device_waiting")
+                assert source.waiting and source.recovering and beat.overdue() == 0
+                await asyncio.to_thread(_wait_until, lambda: beat.beats >= 3, 20, "retrying")
+                await _load_sources(private_mic)
+                await entering
+                opened, _ = await logs.wait("audio.device_opened")
+                chunks = Chunks()
+                task = asyncio.create_task(chunks.consume(source))
+                await chunks.more_than(2)
+                source.stop()
+                await task
+    finally:
+        await source.__aexit__(None, None, None)
+        await _load_sources(private_mic)
+    assert "'default'" in waiting["error"] and "no 16-bit" in waiting["error"]
+    assert waiting["device"] == "default" and "'default'" in waiting["available"]
+    assert [e["event"] for e in logs.events[:opened]].count("audio.device_waiting") == 1
+    err = capfd.readouterr().err
+    assert "ALSA lib" not in err and "Expression" not in err, err
+    assert not source.waiting and not source.recovering
+
+
+async def test_stop_ends_the_wait_for_a_missing_device(private_mic: VirtualMic) -> None:
+    """SIGTERM while the named device is waited for: stop() ends the wait at once, nothing is
+    opened and the chunks simply end."""
+    logs = LogEvents()
+    with private_mic.activated():
+        source = MicrophoneSource("no such microphone")
+        async with asyncio.timeout(20):
+            entering = asyncio.create_task(source.__aenter__())
+            _, waiting = await logs.wait("audio.device_waiting")
+            source.stop()
+            await entering
+            assert [chunk async for chunk in source.chunks()] == []
+            await source.__aexit__(None, None, None)
+    assert waiting["device"] == "no such microphone"
+    assert "no audio input device matches 'no such microphone'" in waiting["error"]
+    assert "'default'" in waiting["available"]
+    assert source.device_info is None and not source.waiting
+    assert source.heartbeat.overdue() == 0 and source.heartbeat.due is None
+
+
+async def test_ambiguous_device_is_not_waited_for(private_mic: VirtualMic) -> None:
+    """A name matching several devices is a config error: raised at once, not waited out."""
+    with private_mic.activated(), pytest.raises(AudioError, match=r"matches 2 input devices"):
+        async with asyncio.timeout(20), MicrophoneSource("e"):
+            pass
 
 
 def test_file_source_is_not_reopened(tmp_path: Path) -> None:

@@ -68,6 +68,11 @@ class TestHealth:
             first = await http.get("/healthz")
             assert first.status_code == 503
             assert first.json()["reason"] == "no audio received yet"
+            status.set(capture_waiting=True)
+            waiting = await http.get("/healthz")
+            assert waiting.status_code == 503
+            assert waiting.json()["reason"] == "waiting for the microphone (audio.device) to appear"
+            status.set(capture_waiting=False)
             status.set(audio_age_s=0.1)
             not_live = await http.get("/healthz")
             assert not_live.status_code == 503
