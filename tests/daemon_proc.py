@@ -105,6 +105,12 @@ class Daemon:
         """Send a signal."""
         self.process.send_signal(signum)
 
+    async def kill_if_running(self) -> None:
+        """Kill it if it has not exited (a test's ``finally``: no process outlives its test)."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
     async def finish(self, limit_s: float = 60) -> Finished:
         """Wait for exit (killing it after ``limit_s``) and collect its output."""
         try:

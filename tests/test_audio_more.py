@@ -41,9 +41,7 @@ async def test_sigterm_while_the_sound_server_hangs(hung_mic: VirtualMic, tmp_pa
                 daemon.signal(signal.SIGTERM)
                 result = await daemon.finish(25)
         finally:
-            if daemon.process.returncode is None:
-                daemon.process.kill()
-                await daemon.process.wait()
+            await daemon.kill_if_running()
     assert result.code == 0, result.stderr[-2000:]
     assert result.events("audio.device_lost") and result.events("audio.close_stuck")
 
@@ -79,9 +77,7 @@ async def test_microphone_appearing_after_start_is_waited_for(tmp_path: Path) ->
             daemon.signal(signal.SIGTERM)
             result = await daemon.finish(30)
         finally:
-            if daemon.process.returncode is None:
-                daemon.process.kill()
-                await daemon.process.wait()
+            await daemon.kill_if_running()
             mic.stop()
     assert result.code == 0, result.stderr[-2000:]
     waiting = result.events("audio.device_waiting")
@@ -100,9 +96,7 @@ async def test_sigterm_ends_the_wait_for_the_microphone(tmp_path: Path) -> None:
             daemon.signal(signal.SIGTERM)
             result = await daemon.finish(20)
         finally:
-            if daemon.process.returncode is None:
-                daemon.process.kill()
-                await daemon.process.wait()
+            await daemon.kill_if_running()
     assert result.code == 0, result.stderr[-2000:]
     assert not notify.with_key("READY")
     assert "stopping (SIGTERM received)" in notify.with_key("STATUS")[-1].fields["STATUS"]

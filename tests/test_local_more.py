@@ -135,6 +135,12 @@ class TestStoppedWithTurnsInHand:
         assert listener.ended[0].reason == "cancelled"
 
 
+async def _captured_from(pcm: bytes, start: float) -> AsyncIterator[AudioChunk]:
+    """``pcm`` as chunks whose capture began at wall time ``start``."""
+    async for chunk in chunks_of(pcm):
+        yield replace(chunk, captured_at=chunk.captured_at - T0 + start)
+
+
 class TestFallingBehind:
     async def test_a_recogniser_slower_than_speech_is_reported(
         self, model: LocalModel, speech_dir: Path
@@ -143,14 +149,8 @@ class TestFallingBehind:
         queue, its memory and the delay grow for as long as people talk) give one warning a
         minute naming the delay and what to change; they used to pile up without a word."""
         pcm, _ = read_pcm(speech_dir / "espeak-five-sentences.wav")
-        an_hour_ago = time.time() - 3600
-
-        async def behind() -> AsyncIterator[AudioChunk]:
-            async for chunk in chunks_of(pcm):
-                yield replace(chunk, captured_at=chunk.captured_at - T0 + an_hour_ago)
-
         with capture_logs() as logs:
-            heard = await transcribe(model, behind())
+            heard = await transcribe(model, _captured_from(pcm, time.time() - 3600))
         assert len(heard.turns) == 5
         [late] = [e for e in logs if e["event"] == "local.falling_behind"]
         assert late["log_level"] == "warning" and late["behind_s"] >= 3500
@@ -160,13 +160,7 @@ class TestFallingBehind:
         self, model: LocalModel, speech_dir: Path
     ) -> None:
         pcm, _ = read_pcm(speech_dir / "espeak-s1.wav")
-        now = time.time()
-
-        async def live() -> AsyncIterator[AudioChunk]:
-            async for chunk in chunks_of(pcm):
-                yield replace(chunk, captured_at=chunk.captured_at - T0 + now)
-
         with capture_logs() as logs:
-            heard = await transcribe(model, live())
+            heard = await transcribe(model, _captured_from(pcm, time.time()))
         assert len(heard.turns) == 1
         assert [e for e in logs if e["event"] == "local.falling_behind"] == []
