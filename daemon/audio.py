@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -25,6 +24,7 @@ if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
 
 from daemon.audio_noise import stderr_silenced
 from daemon.backoff import backoff
+from daemon.capture import CaptureBridge
 from daemon.devices import (
     AmbiguousDevice,
     DeviceInfo,
@@ -43,7 +43,7 @@ from daemon.errors import AudioError
 from daemon.events import AudioChunk, SourceName
 from daemon.filesource import WavFileSource
 from daemon.health import Heartbeat
-from daemon.pcm import Converter, PcmFormat, Rechunker
+from daemon.pcm import PcmFormat
 
 __all__ = [
     "CaptureBridge",
@@ -59,157 +59,11 @@ __all__ = [
 log = structlog.get_logger("daemon.audio")
 
 _PA_INT16: Final = 8      # pyaudio.paInt16
-_PA_CONTINUE: Final = 0   # pyaudio.paContinue
-_PA_COMPLETE: Final = 1   # pyaudio.paComplete
-_PA_INPUT_OVERFLOW: Final = 2  # pyaudio.paInputOverflow: input was lost before the callback
-_DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 OPEN_LIMIT_S: Final = 20.0  # opening (or closing) a device taking longer than this is stuck
 CLOSE_LIMIT_S: Final = 5.0  # at the end, a close taking longer (a hung sound server) is left
 REOPEN_INITIAL_S: Final = 0.5  # device recovery backoff: first delay after an immediate retry…
 REOPEN_MAX_S: Final = 30.0  # …doubling up to this
 GAP_LOG_S: Final = 0.5  # a jump in capture time bigger than this is logged as a gap
-
-
-def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
-    """Wall-clock time of a callback buffer's first sample.
-
-    PortAudio's ADC time is on its own clock, so only its age relative to ``current_time`` is
-    used; without a usable ADC time, assume the buffer just filled up.
-    """
-    now = time.time()
-    adc = time_info.get("input_buffer_adc_time", 0.0)
-    current = time_info.get("current_time", 0.0)
-    if adc > 0 and current > 0 and 0 <= current - adc < 10:
-        return now - (current - adc)
-    return now - frames / rate
-
-
-class _Tally:
-    """A count of losses, logged as a warning at once, then at most every few seconds."""
-
-    def __init__(self, event: str, field: str, **context: object) -> None:
-        self.total = 0
-        self._event, self._field, self._context = event, field, context
-        self._unlogged, self._last_log = 0, -math.inf
-
-    def add(self) -> None:
-        self.total += 1
-        self._unlogged += 1
-        if time.monotonic() - self._last_log >= _DROP_LOG_INTERVAL:
-            self.flush()
-
-    def flush(self) -> None:
-        """Log what is not yet reported (call once more at the end)."""
-        if self._unlogged:
-            log.warning(self._event, **{self._field: self._unlogged,
-                                        f"total_{self._field}": self.total}, **self._context)
-            self._unlogged, self._last_log = 0, time.monotonic()
-
-
-class CaptureBridge:
-    """Carries PortAudio callback buffers into the event loop: bounded, drop-oldest, counted.
-
-    :meth:`on_audio` is the pyaudio stream callback. It runs on PortAudio's thread and only
-    schedules :meth:`_offer` on the loop, which converts, re-chunks and queues the audio.
-    Both losses are counted and logged: chunks dropped as the consumer lags
-    (``audio.chunks_dropped``), input PortAudio lost before the callback
-    (``audio.input_overflow``, e.g. an ALSA overrun).
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        fmt: PcmFormat,
-        *,
-        sample_rate: int,
-        chunk_ms: int,
-        queue_chunks: int,
-        label: str = "microphone",
-    ) -> None:
-        self._loop = loop
-        self._sample_rate, self._chunk_ms, self._label = sample_rate, chunk_ms, label
-        self._queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue(queue_chunks)
-        self._drops = _Tally("audio.chunks_dropped", "dropped", source=label,
-                             queue_chunks=queue_chunks)
-        self._overflows = _Tally("audio.input_overflow", "overflows", source=label)
-        self._ended = False
-        self._error: AudioError | None = None
-        self.retune(fmt)
-
-    def retune(self, fmt: PcmFormat) -> None:
-        """Start a new continuous stream in ``fmt`` (after a device reopen)."""
-        self._fmt = fmt
-        self._converter = Converter(fmt, self._sample_rate)
-        self._rechunker = Rechunker(self._sample_rate, self._chunk_ms)
-
-    def on_audio(
-        self, data: bytes | None, frames: int, time_info: Mapping[str, float], status: int
-    ) -> tuple[None, int]:
-        """The PortAudio callback: stamp the buffer and hand it to the loop, nothing else."""
-        captured_at = _capture_time(time_info, frames, self._fmt.rate)
-        try:
-            self._loop.call_soon_threadsafe(
-                self._offer, data or b"", captured_at, bool(status & _PA_INPUT_OVERFLOW)
-            )
-        except RuntimeError:  # the loop has closed: end the stream instead of raising in C
-            return None, _PA_COMPLETE
-        return None, _PA_CONTINUE
-
-    @property
-    def dropped(self) -> int:
-        """Chunks dropped because the consumer fell behind."""
-        return self._drops.total
-
-    @property
-    def overflows(self) -> int:
-        """Callback buffers PortAudio flagged as overflowed (input lost before them)."""
-        return self._overflows.total
-
-    def _offer(self, data: bytes, captured_at: float, overflowed: bool = False) -> None:
-        """On the loop: convert, re-chunk and queue, dropping the oldest chunk when full."""
-        if self._ended:
-            return
-        if overflowed:
-            self._overflows.add()
-        for chunk in self._rechunker.push(self._converter.convert(data), captured_at):
-            if self._queue.full():
-                self._queue.get_nowait()
-                self._drops.add()
-            self._queue.put_nowait(chunk)
-
-    def log_drops(self) -> None:
-        """Log losses not yet reported (rate-limited meanwhile; call once more at the end)."""
-        self._drops.flush()
-        self._overflows.flush()
-
-    def finish(self, error: AudioError | None = None) -> None:
-        """End the stream: the consumer drains what is queued, then ends (or gets ``error``)."""
-        if self._ended:
-            return
-        self._ended, self._error = True, error
-        if not self._queue.full():
-            self._queue.put_nowait(None)  # wakes a consumer blocked in get()
-        self.log_drops()
-
-    async def get(self, stall_seconds: float) -> AudioChunk | None:
-        """Next chunk, or None once finished and drained.
-
-        Raises:
-            AudioError: no audio arrived for ``stall_seconds``, or the stream failed.
-        """
-        while not (self._ended and self._queue.empty()):
-            try:
-                async with asyncio.timeout(stall_seconds):
-                    item = await self._queue.get()
-            except TimeoutError:
-                raise AudioError(
-                    f"{self._label}: no audio for {stall_seconds:g} s (device stalled or gone)"
-                ) from None
-            if item is not None:
-                return item
-        if self._error is not None:
-            raise self._error
-        return None
 
 
 class MicrophoneSource:
