@@ -9,12 +9,14 @@ checkout; third-party sinks are found through the ``transcribed.sinks`` entry-po
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, Protocol, Self, cast
+from typing import Any, ClassVar, Final, Protocol, Self, TypeVar, cast
 
 import pluggy
 import structlog
@@ -30,6 +32,9 @@ BUILTIN_PLUGINS: Final = ("plugins.file", "plugins.console", "plugins.webhook", 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 HOOK_FAILURE_LOG_S: Final = 60.0  # a hook that keeps failing is logged again at most this often
+REASON_MAX: Final = 500  # a plugin's error message is cut to this many characters, on one line
+
+_T = TypeVar("_T")
 
 log = structlog.get_logger("daemon.plugins")
 
@@ -153,7 +158,9 @@ class PluginHost:
                         raise ConfigError(
                             f"sink type {sink_type.name!r} is provided by two plugins, "
                             f"{owner[sink_type.name]} and {impl.plugin_name}: uninstall one")
-                    found[sink_type.name] = replace(sink_type, factory=_guarded(sink_type))
+                    supervised = impl.plugin_name not in BUILTIN_PLUGINS
+                    found[sink_type.name] = replace(
+                        sink_type, factory=_guarded(sink_type, supervised=supervised))
                     owner[sink_type.name] = impl.plugin_name
             self._types = found
         return self._types
@@ -162,12 +169,18 @@ class PluginHost:
         """What one plugin's ``transcribed_sink_types`` returns; a failure goes to ``failed``."""
         try:
             batch = list(cast(Iterable[object], hook()))
-        except Exception as exc:  # supervision boundary: one plugin must not stop the daemon
-            self.failed[plugin] = f"failed: transcribed_sink_types raised {_reason(exc)}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # supervision boundary: one plugin must not stop the daemon
+            self.failed[plugin] = f"failed: transcribed_sink_types raised {error_line(exc)}"
             return []
         if not all(isinstance(item, SinkType) for item in batch):
             self.failed[plugin] = "failed: transcribed_sink_types must return SinkType objects"
             return []
+        for item in cast(list[SinkType], batch):
+            if problem := _type_problem(item):
+                self.failed[plugin] = f"failed: sink type {item.name!r}: {problem}"
+                return []
         return cast(list[SinkType], batch)
 
     def session_started(self, session: SessionInfo) -> None:
@@ -196,12 +209,19 @@ class PluginHost:
                                   "notification hook (nothing to wrap); it is not called")
                 continue
             try:
-                impl.function(*(kwargs[name] for name in impl.argnames))
-            except Exception as exc:  # supervision boundary: a plugin must not break the stream
-                self._hook_failed(impl.plugin_name, hook, _reason(exc), exc)
+                result = impl.function(*(kwargs[name] for name in impl.argnames))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # supervision boundary: a plugin must not break the
+                self._hook_failed(impl.plugin_name, hook, error_line(exc), exc)    # stream
+                continue
+            if inspect.iscoroutine(result):     # ``async def``: it would never run, unsaid
+                result.close()
+                self._hook_failed(impl.plugin_name, hook, "it is 'async def': a notification "
+                                  "hook must be a plain function (start a task for async work)")
 
     def _hook_failed(self, plugin: str, hook: str, error: str,
-                     exc: Exception | None = None) -> None:
+                     exc: BaseException | None = None) -> None:
         """Log a failing hook: first with its traceback (the plugin's bug), then once a minute."""
         now = time.monotonic()
         failures = self._hook_failures.setdefault((plugin, hook), _Failures(now))
@@ -247,8 +267,9 @@ def load_plugins(
 def _load_entry_points(manager: pluggy.PluginManager) -> dict[str, str]:
     """Register the ``transcribed.sinks`` entry points, each on its own.
 
-    One that cannot be imported or registered (or implements an unknown hook) is left out and
-    named with the reason, instead of stopping every command with a traceback.
+    One that cannot be imported (its import raised, or called ``sys.exit()``) or registered,
+    that implements an unknown hook or none at all, is left out and named with the reason,
+    instead of stopping every command with a traceback (or silently providing nothing).
     """
     from importlib.metadata import entry_points
 
@@ -260,32 +281,108 @@ def _load_entry_points(manager: pluggy.PluginManager) -> dict[str, str]:
         try:
             plugin = point.load()
             manager.register(plugin, name=point.name)
-        except Exception as exc:  # supervision boundary: a broken package must not stop us
-            failed[where] = f"cannot be loaded: {_reason(exc)}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # supervision boundary: a broken package (one calling
+            # sys.exit() at import when a dependency is missing) must not stop us
+            failed[where] = f"cannot be loaded: {error_line(exc)}"
             continue
         try:
             manager.check_pending()
         except pluggy.PluginValidationError as exc:
             manager.unregister(name=point.name)
-            failed[where] = f"cannot be loaded: {exc}"
+            failed[where] = f"cannot be loaded: {error_line(exc)}"
+            continue
+        if not manager.get_hookcallers(plugin):     # another marker (a typo'd project name)
+            manager.unregister(name=point.name)
+            failed[where] = ("provides nothing: it implements no transcribed hook (mark its "
+                             "functions with daemon.plugins.hookimpl)")
     return failed
 
 
-def _guarded(sink_type: SinkType) -> SinkFactory:
+def _type_problem(sink_type: SinkType) -> str | None:
+    """What makes a plugin's ``SinkType`` unusable (it crashed validation later), or None.
+
+    A ``config_model`` that is a plain pydantic model has no ``enabled`` key, nor ``type``.
+    """
+    model = sink_type.config_model
+    if not isinstance(sink_type.name, str) or not sink_type.name:
+        return "its name must be a non-empty string"
+    if not isinstance(model, type) or not issubclass(model, SinkConfig):
+        return (f"its config_model ({getattr(model, '__name__', type(model).__name__)}) must "
+                "be a subclass of daemon.plugins.SinkConfig")
+    if not callable(sink_type.factory):
+        return "its factory must be callable: (name, config, context) -> sink"
+    return None
+
+
+def _guarded(sink_type: SinkType, *, supervised: bool = False) -> SinkFactory:
     """``sink_type.factory``, made safe: a factory that raises builds a sink that fails to start.
 
     Its worker is restarted with backoff like any sink that cannot start (each start calls the
     factory again), and ``test-sinks`` reports the error, instead of the daemon crashing.
+    ``supervised`` (a third-party type): the sink is wrapped in ``_Supervised`` too.
     """
     factory = sink_type.factory
 
     def build(name: str, config: Any, context: SinkContext) -> Sink:
+        sink: Sink
         try:
-            return factory(name, config, context)
+            sink = factory(name, config, context)
         except Exception as exc:  # supervision boundary: a plugin's bug
-            return _Unbuilt(name, sink_type.name, lambda: factory(name, config, context), exc)
+            sink = _Unbuilt(name, sink_type.name, lambda: factory(name, config, context), exc)
+        return _Supervised(sink, f"sink {name!r} (type {sink_type.name!r})") if supervised \
+            else sink
 
     return build
+
+
+class _Supervised:
+    """A third-party sink whose ``BaseException``s are made ordinary failures.
+
+    A stray ``CancelledError`` out of a plugin's ``send`` (a library's inner task cancelled,
+    not the worker) ended the sink's worker without a word: the sink never delivered again,
+    and what its memory queue held was lost at exit. Any other ``BaseException`` that is not
+    an ``Exception`` (a plugin's own subclass, ``SystemExit``, ``KeyboardInterrupt``) ended the
+    whole daemon. Both are a ``SinkError`` now (retried, or a failed start), as is an
+    exception whose ``str()`` raises; a cancellation of the worker itself still goes through.
+    """
+
+    def __init__(self, inner: Sink, what: str) -> None:
+        self.inner = inner
+        self._what = what
+
+    async def __aenter__(self) -> Self:
+        await self._contained(self.inner.__aenter__(), "__aenter__")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._contained(self.inner.__aexit__(exc_type, exc, tb), "__aexit__")
+
+    def send(self, record: TurnRecord) -> Any:  # awaited, or refused if not an awaitable
+        """The inner sink's ``send``, its ``BaseException``s contained."""
+        pending = self.inner.send(record)
+        if not inspect.isawaitable(pending):
+            return pending          # a plain ``def send`` has run: the dispatcher says so
+        return self._contained(pending, "send")
+
+    async def _contained(self, pending: Awaitable[_T], method: str) -> _T:
+        try:
+            return await pending
+        except (Exception, KeyboardInterrupt) as exc:
+            if isinstance(exc, Exception) and not _showable(exc):   # else the dispatcher's
+                raise SinkError(f"{self._what}: {method}() raised {error_line(exc)}") from None
+            raise       # an error line for it raised; Ctrl-C where no loop handler takes it
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise                           # the worker is being cancelled: go
+            raise SinkError(f"{self._what}: {method}() raised {error_line(exc)} though nothing "
+                            "cancelled it (a bug in its plugin)") from None
+        except BaseException as exc:  # supervision boundary: a plugin's bug
+            raise SinkError(f"{self._what}: {method}() raised {error_line(exc)}, not an Exception "
+                            "(a bug in its plugin)") from None
 
 
 class _Unbuilt:
@@ -304,7 +401,7 @@ class _Unbuilt:
                 self._sink = self._build()
             except Exception as exc:  # supervision boundary: reported as a failed start
                 self._error = exc
-                raise SinkError(f"{self._what} cannot be built: {_reason(exc)}") from None
+                raise SinkError(f"{self._what} cannot be built: {error_line(exc)}") from None
         await self._sink.__aenter__()
         return self
 
@@ -313,12 +410,32 @@ class _Unbuilt:
         if self._sink is not None:
             await self._sink.__aexit__(exc_type, exc, tb)
 
-    async def send(self, record: TurnRecord) -> None:
-        """Deliver through the built sink."""
+    def send(self, record: TurnRecord) -> Any:  # as ``_Supervised.send``
+        """Deliver through the built sink (its result as is: a plain ``def send``'s too)."""
         if self._sink is None:
-            raise SinkError(f"{self._what} cannot be built: {_reason(self._error)}")
-        await self._sink.send(record)
+            return self._unbuilt()
+        return self._sink.send(record)
+
+    async def _unbuilt(self) -> None:
+        raise SinkError(f"{self._what} cannot be built: {error_line(self._error)}")
 
 
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+def _showable(exc: BaseException) -> bool:
+    """``str(exc)`` works (a plugin's ``__str__`` may raise)."""
+    try:
+        str(exc)
+    except Exception:  # a plugin's broken __str__
+        return False
+    return True
+
+
+def error_line(exc: BaseException) -> str:
+    """A plugin's exception as one bounded line; never raises (its ``__str__`` may)."""
+    try:
+        text = str(exc)
+    except Exception as failure:  # a plugin's broken __str__
+        text = f"<str() failed: {type(failure).__name__}>"
+    text = " ".join(text.split())
+    if len(text) > REASON_MAX:
+        text = text[:REASON_MAX] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

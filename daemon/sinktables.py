@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from daemon.envvars import CONTAINER_ERRORS, json_error, json_problem, takes_json, variable_key
 from daemon.errors import ConfigError
-from daemon.plugins import PluginHost, SinkConfig, SinkType
+from daemon.plugins import PluginHost, SinkConfig, SinkType, error_line
 from daemon.problems import key_text, validation_lines
 
 SINK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
@@ -69,6 +69,10 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
             continue
         except ConfigError as exc:
             problems.extend(f"sinks.{name}.{p}" for p in exc.problems)
+            continue
+        except Exception as exc:  # supervision boundary: a plugin's validator has a bug
+            problems.append(f"sinks.{name}: the config model of sink type {type_name!r} failed "
+                            f"(a bug in its plugin): {error_line(exc)}")
             continue
         result[name] = (sink_type, config)
     if problems:
