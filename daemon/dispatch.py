@@ -337,10 +337,11 @@ class Dispatcher:
             runner.queue.requeue(held)
         expected = isinstance(exc, SinkError | OSError)
         reason = _reason(exc)
+        again = reason == runner.stats.last_error   # the same bug: its traceback was logged
         runner.stats.last_error = reason
         log.error("sink.crashed", sink_type=runner.sink_type.name, error=reason,
                   queued=runner.queue.depth(), retry_in_s=round(delay, 2),
-                  exc_info=not expected)          # a traceback only for what is a bug
+                  exc_info=not expected and not again)    # a traceback for a bug, once
         if runner.queue.closed and runner.queue.depth() == 0:
             return False
         return await self._backoff(runner, delay)

@@ -245,3 +245,35 @@ async def test_a_burst_of_sighups_while_one_reload_runs_makes_one_more(tmp_path:
     kinds = ["RELOADING" if "RELOADING" in m else "READY" for m in sock.messages]
     assert kinds == ["RELOADING", "READY", "RELOADING", "READY"]
     assert len(loads) == 2 and reloader.reloads == 2
+
+
+class _NeverStarts(_Recorder):
+    """A sink whose start always fails with the same bug (a third-party ``__aenter__``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 0
+        self.started = asyncio.Condition()
+
+    async def __aenter__(self) -> _Recorder:
+        async with self.started:
+            self.starts += 1
+            self.started.notify_all()
+        raise ValueError("no such table: notes")
+
+
+async def test_a_sink_crashing_the_same_way_logs_its_traceback_once(tmp_path: Path) -> None:
+    """A sink whose start fails with the same bug for weeks: every restart is logged, the
+    traceback only the first time (it was one traceback a minute in the journal, for ever)."""
+    sink = _NeverStarts()
+    dispatcher = Dispatcher([_runner("s", sink)], dead_letter_dir=tmp_path)
+    with capture_logs() as logs:
+        async with asyncio.timeout(10), asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            async with sink.started:
+                await sink.started.wait_for(lambda: sink.starts >= 3)
+            await dispatcher.close(0.1)
+    crashed = [e for e in logs if e["event"] == "sink.crashed"]
+    assert len(crashed) >= 2
+    assert [bool(e.get("exc_info")) for e in crashed[:2]] == [True, False]
+    assert all(e["error"] == "ValueError: no such table: notes" for e in crashed)
