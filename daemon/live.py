@@ -22,8 +22,6 @@ Event forms (one JSON object per message, documented in the README)::
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,7 +30,14 @@ from typing import Any, Final, Literal
 import structlog
 
 from daemon.engine import EngineListener
-from daemon.events import PartialTurn, SessionInfo, SessionSummary, TurnRecord, iso_utc
+from daemon.events import (
+    PartialTurn,
+    SessionInfo,
+    SessionSummary,
+    TurnRecord,
+    iso_utc,
+    json_line,
+)
 
 log = structlog.get_logger("daemon.live")
 
@@ -43,22 +48,6 @@ CONNECTION_STATES: Final[tuple[ConnectionState, ...]] = (
 DEFAULT_HISTORY: Final = 50
 DEFAULT_CLIENT_QUEUE: Final = 256
 _UNSET: Final[Any] = object()
-
-
-def _dumps(event: dict[str, Any]) -> str:
-    """One event as JSON text that UTF-8 can carry.
-
-    A transcript may hold a lone surrogate (half an emoji the service sent escaped): raw, it
-    cannot be sent as a WebSocket text frame (every viewer was cut off at that event), so such an
-    event is written with its non-ASCII characters escaped.
-    """
-    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    if _SURROGATE.search(text) is None:
-        return text
-    return json.dumps(event, separators=(",", ":"))
-
-
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class Subscription:
@@ -142,7 +131,7 @@ class LiveHub:
             self._partial.turn_order <= record.turn_order
         ):
             self._partial = None
-        text = _dumps({"type": "turn", **record.to_dict()})
+        text = json_line({"type": "turn", **record.to_dict()})
         self._turns.append(text)
         self._publish_text(text)
 
@@ -240,11 +229,11 @@ class LiveHub:
 
     def subscribe(self, on_drop: Callable[[], None] | None = None) -> Subscription:
         """A new subscription, preloaded with the replay (state, open sessions, turns, partial)."""
-        replay = [_dumps(self._state)]
-        replay.extend(_dumps(session) for session in self._sessions.values())
+        replay = [json_line(self._state)]
+        replay.extend(json_line(session) for session in self._sessions.values())
         replay.extend(self._turns)
         if self._partial is not None:
-            replay.append(_dumps(_partial_event(self._partial)))
+            replay.append(json_line(_partial_event(self._partial)))
         sub = Subscription(self._client_queue + len(replay), on_drop)
         for text in replay:
             sub.offer(text)
@@ -262,7 +251,7 @@ class LiveHub:
         return len(self._subscribers)
 
     def _publish(self, event: dict[str, Any]) -> None:
-        self._publish_text(_dumps(event))
+        self._publish_text(json_line(event))
 
     def _publish_text(self, text: str) -> None:
         for sub in list(self._subscribers):
