@@ -26,7 +26,7 @@ from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
-from daemon.plugins import Sink, SinkConfig, SinkType
+from daemon.plugins import Sink, SinkConfig, SinkType, error_line
 from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue, hand_over
 
 log = structlog.get_logger("daemon.dispatch")
@@ -471,4 +471,4 @@ async def _send(runner: SinkRunner, record: TurnRecord) -> None:
 
 def _reason(exc: Exception) -> str:
     """A sink failure as one line: a ``SinkError``'s own message, else the exception's type too."""
-    return str(exc) if isinstance(exc, SinkError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, SinkError) else error_line(exc)
