@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -196,19 +196,13 @@ class MicrophoneSource:
         if self._lost_at is None:
             self._lost_at = self._last_end if self._last_end is not None else time.time()
         log.warning("audio.device_lost", error=str(error), device=self.device or "default")
+
+        def failed(attempt: int, exc: AudioError) -> None:
+            log.warning("audio.reopen_failed", attempt=attempt, error=str(exc))
+
         try:
-            for attempt, delay in enumerate(backoff(REOPEN_INITIAL_S, REOPEN_MAX_S), start=1):
-                self.heartbeat.beat(delay + OPEN_LIMIT_S)
-                if await self._stopped_within(delay):
-                    return
-                try:
-                    if not await self._reopened_unless_stopped():
-                        return
-                except AudioError as exc:
-                    log.warning("audio.reopen_failed", attempt=attempt, error=str(exc))
-                    continue
+            if await self._reopen_with_backoff(failed):
                 self.recoveries += 1
-                return
         finally:
             self.recovering = False
 
@@ -222,22 +216,34 @@ class MicrophoneSource:
             AmbiguousDevice: ``audio.device`` matches several devices (a config error).
         """
         reasons: set[str] = set()
+
+        def failed(attempt: int, exc: AudioError) -> None:
+            if isinstance(exc, AmbiguousDevice):
+                raise exc
+            self._note_waiting(attempt, str(exc), reasons)
+
         try:
-            for attempt, delay in enumerate(backoff(REOPEN_INITIAL_S, REOPEN_MAX_S), start=1):
-                self.heartbeat.beat(delay + OPEN_LIMIT_S)
-                if await self._stopped_within(delay):
-                    return
-                self._listed = []
-                try:
-                    await self._reopened_unless_stopped()
-                    return  # opened, or stopped meanwhile
-                except AmbiguousDevice:
-                    raise
-                except AudioError as exc:
-                    self._note_waiting(attempt, str(exc), reasons)
+            await self._reopen_with_backoff(failed)
         finally:
             self.heartbeat.idle()  # chunks() promises from its first read on
             self.waiting = self.recovering = False
+
+    async def _reopen_with_backoff(self, failed: Callable[[int, AudioError], None]) -> bool:
+        """Reopen the device until it opens (True) or ``stop()`` comes (False).
+
+        Attempts at once, then after 0.5 s doubling to 30 s (jittered); each beats the heartbeat
+        (a promise kept). ``failed(attempt, error)`` hears each failed attempt (it may raise).
+        """
+        for attempt, delay in enumerate(backoff(REOPEN_INITIAL_S, REOPEN_MAX_S), start=1):
+            self.heartbeat.beat(delay + OPEN_LIMIT_S)
+            if await self._stopped_within(delay):
+                return False
+            self._listed = []
+            try:
+                return await self._reopened_unless_stopped()
+            except AudioError as exc:
+                failed(attempt, exc)
+        raise AssertionError("the backoff never ends")
 
     def _note_waiting(self, attempt: int, reason: str, reasons: set[str]) -> None:
         """Log a reason the device cannot be opened yet, once each."""
@@ -246,9 +252,9 @@ class MicrophoneSource:
             return
         reasons.add(reason)
         log.error("audio.device_waiting", device=self.device or "default", attempt=attempt,
-                    error=reason, available=describe_devices(self._listed),
-                    effect="waiting for the device (retried with backoff up to "
-                           f"{REOPEN_MAX_S:g} s); capture starts when it appears")
+                  error=reason, available=describe_devices(self._listed),
+                  effect="waiting for the device (retried with backoff up to "
+                         f"{REOPEN_MAX_S:g} s); capture starts when it appears")
 
     async def _reopened_unless_stopped(self) -> bool:
         """Reopen the device; False if ``stop()`` came first.
