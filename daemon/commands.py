@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +56,12 @@ def _find_daemon_error(exc: BaseException) -> DaemonError | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``transcribed run``."""
+    """``transcribed run``.
+
+    Ctrl-C while it starts, before ``app.run`` handles SIGINT itself, is asyncio.run's: it
+    cancels ``app.run`` and raises KeyboardInterrupt, which goes on to ``cli.main`` (one line,
+    exit 130) instead of reading as a clean stop (exit 0).
+    """
     from daemon import app, logs
     from daemon.plugins import load_plugins
 
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for plugin, why in plugins.failed.items():      # one no sink uses would go unnoticed
         log.warning("plugin.unavailable", plugin=plugin, error=why)
     try:
-        return asyncio.run(app.run(settings, masker, plugins, sinks=sinks,
+        return _run_daemon(app.run(settings, masker, plugins, sinks=sinks,
                                    loader=lambda: _validated(args, plugins)))
     except BaseException as exc:  # the outermost boundary: classify and pick the exit code
         error = _find_daemon_error(exc)
@@ -96,12 +101,32 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"transcribed: {masker.mask(str(error))}", file=sys.stderr)
             return _last_status(error.exit_code, [masker.mask(str(error))])
-        if isinstance(exc, KeyboardInterrupt):
-            return EX_OK
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C app.run did not handle (starting):
+            raise                               # cli.main says so, exit 130
         log.exception("daemon.crashed")
         cause = _first_leaf(exc)
         return _last_status(EX_FAILURE, [f"crashed: {type(cause).__name__}: "
                                          f"{masker.mask(str(cause))}"])
+
+
+def _run_daemon(daemon: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(daemon)``: its exit code, also when Ctrl-C comes after it returned.
+
+    A Ctrl-C while asyncio.run winds down (it waits for the default executor's threads) is
+    KeyboardInterrupt out of asyncio.run, as one before the daemon handles SIGINT is: the first
+    leaves a clean stop (exit 0) as it was; the second goes on (exit 130).
+    """
+    ended: list[int] = []
+
+    async def main() -> None:
+        ended.append(await daemon)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        if not ended:
+            raise
+    return ended[0]
 
 
 def _stacks_on_abort() -> None:

@@ -1,8 +1,9 @@
 """Who set a key: ``TRANSCRIBED_<SECTION>__<KEY>`` variables, and the lines that blame them.
 
 Every problem line starts with where its key was set: ``<file>: `` or, for the environment,
-``environment <VARIABLE>[, <VARIABLE>…]: `` (one format for all). Lists and tables set from the
-environment are JSON text; one that does not parse says so, with an example.
+``environment <VARIABLE>[, <VARIABLE>…]: `` (one format for all; variables that made a sink of
+their own instead of setting the file's of a like name say so before the colon). Lists and
+tables set from the environment are JSON text; one that does not parse says so, with an example.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pydantic import BaseModel
 ENV_PREFIX: Final = "TRANSCRIBED_"
 
 
-def environment(names: Collection[str]) -> str:
-    """The origin prefix of a line about the keys these variables set."""
-    return f"environment {', '.join(names)}: "
+def environment(names: Collection[str], note: str = "") -> str:
+    """The origin prefix of a line about the keys these variables set (``note``: why, in ``()``)."""
+    return f"environment {', '.join(names)}{f' ({note})' if note else ''}: "
 
 
 def variable_key(name: str) -> list[str] | None:
@@ -40,9 +41,11 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
     The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``),
     or those that set keys below a key (which made it a table).
     With ``file_sinks`` (the sink names the file has): a sink the file does not have exists
-    only because of the environment, so the variables that set its keys are named.
+    only because of the environment, so the variables that set its keys are named, and why
+    they missed the file's sink of a like name (``lookalike_sink``).
     """
-    parts = line.split(":", 1)[0].split(" ", 1)[0].upper().split(".")
+    named = line.split(":", 1)[0].split(" ", 1)[0].split(".")
+    parts = [part.upper() for part in named]
     names = {variable.upper(): variable for variable in env}    # named as they were set
     for end in range(len(parts), 0, -1):
         name = ENV_PREFIX + "__".join(parts[:end])
@@ -54,12 +57,43 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
         if below:
             return environment(below)
     if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
-            and parts[1].lower() not in {sink.lower() for sink in file_sinks}:
+            and named[1] not in file_sinks:
         setters = sorted(variable for name, variable in names.items()
                          if name.startswith(f"{ENV_PREFIX}SINKS__{parts[1]}__"))
         if setters:
-            return environment(setters)
+            return environment(setters, lookalike_sink(named[1], names, file_sinks))
     return where
+
+
+def lookalike_sink(sink: str, variables: Collection[str], file_sinks: AbstractSet[str]) -> str:
+    """Why variables made ``sink`` of their own when the file has one that differs by ``-``/case.
+
+    ``TRANSCRIBED_SINKS__MY_LOG__PATH`` makes a sink ``my_log`` (with no type) instead of
+    setting the file's ``[sinks.my-log]``: ``_`` is not read as ``-``, and a shell's ``export``
+    cannot name ``TRANSCRIBED_SINKS__MY-LOG__PATH``. ``""`` when no file sink is alike, or
+    ``variables`` (upper-case names) set the sink's ``type``: a sink of its own on purpose.
+    """
+    if f"{ENV_PREFIX}SINKS__{sink.upper()}__TYPE" in variables:
+        return ""
+    alike = sorted(name for name in file_sinks
+                   if name != sink and _unified(name) == _unified(sink))
+    if not alike:
+        return ""
+    tables = " or ".join(f"[sinks.{name}]" for name in alike)
+    if all(name.lower() == sink.lower() for name in alike):
+        return f"a new sink {sink}, not the file's {tables}: variable names are read in lower case"
+    wanted = " or ".join(f"{ENV_PREFIX}SINKS__{name.upper()}__<KEY>" for name in alike)
+    dashed = any("-" in name for name in alike)
+    why = ("'-' and '_' differ" if dashed and "-" in sink
+           else "'_' is not read as '-'" if dashed else "'-' is not read as '_'")
+    shell = ", a name a shell's export cannot take but env and systemd's Environment= can"
+    return f"a new sink {sink}, not the file's {tables}: {why}; set {wanted}" \
+        + (shell if dashed else "")
+
+
+def _unified(sink: str) -> str:
+    """A sink name with case and ``-``/``_`` left out of account."""
+    return sink.lower().replace("-", "_")
 
 
 def unknown_variables(env: Mapping[str, str], sections: Collection[str]) -> list[str]:

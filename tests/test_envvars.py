@@ -1,0 +1,85 @@
+"""Environment variables for a sink whose name in the file has a ``-`` (or capitals)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import ConfigError
+from daemon.plugins import load_plugins
+from daemon.validate import validate
+from tests.conftest import REPO, TRANSCRIBED
+
+
+def _config(tmp_path: Path, sink: str) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[sinks.{sink}]\ntype = "file"\npath = "{tmp_path / "turns.jsonl"}"\n'
+                      f'[state]\ndir = "{tmp_path / "state"}"\n')
+    return config
+
+
+def _problems(config: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        validate(str(config), load_plugins(entry_points=False))
+    return caught.value.problems
+
+
+def test_underscore_for_dash_names_the_file_sink(tmp_path: Path) -> None:
+    """``TRANSCRIBED_SINKS__MY_LOG__PATH`` with ``[sinks.my-log]``: check-config's one line says
+    the variable made a sink ``my_log`` of its own, names the file's sink and the ``-`` form."""
+    config = _config(tmp_path, "my-log")
+    env = {**os.environ, "TRANSCRIBED_SINKS__MY_LOG__PATH": str(tmp_path / "other.jsonl")}
+    result = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 78, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line == (
+        "transcribed: config error: environment TRANSCRIBED_SINKS__MY_LOG__PATH (a new sink "
+        "my_log, not the file's [sinks.my-log]: '_' is not read as '-'; set "
+        "TRANSCRIBED_SINKS__MY-LOG__<KEY>, a name a shell's export cannot take but env and "
+        "systemd's Environment= can): sinks.my_log.type: missing (known types: console, file, "
+        "mqtt, webhook)")
+
+
+def test_the_dash_form_sets_the_file_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """The variable spelled with the ``-`` sets the file's sink (what the hint proposes)."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__MY-LOG__PATH", str(tmp_path / "other.jsonl"))
+    _settings, _path, sinks = validate(str(_config(tmp_path, "my-log")),
+                                       load_plugins(entry_points=False))
+    assert list(sinks) == ["my-log"]
+    assert str(sinks["my-log"][1].model_dump()["path"]) == str(tmp_path / "other.jsonl")
+
+
+def test_a_sink_of_its_own_on_purpose_gets_no_hint(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables that set ``type`` too make a sink of their own: no word about the file's."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__MY_LOG__TYPE", "webhook")  # and no url
+    [line] = _problems(_config(tmp_path, "my-log"))
+    assert line.startswith("environment TRANSCRIBED_SINKS__MY_LOG__TYPE: sinks.my_log.url: ")
+    assert "my-log" not in line
+
+
+def test_capitals_in_the_file_sink_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[sinks.MyLog]`` and ``TRANSCRIBED_SINKS__MYLOG__PATH``: the file's name is refused, and
+    the sink ``mylog`` the variable made is blamed on it, not on the file, saying why."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__MYLOG__PATH", str(tmp_path / "other.jsonl"))
+    config = _config(tmp_path, "MyLog")
+    named, made = _problems(config)
+    assert named.startswith(f"{config}: sinks.MyLog: a sink name is lower-case")
+    assert made == ("environment TRANSCRIBED_SINKS__MYLOG__PATH (a new sink mylog, not the "
+                    "file's [sinks.MyLog]: variable names are read in lower case): sinks.mylog."
+                    "type: missing (known types: console, file, mqtt, webhook)")
+
+
+def test_dash_for_underscore_names_the_file_sink(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other way round: ``TRANSCRIBED_SINKS__MY-LOG__PATH`` with ``[sinks.my_log]``."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__MY-LOG__PATH", str(tmp_path / "other.jsonl"))
+    assert _problems(_config(tmp_path, "my_log")) == [
+        "environment TRANSCRIBED_SINKS__MY-LOG__PATH (a new sink my-log, not the file's "
+        "[sinks.my_log]: '-' is not read as '_'; set TRANSCRIBED_SINKS__MY_LOG__<KEY>): "
+        "sinks.my-log.type: missing (known types: console, file, mqtt, webhook)"]
