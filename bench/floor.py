@@ -16,9 +16,15 @@ fake v3 service (``bench/fake_server.py``) in its own process:
 8. the same hybrid doing the daemon's own core work: each chunk counted (``AudioMeter``), kept
    in the ``Ledger`` and the session's ``Timeline``; each message parsed by
    ``daemon.protocol.parse_message`` and fed to the ``TurnAssembler`` (finals built as records).
-   What it leaves out (logging, sinks, the reporter, reconnects) only adds.
+   What it leaves out (logging, sinks, the reporter, reconnects) only adds;
+9. one thread, one wake-up per chunk: each 100 ms tick sends its frame, then reads whatever the
+   service sent since (a non-blocking ``recv``): no wake-up for a reply at all;
+10. the same doing the daemon's core work (as 8).
 
-Run:  .venv/bin/python bench/floor.py [--seconds 30]
+``--only 9,10`` runs just those rows (saved as ``floor-only``); ``--split`` times each part of a
+row-9/10 tick with ``time.thread_time`` instead (saved as ``floor-split``).
+
+Run:  .venv/bin/python bench/floor.py [--seconds 30] [--only N,M] [--split]
 """
 
 from __future__ import annotations
@@ -251,6 +257,87 @@ async def hybrid(fake: FakeService, pcm: bytes, chunks: int, *, work: bool) -> f
     return rate
 
 
+class _Phases:
+    """Thread CPU per phase of a tick (``time.thread_time``), to see where a wake-up's CPU goes."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = 0.0
+
+    def start(self) -> None:
+        self._mark = time.thread_time()
+
+    def end(self, phase: str) -> None:
+        now_ = time.thread_time()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now_ - self._mark
+        self._mark = now_
+
+
+def one_thread(fake: FakeService, pcm: bytes, chunks: int, *, work: bool,
+               phases: _Phases | None = None) -> float:
+    """One thread, one wake-up per chunk: send the chunk, then read what has arrived meanwhile.
+
+    The socket is never waited on: each 100 ms tick sends its frame and takes the service's
+    replies to earlier frames with a non-blocking ``recv`` (they wait up to one tick).
+    ``phases``: also time each part of a tick (the timing itself adds a little).
+    """
+    session = _SansIo(fake)
+    core = _CoreWork() if work else None
+    clock = phases if phases is not None else _Phases()
+    while not session.texts(session.sock.recv(65536)):     # handshake and Begin, blocking
+        pass
+    session.sock.setblocking(False)
+
+    def tick(index: int) -> None:
+        clock.start()
+        frame = pcm[index * 3200 : (index + 1) * 3200]
+        piece = core.chunk(index, frame) if core is not None else None
+        clock.end("ledger, timeline, meter")
+        session.protocol.send_binary(frame)                 # as ``_SansIo.send``, in two parts
+        outgoing = session.protocol.data_to_send()
+        clock.end("frame (websockets: header, mask)")
+        for data in outgoing:
+            session.sock.sendall(data)
+        clock.end("send (syscall)")
+        if core is not None and piece is not None:
+            core.sent(piece)
+        clock.end("ledger, timeline, meter")
+        while True:
+            try:
+                data = session.sock.recv(65536)
+            except BlockingIOError:
+                clock.end("receive (syscalls, websockets)")
+                return
+            texts = session.texts(data)
+            clock.end("receive (syscalls, websockets)")
+            for text in texts:
+                if core is None:
+                    json.loads(text)
+                else:
+                    core.message(text)
+            clock.end("parse (+ turn assembly)")
+            if not data:
+                return
+
+    rate = paced_thread(chunks, tick)
+    session.sock.setblocking(True)
+    session.send_close()
+    session.sock.close()
+    return rate
+
+
+def split(fake: FakeService, pcm: bytes, chunks: int) -> dict[str, dict[str, float]]:
+    """Where a one-thread tick's CPU goes, without and with the core work (s per audio min)."""
+    result: dict[str, dict[str, float]] = {}
+    for work in (False, True):
+        phases = _Phases()
+        total = one_thread(fake, pcm, chunks, work=work, phases=phases)
+        shares = {name: seconds / (chunks / 600) for name, seconds in phases.seconds.items()}
+        shares["the rest: the wake-up itself, pacing"] = total - sum(shares.values())
+        result["with core work" if work else "without"] = {"total": total, **shares}
+    return result
+
+
 async def streaming(fake: FakeService, pcm: bytes, chunks: int,
                     compression: Literal["deflate"] | None) -> float:
     """The smallest asyncio streaming client; CPU s per audio minute."""
@@ -275,6 +362,9 @@ async def streaming(fake: FakeService, pcm: bytes, chunks: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--only", default="", help="comma-separated row numbers (1-10) to run")
+    parser.add_argument("--split", action="store_true",
+                        help="instead: where a one-thread tick's CPU goes, phase by phase")
     args = parser.parse_args()
     chunks = int(args.seconds * 10)
     started = now()
@@ -286,27 +376,39 @@ def main() -> None:
         fake = FakeService(work)
         busy, wall = busy_cpu_s(), time.monotonic()
         try:
-            result = {
-                "bare loop, 10 wakes/s": asyncio.run(paced(chunks)),
-                "minimal client, no compression": asyncio.run(
-                    streaming(fake, pcm, chunks, None)),
-                "minimal client, permessage-deflate": asyncio.run(
-                    streaming(fake, pcm, chunks, "deflate")),
-                "bare thread, 10 wakes/s": paced_thread(chunks),
-                "threaded client, websockets.sync": threaded_sync(fake, pcm, chunks),
-                "threaded client, sans-I/O": threaded_sans_io(fake, pcm, chunks),
-                "hybrid: audio thread sends, event loop reads": asyncio.run(
-                    hybrid(fake, pcm, chunks, work=False)),
-                "hybrid + the daemon's ledger, timeline, parsing and turn assembly": asyncio.run(
-                    hybrid(fake, pcm, chunks, work=True)),
-            }
+            rows: list[tuple[str, Callable[[], float]]] = [
+                ("bare loop, 10 wakes/s", lambda: asyncio.run(paced(chunks))),
+                ("minimal client, no compression",
+                 lambda: asyncio.run(streaming(fake, pcm, chunks, None))),
+                ("minimal client, permessage-deflate",
+                 lambda: asyncio.run(streaming(fake, pcm, chunks, "deflate"))),
+                ("bare thread, 10 wakes/s", lambda: paced_thread(chunks)),
+                ("threaded client, websockets.sync", lambda: threaded_sync(fake, pcm, chunks)),
+                ("threaded client, sans-I/O", lambda: threaded_sans_io(fake, pcm, chunks)),
+                ("hybrid: audio thread sends, event loop reads",
+                 lambda: asyncio.run(hybrid(fake, pcm, chunks, work=False))),
+                ("hybrid + the daemon's ledger, timeline, parsing and turn assembly",
+                 lambda: asyncio.run(hybrid(fake, pcm, chunks, work=True))),
+                ("one thread, one wake-up per chunk: send, then read what has arrived",
+                 lambda: one_thread(fake, pcm, chunks, work=False)),
+                ("one thread, one wake-up per chunk + the daemon's core work",
+                 lambda: one_thread(fake, pcm, chunks, work=True)),
+            ]
+            only = {int(n) for n in args.only.split(",") if n.strip()}
+            result: dict[str, Any] = (
+                split(fake, pcm, chunks) if args.split else
+                {name: run() for number, (name, run) in enumerate(rows, 1)
+                 if not only or number in only})
         finally:
             fake.close()
-    print(save("floor", {"date": started, "machine": machine(), "revision": revision(),
-                         "seconds": args.seconds,
-                         "machine_busy_cores": (busy_cpu_s() - busy) / (time.monotonic() - wall),
-                         "command": f".venv/bin/python bench/floor.py --seconds {args.seconds:g}",
-                         "cpu_s_per_audio_min": result}))
+    name = "floor-split" if args.split else "floor-only" if args.only else "floor"
+    print(save(name, {"date": started, "machine": machine(), "revision": revision(),
+                      "seconds": args.seconds,
+                      "machine_busy_cores": (busy_cpu_s() - busy) / (time.monotonic() - wall),
+                      "command": f".venv/bin/python bench/floor.py --seconds {args.seconds:g}"
+                                 + (f" --only {args.only}" if args.only else "")
+                                 + (" --split" if args.split else ""),
+                      "cpu_s_per_audio_min": result}))
     print(json.dumps(result, indent=2))
 
 

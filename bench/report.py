@@ -237,9 +237,11 @@ def floor_section(data: dict[str, Any], cloud: dict[str, Any] | None) -> str:
         "process's threads, `getrusage`, while streaming only). Each row is a lower bound for "
         "a daemon built that way, before any work of its own (ledger, reconnects, turn "
         "assembly, sinks, logging): compare it with the steady CPU target of 0.5 x the SDK. "
-        "The last row is the exception: the hybrid (an audio thread sends, the event loop "
-        "reads) doing the daemon's own core work, the real `AudioMeter`, `Ledger`, `Timeline`, "
-        "`parse_message` and `TurnAssembler`, still without logging, sinks or reconnects. "
+        "The rows '+ the daemon's ... work' are the exception: the hybrid (an audio thread "
+        "sends, the event loop reads) and the one-thread client (one wake-up per chunk: it "
+        "sends, then reads what has arrived without waiting) doing the daemon's own core work, "
+        "the real `AudioMeter`, `Ledger`, `Timeline`, `parse_message` and `TurnAssembler`, "
+        "still without logging, sinks or reconnects. "
         "The SDK's figure is the in-run median of the cloud table above (another block of "
         "runs: figures move by up to ~15 % between blocks here).", "",
         "| client | CPU per audio minute | / SDK (in-run, cloud table) |",
