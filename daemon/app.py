@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +25,7 @@ from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.dispatch import Dispatcher
 from daemon.engine import Engine
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.hangup import Hangup
 from daemon.health import Health, Heartbeat, Reporter
 from daemon.live import LiveHub, Tee
 from daemon.logs import SecretMasker
@@ -33,13 +34,18 @@ from daemon.metrics import AudioMeter, StatusSnapshot, snapshot_of
 from daemon.notify import Notifier
 from daemon.plugins import PluginHost, load_plugins
 from daemon.reload import Loader, Reloader, SinkBuilder, warn_none_enabled
+from daemon.shutdown import (
+    SHUTDOWN_DEADLINE_S,
+    deadline,
+    flush_bound,
+    flush_signals,
+    uncancel_on_deadline,
+)
 from daemon.sinktables import ValidatedSinks, enabled_sinks, validate_sinks
 from daemon.web import LiveServer
 
 log = structlog.get_logger("daemon.app")
 
-SHUTDOWN_DEADLINE_S: Final = 12.0  # SIGTERM → engine finished; sinks then get FLUSH_TIMEOUT_S
-FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the slowest timeout_s
 NEWS_CHUNKS: Final = 3             # chunks after a session began that wake the reporter (READY)
 
 
@@ -247,7 +253,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
         async with asyncio.TaskGroup() as group:
             dispatcher.start(group)
             reporting = group.create_task(reporter.run(), name="systemd-reporter")
-            hup = _Hangup(group, reloader, reporter)
+            hup = Hangup(group, reloader, reporter)
             signalled = True                 # until the engine returns of its own accord
             why = "input ended"
             try:
@@ -259,51 +265,11 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
             finally:
                 parts.hub.state("stopped")
                 reporter.stop(why)
-                with _flush_signals(dispatcher):
-                    bound = _flush_bound(dispatcher, signalled)
+                with flush_signals(dispatcher):
+                    bound = flush_bound(dispatcher, signalled)
                     log.info("sinks.flushing", queued=dispatcher.queued(), timeout_s=bound)
                     await dispatcher.close(bound)
                 reporting.cancel()
-
-
-@contextlib.contextmanager
-def _flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
-    """While the sinks flush: SIGTERM/SIGINT cut the flush short, SIGHUP is ignored.
-
-    Without handlers a signal here (a second Ctrl-C, ``systemctl reload`` at the end of a file)
-    killed the process, and the turns a file or console sink still held were lost instead of
-    dead-lettered.
-    """
-    loop = asyncio.get_running_loop()
-
-    def cut(signum: int) -> None:
-        log.warning("daemon.flush_cut_short", signal=signal.Signals(signum).name)
-        dispatcher.cut_flush()
-
-    def ignore() -> None:
-        log.info("reload.ignored", reason="stopping")
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, cut, signum)
-    loop.add_signal_handler(signal.SIGHUP, ignore)
-    try:
-        yield
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-
-
-def _flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:
-    """How long the sinks get to deliver their queues when the daemon stops.
-
-    After a signal, ``FLUSH_TIMEOUT_S`` (systemd is waiting). At the end of a file nobody is:
-    long enough for the slowest sink's own timeout (``timeout_s``) plus that, so a webhook that
-    answers slowly still gets the last turns before the process exits.
-    """
-    if signalled:
-        return FLUSH_TIMEOUT_S
-    timeouts = (float(getattr(r.config, "timeout_s", 0.0)) for r in dispatcher.runners.values())
-    return max(timeouts, default=0.0) + FLUSH_TIMEOUT_S
 
 
 def _audio_flows(engine: Engine, listener: Listener) -> bool:
@@ -351,43 +317,6 @@ async def _beating(
             await aclose()
 
 
-@dataclass
-class _Hangup:
-    """SIGHUP: run one reload at a time as a task, bracketed by RELOADING=1 / READY=1.
-
-    SIGHUPs while a reload runs are folded into one more after it (the file may have changed
-    after the running one read it): a burst makes two reloads, not one each.
-    """
-
-    group: asyncio.TaskGroup
-    reloader: Reloader | None
-    reporter: Reporter
-    _task: asyncio.Task[None] | None = None
-    _again: bool = False
-
-    def __call__(self) -> None:
-        if self.reloader is None:
-            log.warning("reload.unavailable", reason="no config loader")
-            return
-        if self.reporter.stopping:
-            log.info("reload.ignored", reason="stopping")
-            return
-        if self._task is not None and not self._task.done():
-            self._again = True
-            log.info("reload.queued", reason="a reload is under way: one more follows it")
-            return
-        self._task = self.group.create_task(self._reload(self.reloader), name="reload")
-
-    async def _reload(self, reloader: Reloader) -> None:
-        while True:
-            self._again = False
-            self.reporter.reloading()
-            outcome = await reloader.reload()
-            self.reporter.reloaded(outcome)
-            if not self._again or self.reporter.stopping:
-                return
-
-
 async def _run_engine(
     engine: Engine,
     source: AudioSource,
@@ -414,7 +343,7 @@ async def _run_engine(
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         reporter.stop(f"{signal.Signals(signum).name} received")
         source.stop()
-        stopping.append(loop.call_later(SHUTDOWN_DEADLINE_S, _deadline, task))
+        stopping.append(loop.call_later(SHUTDOWN_DEADLINE_S, deadline, task))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -425,8 +354,8 @@ async def _run_engine(
             if stopping:    # stopped while the microphone was waited for: nothing to transcribe
                 return True
             chunks = _beating(source.chunks(), capture, listener, within, hub.input_ended)
-            await _uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
-    finally:        # the handlers stay until the flush replaces them (_flush_signals)
+            await uncancel_on_deadline(engine.run(chunks, Tee(listener, hub)), task, stopping)
+    finally:        # the handlers stay until the flush replaces them (flush_signals)
         for handle in stopping:
             handle.cancel()
     return bool(stopping)
@@ -437,20 +366,3 @@ def _chunk_deadline(source: AudioSource) -> float:
     from daemon.audio import OPEN_LIMIT_S
 
     return float(getattr(source, "stall_seconds", 5.0)) + OPEN_LIMIT_S
-
-
-def _deadline(task: asyncio.Task[Any]) -> None:
-    log.warning("daemon.shutdown_deadline", deadline_s=SHUTDOWN_DEADLINE_S)
-    task.cancel()
-
-
-async def _uncancel_on_deadline(
-    work: Awaitable[None], task: asyncio.Task[Any], stopping: list[asyncio.TimerHandle]
-) -> None:
-    """Await ``work``; a cancellation we caused while stopping ends it quietly."""
-    try:
-        await work
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-        task.uncancel()

@@ -11,15 +11,13 @@ from __future__ import annotations
 import codecs
 import os
 import re
-import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,26 +33,16 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from daemon.credentials import HeaderSecret, resolve_secrets
 from daemon.envvars import ENV_PREFIX, problem_origin, unknown_variables, unparsable_line
 from daemon.errors import ConfigError
+from daemon.paths import look
 from daemon.problems import validation_lines
 
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
 DEFAULT_SINKS: Final[dict[str, dict[str, Any]]] = {"console": {"type": "console"}}
 KEY_UNKNOWN: Final = "assemblyai.api_key"   # a failed "section": the key file could not be read
-HEADER_SAFE: Final = re.compile(r"[!-~]*")   # what an HTTP header carries: printable ASCII
-NOT_HEADER_SAFE: Final = "must be printable ASCII without spaces (it is sent in a header)"
-
-
-def _header_safe(value: SecretStr) -> SecretStr:
-    """A secret sent in a header (a non-ASCII letter crashed the request, a break failed it)."""
-    if not HEADER_SAFE.fullmatch(value.get_secret_value()):
-        raise ValueError(NOT_HEADER_SAFE)
-    return value
-
-
-HeaderSecret = Annotated[SecretStr, AfterValidator(_header_safe)]
 
 
 class _Section(BaseModel):
@@ -289,18 +277,6 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     return None
 
 
-def look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> bool:
-    """``test(path)`` (is it a file?); a path we may not look at is a config error naming ``key``.
-
-    EACCES (a 0700 folder, or /home behind the system unit's ProtectHome=yes) would otherwise be
-    a traceback, exit 1, which systemd restarts in a loop.
-    """
-    try:
-        return test(path)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot look at {path}: {exc.strerror}") from None
-
-
 def load_settings(path: Path | None) -> Settings:
     """Load and validate everything except sink tables (see ``daemon.sinktables.validate_sinks``).
 
@@ -360,7 +336,7 @@ def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]
                                               Settings)]
     if "assemblyai" not in failed:
         try:
-            settings = _resolve_secrets(settings, where, os.environ)
+            settings = resolve_secrets(settings, where, os.environ)
         except ConfigError as exc:
             problems += exc.problems
             failed |= {KEY_UNKNOWN}
@@ -392,60 +368,3 @@ def _check_toml(path: Path) -> None:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-
-
-SECRET_MAX_BYTES: Final = 64 * 1024     # a key, a token or a few secrets: never more
-
-
-def read_secret_file(path: str, key: str) -> str:
-    """Read a secret from a file (trailing newline stripped); errors name the key, not the value.
-
-    Only a regular file of at most ``SECRET_MAX_BYTES``: a FIFO would block (a reload, or
-    ``check-config``, forever) and ``/dev/zero`` would fill the memory.
-    """
-    file = Path(path).expanduser()
-    try:
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise ConfigError(f"{key}: {path} is not a regular file")
-        with file.open("rb") as handle:
-            data = handle.read(SECRET_MAX_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    if len(data) > SECRET_MAX_BYTES:
-        raise ConfigError(f"{key}: {path} is larger than {SECRET_MAX_BYTES // 1024} KiB")
-    try:
-        value = data.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
-    if not value:
-        raise ConfigError(f"{key}: {path} is empty")
-    return value
-
-
-def _resolve_secrets(settings: Settings, where: str, env: Mapping[str, str]) -> Settings:
-    """Fill ``assemblyai.api_key`` from ``api_key_file`` or ``$CREDENTIALS_DIRECTORY``."""
-    section = settings.assemblyai
-    if section.api_key.get_secret_value():
-        return settings
-    key: str | None = None
-    if section.api_key_file:
-        try:
-            key = _read_key(section.api_key_file, "assemblyai.api_key_file")
-        except ConfigError as exc:
-            raise ConfigError([problem_origin(p, where, env) + p for p in exc.problems]) from None
-    elif env.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / "assemblyai_api_key"
-        if look(candidate, "assemblyai.api_key (credential)"):
-            key = _read_key(str(candidate), "assemblyai.api_key (credential)")
-    if key is None:
-        return settings
-    new_section = section.model_copy(update={"api_key": SecretStr(key)})
-    return settings.model_copy(update={"assemblyai": new_section})
-
-
-def _read_key(path: str, key: str) -> str:
-    """The API key in a secret file: text an HTTP header can carry."""
-    value = read_secret_file(path, key)
-    if not HEADER_SAFE.fullmatch(value):
-        raise ConfigError(f"{key}: the key in {path} {NOT_HEADER_SAFE}")
-    return value

@@ -10,13 +10,9 @@ permanently to a dead-letter file.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import math
-import random
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -26,65 +22,14 @@ from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
-from daemon.plugins import Sink, SinkConfig, SinkType, error_line
-from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue, hand_over
+from daemon.queues import BatchError, Delivery, MemoryQueue, hand_over
+from daemon.runner import Retry, SinkRunner, failure_reason, send_record
 
 log = structlog.get_logger("daemon.dispatch")
 
 SEND_LIMIT_S = 120.0  # one send attempt running longer than this means the sink is stuck
 CRASH_RETRY_S = 1.0  # a crashed sink worker restarts at once, then after 1, 2, 4 ... s
 CRASH_RETRY_MAX_S = 60.0
-
-
-@dataclass
-class SinkStats:
-    """Counters a sink worker keeps (for the status line and metrics)."""
-
-    delivered: int = 0
-    failed: int = 0
-    dead_lettered: int = 0
-    latencies: list[float] = field(default_factory=list)
-    last_error: str = ""
-    failing_since: float | None = None  # the sink's outage, across records (some dead-lettered)
-
-
-@dataclass
-class SinkRunner:
-    """A configured sink instance with its queue."""
-
-    name: str
-    sink_type: SinkType
-    config: SinkConfig
-    sink: Sink
-    queue: SinkQueue
-    stats: SinkStats = field(default_factory=SinkStats)
-    heartbeat: Heartbeat = field(init=False)
-    retiring: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    abandoned: Delivery | None = field(init=False, default=None)
-    holding: Delivery | None = field(init=False, default=None)  # taken, not yet acknowledged
-
-    def __post_init__(self) -> None:
-        self.heartbeat = Heartbeat(f"sink {self.name}")
-
-
-@dataclass
-class _Retry:
-    """One record's retries: when it first failed, and the next backoff step."""
-
-    max_s: float | None                 # the sink's ``retry_max_s``: give up after this long
-    first_failure: float | None = None
-    delay: float = 0.2
-
-    def next_wait(self, asked: float | None) -> float:
-        """Jittered exponential backoff, or the sink's ``Retry-After`` when that is longer.
-
-        A ``Retry-After`` of 0, in the past or not a number never makes a tight retry loop.
-        """
-        wait = self.delay * (0.5 + random.random())
-        self.delay = min(self.delay * 2, 30.0)
-        if asked is not None and math.isfinite(asked):
-            wait = max(wait, asked)
-        return wait
 
 
 class Dispatcher:
@@ -129,7 +74,7 @@ class Dispatcher:
         """Never a silent drop: a turn a sink's queue refused lands in its dead-letter file."""
         expected = isinstance(exc, DaemonError)         # a traceback only for what is a bug
         log.error("sink.enqueue_failed", sink=runner.name, record_id=record.id,
-                  error=str(exc) if expected else _reason(exc), exc_info=not expected)
+                  error=str(exc) if expected else failure_reason(exc), exc_info=not expected)
         self._dead_letter(runner, Delivery(record), f"could not queue: {exc}")
 
     def start(self, group: asyncio.TaskGroup) -> None:
@@ -336,7 +281,7 @@ class Dispatcher:
         if held is not None:
             runner.queue.requeue(held)
         expected = isinstance(exc, SinkError | OSError)
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         again = reason == runner.stats.last_error   # the same bug: its traceback was logged
         runner.stats.last_error = reason
         log.error("sink.crashed", sink_type=runner.sink_type.name, error=reason,
@@ -380,12 +325,12 @@ class Dispatcher:
 
         Returns False, leaving the record unacknowledged, when the sink retires mid-backoff.
         """
-        retry = _Retry(getattr(runner.config, "retry_max_s", None))
+        retry = Retry(getattr(runner.config, "retry_max_s", None))
         limit = self._limit(runner)
         while True:
             runner.heartbeat.beat(limit)
             try:
-                await _send(runner, delivery.record)
+                await send_record(runner, delivery.record)
             except asyncio.CancelledError:
                 raise
             except PermanentSinkError as exc:
@@ -413,9 +358,9 @@ class Dispatcher:
         return max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
 
     def _failed(self, runner: SinkRunner, delivery: Delivery, exc: Exception,
-                retry: _Retry) -> float | None:
+                retry: Retry) -> float | None:
         """Log and count a failed send; the wait before the retry, or None once dead-lettered."""
-        reason = _reason(exc)
+        reason = failure_reason(exc)
         now = time.monotonic()
         if retry.first_failure is None:
             retry.first_failure = now
@@ -453,22 +398,3 @@ class Dispatcher:
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
         append_dead_letter(path, {"sink": runner.name, "error": reason,
                                   "record": delivery.record.to_dict()})
-
-
-async def _send(runner: SinkRunner, record: TurnRecord) -> None:
-    """``runner.sink.send(record)``, refusing a ``send`` that is not ``async``.
-
-    A plain ``def send`` has already run when its result turns out not to be awaitable: retrying
-    it would deliver the record again and again, so it is dead-lettered (permanent) instead.
-    """
-    pending = runner.sink.send(record)
-    if not inspect.isawaitable(pending):
-        raise PermanentSinkError(
-            f"sink type {runner.sink_type.name!r}: send() returned {type(pending).__name__}, "
-            "not an awaitable (it must be 'async def send'); it may have delivered the record")
-    await pending
-
-
-def _reason(exc: Exception) -> str:
-    """A sink failure as one line: a ``SinkError``'s own message, else the exception's type too."""
-    return str(exc) if isinstance(exc, SinkError) else error_line(exc)

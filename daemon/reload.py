@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from daemon.config import Settings
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, DaemonError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
 from daemon.queues import MemoryQueue, SinkQueue
+from daemon.runner import SinkRunner
 from daemon.sinktables import ValidatedSinks, enabled_sinks, none_enabled
 
 if TYPE_CHECKING:  # sqlite3 loads only when a network sink is built

@@ -23,7 +23,6 @@ import asyncio
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -32,8 +31,10 @@ from websockets.exceptions import ConnectionClosed
 
 from daemon.engine import EngineListener
 from daemon.events import SessionInfo, SessionSummary, iso_utc
-from daemon.ledger import Piece, Timeline, rms
+from daemon.ledger import Piece, Timeline
 from daemon.liveness import Liveness
+from daemon.outcome import Outcome, close_of
+from daemon.pieces import SILENCE_RMS, next_piece, silent_around, silent_boundary
 from daemon.protocol import (
     TERMINATE,
     Begin,
@@ -56,30 +57,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("daemon.session")
 
 HEALTHY_AFTER_S: Final = 5.0        # a session this old counts as healthy: backoff resets
-SILENCE_RMS: Final = 200.0          # below this a chunk counts as silence (about -44 dBFS)
 CATCH_UP_AFTER_S: Final = 0.4      # skip silence while this far behind live (>= hangover)
 LIVE_S: Final = 0.5                 # this close to live counts as caught up
-HANGOVER_MS: Final = 300            # audio kept around speech when skipping silence
 COVER_LOOKBACK_MS: Final = 5000     # with no open turn, audio older than this is covered
 PACE_AHEAD_S: Final = 0.15          # audio the service may hold beyond real time (it allows 0.3 s)
-
-
-@dataclass
-class Outcome:
-    """How a session ended."""
-
-    kind: CloseKind
-    reason: str
-    began: bool = False
-    healthy: bool = False            # old enough for the backoff to start over
-    unanswered: bool = False         # the service took speech and never answered it
-    finished: bool = False           # Termination received after the input ended
-
-
-def close_of(exc: ConnectionClosed) -> tuple[int, str]:
-    """The close code and reason the peer sent; 1006 when the connection ended without one."""
-    frame = exc.rcvd
-    return (frame.code, frame.reason) if frame is not None else (1006, "abnormal closure")
 
 
 def _cover_of(session: StreamSession) -> Callable[[int], None]:
@@ -223,36 +204,10 @@ class StreamSession:
         self.log.info("stream.caught_up", catch_up_s=round(time.monotonic() - self._first_send, 2),
                       silence_skipped_s=round(self._skipped / self.engine.sample_rate, 2))
 
-    def _read(self, position: int, samples: int) -> Piece | None:
-        """Up to ``samples`` of the ledger at ``position``, never at or beyond ``stop``."""
-        piece = self.engine.ledger.read(position, samples)
-        if piece is None or self.stop is None:
-            return piece
-        if piece.start >= self.stop:
-            return None
-        keep = min(piece.samples, self.stop - piece.start)
-        return piece if keep == piece.samples else Piece(piece.start, piece.pcm[: 2 * keep],
-                                                         piece.captured_at)
-
     def _next_piece(self, position: int, merged: int = 0) -> Piece | None:
-        """The next chunk to send: whole chunks, never under 50 ms (merged, up to ``merged``).
-
-        Short with no audio after it yet, it is returned short (the caller waits: a pad would
-        skip as much of the next chunk); padded only where no more comes (end of input, stop).
-        """
-        piece = self._read(position, self.engine.chunk_samples)
-        if piece is None:
-            return None
-        minimum = self._min_samples
-        while piece.samples < minimum:
-            more = self._read(piece.end, (merged or self.engine.chunk_samples) - piece.samples)
-            if more is None and not self.engine.ledger.eof and piece.end != self.stop:
-                return piece
-            if more is None or more.start != piece.end or more.samples == 0:
-                pad = bytes(2 * (minimum - piece.samples))
-                return Piece(piece.start, piece.pcm + pad, piece.captured_at)
-            piece = Piece(piece.start, piece.pcm + more.pcm, piece.captured_at)
-        return piece
+        """The next chunk to send (``daemon.pieces.next_piece``), never under 50 ms."""
+        return next_piece(self.engine.ledger, position, chunk=self.engine.chunk_samples,
+                          minimum=self._min_samples, stop=self.stop, merged=merged)
 
     def _should_switch(self, piece: Piece) -> bool:
         if self._switch_deadline is None:
@@ -263,9 +218,7 @@ class StreamSession:
         """No turn is open and both the last sent and the next chunk are silent."""
         if self.assembler.open_turn is not None or self.assembler.holding:
             return False
-        last = self.engine.ledger.read(max(self.engine.ledger.head, piece.start - piece.samples),
-                                       piece.samples)
-        return rms(piece.pcm) < SILENCE_RMS and (last is None or rms(last.pcm) < SILENCE_RMS)
+        return silent_boundary(self.engine.ledger, piece)
 
     def _skippable(self, piece: Piece) -> bool:
         """While behind live, skip silence that is not within the hangover of speech."""
@@ -273,17 +226,7 @@ class StreamSession:
         behind = (ledger.end - piece.end) / ledger.sample_rate
         if behind < CATCH_UP_AFTER_S or self.assembler.open_turn is not None:
             return False
-        span = ledger.sample_rate * HANGOVER_MS // 1000
-        stop = piece.end + span
-        position = max(ledger.head, piece.start - span)
-        while position < stop:
-            part = ledger.read(position, stop - position)
-            if part is None:
-                break
-            if rms(part.pcm) >= SILENCE_RMS:
-                return False
-            position = part.end
-        return position >= stop
+        return silent_around(ledger, piece)
 
     async def _pace(self, seconds: float) -> None:
         """Send ``seconds`` of audio only when the service will not hear it ahead of real time.

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 
 from daemon.envvars import CONTAINER_ERRORS, json_error, json_problem, takes_json, variable_key
 from daemon.errors import ConfigError
-from daemon.plugins import PluginHost, SinkConfig, SinkType, error_line
+from daemon.plugins import PluginHost, SinkConfig, SinkType
 from daemon.problems import key_text, validation_lines
+from daemon.supervise import error_line
 
 SINK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
 

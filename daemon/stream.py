@@ -37,6 +37,8 @@ from daemon.engine import EngineListener
 from daemon.errors import AuthError, ConfigError
 from daemon.events import AudioChunk, SourceName
 from daemon.ledger import Ledger
+from daemon.outcome import Outcome, close_of
+from daemon.pieces import SILENCE_RMS
 from daemon.protocol import (
     Begin,
     CloseKind,
@@ -46,7 +48,7 @@ from daemon.protocol import (
     parse_message,
     streaming_url,
 )
-from daemon.session import SILENCE_RMS, Outcome, StreamSession, close_of
+from daemon.session import StreamSession
 from daemon.tokens import TokenError, TokenProvider
 
 log = structlog.get_logger("daemon.stream")

@@ -20,11 +20,11 @@ from daemon.config import (
     AudioConfig,
     Settings,
     find_config,
-    look,
     read_settings,
 )
 from daemon.envvars import problem_origin, variable_key
 from daemon.errors import AudioError, ConfigError, EngineError
+from daemon.paths import look
 from daemon.sinktables import ValidatedSinks, validate_sinks
 
 if TYPE_CHECKING:

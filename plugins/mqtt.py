@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.config import read_secret_file
+from daemon.credentials import read_secret_file
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl

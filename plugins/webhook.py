@@ -47,7 +47,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from daemon.backoff import retry_after_s
-from daemon.config import read_secret_file
+from daemon.credentials import read_secret_file
 from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc, json_line

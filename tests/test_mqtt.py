@@ -21,10 +21,11 @@ import structlog
 from standardwebhooks import Webhook
 from structlog.testing import LogCapture, capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, SinkError
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
+from daemon.runner import SinkRunner
 from daemon.sinktables import validate_sinks
 from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types

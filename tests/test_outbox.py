@@ -18,12 +18,13 @@ from typing import Any, Self
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
 from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue
 from daemon.reload import SinkBuilder
+from daemon.runner import SinkRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 

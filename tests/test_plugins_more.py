@@ -16,11 +16,12 @@ import pytest
 from pydantic import BaseModel, field_validator
 from structlog.testing import capture_logs
 
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError
 from daemon.events import PartialTurn, TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl, load_plugins
 from daemon.queues import MemoryQueue
+from daemon.runner import SinkRunner
 from daemon.sinktables import validate_sinks
 from tests.conftest import REPO, TRANSCRIBED
 from tests.test_sinks_local import record

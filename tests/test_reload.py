@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.config import Settings
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
 from daemon.logs import SecretMasker
@@ -21,6 +21,7 @@ from daemon.outbox import Outbox, OutboxQueue
 from daemon.plugins import SinkConfig, SinkType
 from daemon.queues import Delivery, MemoryQueue
 from daemon.reload import Reloader, SinkBuilder
+from daemon.runner import SinkRunner
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI

@@ -209,7 +209,7 @@ async def test_a_burst_of_sighups_while_one_reload_runs_makes_one_more(tmp_path:
     READY=1 in pairs. (Each started a reload; their READY=1 and RELOADING=1 interleaved.)"""
     import threading
 
-    from daemon.app import _Hangup
+    from daemon.hangup import Hangup
     from daemon.health import Health, Reporter
     from daemon.notify import Notifier
     from tests.notify_socket import NotifySocket
@@ -230,7 +230,7 @@ async def test_a_burst_of_sighups_while_one_reload_runs_makes_one_more(tmp_path:
         reporter.is_ready = True
         try:
             async with asyncio.timeout(10), asyncio.TaskGroup() as group:
-                hup = _Hangup(group, reloader, reporter)
+                hup = Hangup(group, reloader, reporter)
                 hup()
                 await asyncio.to_thread(entered.wait, 10)
                 for _ in range(3):

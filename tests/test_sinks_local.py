@@ -21,11 +21,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.commands import synthetic_turn
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import PartialTurn, SessionInfo, TurnRecord
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl, load_plugins
 from daemon.queues import Delivery, MemoryQueue
+from daemon.runner import SinkRunner
 from plugins.console import ConsoleSink, ConsoleSinkConfig
 from plugins.file import FileSink, FileSinkConfig
 from tests.conftest import REPO, TRANSCRIBED

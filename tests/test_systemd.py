@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from daemon import service
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.events import TurnRecord
 from daemon.health import Health, Reporter
 from daemon.notify import Notifier, watchdog_interval
 from daemon.plugins import SinkConfig, SinkType
 from daemon.queues import MemoryQueue
+from daemon.runner import SinkRunner
 from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI

@@ -17,12 +17,13 @@ from standardwebhooks import Webhook
 from structlog.testing import capture_logs
 
 from daemon.backoff import retry_after_s
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
 from daemon.errors import ConfigError, PermanentSinkError, SinkError
 from daemon.logs import SecretMasker
 from daemon.masking import url_log_secrets
 from daemon.outbox import Outbox
 from daemon.plugins import load_plugins
+from daemon.runner import SinkRunner
 from daemon.sinktables import validate_sinks
 from plugins.webhook import RETRY_AFTER_MAX_S, WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
@@ -496,7 +497,8 @@ class TestDelivery:
 CHILD = """
 import asyncio, sys
 from pathlib import Path
-from daemon.dispatch import Dispatcher, SinkRunner
+from daemon.dispatch import Dispatcher
+from daemon.runner import SinkRunner
 from daemon.outbox import Outbox
 from plugins.webhook import WebhookConfig, WebhookSink, transcribed_sink_types
 from tests.test_outbox import make_turn

@@ -1,0 +1,92 @@
+"""One sink as the dispatcher drives it, and one attempt at delivering a record to it.
+
+Owns ``SinkRunner`` (a configured sink with its queue, counters, heartbeat and retirement
+state), ``SinkStats``, the retry schedule of one record (``Retry``), one send attempt
+(``send_record``) and the one-line reason of a failed send (``failure_reason``). The queues,
+workers and the delivery loop are ``daemon.dispatch.Dispatcher``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import random
+from dataclasses import dataclass, field
+
+from daemon.errors import PermanentSinkError, SinkError
+from daemon.events import TurnRecord
+from daemon.health import Heartbeat
+from daemon.plugins import Sink, SinkConfig, SinkType
+from daemon.queues import Delivery, SinkQueue
+from daemon.supervise import error_line
+
+
+@dataclass
+class SinkStats:
+    """Counters a sink worker keeps (for the status line and metrics)."""
+
+    delivered: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    latencies: list[float] = field(default_factory=list)
+    last_error: str = ""
+    failing_since: float | None = None  # the sink's outage, across records (some dead-lettered)
+
+
+@dataclass
+class SinkRunner:
+    """A configured sink instance with its queue."""
+
+    name: str
+    sink_type: SinkType
+    config: SinkConfig
+    sink: Sink
+    queue: SinkQueue
+    stats: SinkStats = field(default_factory=SinkStats)
+    heartbeat: Heartbeat = field(init=False)
+    retiring: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    abandoned: Delivery | None = field(init=False, default=None)
+    holding: Delivery | None = field(init=False, default=None)  # taken, not yet acknowledged
+
+    def __post_init__(self) -> None:
+        self.heartbeat = Heartbeat(f"sink {self.name}")
+
+
+@dataclass
+class Retry:
+    """One record's retries: when it first failed, and the next backoff step."""
+
+    max_s: float | None                 # the sink's ``retry_max_s``: give up after this long
+    first_failure: float | None = None
+    delay: float = 0.2
+
+    def next_wait(self, asked: float | None) -> float:
+        """Jittered exponential backoff, or the sink's ``Retry-After`` when that is longer.
+
+        A ``Retry-After`` of 0, in the past or not a number never makes a tight retry loop.
+        """
+        wait = self.delay * (0.5 + random.random())
+        self.delay = min(self.delay * 2, 30.0)
+        if asked is not None and math.isfinite(asked):
+            wait = max(wait, asked)
+        return wait
+
+
+async def send_record(runner: SinkRunner, record: TurnRecord) -> None:
+    """``runner.sink.send(record)``, refusing a ``send`` that is not ``async``.
+
+    A plain ``def send`` has already run when its result turns out not to be awaitable: retrying
+    it would deliver the record again and again, so it is dead-lettered (permanent) instead.
+    """
+    pending = runner.sink.send(record)
+    if not inspect.isawaitable(pending):
+        raise PermanentSinkError(
+            f"sink type {runner.sink_type.name!r}: send() returned {type(pending).__name__}, "
+            "not an awaitable (it must be 'async def send'); it may have delivered the record")
+    await pending
+
+
+def failure_reason(exc: Exception) -> str:
+    """A sink failure as one line: a ``SinkError``'s own message, else the exception's type too."""
+    return str(exc) if isinstance(exc, SinkError) else error_line(exc)

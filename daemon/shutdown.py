@@ -1,0 +1,83 @@
+"""The bounds of an orderly stop: the shutdown deadline and the final flush of the sinks.
+
+After SIGTERM/SIGINT the engine gets ``SHUTDOWN_DEADLINE_S`` to finish (``deadline`` cancels
+it then, and ``uncancel_on_deadline`` makes that cancellation a quiet end); the sinks then get
+``flush_bound`` to deliver their queues, with ``flush_signals`` handling signals meanwhile.
+The composition root (``daemon.app``) wires these in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+if TYPE_CHECKING:
+    from daemon.dispatch import Dispatcher
+
+log = structlog.get_logger("daemon.shutdown")
+
+SHUTDOWN_DEADLINE_S: Final = 12.0  # SIGTERM → engine finished; sinks then get FLUSH_TIMEOUT_S
+FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the slowest timeout_s
+
+
+@contextlib.contextmanager
+def flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
+    """While the sinks flush: SIGTERM/SIGINT cut the flush short, SIGHUP is ignored.
+
+    Without handlers a signal here (a second Ctrl-C, ``systemctl reload`` at the end of a file)
+    killed the process, and the turns a file or console sink still held were lost instead of
+    dead-lettered.
+    """
+    loop = asyncio.get_running_loop()
+
+    def cut(signum: int) -> None:
+        log.warning("daemon.flush_cut_short", signal=signal.Signals(signum).name)
+        dispatcher.cut_flush()
+
+    def ignore() -> None:
+        log.info("reload.ignored", reason="stopping")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, cut, signum)
+    loop.add_signal_handler(signal.SIGHUP, ignore)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+
+
+def flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:
+    """How long the sinks get to deliver their queues when the daemon stops.
+
+    After a signal, ``FLUSH_TIMEOUT_S`` (systemd is waiting). At the end of a file nobody is:
+    long enough for the slowest sink's own timeout (``timeout_s``) plus that, so a webhook that
+    answers slowly still gets the last turns before the process exits.
+    """
+    if signalled:
+        return FLUSH_TIMEOUT_S
+    timeouts = (float(getattr(r.config, "timeout_s", 0.0)) for r in dispatcher.runners.values())
+    return max(timeouts, default=0.0) + FLUSH_TIMEOUT_S
+
+
+def deadline(task: asyncio.Task[Any]) -> None:
+    """The engine did not finish within ``SHUTDOWN_DEADLINE_S`` of the signal: cancel it."""
+    log.warning("daemon.shutdown_deadline", deadline_s=SHUTDOWN_DEADLINE_S)
+    task.cancel()
+
+
+async def uncancel_on_deadline(
+    work: Awaitable[None], task: asyncio.Task[Any], stopping: list[asyncio.TimerHandle]
+) -> None:
+    """Await ``work``; a cancellation we caused while stopping ends it quietly."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        task.uncancel()
