@@ -1,7 +1,8 @@
 """Per-sink queues: what the dispatcher appends turns to and each sink's worker delivers from.
 
 ``SinkQueue`` is the contract; ``MemoryQueue`` holds the local sinks' records (file, console) and
-``daemon.outbox.OutboxQueue`` the durable ones' on disk.
+``daemon.outbox.OutboxQueue`` the durable ones' on disk (``OUTBOX_FILE`` in the state directory;
+named here, so that a daemon with no durable sink never loads ``daemon.outbox`` and SQLite).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import structlog
 
@@ -20,6 +21,8 @@ from daemon.errors import DaemonError
 from daemon.events import TurnRecord
 
 log = structlog.get_logger("daemon.dispatch")
+
+OUTBOX_FILE: Final = "outbox.sqlite3"   # the durable queues' database, in the state directory
 
 
 @dataclass

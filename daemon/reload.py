@@ -24,7 +24,7 @@ from daemon.errors import ConfigError, DaemonError
 from daemon.logs import SecretMasker
 from daemon.masking import secret_values
 from daemon.plugins import SinkConfig, SinkContext, SinkType
-from daemon.queues import MemoryQueue, SinkQueue
+from daemon.queues import OUTBOX_FILE, MemoryQueue, SinkQueue
 from daemon.runner import SinkRunner
 from daemon.sinktables import ValidatedSinks, enabled_sinks, none_enabled
 
@@ -62,19 +62,19 @@ class SinkBuilder:
         for a sink of that name; said once at start, also when no durable sink is left (the
         outbox is then opened for this look only).
         """
-        from daemon.outbox import FILENAME, Outbox, OutboxError
-
         wanted = set(configured)
-        path = self.state_dir / FILENAME
+        path = self.state_dir / OUTBOX_FILE
+        if self._outbox is None and not path.exists():
+            return                  # nothing to look at: SQLite is not even loaded
+        from daemon.outbox import Outbox, OutboxError
+
         try:
             if self._outbox is not None:
                 queued = self._outbox.sinks()
-            elif path.exists():
+            else:
                 looked = Outbox(path)
                 queued = looked.sinks()
                 looked.close()
-            else:
-                return
         except OutboxError as exc:
             log.warning("outbox.unchecked", error=str(exc))
             return
@@ -85,10 +85,10 @@ class SinkBuilder:
                             "back) to deliver them")
 
     def _open_outbox(self) -> Outbox:
-        from daemon.outbox import FILENAME, Outbox
+        from daemon.outbox import Outbox
 
         if self._outbox is None:
-            self._outbox = Outbox(self.state_dir / FILENAME)
+            self._outbox = Outbox(self.state_dir / OUTBOX_FILE)
             self.closers.append(self._outbox)
         return self._outbox
 

@@ -50,6 +50,18 @@ class TestHappyPath:
         audio = bytes(session.audio)                # the file exactly, padded to a whole chunk
         assert audio[: len(pcm)] == pcm and not audio[len(pcm):].strip(b"\0")
 
+    async def test_no_durable_sink_no_sqlite(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """With only local sinks the outbox's SQLite is never loaded (~0.9 MB of peak RSS)."""
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config),
+                                  env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert result.code == 0, result.stderr
+        imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "daemon.session" in imported                 # the listing is there
+        assert "sqlite3" not in imported and "daemon.outbox" not in imported
+        assert read_turns(tmp_path / "turns.jsonl")
+
     async def test_credentials_stay_private(self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
         """The API key goes only to the token endpoint, never to the socket or any output."""
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
