@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from daemon.audio_noise import quiet_libraries, stderr_silenced
-from daemon.errors import AudioError
+from daemon.errors import EX_CONFIG, AudioError
 
 if TYPE_CHECKING:  # PortAudio loads only when a device is opened or listed
     import pyaudio
@@ -24,7 +24,12 @@ LIST_LIMIT_S: Final = 20.0  # listing the devices taking longer than this: the s
 
 
 class AmbiguousDevice(AudioError):
-    """``audio.device`` matches several input devices: a configuration error, never waited out."""
+    """``audio.device`` matches several input devices: a configuration error, never waited out.
+
+    Exit 78, as every config error: systemd does not restart the unit into the same ambiguity.
+    """
+
+    exit_code = EX_CONFIG
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from daemon import service
 from daemon.notify import Notifier
+from daemon.recognizer import resolve_model_path
 from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
@@ -70,16 +72,33 @@ class TestLastStatusOnFailure:
         assert statuses == [f"failed (exit 78): config error: {config}: audio.chunk_ms: Input "
                             "should be greater than or equal to 50 (and 1 more problem)"]
 
-    async def test_unexpected_failure_says_so(self, vmic: VirtualMic, tmp_path: Path) -> None:
-        """Exit 1 (here: the microphone named is ambiguous; a missing one is waited for)."""
+    async def test_unexpected_failure_says_so(self, tmp_path: Path) -> None:
+        """Exit 1 (here: a model directory whose model.bin is damaged; check-config reads only
+        its vocabulary, so only loading it finds out)."""
+        model = tmp_path / "model"
+        shutil.copytree(resolve_model_path(""), model)
+        (model / "model.bin").write_bytes(b"not a model")
+        config = tmp_path / "config.toml"
+        config.write_text(f'[audio]\nsource = "file"\npath = "{SPEECH_DIR / S1}"\n'
+                          f'[transcriber]\nengine = "local"\n[local]\nmodel = "{model}"\n'
+                          f'[http]\nenabled = false\n[state]\ndir = "{tmp_path / "state"}"\n')
+        code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config))
+        assert code == 1, stderr
+        assert statuses[-1].startswith(f"failed (exit 1): local.model: cannot load {model}"), \
+            statuses
+
+    async def test_ambiguous_microphone_is_a_config_error(self, vmic: VirtualMic,
+                                                          tmp_path: Path) -> None:
+        """A microphone name matching several devices: exit 78 (systemd does not restart it),
+        the devices named (a missing one is waited for instead)."""
         config = tmp_path / "config.toml"
         config.write_text('[audio]\ndevice = "e"\n[transcriber]\n'
                           'engine = "local"\n[http]\nenabled = false\n'
                           f'[state]\ndir = "{tmp_path / "state"}"\n')
         code, stderr, statuses = await _run_with_socket(tmp_path, "--config", str(config),
                                                         env=vmic.env())
-        assert code == 1, stderr
-        assert statuses[-1].startswith("failed (exit 1): "), statuses
+        assert code == 78, stderr
+        assert statuses[-1].startswith("failed (exit 78): "), statuses
         assert "audio device 'e' matches 2 input devices" in statuses[-1]
 
 
