@@ -39,9 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"transcribed {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    config_help = ("config file (default: $TRANSCRIBED_CONFIG, "
-                   "$XDG_CONFIG_HOME/transcribed/config.toml, /etc/transcribed/config.toml, "
-                   "else built-in defaults)")
+    lookup = ("default: $TRANSCRIBED_CONFIG, $XDG_CONFIG_HOME/transcribed/config.toml, "
+              "/etc/transcribed/config.toml, else built-in defaults")
+    config_help = f"config file ({lookup})"
     run = commands.add_parser("run", help="run the daemon in the foreground (what systemd starts)")
     run.add_argument("--config", metavar="PATH", help=config_help)
     check = commands.add_parser(
@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "tail", help="show the running daemon's live transcript (partials in place, finals "
         "committed)"
     )
-    tail.add_argument("--config", metavar="PATH", help=config_help)
+    tail.add_argument("--config", metavar="PATH", help="the daemon's config file, whose [http] "
+                      f"listen and token say where it is ({lookup})")
     tail.add_argument("--json", action="store_true", help="print every feed event as a JSON line")
     tail.add_argument("--retry", action="store_true",
                       help="when the daemon stops or cannot be reached, wait for it and "

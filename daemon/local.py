@@ -92,8 +92,9 @@ _PAD_MS: Final = 100  # silence kept after the last speech chunk; speculation st
 _LIVE_S: Final = 1.0  # speculate only on live audio: in a backlog the turn's end is only ms away
 _BEHIND_S: Final = 30.0  # a turn delivered this long after its speech ended: the recogniser lags
 _BEHIND_EVERY_S: Final = 60.0
-_BEHIND_HINT: Final = ("the recogniser is slower than the speech: use a smaller local.model, "
-                       "a lower local.beam_size or local.compute_type = 'int8'")
+_BEHIND_HINT: Final = ("the recogniser is slower than the speech: use a smaller local.model or "
+                       "a lower local.beam_size (local.compute_type 'int8', the default, is the "
+                       "fastest on a CPU)")
 
 
 def _utc(posix: float) -> datetime:
