@@ -49,6 +49,7 @@ class StatusSnapshot:
     sessions: int = 0
     reconnects: int = 0
     backlog_seconds: float = 0.0
+    backlog_dropped_seconds: float = 0.0  # audio the full reconnect backlog dropped (lost)
     turns: int = 0
     sinks: tuple[SinkSnapshot, ...] = ()
 
@@ -148,6 +149,8 @@ def snapshot_of(
         sessions=sessions,
         reconnects=int(getattr(engine, "reconnects", 0)),
         backlog_seconds=float(ledger.seconds_held()) if ledger is not None else 0.0,
+        backlog_dropped_seconds=(ledger.dropped_samples / ledger.sample_rate
+                                 if ledger is not None else 0.0),
         turns=turns,
         sinks=sinks,
     )
@@ -219,6 +222,9 @@ class MetricsRenderer:
              snap.reconnects),
             ("backlog_seconds", "gauge", "Audio held that no finished turn covers yet.",
              snap.backlog_seconds),
+            ("audio_backlog_dropped_seconds_total", "counter",
+             "Seconds of audio dropped, never transcribed, because the reconnect backlog "
+             "(reconnect.backlog_seconds) was full.", snap.backlog_dropped_seconds),
             ("turns_total", "counter", "Finished turns.", snap.turns),
             ("engine_live", "gauge", "1 while an engine session is live.",
              1 if snap.engine_live else 0),

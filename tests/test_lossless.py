@@ -19,7 +19,9 @@ import pytest
 import structlog
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
+from daemon.dispatch import Dispatcher
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.metrics import AudioMeter, MetricsRenderer, snapshot_of
 from daemon.stream import AssemblyAIEngine
 from daemon.tokens import TokenProvider
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
@@ -252,6 +254,13 @@ async def test_outage_loss_reported_when_stopped_during_it() -> None:
                 await running
     [loss] = [e for e in logs if e["event"] == "stream.backlog_dropped"]
     assert loss["lost_samples"] == engine.ledger.dropped_samples > 16000
+    # and counted (SPEC: "dropped and counted"), in /metrics as seconds of audio
+    snapshot = snapshot_of(engine=engine, source=None, dispatcher=Dispatcher(
+        [], dead_letter_dir=Path("/nonexistent")), meter=AudioMeter(), sessions=0, turns=0,
+        engine_live=False)
+    [value] = [line.split()[1] for line in MetricsRenderer().render(snapshot).splitlines()
+               if line.startswith("transcribed_audio_backlog_dropped_seconds_total ")]
+    assert float(value) == loss["lost_samples"] / 16000
 
 
 @pytest.mark.parametrize("chunk_ms", [100, 60])
