@@ -9,8 +9,17 @@ DEV=0; [[ "${1:-}" == "--dev" ]] && DEV=1
 
 APT=(python3 python3-venv python3-dev gcc portaudio19-dev)
 # the test suite's real parts: PulseAudio virtual microphone, mosquitto, systemd-analyze
-# and Chromium for the live page's browser test (Playwright drives it; no browser download)
-[[ $DEV == 1 ]] && APT+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto systemd openssl chromium)
+# and Chromium for the live page's browser test (Playwright drives it): Debian's package, or
+# where the distribution has none as a deb (Ubuntu ships Chromium as a snap), Playwright's own
+# build, downloaded once into ~/.cache/ms-playwright (below)
+playwright_chromium() {
+  compgen -G "${PLAYWRIGHT_BROWSERS_PATH:-$HOME/.cache/ms-playwright}/chromium-*" >/dev/null
+}
+if [[ $DEV == 1 ]]; then
+  APT+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto systemd openssl)
+  [[ -x /usr/bin/chromium ]] || playwright_chromium || APT+=(chromium)
+fi
+BROWSER_DOWNLOAD=0
 
 missing=()
 for pkg in "${APT[@]}"; do
@@ -18,8 +27,16 @@ for pkg in "${APT[@]}"; do
 done
 if ((${#missing[@]})); then
   SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
-  echo "bootstrap: installing apt packages: ${missing[*]}" >&2
   $SUDO apt-get update -qq
+  if [[ " ${missing[*]} " == *" chromium "* ]] \
+      && ! apt-cache policy chromium 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    BROWSER_DOWNLOAD=1                    # no chromium deb here: Playwright's own, below
+    kept=(); for pkg in "${missing[@]}"; do [[ $pkg == chromium ]] || kept+=("$pkg"); done
+    missing=("${kept[@]}")
+  fi
+fi
+if ((${#missing[@]})); then
+  echo "bootstrap: installing apt packages: ${missing[*]}" >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
@@ -37,4 +54,10 @@ if [[ ! -e "$stamp" && ! ( $DEV == 0 && -e "$base-local,dev" ) ]]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[$EXTRAS]"
   rm -f .venv/.installed-* && touch "$stamp"
+fi
+if [[ $BROWSER_DOWNLOAD == 1 ]]; then
+  echo "bootstrap: no chromium deb on this system: installing Playwright's Chromium" >&2
+  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+  $SUDO .venv/bin/python -m playwright install-deps chromium >/dev/null
+  .venv/bin/python -m playwright install chromium
 fi

@@ -1,4 +1,5 @@
-"""The live page in real headless Chromium (Debian's ``chromium`` driven by Playwright)."""
+"""The live page in real headless Chromium (Debian's ``chromium``, or Playwright's own build,
+driven by Playwright)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -38,15 +39,26 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    """Headless Chromium; skipped locally when missing, a failure under CI."""
-    if async_playwright is None or not shutil.which(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("playwright (pip) and chromium (apt) are required under CI")
-        pytest.skip("playwright or /usr/bin/chromium not installed")
+    """Headless Chromium: Debian's, else Playwright's own build (where the distribution has no
+    Chromium deb, as on Ubuntu, ``scripts/bootstrap.sh --dev`` installs that one); skipped
+    locally when neither is there, a failure under CI."""
+    if async_playwright is None:
+        _missing("playwright (pip) is not installed")
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        executable = CHROMIUM if shutil.which(CHROMIUM) else None
+        if executable is None and not Path(playwright.chromium.executable_path).exists():
+            _missing("neither /usr/bin/chromium (apt) nor Playwright's Chromium is installed")
+        launched = await playwright.chromium.launch(executable_path=executable,
+                                                    args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
+
+
+def _missing(what: str) -> NoReturn:
+    """Skip (locally) or fail (under CI): the browser test needs a browser."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}: required under CI (scripts/bootstrap.sh --dev installs it)")
+    pytest.skip(what)
 
 
 async def open_page(browser: Browser, url: str) -> tuple[Page, list[str]]:
