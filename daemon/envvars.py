@@ -2,8 +2,10 @@
 
 Every problem line starts with where its key was set: ``<file>: `` or, for the environment,
 ``environment <VARIABLE>[, <VARIABLE>…]: `` (one format for all; variables that made a sink of
-their own instead of setting the file's of a like name say so before the colon). Lists and
-tables set from the environment are JSON text; one that does not parse says so, with an example.
+their own instead of setting the file's of a like name say so before the colon). A problem of a
+whole sink table (its type's model checks keys together) whose keys both set names both:
+``<file>, environment <VARIABLE>[, …]: ``. Lists and tables set from the environment are JSON
+text; one that does not parse says so, with an example.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
 
     The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``),
     or those that set keys below a key (which made it a table).
+    A problem of a sink's whole table (``sinks.<name>: …``, no single key) names ``where`` and
+    the variables that set keys inside it: both set what its model checks together.
     With ``file_sinks`` (the sink names the file has): a sink the file does not have exists
     only because of the environment, so the variables that set its keys are named, and why
     they missed the file's sink of a like name (``lookalike_sink``).
@@ -62,7 +66,21 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
                          if name.startswith(f"{ENV_PREFIX}SINKS__{parts[1]}__"))
         if setters:
             return environment(setters, lookalike_sink(named[1], names, file_sinks))
+    if len(named) == 2 and parts[0] == "SINKS" and (inside := _setting_keys_in(named, env)):
+        return f"{where.removesuffix(': ')}, {environment(inside)}" if where \
+            else environment(inside)
     return where
+
+
+def _setting_keys_in(table: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The variables that set keys inside ``table`` (a key path), named as they were set.
+
+    Matched as the variables are read, in lower case: ``TRANSCRIBED_SINKS__MYLOG__PATH`` sets
+    nothing in ``[sinks.MyLog]``.
+    """
+    depth = len(table)
+    return sorted(name for name in env if (key := variable_key(name)) is not None
+                  and len(key) > depth and key[:depth] == list(table))
 
 
 def lookalike_sink(sink: str, variables: Collection[str], file_sinks: AbstractSet[str]) -> str:

@@ -83,3 +83,73 @@ def test_dash_for_underscore_names_the_file_sink(tmp_path: Path,
         "environment TRANSCRIBED_SINKS__MY-LOG__PATH (a new sink my-log, not the file's "
         "[sinks.my_log]: '-' is not read as '_'; set TRANSCRIBED_SINKS__MY_LOG__<KEY>): "
         "sinks.my-log.type: missing (known types: console, file, mqtt, webhook)"]
+
+
+def _mqtt_config(tmp_path: Path) -> Path:
+    """An MQTT sink like config/example.toml's ``[sinks.bus]``: no username, no password."""
+    config = tmp_path / "config.toml"
+    config.write_text('[sinks.bus]\ntype = "mqtt"\nhost = "127.0.0.1"\nusername = ""\n'
+                      f'password = ""\n[state]\ndir = "{tmp_path / "state"}"\n')
+    return config
+
+
+def test_a_whole_table_problem_names_the_file_and_the_variables(tmp_path: Path) -> None:
+    """``sinks.bus: a password needs a username`` is about the table, whose password came from
+    the environment and the rest from the file: check-config's one line names both, never the
+    password itself."""
+    config = _mqtt_config(tmp_path)
+    env = {**os.environ, "TRANSCRIBED_SINKS__BUS__PASSWORD": "hunter2-not-shown"}
+    result = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 78, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line == (f"transcribed: config error: {config}, environment "
+                    "TRANSCRIBED_SINKS__BUS__PASSWORD: sinks.bus: a password needs a username")
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_every_variable_inside_the_table_is_named(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table's model read its keys together: each variable that set one is named, sorted,
+    as it was set; one for another sink is not."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__BUS__PASSWORD", "dummy")
+    monkeypatch.setenv("TRANSCRIBED_SINKS__BUS__PORT", "1884")
+    monkeypatch.setenv("TRANSCRIBED_SINKS__BUSY__PATH", str(tmp_path / "x.jsonl"))
+    config = _mqtt_config(tmp_path)
+    problems = _problems(config)
+    assert (f"{config}, environment TRANSCRIBED_SINKS__BUS__PASSWORD, "
+            "TRANSCRIBED_SINKS__BUS__PORT: sinks.bus: a password needs a username") in problems
+
+
+def test_a_secret_and_its_file_from_both_origins(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webhook's ``secret_file`` in the file and ``secret`` from the environment: the
+    ``not both`` problem is the table's, and names both origins."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("whsec_" + "A" * 44 + "\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/x"\n'
+                      f'secret_file = "{secret_file}"\n[state]\ndir = "{tmp_path / "state"}"\n')
+    monkeypatch.setenv("TRANSCRIBED_SINKS__HOOK__SECRET", "whsec_" + "B" * 44)
+    assert _problems(config) == [f"{config}, environment TRANSCRIBED_SINKS__HOOK__SECRET: "
+                                 "sinks.hook: set either secret or secret_file, not both"]
+
+
+def test_a_whole_table_problem_of_the_file_alone_names_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No variable sets a key inside the table: the file alone is named, as before."""
+    monkeypatch.setenv("TRANSCRIBED_SINKS__OTHER__TYPE", "console")
+    config = _mqtt_config(tmp_path)
+    config.write_text(config.read_text().replace('password = ""', 'password = "dummy"'))
+    assert _problems(config) == [f"{config}: sinks.bus: a password needs a username"]
+
+
+def test_a_table_only_the_environment_sets_names_only_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink the file does not have: its table's problem is the environment's alone."""
+    for key, value in {"TYPE": "mqtt", "HOST": "127.0.0.1", "PASSWORD": "dummy"}.items():
+        monkeypatch.setenv(f"TRANSCRIBED_SINKS__BUS__{key}", value)
+    config = _config(tmp_path, "journal")
+    assert _problems(config) == [
+        "environment TRANSCRIBED_SINKS__BUS__HOST, TRANSCRIBED_SINKS__BUS__PASSWORD, "
+        "TRANSCRIBED_SINKS__BUS__TYPE: sinks.bus: a password needs a username"]
