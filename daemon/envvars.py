@@ -4,8 +4,9 @@ Every problem line starts with where its key was set: ``<file>: `` or, for the e
 ``environment <VARIABLE>[, <VARIABLE>…]: `` (one format for all; variables that made a sink of
 their own instead of setting the file's of a like name say so before the colon). A problem of a
 whole sink table (its type's model checks keys together) whose keys both set names both:
-``<file>, environment <VARIABLE>[, …]: ``. Lists and tables set from the environment are JSON
-text; one that does not parse says so, with an example.
+``<file>, environment <VARIABLE>[, …]: ``; so does a cross-key problem (``audio.path: required
+when audio.source = 'file'``), from every key its check read (``keys_origin``). Lists and
+tables set from the environment are JSON text; one that does not parse says so, with an example.
 """
 
 from __future__ import annotations
@@ -51,15 +52,8 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
     named = line.split(":", 1)[0].split(" ", 1)[0].split(".")
     parts = [part.upper() for part in named]
     names = {variable.upper(): variable for variable in env}    # named as they were set
-    for end in range(len(parts), 0, -1):
-        name = ENV_PREFIX + "__".join(parts[:end])
-        if name in names:
-            return environment([names[name]])
-    if len(parts) == (3 if parts[0] == "SINKS" else 2):    # a key: ``…__API_KEY__X`` made it
-        below = sorted(variable for name, variable in names.items()     # a table, not text
-                       if name.startswith(f"{ENV_PREFIX}{'__'.join(parts)}__"))
-        if below:
-            return environment(below)
+    if setters := key_variables(named, env):
+        return environment(setters)
     if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
             and named[1] not in file_sinks:
         setters = sorted(variable for name, variable in names.items()
@@ -70,6 +64,53 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
         return f"{where.removesuffix(': ')}, {environment(inside)}" if where \
             else environment(inside)
     return where
+
+
+def key_variables(key: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The variables that set ``key`` (a key path), named as they were set; ``[]`` if none did.
+
+    The key's own variable, or one that set a table holding it (``TRANSCRIBED_AUDIO='{...}'``),
+    or those that set keys below a key (``…__API_KEY__X`` made it a table, not text).
+    """
+    parts = [part.upper() for part in key]
+    names = {variable.upper(): variable for variable in env}
+    for end in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(parts[:end])
+        if name in names:
+            return [names[name]]
+    if len(parts) == (3 if parts[0] == "SINKS" else 2):
+        return sorted(variable for name, variable in names.items()
+                      if name.startswith(f"{ENV_PREFIX}{'__'.join(parts)}__"))
+    return []
+
+
+def keys_origin(keys: Sequence[str], where: str, env: Mapping[str, str],
+                file_table: Mapping[str, Any]) -> str:
+    """Who set the keys a cross-key problem read (dotted, the line's own key among them).
+
+    The variables that set any of them, and ``where`` if the file set one the environment did
+    not override (``file_table``: the file's TOML), in the one format: ``<file>: ``,
+    ``environment <VARIABLE>[, …]: `` or ``<file>, environment <VARIABLE>[, …]: ``. A key
+    nobody set is a default, which has no origin: when no key was set, ``where`` as before.
+    """
+    setters = {key: key_variables(key.split("."), env) for key in keys}
+    variables = sorted({variable for found in setters.values() for variable in found})
+    in_file = any(not found and _in_table(file_table, key.split("."))
+                  for key, found in setters.items())
+    if not variables:
+        return where
+    if in_file and where:
+        return f"{where.removesuffix(': ')}, {environment(variables)}"
+    return environment(variables)
+
+
+def _in_table(table: Mapping[str, Any], key: Sequence[str]) -> bool:
+    """Whether the TOML ``table`` sets the key path ``key``."""
+    for part in key:
+        if not isinstance(table, Mapping) or part not in table:
+            return False
+        table = table[part]
+    return True
 
 
 def _setting_keys_in(table: Sequence[str], env: Mapping[str, str]) -> list[str]:

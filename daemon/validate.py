@@ -3,7 +3,8 @@
 Field validation (``daemon.config.read_settings``), then the cross-key checks field validation
 cannot see (``check_semantics``), then each sink table by its own type (``validate_sinks``). A
 section with a problem of its own holds back only the checks that read it, so one run names
-every problem; each line names the key and who set it (the file or an environment variable).
+every problem; each line names the key and who set it (the file or an environment variable);
+a cross-key problem names who set any of the keys its check read (``keys_origin``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from daemon.config import (
     find_config,
     read_settings,
 )
-from daemon.envvars import problem_origin, variable_key
+from daemon.envvars import keys_origin, problem_origin, variable_key
 from daemon.errors import AudioError, ConfigError, EngineError
 from daemon.paths import look
 from daemon.sinktables import ValidatedSinks, validate_sinks
 
 if TYPE_CHECKING:
     from daemon.plugins import PluginHost
+
+Problem = tuple[str, tuple[str, ...]]
+"""A problem line and the keys its check read (``()``: only the key the line names)."""
 
 
 def validate(config: str | None, plugins: PluginHost
@@ -43,26 +47,39 @@ def validate(config: str | None, plugins: PluginHost
     settings, failed, problems = read_settings(path)
     if settings is None:              # report the file's sink problems with the others
         raise ConfigError(problems + _file_sink_problems(plugins, _file_sinks(path), where))
-    late = check_semantics(settings, skip=failed)
+    late = semantic_problems(settings, skip=failed)
     sinks: ValidatedSinks = {}
     try:
         sinks = validate_sinks(plugins, settings.effective_sinks())
     except ConfigError as exc:
-        late += exc.problems
+        late += [(p, ()) for p in exc.problems]
     if late:    # each names its environment variable, if one set the key (or the sink)
-        in_file = _file_sinks(path).keys()
-        problems += [problem_origin(p, where, os.environ, file_sinks=in_file) + p for p in late]
+        problems += _with_origins(late, where, _file_table(path))
     if problems:
         raise ConfigError(problems)
     return settings, path, sinks
 
 
-def _file_sinks(path: Path | None) -> dict[str, Any]:
-    """The config file's ``[sinks]`` entries (none when it has none, or no file is used)."""
+def _with_origins(late: list[Problem], where: str, file_table: dict[str, Any]) -> list[str]:
+    """Each line prefixed with who set its key, or every key its check read."""
+    file_sinks = file_table.get("sinks")
+    in_file = file_sinks.keys() if isinstance(file_sinks, dict) else set()
+    return [(keys_origin(keys, where, os.environ, file_table) if keys
+             else problem_origin(line, where, os.environ, file_sinks=in_file)) + line
+            for line, keys in late]
+
+
+def _file_table(path: Path | None) -> dict[str, Any]:
+    """The config file's TOML (empty when no file is used)."""
     try:
-        tables = tomllib.loads(path.read_text(encoding="utf-8")).get("sinks") if path else None
+        return tomllib.loads(path.read_text(encoding="utf-8")) if path else {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return {}                           # read_settings has reported it
+
+
+def _file_sinks(path: Path | None) -> dict[str, Any]:
+    """The config file's ``[sinks]`` entries (none when it has none, or no file is used)."""
+    tables = _file_table(path).get("sinks")
     return tables if isinstance(tables, dict) else {}
 
 
@@ -96,21 +113,25 @@ def _compute_type_problems(compute_type: str) -> list[str]:
             f"(supported: {', '.join(sorted(supported))})"]
 
 
-def _audio_problems(audio: AudioConfig) -> list[str]:
-    if audio.source == "file":
-        if not audio.path:
-            return ["audio.path: required when audio.source = 'file'"]
-        path = Path(audio.path).expanduser()
-        try:
-            if not look(path, "audio.path"):
-                what = "is not a file" if path.exists() else "no such file"
-                return [f"audio.path: {what}: {audio.path}"]
-        except ConfigError as exc:
-            return exc.problems
-        return _wav_problems(path)
-    elif audio.path:
-        return ["audio.path: only used when audio.source = 'file'"]
-    return []
+def _audio_problems(audio: AudioConfig) -> list[Problem]:
+    read = ("audio.path", "audio.source")           # whether a path is wanted: the source's
+    if audio.source != "file":
+        return [("audio.path: only used when audio.source = 'file'", read)] if audio.path else []
+    if not audio.path:
+        return [("audio.path: required when audio.source = 'file'", read)]
+    return [(line, ()) for line in _audio_file_problems(audio.path)]
+
+
+def _audio_file_problems(text: str) -> list[str]:
+    """The file source's ``audio.path``: a file, a WAV ``run`` would take."""
+    path = Path(text).expanduser()
+    try:
+        if not look(path, "audio.path"):
+            what = "is not a file" if path.exists() else "no such file"
+            return [f"audio.path: {what}: {text}"]
+    except ConfigError as exc:
+        return exc.problems
+    return _wav_problems(path)
 
 
 def _wav_problems(path: Path) -> list[str]:
@@ -150,6 +171,11 @@ def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> l
     Checks that read a section in ``skip`` (one with problems of its own, or ``KEY_UNKNOWN``:
     the API key file could not be read) are left out.
     """
+    return [line for line, _read in semantic_problems(settings, skip)]
+
+
+def semantic_problems(settings: Settings, skip: frozenset[str] = frozenset()) -> list[Problem]:
+    """``check_semantics``'s lines, each with the keys its check read (who set them is named)."""
     def valid(*sections: str) -> bool:
         return skip.isdisjoint(sections)
 
@@ -157,33 +183,48 @@ def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> l
     has_key = bool(settings.assemblyai.api_key.get_secret_value())
     if valid("transcriber", "assemblyai", KEY_UNKNOWN) \
             and settings.transcriber.engine == "assemblyai" and not has_key:
-        problems.append(
+        problems.append((
             "assemblyai.api_key: required when transcriber.engine = 'assemblyai' "
-            "(set api_key, api_key_file or the assemblyai_api_key credential)"
-        )
+            "(set api_key, api_key_file or the assemblyai_api_key credential)",
+            ("assemblyai.api_key", "assemblyai.api_key_file", "transcriber.engine")))
     cloud = settings.assemblyai
     if valid("assemblyai") and cloud.token_url == DEFAULT_TOKEN_URL \
             and cloud.max_session_seconds < SERVICE_MIN_SESSION_S:
-        problems.append(f"assemblyai.max_session_seconds: the service accepts "
-                        f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})")
+        problems.append((f"assemblyai.max_session_seconds: the service accepts "
+                         f"{SERVICE_MIN_SESSION_S}..10800 (got {cloud.max_session_seconds})",
+                         ("assemblyai.max_session_seconds", "assemblyai.token_url")))
     if valid("state"):
-        problems += _state_problems(settings.state_path())
+        problems += _alone(_state_problems(settings.state_path()))
     if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
-        problems.append("reconnect.initial_delay: must not exceed reconnect.max_delay")
+        problems.append(("reconnect.initial_delay: must not exceed reconnect.max_delay",
+                         ("reconnect.initial_delay", "reconnect.max_delay")))
     engine_known = valid("transcriber") and (settings.transcriber.engine != "auto"
                                              or valid("assemblyai", KEY_UNKNOWN))
     if engine_known and valid("local") and settings.engine_name() == "local":
-        from daemon.recognizer import language_problems, resolve_model_path  # numpy: local only
-
-        try:
-            model = resolve_model_path(settings.local.model)
-        except EngineError as exc:
-            problems.append(str(exc))
-        else:                            # what run refuses once it has loaded the model
-            problems += language_problems(settings.local.language, model)
-        problems += _compute_type_problems(settings.local.compute_type)
+        problems += _local_problems(settings)
     if valid("http"):
         from daemon.web import check_http
 
-        problems += check_http(settings.http)
+        problems += [(line, ("http.listen", "http.token") if "http.token" in line else ())
+                     for line in check_http(settings.http)]
     return problems
+
+
+def _alone(lines: list[str]) -> list[Problem]:
+    """Lines each about the one key they name."""
+    return [(line, ()) for line in lines]
+
+
+def _local_problems(settings: Settings) -> list[Problem]:
+    """The local engine's model, its language (read with the model) and compute type."""
+    from daemon.recognizer import language_problems, resolve_model_path  # numpy: local only
+
+    problems: list[Problem] = []
+    try:
+        model = resolve_model_path(settings.local.model)
+    except EngineError as exc:
+        problems.append((str(exc), ()))
+    else:                                # what run refuses once it has loaded the model
+        problems += [(line, ("local.language", "local.model"))
+                     for line in language_problems(settings.local.language, model)]
+    return problems + _alone(_compute_type_problems(settings.local.compute_type))

@@ -153,3 +153,58 @@ def test_a_table_only_the_environment_sets_names_only_the_environment(
     assert _problems(config) == [
         "environment TRANSCRIBED_SINKS__BUS__HOST, TRANSCRIBED_SINKS__BUS__PASSWORD, "
         "TRANSCRIBED_SINKS__BUS__TYPE: sinks.bus: a password needs a username"]
+
+
+def _check_config(config: Path, **variables: str) -> list[str]:
+    """check-config's problem lines (without the ``transcribed: config error: `` prefix)."""
+    env = {**os.environ, **variables}
+    result = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 78, result.stderr
+    return [line.removeprefix("transcribed: config error: ")
+            for line in result.stderr.splitlines()]
+
+
+def _state_config(tmp_path: Path, text: str = "") -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'{text}[state]\ndir = "{tmp_path / "state"}"\n')
+    return config
+
+
+def test_a_source_from_the_environment_is_blamed_for_a_missing_path(tmp_path: Path) -> None:
+    """The file sets neither ``audio.source`` nor ``audio.path``: the path is wanted because of
+    ``TRANSCRIBED_AUDIO__SOURCE``, so that variable is named and the file is not."""
+    config = _state_config(tmp_path)
+    assert "environment TRANSCRIBED_AUDIO__SOURCE: audio.path: required when audio.source = "\
+        "'file'" in _check_config(config, TRANSCRIBED_AUDIO__SOURCE="file")
+
+
+def test_a_path_in_the_file_and_a_source_from_the_environment_name_both(tmp_path: Path
+                                                                          ) -> None:
+    """The file's ``audio.path`` is not used with the environment's source: both are named."""
+    config = _state_config(tmp_path, f'[audio]\npath = "{tmp_path / "a.wav"}"\n')
+    assert f"{config}, environment TRANSCRIBED_AUDIO__SOURCE: audio.path: only used when " \
+        "audio.source = 'file'" in _check_config(config, TRANSCRIBED_AUDIO__SOURCE="microphone")
+
+
+def test_delays_from_the_file_and_the_environment_name_both(tmp_path: Path) -> None:
+    """``reconnect.initial_delay`` from the file, ``max_delay`` from the environment (the
+    deciding key): both are named; with both from the file, only the file, as before."""
+    config = _state_config(tmp_path, "[reconnect]\ninitial_delay = 30\n")
+    line = "reconnect.initial_delay: must not exceed reconnect.max_delay"
+    assert f"{config}, environment TRANSCRIBED_RECONNECT__MAX_DELAY: {line}" \
+        in _check_config(config, TRANSCRIBED_RECONNECT__MAX_DELAY="5")
+    config.write_text(config.read_text().replace("initial_delay = 30", "initial_delay = 30\n"
+                                                 "max_delay = 5"))
+    assert f"{config}: {line}" in _check_config(config)
+
+
+def test_delays_from_the_environment_alone_name_only_the_environment(tmp_path: Path) -> None:
+    """Neither delay is in the file: the file is not blamed; each variable is named, sorted."""
+    config = _state_config(tmp_path)
+    assert ("environment TRANSCRIBED_RECONNECT__INITIAL_DELAY, TRANSCRIBED_RECONNECT__MAX_DELAY: "
+            "reconnect.initial_delay: must not exceed reconnect.max_delay") in _check_config(
+        config, TRANSCRIBED_RECONNECT__INITIAL_DELAY="30", TRANSCRIBED_RECONNECT__MAX_DELAY="5")
+    assert ("environment TRANSCRIBED_RECONNECT__INITIAL_DELAY: reconnect.initial_delay: must not "
+            "exceed reconnect.max_delay") in _check_config(
+        config, TRANSCRIBED_RECONNECT__INITIAL_DELAY="1000")
