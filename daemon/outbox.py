@@ -41,11 +41,10 @@ from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.errors import DaemonError
 from daemon.events import TurnRecord
-from daemon.queues import OUTBOX_FILE, BatchError, Delivery
+from daemon.queues import BatchError, Delivery
 
 log = structlog.get_logger("daemon.outbox")
 
-FILENAME: Final = OUTBOX_FILE
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
     sink      TEXT    NOT NULL,
