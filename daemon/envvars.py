@@ -55,11 +55,8 @@ def problem_origin(line: str, where: str, env: Mapping[str, str],
     if setters := key_variables(named, env):
         return environment(setters)
     if file_sinks is not None and len(parts) > 1 and parts[0] == "SINKS" \
-            and named[1] not in file_sinks:
-        setters = sorted(variable for name, variable in names.items()
-                         if name.startswith(f"{ENV_PREFIX}SINKS__{parts[1]}__"))
-        if setters:
-            return environment(setters, lookalike_sink(named[1], names, file_sinks))
+            and named[1] not in file_sinks and (setters := _setting_keys_in(named[:2], env)):
+        return environment(setters, lookalike_sink(named[1], names, file_sinks))
     if len(named) == 2 and parts[0] == "SINKS" and (inside := _setting_keys_in(named, env)):
         return f"{where.removesuffix(': ')}, {environment(inside)}" if where \
             else environment(inside)
