@@ -57,7 +57,6 @@ if [[ ! -e "$stamp" && ! ( $DEV == 0 && -e "$base-local,dev" ) ]]; then
 fi
 if [[ $BROWSER_DOWNLOAD == 1 ]]; then
   echo "bootstrap: no chromium deb on this system: installing Playwright's Chromium" >&2
-  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
   $SUDO .venv/bin/python -m playwright install-deps chromium >/dev/null
   .venv/bin/python -m playwright install chromium
 fi
