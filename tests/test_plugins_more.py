@@ -8,9 +8,10 @@ import json
 import os
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 from pydantic import BaseModel, field_validator
@@ -27,6 +28,18 @@ from tests.conftest import REPO, TRANSCRIBED
 from tests.test_sinks_local import record
 
 CONTEXT = SinkContext(host="h", state_dir=Path("/nonexistent"))
+
+
+def _loaded(type_name: str, factory: Callable[..., Any]) -> tuple[SinkType, SinkConfig]:
+    """``factory`` as a third-party plugin's sink type, loaded (and guarded) as the daemon does."""
+
+    class Plugin:
+        @hookimpl
+        def transcribed_sink_types(self) -> list[SinkType]:
+            return [SinkType(type_name, SinkConfig, factory)]
+
+    loaded = load_plugins(entry_points=False, extra=[Plugin()]).sink_types()[type_name]
+    return loaded, SinkConfig(type=type_name)
 
 
 class Unprintable(Exception):
@@ -161,13 +174,7 @@ async def test_a_send_raising_a_base_exception_is_a_failure_not_the_end(
     sink never delivered again and its queue was lost at exit); a ``BaseException`` subclass
     ended the whole daemon. Both are a failed send now: retried, then delivered."""
 
-    class Plugin:
-        @hookimpl
-        def transcribed_sink_types(self) -> list[SinkType]:
-            return [SinkType("leaky", SinkConfig, sink_class)]
-
-    sink_type = load_plugins(entry_points=False, extra=[Plugin()]).sink_types()["leaky"]
-    config = SinkConfig(type="leaky")
+    sink_type, config = _loaded("leaky", sink_class)
     sink = sink_type.factory("s", config, CONTEXT)
     dispatcher = Dispatcher([SinkRunner("s", sink_type, config, sink, MemoryQueue())],
                             dead_letter_dir=tmp_path)
@@ -291,13 +298,7 @@ async def test_a_plain_send_is_run_once_after_a_factory_failed(tmp_path: Path) -
             raise OSError("first build fails")
         return built[0]
 
-    class Plugin:
-        @hookimpl
-        def transcribed_sink_types(self) -> list[SinkType]:
-            return [SinkType("syncsend", SinkConfig, factory)]  # type: ignore[arg-type]
-
-    sink_type = load_plugins(entry_points=False, extra=[Plugin()]).sink_types()["syncsend"]
-    config = SinkConfig(type="syncsend")
+    sink_type, config = _loaded("syncsend", factory)
     dispatcher = Dispatcher([SinkRunner("s", sink_type, config,
                                         sink_type.factory("s", config, CONTEXT), MemoryQueue())],
                             dead_letter_dir=tmp_path)
@@ -326,13 +327,7 @@ async def test_a_send_error_that_cannot_be_shown_is_retried(tmp_path: Path) -> N
     (its reason is built in the ``except``): the worker crashed (``sink.crashed``, the str()
     failure's traceback, naming neither the plugin's exception nor a send failure)."""
 
-    class Plugin:
-        @hookimpl
-        def transcribed_sink_types(self) -> list[SinkType]:
-            return [SinkType("unprintable", SinkConfig, UnprintableOnce)]
-
-    sink_type = load_plugins(entry_points=False, extra=[Plugin()]).sink_types()["unprintable"]
-    config = SinkConfig(type="unprintable")
+    sink_type, config = _loaded("unprintable", UnprintableOnce)
     sink = sink_type.factory("s", config, CONTEXT)
     inner = getattr(sink, "inner", sink)
     assert isinstance(inner, UnprintableOnce)
