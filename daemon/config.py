@@ -293,7 +293,7 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
     """Load what validates and name every problem: ``(settings, failed sections, problems)``.
 
     A section with a problem is taken at its defaults in the settings returned, so that the
-    cross-key checks of the others still run (``daemon.validate.check_semantics`` with
+    cross-key checks of the others still run (``daemon.validate.semantic_problems`` with
     ``skip=failed``) and one ``check-config`` names everything (an unreadable API key file
     "fails" ``KEY_UNKNOWN`` only); ``None`` when no settings can be built (an unknown section,
     ``[sinks]`` entries that are not tables, or a value the environment does not parse).

@@ -1,7 +1,7 @@
 """Everything a configuration is checked for, in one pass, as ``run`` and ``check-config`` see it.
 
 Field validation (``daemon.config.read_settings``), then the cross-key checks field validation
-cannot see (``check_semantics``), then each sink table by its own type (``validate_sinks``). A
+cannot see (``semantic_problems``), then each sink table by its own type (``validate_sinks``). A
 section with a problem of its own holds back only the checks that read it, so one run names
 every problem; each line names the key and who set it (the file or an environment variable);
 a cross-key problem names who set any of the keys its check read (``keys_origin``).
@@ -165,17 +165,13 @@ def _state_problems(state: Path) -> list[str]:
     return []
 
 
-def check_semantics(settings: Settings, skip: frozenset[str] = frozenset()) -> list[str]:
-    """Cross-key problems that field validation cannot see (one line each).
-
-    Checks that read a section in ``skip`` (one with problems of its own, or ``KEY_UNKNOWN``:
-    the API key file could not be read) are left out.
-    """
-    return [line for line, _read in semantic_problems(settings, skip)]
-
-
 def semantic_problems(settings: Settings, skip: frozenset[str] = frozenset()) -> list[Problem]:
-    """``check_semantics``'s lines, each with the keys its check read (who set them is named)."""
+    """Cross-key problems that field validation cannot see, with the keys each check read.
+
+    The keys say whose the line is (``keys_origin``). Checks that read a section in ``skip``
+    (one with problems of its own, or ``KEY_UNKNOWN``: the API key file could not be read) are
+    left out.
+    """
     def valid(*sections: str) -> bool:
         return skip.isdisjoint(sections)
 
