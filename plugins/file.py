@@ -153,7 +153,8 @@ class FileSink:
         """Shift ``path`` to ``path.1`` (… ``path.<keep>``); the new file keeps its mode.
 
         A rotation that fails (a folder we cannot write, ``path.1`` a folder) is logged once
-        and the record goes on into the open file: turns never wait in memory for it.
+        and the record goes on into the open file: turns never wait in memory for it. After
+        one that worked, rotations beyond ``keep`` (left by a higher ``keep``) are removed.
         """
         assert self._handle is not None
         mode = stat.S_IMODE(os.fstat(self._handle.fileno()).st_mode)
@@ -169,15 +170,40 @@ class FileSink:
                         older.rename(f"{self.path}.{index + 1}")
                 self.path.rename(f"{self.path}.1")
         except OSError as exc:
-            error = f"{exc.filename}: {exc.strerror or exc}"
-            if error != self._rotate_failed:
-                log.warning("file.rotate_failed", sink=self.name, path=str(self.path),
-                            error=error, rotate_bytes=self.config.rotate_bytes)
-            self._rotate_failed = error
+            self._note_rotation(f"{exc.filename}: {exc.strerror or exc}")
             return
-        self._rotate_failed = ""
+        self._note_rotation(self._remove_beyond_keep())
         self._close()
         self._open(mode)
+
+    def _remove_beyond_keep(self) -> str:
+        """Remove ``path.<keep+1>``, ``path.<keep+2>`` … up to the first missing one.
+
+        Only files and symlinks are removed: anything else (a folder), like a gap or a name that
+        cannot be looked up (too long), ends the sweep, so nothing but that run of old
+        rotations is ever touched. Returns why one could not be removed, or ``""``.
+        """
+        index = self.config.keep + 1
+        while True:
+            older = Path(f"{self.path}.{index}")
+            try:
+                kind = older.lstat().st_mode
+            except OSError:
+                return ""
+            if not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+                return ""
+            try:
+                older.unlink(missing_ok=True)
+            except OSError as exc:
+                return f"cannot remove {older}: {exc.strerror or exc}"
+            index += 1
+
+    def _note_rotation(self, error: str) -> None:
+        """Log why a rotation (or its clean-up) failed, once until the reason changes."""
+        if error and error != self._rotate_failed:
+            log.warning("file.rotate_failed", sink=self.name, path=str(self.path),
+                        error=error, rotate_bytes=self.config.rotate_bytes)
+        self._rotate_failed = error
 
     def _moved(self, handle: IO[bytes]) -> str:
         """Why ``path`` no longer names the open file (deleted, rotated, replaced), or ``""``."""
