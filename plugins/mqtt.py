@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import random
 import re
 import ssl
@@ -32,6 +33,7 @@ import structlog
 from pydantic import (
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationInfo,
     field_validator,
@@ -125,6 +127,9 @@ class MqttConfig(SinkConfig):
         default="transcribed/{host}/status", description="'' disables; placeholder {host}"
     )
     timeout_s: float = Field(default=10.0, gt=0, description="connect and publish timeout")
+    # SHA-256 of ca_file's contents: a CA renewed at the same path makes the config differ, so a
+    # reload rebuilds the sink (pydantic's == compares private attributes; model_dump omits them)
+    _ca_digest: str = PrivateAttr(default="")
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +144,12 @@ class MqttConfig(SinkConfig):
     def _consistent(self) -> Self:
         if self.password.get_secret_value() and not self.username:
             raise ValueError("a password needs a username")
+        return self
+
+    @model_validator(mode="after")
+    def _remember_ca(self) -> Self:
+        if self.tls and self.ca_file:       # loadable: _loadable_ca passed
+            self._ca_digest = _ca_digest(self.ca_file)
         return self
 
     @field_validator("topic")
@@ -170,8 +181,21 @@ def _tls_context(ca_file: str) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ValueError(f"cannot load CA certificates from {path}: {reason}") from None
+        raise _unloadable(path, exc) from None
+
+
+def _ca_digest(ca_file: str) -> str:
+    """SHA-256 (hex) of the bytes of ``ca_file``, which ``_tls_context`` loaded a moment ago."""
+    path = Path(ca_file).expanduser()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:              # gone or unreadable since: the message _tls_context gives
+        raise _unloadable(str(path), exc) from None
+
+
+def _unloadable(path: str | None, exc: OSError | ssl.SSLError) -> ValueError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ValueError(f"cannot load CA certificates from {path}: {reason}")
 
 
 class MqttSink:
