@@ -4,6 +4,12 @@ With ``format_turns`` the service sends an unformatted final and then a formatte
 turn; the formatted one is the record. If it never comes (the session dies, or a model that does
 not send it), the unformatted final is emitted after ``format_wait_s`` or when the session ends,
 so no turn is ever lost or doubled.
+
+A turn with words that gets no final at all is delivered once from its last partial, with the
+warning ``turn.final_missing``: when ``Termination`` comes (``finish_open``) or when the service
+moves on to a newer turn mid-session (it abandoned the older one). A final that comes after that
+is a duplicate. A sealed session (rollover) delivers neither: the next session redoes its open
+turn from the ledger.
 """
 
 from __future__ import annotations
@@ -73,14 +79,14 @@ class TurnAssembler:
             return  # a late duplicate: already delivered
         if self._sealed is not None and turn.turn_order not in self._sealed:
             return  # after a rollover the next session transcribes it again
-        for order in [o for o in self._held if o < turn.turn_order]:
-            self._release(order)  # a newer turn means the older one is complete
+        self._end_older(turn.turn_order)
         if not turn.end_of_turn:
             self._on_partial(turn)
             return
         self._cover_until(turn.words[-1].end if turn.words else None)
         if self.open_turn == turn.turn_order:
             self.open_turn = None
+            self._partial_turn = None
         if turn.turn_is_formatted or not self._format_turns:
             self._held.pop(turn.turn_order, None)
             self._finish(turn)
@@ -107,10 +113,35 @@ class TurnAssembler:
         """
         turn = self._partial_turn
         self._partial_turn = None
-        if turn is None or turn.turn_order in self._done or turn.turn_order in self._held:
+        self.open_turn = None
+        if turn is not None:
+            self._from_partial(turn, "the session ended")
+
+    def _end_older(self, order: int) -> None:
+        """A message of turn ``order``: every older turn is over, delivered in turn order.
+
+        A held final is complete; an open turn with words and no final was abandoned by the
+        service, and its last partial is all there will be of it.
+        """
+        partial = self._partial_turn
+        abandoned = partial if partial is not None and partial.turn_order < order else None
+        if abandoned is not None:
+            self._partial_turn = self.open_turn = None
+        ended = {o for o in self._held if o < order}
+        if abandoned is not None:
+            ended.add(abandoned.turn_order)
+        for older in sorted(ended):
+            if older in self._held:
+                self._release(older)     # a held final beats the partial of the same turn
+            elif abandoned is not None:
+                self._from_partial(abandoned, "a newer turn began")
+
+    def _from_partial(self, turn: Turn, reason: str) -> None:
+        """Deliver a turn that got no final from its last partial (with words), once."""
+        if turn.turn_order in self._done or turn.turn_order in self._held:
             return
         log.warning("turn.final_missing", session_id=self.session_id, turn_order=turn.turn_order,
-                    effect="the turn is delivered from its last partial")
+                    reason=reason, effect="the turn is delivered from its last partial")
         self._cover_until(turn.words[-1].end)
         self._finish(turn)
 

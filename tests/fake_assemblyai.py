@@ -50,7 +50,8 @@ Faults (``fake.faults``, see ``Faults`` in ``fake_assemblyai_records``): queues 
 request or session (``token_status``, ``http_status_on_upgrade``, ``reject_handshake``,
 ``begin_delay_s``), flags (``key_revoked``, ``no_termination``, ``close_without_termination``,
 ``termination_without_finals``, ``termination_delay_s``, ``token_retry_after``,
-``token_raw_body``) and per-session faults armed for the next session that reaches ``Begin``
+``token_raw_body``; ``abandon_turns``: turns ended mid-session without any final) and
+per-session faults armed for the next session that reaches ``Begin``
 (``drop_after_audio_ms``, ``error_after_audio_ms``, ``deaf_after_audio_ms``,
 ``stall_after_audio_ms``, ``send_garbage``).
 
@@ -368,6 +369,7 @@ class _Session:
             return
         self.record.params = params
         self.turns = TurnBuilder(self.fake.index, params.turns)
+        self.turns.abandon = self.fake.faults.abandon_turns
         if self.fake.faults.session_faults:
             self.faults = [self.fake.faults.session_faults.pop(0)]
         await self.begin(cap)

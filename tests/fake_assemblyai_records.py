@@ -66,6 +66,8 @@ class Faults:
         termination_without_finals: ``Terminate`` is answered with ``Termination`` and a close
             1000, but the open turn gets no final (the reference says the service flushes them).
         termination_delay_s: ``Terminate`` is answered this many seconds late (a slow service).
+        abandon_turns: in every session, this many turns that end mid-session get no final;
+            the next turn follows with the next ``turn_order`` (a service abandoning a turn).
         session_faults: faults for the next sessions that reach ``Begin`` (see the methods).
     """
 
@@ -81,6 +83,7 @@ class Faults:
     close_without_termination: bool = False
     termination_without_finals: bool = False
     termination_delay_s: float = 0.0
+    abandon_turns: int = 0
     session_faults: list[SessionFault] = field(default_factory=list)
 
     def drop_after_audio_ms(self, ms: int) -> None:

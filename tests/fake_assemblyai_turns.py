@@ -8,6 +8,10 @@ utterance's last word, or ``max_turn_silence`` ms after the last heard word (an 
 was only partly received), or when a word of another utterance is heard, or on ``ForceEndpoint``
 / ``Terminate``. The end sends an unformatted final and, with ``format_turns``, a formatted final
 (the words as written in the transcript) with the same ``turn_order``.
+
+``abandon`` (a scripted fault): that many turns that end mid-session (silence, or a word of
+another utterance; not ``ForceEndpoint`` / ``Terminate``) get no final at all; the next turn's
+messages follow with the next ``turn_order``, as from a service that abandoned the turn.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class TurnBuilder:
         self._words: list[int] = []
         self._utterance = -1
         self._tail_shown = -1
+        self.abandon = 0
 
     def feed(self, samples: Int16Array) -> list[dict[str, Any]]:
         """Take received samples; return the messages they cause, in order."""
@@ -54,7 +59,7 @@ class TurnBuilder:
         for word_id in new:
             utterance = self.index.words[word_id].utterance
             if self._words and utterance != self._utterance:
-                messages += self.end_turn()
+                messages += self._end_mid_session()
             self._utterance = utterance
             self._words.append(word_id)
         tail = self._tail()
@@ -62,13 +67,13 @@ class TurnBuilder:
             messages.append(self._partial(tail))
             self._tail_shown = -1 if tail is None else tail
         if self._turn_is_over():
-            messages += self.end_turn()
+            messages += self._end_mid_session()
         return messages
 
     def skip(self, sample_count: int) -> list[dict[str, Any]]:
         """Count audio that cannot be recognised (other rate or encoding) as silence."""
         self.hearing.received_samples += sample_count
-        return self.end_turn() if self._turn_is_over() else []
+        return self._end_mid_session() if self._turn_is_over() else []
 
     def end_turn(self) -> list[dict[str, Any]]:
         """End the open turn now (if any words were heard): its final message(s)."""
@@ -77,11 +82,22 @@ class TurnBuilder:
         messages = [self._final(formatted=False)]
         if self.settings.format_turns:
             messages.append(self._final(formatted=True))
+        self._next_turn()
+        return messages
+
+    def _end_mid_session(self) -> list[dict[str, Any]]:
+        """The service ends a turn on its own: its finals, or none while ``abandon`` lasts."""
+        if not self.abandon or not self._words:
+            return self.end_turn()
+        self.abandon -= 1
+        self._next_turn()
+        return []
+
+    def _next_turn(self) -> None:
         self.turn_order += 1
         self._words = []
         self._utterance = -1
         self._tail_shown = -1
-        return messages
 
     def _turn_is_over(self) -> bool:
         if not self._words:
