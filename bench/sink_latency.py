@@ -4,17 +4,21 @@ In one process: the daemon's own ``Dispatcher``, queues (in memory for the file 
 SQLite outbox in the state directory for MQTT and webhook, as the daemon builds them with
 ``SinkBuilder``) and built-in sinks, against a real mosquitto (``tests/mosquitto.py``) and an
 HTTP receiver in a separate process (answers 204, keep-alive). Each turn (a realistic record, 12
-words) is dispatched alone: we wait for its acknowledgement, then 5 ms, then dispatch the next.
+words) goes alone: we wait for its acknowledgement, then 5 ms, then send the next.
 
 Measured per turn, on the monotonic clock:
 
-* **dispatch -> ack**: from just before ``Dispatcher.dispatch(record)`` (what the engine
-  listener calls when a final turn is complete) to the moment the dispatcher's worker
+* **frame -> ack** (the issue's measure): from the moment the session has read the turn's final
+  ``Turn`` frame (its text, as ``websockets`` hands it over) to the moment the dispatcher's worker
   acknowledges the delivery to the queue, i.e. ``sink.send`` has returned: the line is written
   and fsynced (file), the broker's PUBACK arrived (MQTT, QoS 1), the receiver answered 2xx
-  (webhook). This includes the durable ``put`` (an SQLite insert, ``synchronous=FULL``) for
-  MQTT and webhook.
-* **dispatch -> removed**: the same plus the queue's ``ack`` (the outbox delete).
+  (webhook). In between, what the daemon does with a frame (``FramePath``): the real
+  ``parse_message``, ``TurnAssembler`` (with the session's ``Timeline``, covering the turn's
+  audio in a real ``Ledger``), the daemon's ``Listener`` (logs ``turn.completed`` through the
+  daemon's JSON logging, to a file here, and calls ``Dispatcher.dispatch``), the durable ``put``
+  (an SQLite insert, ``synchronous=FULL``) for MQTT and webhook, and the sink.
+* **dispatch -> ack**: the same from just before ``Dispatcher.dispatch(record)``.
+* **frame -> removed**: frame -> ack plus the queue's ``ack`` (the outbox delete).
 
 Run:  .venv/bin/python bench/sink_latency.py [--turns 1000]
 """
@@ -31,26 +35,33 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import structlog
 from common import REPO, busy_cpu_s, machine, now, percentile, revision, save
 
+from daemon.app import Listener
 from daemon.dispatch import Dispatcher
-from daemon.events import TurnRecord, Word
-from daemon.plugins import load_plugins
+from daemon.events import AudioChunk, TurnRecord
+from daemon.ledger import Ledger, Piece, Timeline
+from daemon.logs import configure as configure_logging
+from daemon.plugins import PluginHost, load_plugins
+from daemon.protocol import Turn, parse_message
 from daemon.queues import Delivery, SinkQueue
 from daemon.reload import SinkBuilder
 from daemon.sinktables import validate_sinks
+from daemon.turns import TurnAssembler
 from tests.mosquitto import Mosquitto
 
 GAP_S = 0.005
+RATE = 16000
+SESSION = "bench-session"
+TURN_CHUNKS = 40                    # 4 s of audio per turn, sent in 100 ms chunks
+CHUNK = bytes(RATE // 10 * 2)
 WORDS = "please schedule a meeting with the design team for next tuesday at three".split()
 
 
@@ -89,13 +100,59 @@ class TimedQueue:
         self.inner.requeue(delivery)
 
 
-def record(order: int) -> TurnRecord:
-    """A realistic turn: 12 words, about 700 bytes of JSON."""
-    start = datetime.now(UTC)
-    words = tuple(Word(w, i * 300, i * 300 + 250, 0.95) for i, w in enumerate(WORDS))
-    return TurnRecord("bench-session", order, " ".join(WORDS).capitalize() + ".", start,
-                      start + timedelta(seconds=3.6), 0.93, words, None, "assemblyai",
-                      "microphone", "bench")
+class TimedDispatcher(Dispatcher):
+    """The real dispatcher, noting when each record is handed to it."""
+
+    dispatched: dict[str, float]
+
+    def dispatch(self, record: TurnRecord) -> None:
+        self.dispatched[record.id] = time.monotonic()
+        super().dispatch(record)
+
+
+class FramePath:
+    """What a session does with a text frame it has read, up to ``Dispatcher.dispatch``.
+
+    ``StreamSession._handle``'s path for a ``Turn``: ``parse_message``, then the session's
+    ``TurnAssembler`` (its ``Timeline`` maps the words to wall-clock times; a final covers its
+    audio in the engine's ``Ledger``), whose record goes to the daemon's ``Listener``.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, plugins: PluginHost) -> None:
+        self.ledger = Ledger(RATE, backlog_seconds=120)
+        self.timeline = Timeline(RATE)
+        listener = Listener(dispatcher, plugins, transcripts_in_log=True)
+        self.assembler = TurnAssembler(SESSION, self.timeline, format_turns=True,
+                                       source="microphone", host="bench", emit=listener.turn,
+                                       partial=listener.partial, cover=self.ledger.cover)
+
+    def speak(self, order: int) -> tuple[str, str]:
+        """Send a turn's audio (100 ms chunks); return its unformatted and formatted finals."""
+        for _ in range(TURN_CHUNKS):
+            chunk = AudioChunk(CHUNK, time.time())
+            piece = Piece(self.ledger.end, chunk.pcm, chunk.captured_at)
+            self.ledger.append(chunk)
+            self.timeline.add(piece)
+        first_ms = round(self.timeline.sent_seconds * 1000) - TURN_CHUNKS * 100 + 200
+        return _final(order, first_ms, formatted=False), _final(order, first_ms, formatted=True)
+
+    def read(self, frame: str) -> None:
+        """The session has read ``frame``."""
+        message = parse_message(frame)
+        assert isinstance(message, Turn)
+        self.assembler.handle(message)
+
+
+def _final(order: int, first_ms: int, *, formatted: bool) -> str:
+    """A final ``Turn`` frame as the service (and the fake) sends it: 12 words."""
+    words = [{"start": first_ms + i * 300, "end": first_ms + i * 300 + 250,
+              "text": w.capitalize() if formatted and i == 0 else w,
+              "confidence": 0.95, "word_is_final": True} for i, w in enumerate(WORDS)]
+    transcript = " ".join(str(w["text"]) for w in words) + ("." if formatted else "")
+    return json.dumps({"type": "Turn", "turn_order": order, "turn_is_formatted": formatted,
+                       "end_of_turn": True, "transcript": transcript,
+                       "end_of_turn_confidence": 0.9, "utterance": transcript,
+                       "words": words})
 
 
 class _NoContent(BaseHTTPRequestHandler):
@@ -135,74 +192,89 @@ def sink_tables(kind: str, work: Path, mqtt_port: int, http_port: int) -> dict[s
 
 async def measure(kind: str, turns: int, work: Path, mqtt_port: int,
                   http_port: int) -> dict[str, Any]:
-    """Dispatch ``turns`` records one at a time to the sinks of ``kind``; latencies in ms."""
+    """Send ``turns`` final frames one at a time to the sinks of ``kind``; latencies in ms."""
     plugins = load_plugins()
     closers: list[Any] = []
     builder = SinkBuilder("bench", work / f"state-{kind}", closers)
     validated = validate_sinks(plugins, sink_tables(kind, work, mqtt_port, http_port))
     runners = [builder.build(name, t, config) for name, (t, config) in validated.items()]
-    sent: dict[str, float] = {}
-    acked: dict[str, list[float]] = {r.name: [] for r in runners}
-    removed: dict[str, list[float]] = {r.name: [] for r in runners}
-    pending: set[tuple[str, str]] = set()
-    done = asyncio.Event()
-
-    def on_ack(sink: str) -> Callable[[str, float, float], None]:
-        def note(record_id: str, at: float, gone: float) -> None:
-            acked[sink].append((at - sent[record_id]) * 1000)
-            removed[sink].append((gone - sent[record_id]) * 1000)
-            pending.discard((sink, record_id))
-            if not pending:
-                done.set()
-        return note
+    timing = Timing({r.name: [] for r in runners})
 
     for runner in runners:
-        runner.queue = TimedQueue(runner.queue, on_ack(runner.name))
-    dispatcher = Dispatcher(runners, dead_letter_dir=work / "dead-letter")
+        runner.queue = TimedQueue(runner.queue, timing.on_ack(runner.name))
+    dispatcher = TimedDispatcher(runners, dead_letter_dir=work / "dead-letter")
+    dispatcher.dispatched = timing.dispatched
+    path = FramePath(dispatcher, plugins)
     busy, wall = busy_cpu_s(), time.monotonic()
     try:
         async with asyncio.TaskGroup() as group:
             dispatcher.start(group)
-            for order in range(-20, 0):     # warm-up (connections made, files open): not counted
-                await _deliver_one(dispatcher, runners, pending, done, sent, order)
-            for name in acked:
-                acked[name].clear()
-                removed[name].clear()
-            for order in range(1, turns + 1):
-                await _deliver_one(dispatcher, runners, pending, done, sent, order)
+            for order in range(20):     # warm-up (connections made, files open): not counted
+                await _deliver_one(path, runners, timing, order)
+            timing.clear()
+            for order in range(20, turns + 20):
+                await _deliver_one(path, runners, timing, order)
                 await asyncio.sleep(GAP_S)
             await dispatcher.close(5)
     finally:
         for closer in closers:
             closer.close()
     elapsed = time.monotonic() - wall
-    return {name: _stats(acked[name], removed[name]) | {"kind": kind}
-            for name in acked} | {"_busy_cores": (busy_cpu_s() - busy) / elapsed}
+    return {name: timing.stats(name) | {"kind": kind}
+            for name in timing.acked} | {"_busy_cores": (busy_cpu_s() - busy) / elapsed}
 
 
-async def _deliver_one(dispatcher: Dispatcher, runners: list[Any],
-                       pending: set[tuple[str, str]], done: asyncio.Event,
-                       sent: dict[str, float], order: int) -> None:
-    """Dispatch turn ``order`` and wait until every sink has acknowledged it."""
-    turn = record(order)
-    pending.update((r.name, turn.id) for r in runners)
-    done.clear()
-    sent[turn.id] = time.monotonic()
-    dispatcher.dispatch(turn)
+class Timing:
+    """When each turn's frame was read and dispatched, and when each sink acknowledged it."""
+
+    def __init__(self, acked: dict[str, list[tuple[str, float, float]]]) -> None:
+        self.acked = acked                      # sink -> (record id, acked, removed)
+        self.read: dict[str, float] = {}
+        self.dispatched: dict[str, float] = {}
+        self.pending: set[tuple[str, str]] = set()
+        self.done = asyncio.Event()
+
+    def on_ack(self, sink: str) -> Callable[[str, float, float], None]:
+        def note(record_id: str, at: float, gone: float) -> None:
+            self.acked[sink].append((record_id, at, gone))
+            self.pending.discard((sink, record_id))
+            if not self.pending:
+                self.done.set()
+        return note
+
+    def clear(self) -> None:
+        for notes in self.acked.values():
+            notes.clear()
+
+    def stats(self, sink: str) -> dict[str, Any]:
+        notes = self.acked[sink]
+        frame = [(at - self.read[rid]) * 1000 for rid, at, _ in notes]
+        dispatch = [(at - self.dispatched[rid]) * 1000 for rid, at, _ in notes]
+        removed = [(gone - self.read[rid]) * 1000 for rid, _, gone in notes]
+        return {"n": len(frame), "p50_ms": percentile(frame, 0.5),
+                "p90_ms": percentile(frame, 0.9), "p99_ms": percentile(frame, 0.99),
+                "max_ms": max(frame), "dispatch_p50_ms": percentile(dispatch, 0.5),
+                "dispatch_p99_ms": percentile(dispatch, 0.99),
+                "removed_p50_ms": percentile(removed, 0.5),
+                "removed_p99_ms": percentile(removed, 0.99)}
+
+
+async def _deliver_one(path: FramePath, runners: list[Any], timing: Timing, order: int) -> None:
+    """Read turn ``order``'s final frame and wait until every sink has acknowledged it."""
+    unformatted, formatted = path.speak(order)
+    path.read(unformatted)                  # held for the formatted final, which follows it
+    record_id = f"{SESSION}:{order}"
+    timing.pending.update((r.name, record_id) for r in runners)
+    timing.done.clear()
+    timing.read[record_id] = time.monotonic()
+    path.read(formatted)
     async with asyncio.timeout(30):
-        await done.wait()
-
-
-def _stats(acked: list[float], removed: list[float]) -> dict[str, Any]:
-    return {"n": len(acked), "p50_ms": percentile(acked, 0.5), "p90_ms": percentile(acked, 0.9),
-            "p99_ms": percentile(acked, 0.99), "max_ms": max(acked),
-            "removed_p50_ms": percentile(removed, 0.5),
-            "removed_p99_ms": percentile(removed, 0.99)}
+        await timing.done.wait()
 
 
 async def run_all(turns: int, work: Path, mqtt_port: int, http_port: int) -> dict[str, Any]:
     """Each sink alone, then all three together."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    configure_logging(level="info", fmt="json", stream=work_log(work))
     results: dict[str, Any] = {}
     for kind in ("file", "mqtt", "webhook", "all"):
         measured = await measure(kind, turns, work, mqtt_port, http_port)
@@ -212,6 +284,11 @@ async def run_all(turns: int, work: Path, mqtt_port: int, http_port: int) -> dic
             results[key] = stats | {"machine_busy_cores": busy}
         print(json.dumps({kind: measured}), file=sys.stderr, flush=True)
     return results
+
+
+def work_log(work: Path) -> TextIO:
+    """Where the daemon's log lines go during the measurement (JSON, as under systemd)."""
+    return (work / "daemon.log").open("a", encoding="utf-8")
 
 
 def measure_all(turns: int) -> dict[str, Any]:
