@@ -7,8 +7,12 @@ space-separated, so receivers can rotate secrets).
 
 Failures are classified here, at the I/O boundary: timeouts, connection errors (a TLS failure
 says why), 408, 425, 429 and 5xx raise ``SinkError`` (with ``retry_after`` from a ``Retry-After``
-header); any other non-2xx raises ``PermanentSinkError``. Neither message carries a secret, a
-header value or the URL's path.
+header); any other non-2xx raises ``PermanentSinkError``, and so does a redirect whose
+``Location`` is not a URL. An answer that is not HTTP/1.1 is named (closed without an answer,
+what h11 found wrong); a reason phrase is shown printable and bounded. Neither message carries a
+secret, a header value or the URL's path. A kept-alive connection that breaks before any answer
+(the server dropped it while idle) is sent on again at once, on a new connection, once
+(``webhook.sent_again``, info): it is not a failure of the sink.
 
 Only the status line and headers of an answer decide; its body is read and discarded up to
 ``BODY_READ_MAX`` bytes within ``timeout_s`` (so a normal connection can be reused) and a longer,
@@ -23,11 +27,8 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import re
-import ssl
 import time
-from contextlib import suppress
 from types import TracebackType
 from typing import Annotated, Any, Final, Self
 from urllib.parse import urlsplit
@@ -52,6 +53,14 @@ from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc, json_line
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+from plugins.webhook_answers import (
+    REASON_MAX,
+    bad_location,
+    drain,
+    origin,
+    printable,
+    transport_problem,
+)
 
 log = structlog.get_logger("plugins.webhook")
 
@@ -63,9 +72,29 @@ RETRY_AFTER_MAX_S: Final = 3600.0
 _SET_BY_THE_SINK: Final = frozenset({    # framing the HTTP client owns: a wrong one fails
     "content-type", "content-length", "transfer-encoding", "connection", "host", "upgrade",
     "te", "trailer", "keep-alive", "expect"})      # every send, for ever
-BODY_READ_MAX: Final = 64 * 1024     # bytes of an answer's body read (and discarded) at most
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")   # an HTTP token (RFC 9110)
 _HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")   # what httpx can send: printable ASCII
+_BROKEN_BEFORE_ANSWER: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
+class _ReusedConnectionBroke(Exception):
+    """A kept-alive connection broke before any answer came: worth one more try, on a new one."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+class _NewConnection:
+    """An httpcore ``trace`` hook: did this request open a connection (or reuse a pooled one)?"""
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        """Note a connection being opened for the request."""
+        if event.startswith(("connection.connect_tcp.", "connection.connect_unix_socket.")):
+            self.opened = True
 
 
 def _header_value(value: str) -> str:
@@ -256,24 +285,47 @@ class WebhookSink:
         if self._client is None:
             raise SinkError(f"webhook sink {self.name!r} is not open")
         body = event_body(record)
-        request = self._client.build_request(
-            "POST", self.config.url, content=body, headers=self._headers(record.id, body),
-            timeout=self.config.timeout_s)
         deadline = asyncio.get_running_loop().time() + self.config.timeout_s  # total, not per read
         try:
+            response = await self._post(self._client, record.id, body, deadline)
+        except _ReusedConnectionBroke as broke:
+            log.info("webhook.sent_again", sink=self.name, error=broke.problem,
+                     hint="a kept-alive connection failed before an answer; sent on a new one")
+            response = await self._post(self._client, record.id, body, deadline, again=True)
+        try:
+            await drain(response, deadline)
+        finally:
+            await response.aclose()
+        self._check(response)
+
+    async def _post(self, client: httpx.AsyncClient, msg_id: str, body: bytes, deadline: float,
+                    *, again: bool = False) -> httpx.Response:
+        """Send the POST and return the answer's head (its body unread).
+
+        Raises ``_ReusedConnectionBroke`` (unless ``again``) when a kept-alive connection broke
+        before any answer: the server closed it while idle (a race with its keep-alive timeout),
+        or it still held bytes of the previous answer (a 204 with a body).
+        """
+        fresh = _NewConnection()
+        request = client.build_request(
+            "POST", self.config.url, content=body, headers=self._headers(msg_id, body),
+            timeout=self.config.timeout_s, extensions={"trace": fresh.trace})
+        try:
             async with asyncio.timeout_at(deadline):
-                response = await self._client.send(request, stream=True)
+                return await client.send(request, stream=True)
         except (httpx.TimeoutException, TimeoutError):
             raise SinkError(
                 f"webhook {self._where} timed out after {self.config.timeout_s:g} s"
             ) from None
         except httpx.TransportError as exc:
-            raise SinkError(f"webhook {self._where} {_transport_problem(exc)}") from None
-        try:
-            await _drain(response, deadline)
-        finally:
-            await response.aclose()
-        self._check(response)
+            if bad_location(exc):       # the answer was a redirect: permanent, never re-sent
+                raise PermanentSinkError(
+                    f"webhook {self._where} answered a redirect whose Location is not a URL: "
+                    "redirects are not followed (set url to the new address)") from None
+            problem = f"webhook {self._where} {transport_problem(exc)}"
+            if not again and not fresh.opened and isinstance(exc, _BROKEN_BEFORE_ANSWER):
+                raise _ReusedConnectionBroke(problem) from None
+            raise SinkError(problem) from None
 
     def _headers(self, msg_id: str, body: bytes) -> dict[str, str]:
         timestamp = int(time.time())
@@ -287,67 +339,15 @@ class WebhookSink:
         status = response.status_code
         if 200 <= status < 300:
             return
-        message = f"webhook {self._where} answered {status} {response.reason_phrase}".rstrip()
+        reason = printable(response.reason_phrase, REASON_MAX)
+        message = f"webhook {self._where} answered {status} {reason}".rstrip()
         if status >= 500 or status in _TRANSIENT_STATUS:
             delay = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
             raise SinkError(message, retry_after=delay)
         if 300 <= status < 400 and (location := response.headers.get("location")):
-            message += f": redirects are not followed; it points to {_origin(response, location)}"
+            message += f": redirects are not followed; it points to {origin(response, location)}"
             message += " (set url to the new address)"
         raise PermanentSinkError(message)
-
-
-def _transport_problem(exc: httpx.TransportError) -> str:
-    """Why no answer came, in a few words.
-
-    A TLS failure says why, and so does the system call under a ``ConnectError`` (``Connection
-    refused``, ``Name or service not known``).
-    """
-    cause: BaseException | None = exc
-    seen: set[int] = set()
-    system: OSError | None = None
-    while cause is not None and id(cause) not in seen and not isinstance(cause, ssl.SSLError):
-        seen.add(id(cause))
-        if system is None and isinstance(cause, OSError) and isinstance(cause.errno, int):
-            system = cause
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"TLS certificate not accepted: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLError):
-        reason = (cause.reason or type(cause).__name__).replace("_", " ").lower()
-        return f"TLS handshake failed: {reason}"
-    problem = f"unreachable: {type(exc).__name__}"
-    if system is None or system.errno is None:
-        return problem
-    # a DNS failure's number is getaddrinfo's (negative), its text the resolver's
-    why = os.strerror(system.errno) if system.errno > 0 else system.strerror
-    return f"{problem} ({why})" if why else problem
-
-
-def _origin(response: httpx.Response, location: str) -> str:
-    """``scheme://host[:port]`` of a redirect's target (never its path: it may be a secret)."""
-    try:
-        target = response.request.url.join(location)
-    except (httpx.InvalidURL, ValueError):
-        return "an address that is not a URL"
-    return f"{target.scheme}://{target.netloc.decode()}"
-
-
-async def _drain(response: httpx.Response, deadline: float) -> None:
-    """Read and discard the body, but stop after ``BODY_READ_MAX`` bytes or at ``deadline``.
-
-    Raw bytes, not decoded: a compressed body cannot inflate either. Stopping early leaves the
-    body unread, so the caller's ``response.aclose()`` closes the connection instead of reusing
-    it. The status line has already decided: a body that breaks off or outlasts the deadline
-    changes nothing (a 2xx taken for a failure was delivered again, a 4xx retried for ever).
-    """
-    seen = 0
-    with suppress(httpx.TransportError, TimeoutError):
-        async with asyncio.timeout_at(deadline):
-            async for chunk in response.aiter_raw():
-                seen += len(chunk)
-                if seen > BODY_READ_MAX:
-                    return
 
 
 def _factory(name: str, config: Any, context: SinkContext) -> WebhookSink:
