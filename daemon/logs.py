@@ -26,7 +26,7 @@ _TOKEN_IN_URL: Final = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
 _URL_USER_INFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>\\]+@")
 _AUTH_HEADER: Final = re.compile(r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?"
                                  r"(?:(?:basic|bearer|digest|token)\s+)?)[^\s\"',;}\\]+")
-_TRANSCRIPT_KEYS: Final = frozenset({"transcript", "text", "words", "partial"})
+_TRANSCRIPT_KEYS: Final = frozenset({"transcript", "text", "words", "partial", "frame"})
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,

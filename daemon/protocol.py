@@ -1,15 +1,17 @@
 """The Universal Streaming v3 wire format: URL building, typed server messages, close codes.
 
 Parsing is tolerant of the old and new forms the service has used (``expires_at`` as an int or an
-ISO string, untyped ``{"error": …}`` frames, ``Termination`` figures as floats). Unknown message
-types parse to ``Unknown`` and are ignored by the caller; frames that are not what they claim raise
-``ProtocolError`` (logged by the caller, never fatal). No I/O here.
+ISO string, untyped ``{"error": …}`` frames, ``Termination`` figures as floats, a UTF-8 BOM).
+Unknown message types parse to ``Unknown`` and are ignored by the caller; frames that are not what
+they claim raise ``ProtocolError`` (logged by the caller, never fatal). A value that is only out
+of range (a confidence of 5, a word that ends before it starts, a Termination figure in words) is
+repaired instead, so the turn or the end is kept, and the frame gets one warning line,
+``protocol.values_repaired``, naming its type and each field. No other I/O here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,11 +19,24 @@ from enum import Enum
 from typing import Any, Final
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+import structlog
+
+from daemon import wirefields as field
 from daemon.config import AssemblyAIConfig
+
+log = structlog.get_logger("daemon.protocol")
 
 
 class ProtocolError(ValueError):
-    """A server frame that cannot be understood."""
+    """A server frame that cannot be understood; ``frame`` is its start when that is the clue.
+
+    The start is kept out of the message: it may be transcript text, which a log line carries
+    only as a field ``log.transcripts = false`` hides.
+    """
+
+    def __init__(self, message: str, frame: str = "") -> None:
+        super().__init__(message)
+        self.frame = frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,39 +126,67 @@ def parse_message(frame: str | bytes) -> Message:
     Raises:
         ProtocolError: the frame is not JSON, not an object, or a known type with bad fields.
     """
-    try:
-        data = json.loads(frame)
-    except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: [[[[…
-        raise ProtocolError(f"not JSON: {_preview(frame)}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"not a JSON object: {_preview(frame)}")
+    data = _json(frame)
     kind = data.get("type")
+    repairs: list[str] = []
     try:
-        if kind == "Turn":
-            return _turn(data)
-        if kind == "Begin":
-            return _begin(data)
-        if kind == "Termination":
-            return Termination(
-                float(data.get("audio_duration_seconds") or 0),
-                float(data.get("session_duration_seconds") or 0),
-            )
-        if kind == "Error" or (kind is None and "error" in data):
-            code = data.get("error_code")
-            return ServerError(int(code) if code is not None else None, _message(data, "error"))
-        if kind == "Heartbeat":
-            return Heartbeat(_count(data, "total_audio_received_ms"),
-                             _finite(data, "total_duration_ms"), _finite(data, "realtime_factor"),
-                             _finite(data, "max_speech_probability"))
-        if kind == "Warning":
-            code = data.get("warning_code")
-            return ServerWarning(int(code) if code is not None else None,
-                                 _message(data, "warning"))
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:   # 1e400 is inf to JSON
+        message = _typed(kind, data, repairs)
+    except KeyError as exc:
+        raise ProtocolError(f"malformed {kind} frame: {exc.args[0]} is missing") from None
+    except (TypeError, ValueError, OverflowError) as exc:   # 1e400 is inf to JSON
         raise ProtocolError(f"malformed {kind} frame ({type(exc).__name__}: {exc})") from None
-    if not isinstance(kind, str):
-        raise ProtocolError(f"frame without a type: {_preview(frame)}")
-    return Unknown(kind)
+    if message is None:
+        if kind is None:
+            raise ProtocolError("frame without a type", field.preview(frame))
+        raise ProtocolError(f"type is {repr(kind)[:40]}, not a string", field.preview(frame))
+    if repairs:
+        turn = {"turn_order": message.turn_order} if isinstance(message, Turn) else {}
+        log.warning("protocol.values_repaired", type=kind, **turn, problems=repairs,
+                    effect="the message is used with these values")
+    return message
+
+
+def _json(frame: str | bytes) -> dict[str, Any]:
+    """The frame's JSON object; a UTF-8 BOM before it is allowed (RFC 8259 §8.1)."""
+    if isinstance(frame, str):
+        frame = frame.removeprefix("\ufeff")
+    try:
+        data = json.loads(frame)            # bytes: a BOM is skipped by the json module
+    except (ValueError, UnicodeDecodeError, RecursionError):    # RecursionError: [[[[…
+        raise ProtocolError("not JSON", field.preview(frame)) from None
+    if not isinstance(data, dict):
+        raise ProtocolError("not a JSON object", field.preview(frame))
+    return data
+
+
+def _typed(kind: object, data: dict[str, Any], repairs: list[str]) -> Message | None:
+    """The message of a frame by its ``type``; None when the type is not a string."""
+    if kind == "Turn":
+        return _turn(data, repairs)
+    if kind == "Begin":
+        return _begin(data)
+    if kind == "Termination":               # only reported: odd figures must not cost the end
+        return Termination(field.figure(data, "audio_duration_seconds", repairs),
+                           field.figure(data, "session_duration_seconds", repairs))
+    if kind == "Error" or (kind is None and "error" in data):
+        return ServerError(field.code(data, "error_code", "error"), field.message(data, "error"))
+    if kind == "Heartbeat":
+        return _heartbeat(data, repairs)
+    if kind == "Warning":
+        return ServerWarning(field.code(data, "warning_code", "warning", range(-2**63, 2**63)),
+                             field.message(data, "warning"))
+    return Unknown(kind) if isinstance(kind, str) else None
+
+
+def _heartbeat(data: dict[str, Any], repairs: list[str]) -> Heartbeat:
+    """``daemon.liveness`` times the service by ``total_duration_ms``: it must be plausible."""
+    duration = field.figure(data, "total_duration_ms", repairs)
+    if duration > MAX_SESSION_MS:
+        repairs.append(f"total_duration_ms {duration:.6g} is beyond any session: read as 0")
+        duration = 0.0
+    return Heartbeat(field.count(data, "total_audio_received_ms"), duration,
+                     field.figure(data, "realtime_factor", repairs),
+                     field.confidence(data, "max_speech_probability", repairs))
 
 
 def _begin(data: dict[str, Any]) -> Begin:
@@ -164,100 +207,40 @@ def _begin(data: dict[str, Any]) -> Begin:
 
 
 _SESSION_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_SESSION_MS: Final = 86_400_000      # a day: sessions last 3 h at most (reference §5.2)
 
 
-def _turn(data: dict[str, Any]) -> Turn:
-    words = tuple(
-        WireWord(
-            _text(w, "text"),
-            _integer(w, "start"),
-            _integer(w, "end"),
-            _finite(w, "confidence"),
-            _flag(w, "word_is_final", True),
-        )
-        for w in _words(data)
-    )
+def _turn(data: dict[str, Any], repairs: list[str]) -> Turn:
+    words = tuple(_word(w, f"words[{i}]", repairs) for i, w in enumerate(field.words(data)))
     # a transcript missing (or null) while the words are there: the words say what was said
-    transcript = _text(data, "transcript") or " ".join(w.text for w in words if w.text)
+    transcript = field.text(data, "transcript") or " ".join(w.text for w in words if w.text)
     return Turn(
-        turn_order=_integer(data, "turn_order"),
-        end_of_turn=_flag(data, "end_of_turn", False),
-        turn_is_formatted=_flag(data, "turn_is_formatted", False),
+        turn_order=field.integer(data, "turn_order"),
+        end_of_turn=field.flag(data, "end_of_turn", False),
+        turn_is_formatted=field.flag(data, "turn_is_formatted", False),
         transcript=transcript,
-        end_of_turn_confidence=_finite(data, "end_of_turn_confidence"),
+        end_of_turn_confidence=field.confidence(data, "end_of_turn_confidence", repairs),
         words=words,
-        language_code=_text(data, "language_code") or None,
+        language_code=field.text(data, "language_code") or None,
     )
 
 
-# Field readers: a value of the wrong type makes the frame malformed (``ProtocolError``, the
-# caller logs it), so ``null`` never becomes the text "None" nor ``"false"`` a true flag. A
-# confidence (or any figure we only report) that is not a finite number reads as 0.0 instead:
-# it must not cost the turn.
-
-def _words(data: dict[str, Any]) -> list[dict[str, Any]]:
-    words = data.get("words") or []
-    if not isinstance(words, list) or not all(isinstance(w, dict) for w in words):
-        raise TypeError("words is not a list of objects")
-    return words
-
-
-def _message(data: dict[str, Any], key: str) -> str:
-    """An Error or Warning text, whatever its type, as text any UTF-8 output can carry.
-
-    It is logged and shown to live viewers.
-    """
-    value = data.get(key)
-    return "" if value is None else _utf8(value if isinstance(value, str) else str(value))
-
-
-def _text(data: dict[str, Any], key: str) -> str:
-    """A string field, missing or ``null`` read as empty."""
-    value = data.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise TypeError(f"{key} is {type(value).__name__}, not a string")
-    return _utf8(value)
-
-
-def _utf8(text: str) -> str:
-    """Lone surrogates (valid JSON escapes that no UTF-8 file or request can carry) as U+FFFD."""
-    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-def _integer(data: dict[str, Any], key: str) -> int:
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value) or value != int(value):
-        raise TypeError(f"{key} is {repr(value)[:30]}, not an integer")
-    return int(value)
-
-
-def _count(data: dict[str, Any], key: str) -> int:
-    """A non-negative figure the daemon relies on, rounded (``45000.5`` is not a bad frame)."""
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value) or value < 0:
-        raise TypeError(f"{key} is {repr(value)[:30]}, not a count")
-    return round(value)
-
-
-def _flag(data: dict[str, Any], key: str, default: bool) -> bool:
-    value = data.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise TypeError(f"{key} is {repr(value)[:30]}, not true or false")
-    return value
-
-
-def _finite(data: dict[str, Any], key: str) -> float:
-    """A number we only report (a confidence, a heartbeat's figures): anything else is 0.0."""
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return 0.0
-    return float(value)
+def _word(data: dict[str, Any], where: str, repairs: list[str]) -> WireWord:
+    """One word; a word that ends before it starts ends where it starts (no negative length)."""
+    try:
+        start, end = field.integer(data, "start"), field.integer(data, "end")
+        word = WireWord(field.text(data, "text"), start, end,
+                        field.confidence(data, "confidence", repairs, where),
+                        field.flag(data, "word_is_final", True))
+    except KeyError as exc:
+        raise KeyError(f"{where}.{exc.args[0]}") from None
+    except TypeError as exc:
+        raise TypeError(f"{where}.{exc}") from None
+    if end < start:
+        repairs.append(f"{where}.end {field.shown(end)} is before its start {field.shown(start)}: "
+                       f"read as {field.shown(start)}")
+        word = WireWord(word.text, start, start, word.confidence, word.word_is_final)
+    return word
 
 
 def parse_expires_at(value: Any) -> datetime | None:
@@ -273,11 +256,6 @@ def parse_expires_at(value: Any) -> datetime | None:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
             return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     raise ValueError(f"expires_at of unexpected type {type(value).__name__}")
-
-
-def _preview(frame: str | bytes, limit: int = 80) -> str:
-    text = frame if isinstance(frame, str) else frame[:limit].decode("utf-8", "replace")
-    return repr(text[:limit])
 
 
 TERMINATE: Final = json.dumps({"type": "Terminate"})

@@ -316,7 +316,8 @@ class StreamSession:
         try:
             message = parse_message(frame)
         except ProtocolError as exc:
-            self.log.warning("session.bad_frame", error=str(exc))
+            shown = {"frame": exc.frame} if exc.frame else {}   # hidden with the transcripts
+            self.log.warning("session.bad_frame", error=str(exc), **shown)
             return None
         if isinstance(message, Turn):
             self.assembler.handle(message)

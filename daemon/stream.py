@@ -386,7 +386,9 @@ class AssemblyAIEngine:
             begin = parse_message(first)
         except ProtocolError as exc:
             await ws.close()
-            raise _Failed(Outcome(CloseKind.TRANSIENT, f"first frame unreadable: {exc}")) from None
+            shown = f": {exc.frame}" if exc.frame else ""     # a Begin: no transcript in it
+            raise _Failed(Outcome(CloseKind.TRANSIENT,
+                                  f"first frame unreadable: {exc}{shown}")) from None
         if isinstance(begin, ServerError):
             await ws.close()
             raise _Failed(Outcome(classify_close(begin.code, begin.message), begin.message))
