@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import struct
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from uuid import UUID
 
 from daemon.errors import AudioError
 from daemon.events import AudioChunk
@@ -20,7 +20,23 @@ from daemon.events import AudioChunk
 _FORMAT_PCM: Final = 0x0001
 _FORMAT_FLOAT: Final = 0x0003
 _FORMAT_EXTENSIBLE: Final = 0xFFFE
-_MIN_HEADER: Final = 44             # bytes before the audio in the smallest WAV file
+# WAVE_FORMAT_EXTENSIBLE: the SubFormat GUID is the format tag followed by these 14 bytes
+_GUID_TAIL: Final = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+_ENCODINGS: Final = {0x0002: "MS ADPCM", 0x0006: "A-law", 0x0007: "mu-law", 0x0011: "IMA ADPCM",
+                     0x0031: "GSM 6.10", 0x0050: "MPEG", 0x0055: "MP3"}
+# what a file that is no WAV file starts with: what to tell the user
+_SIGNATURES: Final = (
+    (b"ID3", "it is an MP3 file; convert it to WAV first"),
+    (b"fLaC", "it is a FLAC file; convert it to WAV first"),
+    (b"OggS", "it is an Ogg (Vorbis/Opus) file; convert it to WAV first"),
+    (b"FORM", "it is an AIFF file; convert it to WAV first"),
+    (b"caff", "it is a CAF file; convert it to WAV first"),
+    (b"RIFX", "it is a big-endian (RIFX) WAV file; convert it to a little-endian WAV first"),
+    (b"\x1aE\xdf\xa3", "it is a WebM/Matroska file; convert it to WAV first"),
+)
+# float samples beyond this (a broken file: 1e38) would overflow numpy's scaling with a
+# two-line RuntimeWarning on stderr; anything above 1.0 is clipped to full scale anyway
+_FLOAT_BOUND: Final = 1e4
 MIN_RATE: Final = 4000              # sample rates a WAV file may have (Hz)
 MAX_RATE: Final = 384_000
 # Data sizes a writer puts in the header when it cannot go back to fill in the real one (it
@@ -50,9 +66,10 @@ def _to_float(data: bytes, fmt: PcmFormat) -> FloatArray:
 
     usable = len(data) - len(data) % (fmt.width * fmt.channels)
     raw = data[:usable]
-    if fmt.is_float:    # NaN or infinite samples (a broken file) are silence / full scale
-        decoded = np.frombuffer(raw, f"<f{fmt.width}").astype(np.float32)
-        samples = np.nan_to_num(decoded, nan=0.0, posinf=1.0, neginf=-1.0)
+    if fmt.is_float:    # NaN or infinite samples (a broken file) are silence / full scale;
+        decoded = np.frombuffer(raw, f"<f{fmt.width}")  # huge ones are bounded before the cast
+        finite = np.nan_to_num(decoded, nan=0.0, posinf=1.0, neginf=-1.0)  # and the scaling
+        samples: FloatArray = np.clip(finite, -_FLOAT_BOUND, _FLOAT_BOUND).astype(np.float32)
     elif fmt.width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif fmt.width == 3:  # place each 24-bit sample in the top of an int32
@@ -153,72 +170,117 @@ class WavReader:
 
 
 def open_wav(path: Path) -> WavReader:
-    """Open ``path`` with :mod:`wave`, falling back to a RIFF parser for float/extensible."""
+    """Open ``path``: any RIFF/RF64 WAVE file holding PCM or float audio.
+
+    Our own chunk walker, not :mod:`wave`: that module's answer depends on the Python version
+    (3.12 rejects WAVE_FORMAT_EXTENSIBLE float) and a chunk that claims more bytes than the file
+    holds makes it raise a bare ``RuntimeError``.
+    """
     try:
-        wav = wave.open(str(path), "rb")
-    except wave.Error as exc:
-        if str(exc).startswith("unknown format"):
-            return _open_riff(path)
-        raise AudioError(f"audio file {path}: not a usable WAV file ({exc})") from None
-    except (EOFError, struct.error):
-        raise AudioError(f"audio file {path}: not a WAV file (empty or truncated header)") from None
+        file = path.open("rb")
     except OSError as exc:
         raise AudioError(f"audio file {path}: cannot open ({exc.strerror or exc})") from None
-    fmt = PcmFormat(wav.getframerate(), wav.getnchannels(), wav.getsampwidth())
-    declared = wav.getnframes()
-    frame_bytes = max(1, fmt.width * fmt.channels)
-    present = (os.stat(path).st_size - _MIN_HEADER) // frame_bytes   # an upper bound
-    reader = WavReader(fmt, max(0, min(declared, present)), wav.readframes, wav.close,
-                       declared=declared)
-    _check_wav(path, reader)
-    return reader
-
-
-def _open_riff(path: Path) -> WavReader:
-    """Open a float or WAVE_FORMAT_EXTENSIBLE file that :mod:`wave` rejects."""
-    file = path.open("rb")
     try:
-        tag, fmt, offset, size = _parse_riff(file, path)
-        if tag not in (_FORMAT_PCM, _FORMAT_FLOAT):
-            raise AudioError(
-                f"audio file {path}: unsupported WAV encoding (format tag 0x{tag:04x}, compressed);"
-                " only PCM and float WAV files are supported"
-            )
-        declared = size
-        size = min(size, os.fstat(file.fileno()).st_size - offset)
+        size = os.fstat(file.fileno()).st_size
+        fmt, offset, declared = _parse_riff(file, path, size)
         file.seek(offset)
     except BaseException:
         file.close()
         raise
     frame_bytes = max(1, fmt.width * fmt.channels)
-    end = offset + size - size % frame_bytes
+    present = min(declared, size - offset)
+    end = offset + present - present % frame_bytes
 
     def read(frames: int) -> bytes:
         return file.read(max(0, min(frames * frame_bytes, end - file.tell())))
 
-    reader = WavReader(fmt, size // frame_bytes, read, file.close,
+    reader = WavReader(fmt, present // frame_bytes, read, file.close,
                        declared=declared // frame_bytes)
     _check_wav(path, reader)  # closes the file when it rejects it
     return reader
 
 
-def _parse_riff(file: BinaryIO, path: Path) -> tuple[int, PcmFormat, int, int]:
-    """Return (format tag, format, data offset, data size) from a RIFF/WAVE header."""
+def _parse_riff(file: BinaryIO, path: Path, file_size: int) -> tuple[PcmFormat, int, int]:
+    """Return (format, data offset, declared data size) from a RIFF/RF64 WAVE header."""
     header = file.read(12)
-    if len(header) < 12 or header[:4] != b"RIFF" or header[8:] != b"WAVE":
-        raise AudioError(f"audio file {path}: not a WAV file (no RIFF/WAVE header)")
-    tag, fmt = -1, None
+    if len(header) < 12 or header[:4] not in (b"RIFF", b"RF64") or header[8:] != b"WAVE":
+        raise _not_wav(path, header)
+    fmt: PcmFormat | None = None
+    data_size64: int | None = None           # RF64: the real data size, from the ds64 chunk
     while len(chunk := file.read(8)) == 8:
         chunk_id, size = struct.unpack("<4sI", chunk)
-        if chunk_id == b"data" and fmt is not None:
-            return tag, fmt, file.tell(), size
-        body = file.read(size + (size & 1))
-        if chunk_id == b"fmt " and len(body) >= 16:
-            tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", body)
-            if tag == _FORMAT_EXTENSIBLE and len(body) >= 26:
-                (tag,) = struct.unpack_from("<H", body, 24)  # first bytes of the SubFormat GUID
-            fmt = PcmFormat(rate, channels, (bits + 7) // 8, tag == _FORMAT_FLOAT)
-    raise AudioError(f"audio file {path}: not a usable WAV file (fmt or data chunk missing)")
+        at = file.tell() - 8
+        if chunk_id == b"data":
+            if fmt is None:
+                raise _unusable(path, f"its data chunk at byte {at} comes before any fmt chunk")
+            if size == 0xFFFFFFFF and data_size64 is not None:
+                size = data_size64
+            return fmt, at + 8, size
+        if at + 8 + size > file_size:
+            raise _unusable(path, f"its {_chunk_name(chunk_id)} chunk at byte {at} claims {size} "
+                                  f"bytes, past the end of the file ({file_size} bytes)")
+        if chunk_id == b"fmt ":
+            fmt = _read_fmt(file.read(size), path)
+        elif chunk_id == b"ds64" and header[:4] == b"RF64" and size >= 24:
+            (data_size64,) = struct.unpack_from("<8xQ", file.read(size))
+        else:
+            file.seek(size, os.SEEK_CUR)
+        file.seek(size & 1, os.SEEK_CUR)      # chunks of odd size are padded to even
+    raise _unusable(path, "no fmt chunk" if fmt is None else "no data chunk")
+
+
+def _read_fmt(body: bytes, path: Path) -> PcmFormat:
+    """Decode a fmt chunk; only PCM and float are accepted."""
+    if len(body) < 16:
+        raise _unusable(path, f"its fmt chunk has {len(body)} bytes, fewer than 16")
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", body)
+    if tag == _FORMAT_EXTENSIBLE:
+        if len(body) < 40:
+            raise _unusable(path, f"its WAVE_FORMAT_EXTENSIBLE fmt chunk has {len(body)} bytes, "
+                                  "too few for a SubFormat (40)")
+        guid = body[24:40]
+        if guid[2:] != _GUID_TAIL:
+            raise _unsupported(path, f"WAVE_FORMAT_EXTENSIBLE SubFormat {UUID(bytes_le=guid)}")
+        (tag,) = struct.unpack_from("<H", guid)
+    if tag not in (_FORMAT_PCM, _FORMAT_FLOAT):
+        name = f"{_ENCODINGS[tag]}, compressed" if tag in _ENCODINGS else "compressed"
+        raise _unsupported(path, f"format tag 0x{tag:04x}: {name}")
+    return PcmFormat(rate, channels, (bits + 7) // 8, tag == _FORMAT_FLOAT)
+
+
+def _unusable(path: Path, why: str) -> AudioError:
+    return AudioError(f"audio file {path}: not a usable WAV file ({why})")
+
+
+def _unsupported(path: Path, encoding: str) -> AudioError:
+    return AudioError(f"audio file {path}: unsupported WAV encoding ({encoding}); "
+                      "only PCM and float WAV files are supported")
+
+
+def _chunk_name(chunk_id: bytes) -> str:
+    """A chunk id for a message: ``'LIST'``, or escaped bytes when it is not text."""
+    return repr(chunk_id.decode("latin-1"))
+
+
+def _not_wav(path: Path, header: bytes) -> AudioError:
+    """The error for a file that is not a RIFF/WAVE file: what it seems to be, if we can tell."""
+    if not header:
+        return AudioError(f"audio file {path}: not a WAV file (empty file)")
+    for magic, what in _SIGNATURES:
+        if header.startswith(magic):
+            return AudioError(f"audio file {path}: not a WAV file ({what})")
+    if header[4:8] == b"ftyp":
+        return AudioError(f"audio file {path}: not a WAV file (it is an MP4/M4A file; convert it "
+                          "to WAV first)")
+    if header[:1] == b"\xff" and header[1:2] >= b"\xe0":
+        return AudioError(f"audio file {path}: not a WAV file (it is an MP3 or AAC file; convert "
+                          "it to WAV first)")
+    if header[:4] not in (b"RIFF", b"RF64"):
+        return _unusable(path, "file does not start with RIFF id")
+    if len(header) < 12:
+        return AudioError(f"audio file {path}: not a WAV file (its header is cut short at "
+                          f"{len(header)} bytes)")
+    return _unusable(path, f"a RIFF {_chunk_name(header[8:])} file, not WAVE")
 
 
 def _check_wav(path: Path, reader: WavReader) -> None:
