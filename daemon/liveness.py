@@ -7,7 +7,9 @@ as gone after ``MISSED_BEATS`` of its heartbeat periods and a second. Until its 
 a service's silence is just silence (an older service, or a quiet room).
 
 The period is read from the service's own clock (``total_duration_ms``), so heartbeats that
-queued up unread (a rollover's next session waits before it is read) do not shorten it.
+queued up unread (a rollover's next session waits before it is read) do not shorten it. It is
+kept between ``MIN_PERIOD_S`` and ``MAX_PERIOD_S``: a jump in the service's clock (or a gap of
+heartbeats it never sent) must not stretch the silence limit to minutes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from daemon.protocol import Heartbeat
 
 HEARTBEAT_S: Final = 5.0        # the period assumed until two heartbeats show the service's own
 MIN_PERIOD_S: Final = 1.0       # a shorter one (a misread clock) would make every pause silence
+MAX_PERIOD_S: Final = 30.0      # the service's is 5 s; a longer one would hide a silent service
 MISSED_BEATS: Final = 3
 
 
@@ -75,7 +78,8 @@ class Liveness:
         """
         now = self._clock()
         if self.received_ms is not None and beat.duration_ms > self._service_ms:
-            self._period_s = max(MIN_PERIOD_S, (beat.duration_ms - self._service_ms) / 1000)
+            period = (beat.duration_ms - self._service_ms) / 1000
+            self._period_s = min(MAX_PERIOD_S, max(MIN_PERIOD_S, period))
         self._service_ms = max(self._service_ms, beat.duration_ms)
         self.received_ms = beat.received_ms
         self._sent.append((now, sent_s))

@@ -1,7 +1,7 @@
 """How a streaming session ended, or an attempt to open one failed.
 
 Owns ``Outcome`` (the close kind and reason, and what the engine's backoff and replay decide
-on) and ``close_of`` (the close code and reason a websocket peer sent). ``daemon.session``
+on) and ``close_of`` (how a websocket connection closed, and who closed it). ``daemon.session``
 makes them when a session ends, ``daemon.stream`` when a connection attempt fails.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CLOSE_CODE_EXPLANATIONS
 
-from daemon.protocol import CloseKind
+from daemon.protocol import CloseKind, classify_close
 
 
 @dataclass
@@ -26,8 +27,42 @@ class Outcome:
     finished: bool = False           # Termination received after the input ended
 
 
-def close_of(exc: ConnectionClosed) -> tuple[int, str]:
-    """The close code and reason the peer sent; 1006 when the connection ended without one."""
-    frame = exc.rcvd
-    return (frame.code, frame.reason) if frame is not None else (1006, "abnormal closure")
+@dataclass(frozen=True)
+class CloseReport:
+    """A connection's close: its code and reason, and whether we closed it (``ours``)."""
 
+    code: int
+    reason: str
+    ours: bool = False
+
+    @property
+    def kind(self) -> CloseKind:
+        """The close kind; our own close (a frame too big, a keepalive timeout) is transient.
+
+        The service gave no verdict then: the connection failed on our side, so the next
+        session reconnects and replays what no finished turn covers, never exits.
+        """
+        return CloseKind.TRANSIENT if self.ours else classify_close(self.code, self.reason)
+
+    def __str__(self) -> str:
+        if not self.ours:
+            return f"{self.code} {self.reason}".strip()
+        meaning = CLOSE_CODE_EXPLANATIONS.get(self.code)
+        head = f"{self.code} {meaning}" if meaning else str(self.code)
+        detail = f": {self.reason}" if self.reason and self.reason != meaning else ""
+        return f"{head} (closed by us{detail})"
+
+
+def close_of(exc: ConnectionClosed) -> CloseReport:
+    """How the connection closed: the peer's close frame, or ours if we closed first.
+
+    We close first when ``websockets`` fails the connection itself (1009 for a frame over
+    ``max_size``, 1011 for a keepalive timeout): no close frame came back before the socket
+    ended, or only the echo of ours. With neither frame, 1006 (the connection just ended).
+    """
+    sent, rcvd = exc.sent, exc.rcvd
+    if sent is not None and exc.rcvd_then_sent is not True:
+        return CloseReport(sent.code, sent.reason, ours=True)
+    if rcvd is not None:
+        return CloseReport(rcvd.code, rcvd.reason)
+    return CloseReport(1006, "abnormal closure")

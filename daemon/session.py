@@ -119,6 +119,10 @@ class StreamSession:
             self.log.warning("session.expiry_unreadable", expires_at=self.begin.unreadable_expiry,
                              effect="no rollover before it; the service's close is handled")
         expires = self.begin.expires_at
+        if expires is not None and expires.timestamp() <= self.began_wall:
+            self.log.warning("session.expiry_past", expires_at=iso_utc(expires),
+                             effect="no rollover is planned before it; the service's close "
+                                    "is handled")
         self.log.info("session.began", expires_at=iso_utc(expires) if expires else None,
                       model=self.begin.configuration.get("model"), behind_live_s=round(behind, 2),
                       lane=self.lane)
@@ -338,6 +342,9 @@ class StreamSession:
             self.log.warning("session.warning", code=message.code, warning=message.message)
         elif isinstance(message, Unknown):
             self.log.debug("session.message_ignored", type=message.type)
+        elif isinstance(message, Begin):        # a session has one, its first frame: ours goes on
+            self.log.warning("session.unexpected_begin", new_id=message.id,
+                             effect="ignored; the session goes on")
         return None
 
     def _terminated(self, reason: str) -> Outcome:
@@ -347,17 +354,18 @@ class StreamSession:
         return Outcome(CloseKind.NORMAL, reason, began=True, finished=done)
 
     def _closed(self, exc: ConnectionClosed) -> Outcome:
-        code, reason = close_of(exc)
+        close = close_of(exc)
+        code, reason, kind, text = close.code, close.reason, close.kind, str(close)
         if self.error is not None:
             code = self.error.code if self.error.code is not None else code
             reason = self.error.message or reason
-        kind = classify_close(code, reason)
+            kind, text = classify_close(code, reason), f"{code} {reason}".strip()
         if kind is CloseKind.NORMAL and self.terminating:     # closed after Terminate, but
             self.log.warning("session.closed_without_termination", code=code, reason=reason)
-            return self._without_termination(f"{code} {reason}".strip())   # no Termination
+            return self._without_termination(text)              # no Termination
         if kind is CloseKind.NORMAL:
             kind = CloseKind.TRANSIENT
-        return Outcome(kind, f"{code} {reason}".strip(), began=True)
+        return Outcome(kind, text, began=True)
 
     def _without_termination(self, reason: str) -> Outcome:
         """``Terminate`` went out and ``Termination`` never came: did the service hear it all?

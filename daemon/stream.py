@@ -42,8 +42,10 @@ from daemon.pieces import SILENCE_RMS
 from daemon.protocol import (
     Begin,
     CloseKind,
+    Message,
     ProtocolError,
     ServerError,
+    Unknown,
     classify_close,
     parse_message,
     streaming_url,
@@ -374,9 +376,8 @@ class AssemblyAIEngine:
             kind = CloseKind.AUTH if status in (401, 403) else CloseKind.TRANSIENT
             raise _Failed(Outcome(kind, f"handshake answered HTTP {status}")) from None
         except ConnectionClosed as exc:
-            code, reason = close_of(exc)
-            raise _Failed(Outcome(classify_close(code, reason),
-                                  f"closed before Begin: {code} {reason}")) from None
+            close = close_of(exc)
+            raise _Failed(Outcome(close.kind, f"closed before Begin: {close}")) from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             if ws is not None:      # no Begin in time: close it, or it stays open (and billed)
                 await ws.close()
@@ -394,8 +395,16 @@ class AssemblyAIEngine:
             raise _Failed(Outcome(classify_close(begin.code, begin.message), begin.message))
         if not isinstance(begin, Begin):
             await ws.close()
-            raise _Failed(Outcome(CloseKind.TRANSIENT, "first frame was not Begin"))
+            raise _Failed(Outcome(CloseKind.TRANSIENT,
+                                  f"first frame was {_kind_of(begin)}, not Begin"))
         return StreamSession(self, ws, begin, listener, stop=stop)
+
+
+def _kind_of(message: Message) -> str:
+    """A message's type as the service names it; one we do not know quoted and cut."""
+    if isinstance(message, Unknown):
+        return f"type {message.type[:40]!r}"
+    return type(message).__name__.removeprefix("Server")     # ServerWarning: "Warning"
 
 
 def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> float:
