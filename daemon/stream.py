@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -50,39 +49,17 @@ from daemon.protocol import (
     parse_message,
     streaming_url,
 )
+from daemon.rollover import RolloverPlan, rollover_plan
 from daemon.session import StreamSession
 from daemon.tokens import TokenError, TokenProvider
 
 log = structlog.get_logger("daemon.stream")
 
-ROLLOVER_MIN_S: Final = 3.0         # the smallest rollover margin (short test sessions)
-ROLLOVER_MAX_S: Final = 120.0       # the largest (3-hour sessions)
 # Frames a connection buffers unread before it stops reading the socket (websockets' default is
 # 16). A rollover's next session waits unread for up to 80 s (``rollover_plan``) while its
 # heartbeats (one per 5 s) pile up; had reading stopped, the keepalive pong would go unread
 # and the connection be closed just before it was needed.
 MAX_QUEUE: Final = 64
-
-
-@dataclass(frozen=True)
-class RolloverPlan:
-    """When (monotonic seconds) to open the next session and when to switch at the latest."""
-
-    open_at: float
-    switch_by: float
-
-
-def rollover_plan(begin: Begin, began_wall: float, began_mono: float) -> RolloverPlan | None:
-    """Plan a rollover from ``expires_at``; the margin is a quarter of the session, bounded."""
-    if begin.expires_at is None:
-        return None
-    length = begin.expires_at.timestamp() - began_wall
-    if length <= 0:
-        return None
-    margin = min(ROLLOVER_MAX_S, max(ROLLOVER_MIN_S, length / 4))
-    expires_mono = began_mono + length
-    return RolloverPlan(open_at=expires_mono - margin,
-                        switch_by=expires_mono - max(1.0, margin / 3))
 
 
 class _Failed(Exception):

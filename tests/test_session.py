@@ -18,8 +18,9 @@ from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
 from daemon.liveness import HEARTBEAT_S
 from daemon.protocol import Begin
+from daemon.rollover import rollover_plan
 from daemon.session import StreamSession
-from daemon.stream import MAX_QUEUE, AssemblyAIEngine, _Failed, rollover_plan
+from daemon.stream import MAX_QUEUE, AssemblyAIEngine, _Failed
 from daemon.tokens import TokenProvider
 from tests.fake_assemblyai import SPEECH_DIR, FakeAssemblyAI, load_speech_references
 

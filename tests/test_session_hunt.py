@@ -29,7 +29,8 @@ from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, 
 from daemon.liveness import Liveness
 from daemon.outcome import Outcome, close_of
 from daemon.protocol import CloseKind, Heartbeat
-from daemon.stream import AssemblyAIEngine, _Failed, rollover_plan
+from daemon.rollover import rollover_plan
+from daemon.stream import AssemblyAIEngine, _Failed
 from daemon.tokens import TokenProvider
 from tests.fake_assemblyai import FakeAssemblyAI
 
