@@ -20,7 +20,7 @@ import structlog
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.dispatch import Dispatcher
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk
 from daemon.metrics import AudioMeter, MetricsRenderer, snapshot_of
 from daemon.stream import AssemblyAIEngine
 from daemon.tokens import TokenProvider
@@ -28,6 +28,7 @@ from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, Finished, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
 from tests.fake_assemblyai_speech import load_speech_references
+from tests.listeners import TurnsListener
 
 S1, S2, FIVE = "espeak-s1.wav", "espeak-s2.wav", "espeak-five-sentences.wav"
 
@@ -219,13 +220,6 @@ class TestSingleFaults:
         assert 0 <= offset_samples - loss["lost_samples"] <= 16000 * 0.35
 
 
-class _Listener:
-    def turn(self, record: TurnRecord) -> None: ...
-    def partial(self, value: PartialTurn) -> None: ...
-    def session_started(self, session: SessionInfo) -> None: ...
-    def session_ended(self, summary: SessionSummary) -> None: ...
-
-
 async def _captured(pcm: bytes) -> AsyncIterator[AudioChunk]:
     """``pcm`` as 100 ms chunks, all captured already."""
     now = time.time()
@@ -246,7 +240,7 @@ async def test_outage_loss_reported_when_stopped_during_it() -> None:
                                   sample_rate=16000, chunk_ms=100, source="file", host="h")
         with structlog.testing.capture_logs() as logs:
             running = asyncio.create_task(engine.run(_captured(_samples(SPEECH_DIR / S2)),
-                                                     _Listener()))
+                                                     TurnsListener()))
             async with asyncio.timeout(20):
                 await fake.wait_for_token_requests(3)
             running.cancel()
@@ -281,7 +275,7 @@ async def test_newest_audio_under_50_ms_is_not_padded(chunk_ms: int) -> None:
         for index in range(2):
             ledger.append(AudioChunk(pcm[2 * chunk * index:2 * chunk * (index + 1)], now))
         ledger.cover(chunk - 480)                   # 30 ms of the first chunk left
-        session = await engine._open(_Listener(), None)
+        session = await engine._open(TurnsListener(), None)
         record = fake.sessions[-1]
         running = asyncio.create_task(session.run(ledger.head))
         async with asyncio.timeout(10):

@@ -20,7 +20,7 @@ import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk, TurnRecord
 from daemon.ledger import Piece, Timeline
 from daemon.liveness import Liveness
 from daemon.logs import configure
@@ -38,19 +38,7 @@ from daemon.stream import AssemblyAIEngine
 from daemon.tokens import TokenProvider
 from daemon.turns import TurnAssembler
 from tests.fake_assemblyai import FakeAssemblyAI
-
-
-class _Listener:
-    def __init__(self) -> None:
-        self.turns: list[TurnRecord] = []
-
-    def turn(self, record: TurnRecord) -> None:
-        self.turns.append(record)
-
-    def partial(self, value: PartialTurn) -> None: ...
-    def session_started(self, session: SessionInfo) -> None: ...
-    def session_ended(self, summary: SessionSummary) -> None: ...
-
+from tests.listeners import TurnsListener
 
 Frames = Sequence[str | bytes]
 
@@ -83,7 +71,7 @@ async def _scripted(on_audio: Frames, on_terminate: Frames,
         yield f"ws://127.0.0.1:{port}/v3/ws"
 
 
-async def _session(url: str, listener: _Listener, *, seconds: float = 1.0) -> Outcome:
+async def _session(url: str, listener: TurnsListener, *, seconds: float = 1.0) -> Outcome:
     """One real session over ``seconds`` of captured silence, then the end of the input."""
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
         config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=url,
@@ -138,7 +126,7 @@ class TestSessionLevel:
                             "error": "User Input Validation Error: bad sample_rate"})
         async with _scripted([error], [], (3006, "See Error message for details")) as url:
             with structlog.testing.capture_logs() as logs:
-                outcome = await _session(url, _Listener())
+                outcome = await _session(url, TurnsListener())
         assert outcome.kind is CloseKind.CONFIG, outcome
         bad = [e for e in logs if e["event"] == "session.bad_frame"]
         assert len(bad) == 1
@@ -152,7 +140,7 @@ class TestSessionLevel:
         partial = _turn(end_of_turn=False, turn_is_formatted=False)
         termination = json.dumps({"type": "Termination", "audio_duration_seconds": "7 s",
                                   "session_duration_seconds": 8})
-        listener = _Listener()
+        listener = TurnsListener()
         async with _scripted([partial], [termination], (1000, "")) as url:
             with structlog.testing.capture_logs() as logs:
                 outcome = await _session(url, listener)
@@ -291,7 +279,7 @@ async def test_an_unreadable_frame_keeps_its_text_out_when_transcripts_are_hidde
         out = io.StringIO()
         configure(fmt="json", transcripts=not hidden, stream=out)
         async with _scripted([cut_off], [], (1000, "")) as url:
-            await _session(url, _Listener())
+            await _session(url, TurnsListener())
         bad = [line for line in map(json.loads, out.getvalue().splitlines())
                if line["event"] == "session.bad_frame"]
         assert len(bad) == 1, out.getvalue()

@@ -15,7 +15,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk
 from daemon.liveness import HEARTBEAT_S
 from daemon.protocol import Begin
 from daemon.rollover import rollover_plan
@@ -23,13 +23,7 @@ from daemon.session import StreamSession
 from daemon.stream import MAX_QUEUE, AssemblyAIEngine, _Failed
 from daemon.tokens import TokenProvider
 from tests.fake_assemblyai import SPEECH_DIR, FakeAssemblyAI, load_speech_references
-
-
-class _Listener:
-    def turn(self, record: TurnRecord) -> None: ...
-    def partial(self, value: PartialTurn) -> None: ...
-    def session_started(self, session: SessionInfo) -> None: ...
-    def session_ended(self, summary: SessionSummary) -> None: ...
+from tests.listeners import TurnsListener
 
 
 async def test_an_ended_session_is_freed_at_once() -> None:
@@ -43,7 +37,7 @@ async def test_an_ended_session_is_freed_at_once() -> None:
         gc.disable()
         try:
             session = StreamSession(engine, cast(ClientConnection, None),
-                                    Begin("sess", None, {}), _Listener())
+                                    Begin("sess", None, {}), TurnsListener())
             ref = weakref.ref(session)
             del session
             assert ref() is None
@@ -74,7 +68,7 @@ async def test_heartbeats_queued_while_waiting_do_not_end_a_healthy_session() ->
                                   token_url=fake.token_url)
         engine = AssemblyAIEngine(config, ReconnectConfig(), TokenProvider(config, client),
                                   sample_rate=16000, chunk_ms=100, source="file", host="h")
-        session = await engine._open(_Listener(), None)
+        session = await engine._open(TurnsListener(), None)
         record = fake.sessions[-1]
         async with asyncio.timeout(20):                 # waiting: nobody reads it
             await record.wait_for(lambda r: len(r.messages("Heartbeat")) >= 3)
@@ -103,7 +97,7 @@ async def test_a_session_whose_begin_comes_too_late_is_closed() -> None:
         engine = AssemblyAIEngine(config, ReconnectConfig(), TokenProvider(config, client),
                                   sample_rate=16000, chunk_ms=100, source="file", host="h")
         with pytest.raises(_Failed, match="TimeoutError"):
-            await engine._open(_Listener(), None)
+            await engine._open(TurnsListener(), None)
         record = fake.sessions[0]
         async with asyncio.timeout(5):
             await record.wait_closed()

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
-from daemon.events import AudioChunk, PartialTurn, SessionInfo, SessionSummary, TurnRecord
+from daemon.events import AudioChunk
 from daemon.liveness import Liveness
 from daemon.outcome import Outcome, close_of
 from daemon.protocol import CloseKind, Heartbeat
@@ -33,24 +33,13 @@ from daemon.rollover import rollover_plan
 from daemon.stream import AssemblyAIEngine, _Failed
 from daemon.tokens import TokenProvider
 from tests.fake_assemblyai import FakeAssemblyAI
+from tests.listeners import TurnsListener
 
 RATE = 16000
 TONE_CHUNK = struct.pack("<1600h", *(round(8000 * math.sin(2 * math.pi * 440 * i / RATE))
                                      for i in range(1600)))      # 100 ms: never skipped
 TERMINATION = json.dumps({"type": "Termination", "audio_duration_seconds": 1,
                           "session_duration_seconds": 1})
-
-
-class _Listener:
-    def __init__(self) -> None:
-        self.turns: list[TurnRecord] = []
-
-    def turn(self, record: TurnRecord) -> None:
-        self.turns.append(record)
-
-    def partial(self, value: PartialTurn) -> None: ...
-    def session_started(self, session: SessionInfo) -> None: ...
-    def session_ended(self, summary: SessionSummary) -> None: ...
 
 
 def _begin(session_id: str = "scripted-1", expires_at: Any = None) -> str:
@@ -134,7 +123,7 @@ def _chunks(seconds: float) -> list[AudioChunk]:
     return [AudioChunk(TONE_CHUNK, now - seconds + i / 10) for i in range(count)]
 
 
-async def _session(url: str, listener: _Listener) -> Outcome:
+async def _session(url: str, listener: TurnsListener) -> Outcome:
     """One real session over a second of captured tone, then the end of the input."""
     async with _engine(url) as engine:
         for chunk in _chunks(1.0):
@@ -155,7 +144,7 @@ class TestBegin:
         """A second ``Begin`` matched no branch and vanished without a word; it is one warning
         naming the new id, and the session's turns and end still come."""
         script = Script(on_audio=[_begin("scripted-2"), _final()])
-        listener = _Listener()
+        listener = TurnsListener()
         async with _scripted(script) as service:
             with structlog.testing.capture_logs() as logs:
                 outcome = await _session(service.url, listener)
@@ -177,7 +166,7 @@ class TestBegin:
         script = Script(first=_begin(expires_at=expires_at()))
         async with _scripted(script) as service:
             with structlog.testing.capture_logs() as logs:
-                outcome = await _session(service.url, _Listener())
+                outcome = await _session(service.url, TurnsListener())
         (warning,) = _events(logs, "session.expiry_past")
         assert warning["log_level"] == "warning"
         assert warning["expires_at"].endswith("Z")
@@ -192,7 +181,7 @@ class TestBegin:
             engine.ledger.append(_chunks(0.1)[0])
             with structlog.testing.capture_logs() as logs:
                 async with asyncio.timeout(20):
-                    session = await engine._open(_Listener(), None)
+                    session = await engine._open(TurnsListener(), None)
                     engine.ledger.finish()
                     await session.run(engine.ledger.head)
         assert not _events(logs, "session.expiry_past")
@@ -214,7 +203,7 @@ class TestFirstFrame:
         async with _scripted(Script(first=first)) as service, _engine(service.url) as engine:
             with pytest.raises(_Failed) as failed:
                 async with asyncio.timeout(20):
-                    await engine._open(_Listener(), None)
+                    await engine._open(TurnsListener(), None)
         assert failed.value.outcome.reason == f"first frame was {named}, not Begin"
         assert failed.value.outcome.kind is CloseKind.TRANSIENT
 
@@ -227,7 +216,7 @@ class TestOurOwnClose:
         huge = json.dumps({"type": "Turn", "transcript": "x" * (10 * 2**20)})
         first = Script(on_audio=[huge], on_terminate=())
         second = Script(on_terminate=(_final(), TERMINATION))
-        listener = _Listener()
+        listener = TurnsListener()
 
         async def chunks() -> AsyncIterator[AudioChunk]:
             for chunk in _chunks(1.0):

@@ -20,6 +20,7 @@ from daemon.errors import AudioError
 from tests.audio_samples import Int16s, pcm_of
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import read_turns, run_daemon
+from tests.test_e2e_local import local_config
 
 CLIP = "espeak-s3.wav"
 GUID_TAIL = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
@@ -77,24 +78,7 @@ async def refused(path: Path) -> str:
 
 def config(tmp_path: Path, wav: Path) -> Path:
     """A config transcribing ``wav`` with the offline engine into ``tmp_path/turns.jsonl``."""
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-[audio]
-source = "file"
-path = "{wav}"
-[transcriber]
-engine = "local"
-[http]
-enabled = false
-[log]
-format = "json"
-[state]
-dir = "{tmp_path / "state"}"
-[sinks.journal]
-type = "file"
-path = "{tmp_path / "turns.jsonl"}"
-""")
-    return path
+    return local_config(tmp_path, f'[audio]\nsource = "file"\npath = "{wav}"')
 
 
 def words(text: str) -> list[str]:
