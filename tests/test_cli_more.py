@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -73,11 +72,13 @@ class TestLastStatusOnFailure:
                             "should be greater than or equal to 50 (and 1 more problem)"]
 
     async def test_unexpected_failure_says_so(self, tmp_path: Path) -> None:
-        """Exit 1 (here: a model directory whose model.bin is damaged; check-config reads only
-        its vocabulary, so only loading it finds out)."""
+        """Exit 1 (here: a tokenizer.json that is valid JSON but no tokenizer: check-config
+        does not read the tokenizer, so only loading it finds out)."""
         model = tmp_path / "model"
-        shutil.copytree(resolve_model_path(""), model, ignore=shutil.ignore_patterns("model.bin"))
-        (model / "model.bin").write_bytes(b"not a model")      # not 75 MB copied to be replaced
+        model.mkdir()
+        for name in ("model.bin", "config.json", "vocabulary.txt"):
+            (model / name).symlink_to(resolve_model_path("") / name)
+        (model / "tokenizer.json").write_text('{"x": 1}')
         config = tmp_path / "config.toml"
         config.write_text(f'[audio]\nsource = "file"\npath = "{SPEECH_DIR / S1}"\n'
                           f'[transcriber]\nengine = "local"\n[local]\nmodel = "{model}"\n'
