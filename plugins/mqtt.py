@@ -22,9 +22,7 @@ import contextlib
 import errno
 import hashlib
 import random
-import re
 import ssl
-import string
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self
@@ -51,11 +49,13 @@ from plugins.mqtt_client import (
     client_class,
     client_logger,
     describe,
+    publish_failed,
     publish_size,
     reason_code,
     refusal,
     release,
 )
+from plugins.mqtt_topics import TOPIC_FIELDS, check_template, topic_value
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
     import aiomqtt
@@ -66,44 +66,9 @@ log = structlog.get_logger("plugins.mqtt")
 
 ONLINE: Final = "online"
 OFFLINE: Final = "offline"
-TOPIC_FIELDS: Final = frozenset({"host", "session_id"})
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 30.0
 STABLE_S: Final = 10.0  # a connection up this long resets the reconnect backoff
-MAX_TOPIC_BYTES: Final = 65_535
-# In a topic MQTT forbids NUL and surrogates; mosquitto drops a client using C0/C1 controls or
-# non-characters (U+FDD0-U+FDEF, U+xFFFE, U+xFFFF) too
-_BAD_CHARS: Final = "\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef" + "".join(
-    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
-_FORBIDDEN: Final = re.compile(f"[{_BAD_CHARS}]")
-_UNSAFE: Final = re.compile(f"[+#{_BAD_CHARS}]")
-
-
-def _check_template(value: str, allowed: frozenset[str]) -> str:
-    """A topic template may use only ``allowed`` placeholders and no MQTT wildcards."""
-    if not value:
-        raise ValueError("must not be empty")
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-    except ValueError as exc:
-        raise ValueError(f"invalid template: {exc}") from None
-    unknown = fields - allowed
-    if unknown:
-        names = ", ".join("{" + n + "}" for n in sorted(allowed))
-        raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}} (allowed: {names})")
-    if "+" in value or "#" in value:
-        raise ValueError("must not contain the wildcards + or #")
-    if bad := _FORBIDDEN.search(value):
-        raise ValueError(f"must not contain the control character or non-character "
-                         f"U+{ord(bad[0]):04X}")
-    if len(value.encode()) > MAX_TOPIC_BYTES:
-        raise ValueError(f"must not be longer than {MAX_TOPIC_BYTES} bytes (UTF-8)")
-    return value
-
-
-def topic_value(value: str) -> str:
-    """A host name or session id for a topic: wildcards, forbidden characters made ``_``."""
-    return _UNSAFE.sub("_", value)
 
 
 class MqttConfig(SinkConfig):
@@ -155,12 +120,12 @@ class MqttConfig(SinkConfig):
     @field_validator("topic")
     @classmethod
     def _topic(cls, value: str) -> str:
-        return _check_template(value, TOPIC_FIELDS)
+        return check_template(value, TOPIC_FIELDS)
 
     @field_validator("availability_topic")
     @classmethod
     def _availability(cls, value: str) -> str:
-        return _check_template(value, frozenset({"host"})) if value else value
+        return check_template(value, frozenset({"host"})) if value else value
 
     @field_validator("ca_file")
     @classmethod
@@ -263,10 +228,10 @@ class MqttSink:
                 f"PUBLISH, over the broker's maximum packet size of {limit} bytes"
             )
         try:
-            await client.publish(topic, payload, qos=self.config.qos,
-                                 retain=self.config.retain, timeout=self.config.timeout_s)
+            await client.deliver(topic, payload, qos=self.config.qos,
+                                 retain=self.config.retain, within=self.config.timeout_s)
         except aiomqtt.MqttError as exc:
-            raise SinkError(f"mqtt broker {self._where}: publish to {topic!r} failed: {exc}") \
+            raise publish_failed(f"mqtt broker {self._where}: publish to {topic!r}", exc) \
                 from None
         refused = client.refusals.pop(client.last_mid, None)
         if refused is not None:        # MQTT 5 PUBACK/PUBREC with a failure reason code
@@ -335,7 +300,8 @@ class MqttSink:
                             protocol="3.1.1", note="the broker does not announce its maximum "
                             "packet size under 3.1.1: an oversized record is retried")
                 return None, None
-            error = self._hint(describe(exc)) if up_at is None else describe(exc)
+            error = describe(client.lost or exc, client.server_reference)
+            error = self._hint(error) if up_at is None else error
         except Exception:  # supervision boundary: the connection task must never die
             log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
             error = "internal error (see log)"
@@ -355,8 +321,8 @@ class MqttSink:
 
     async def _announce(self, client: MqttClient) -> None:
         if self.availability:
-            await client.publish(self.availability, ONLINE, qos=1, retain=True,
-                                 timeout=self.config.timeout_s)
+            await client.deliver(self.availability, ONLINE, qos=1, retain=True,
+                                 within=self.config.timeout_s)
             # watched for a late last will (_reassert); a broker's ACL may refuse it: no error
             await client.subscribe(self.availability, qos=1, timeout=self.config.timeout_s)
         self._client = client
@@ -377,11 +343,12 @@ class MqttSink:
                 or not message.topic.matches(self.availability):
             return
         try:
-            await client.publish(self.availability, ONLINE, qos=1, retain=True,
-                                 timeout=self.config.timeout_s)
+            await client.deliver(self.availability, ONLINE, qos=1, retain=True,
+                                 within=self.config.timeout_s)
         except aiomqtt.MqttError as exc:
-            log.warning("mqtt.online_not_reasserted", sink=self.name, broker=self._where,
-                        error=describe(exc))
+            if client.lost is None:     # else the will came as the connection ended: said so
+                log.warning("mqtt.online_not_reasserted", sink=self.name, broker=self._where,
+                            error=describe(exc))
             return
         log.info("mqtt.online_reasserted", sink=self.name, broker=self._where,
                  reason="an earlier connection's last will said offline")

@@ -5,6 +5,10 @@
 * a publish the broker refuses (MQTT 5 PUBACK or PUBREC with a failure reason code, e.g. not
   authorized by its ACL) is an error, not a delivery: aiomqtt ignores the code, and paho
   completes a refused QoS 2 exchange as a success;
+* a connection the broker ends right after CONNACK is seen as ended (aiomqtt forgot it and the
+  sink stayed "connected" for ever), and a publish waiting for its acknowledgement when the
+  connection ends fails at once with the broker's reason (aiomqtt waited out its timeout and
+  said only "Operation timed out");
 * one-line descriptions of connection failures, and paho's log lines naming the sink.
 
 Hooks into aiomqtt and paho internals are version-pinned in ``requirements.lock``; where one is
@@ -16,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final, Self, cast
 
 import structlog
 
@@ -33,6 +38,12 @@ if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
         max_packet: int | None
         refusals: dict[int, ReasonCode]
         last_mid: int
+        lost: aiomqtt.MqttCodeError | None
+        server_reference: str | None
+
+        async def deliver(self, topic: str, payload: str | bytes, *, qos: int, retain: bool,
+                          within: float) -> None:
+            """``publish`` (``within``: its timeout), failing as soon as the connection ends."""
 
 log = structlog.get_logger("plugins.mqtt")
 
@@ -41,7 +52,23 @@ UNSUPPORTED_PROTOCOL: Final = 132  # CONNACK code (paho also maps a 3.1.1 broker
 MQTT_MAX_PACKET: Final = 268_435_455 + 5  # the largest packet the protocol can encode at all
 CLOSED_BEFORE_CONNACK: Final = "the broker closed the connection before accepting it"
 _NOT_AUTHORIZED: Final = 135
-_REFUSED_FOR_GOOD: Final = frozenset({_NOT_AUTHORIZED, 144, 149, 153})  # topic, size, payload
+PACKET_TOO_LARGE: Final = 149
+_REFUSED_FOR_GOOD: Final = frozenset({_NOT_AUTHORIZED, 144, PACKET_TOO_LARGE, 153})
+_TIMED_OUT: Final = "Operation timed out"   # aiomqtt's words for any timeout
+_CONN_LOST: Final = 7     # paho's MQTT_ERR_CONN_LOST
+_PROTOCOL_ERROR: Final = 130
+_KEEP_ALIVE_TIMEOUT: Final = 141
+NOT_MQTT: Final = "the broker answered CONNECT with something that is not valid MQTT"
+_RETAIN_HINT: Final = ('set availability_topic = "" (its online and offline are retained) '
+                       "and retain = false")
+_DISCONNECT_HINTS: Final = {154: _RETAIN_HINT}   # Retain not supported
+_MOVED: Final = frozenset({156, 157})  # CONNACK: use another server, server moved
+_CONNACK_HINTS: Final = {
+    133: "check client_id",
+    138: "the broker bans this client (address, username or client_id): ask its administrator",
+    154: f"the broker keeps no retained messages: {_RETAIN_HINT}",
+    155: 'the broker refuses the QoS 1 last will: set availability_topic = ""',
+}
 
 
 def publish_size(topic: str, payload_len: int, qos: int, *, v5: bool) -> int:
@@ -63,14 +90,44 @@ def client_class() -> type[MqttClient]:
     """
     import aiomqtt
 
+    class Ended(aiomqtt.MqttCodeError):
+        """How a connection ended: its reason code, and one line saying it."""
+
+        def __str__(self) -> str:
+            return str(self.args[0])
+
     class Client(aiomqtt.Client):
         max_packet: int | None = None
+        server_reference: str | None = None     # CONNACK's Server Reference (MQTT 5)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.refusals: dict[int, ReasonCode] = {}   # message id -> failure reason code
             self.last_mid = 0
+            self.lost: aiomqtt.MqttCodeError | None = None   # why the connection ended
             _track_refusals(cast("MqttClient", self))
+
+        async def __aenter__(self) -> Self:
+            said = self._disconnected     # aiomqtt replaces it, unread, when already done
+            try:
+                await super().__aenter__()
+            except aiomqtt.MqttError as exc:
+                if str(exc) != _TIMED_OUT:
+                    raise
+                raise aiomqtt.MqttError(f"no CONNACK within {self.timeout:g} s: the broker "
+                                        "took the connection but did not answer") from None
+            if self.lost is not None and not self._disconnected.done():
+                # ended between CONNACK and here: aiomqtt replaced the future that said so
+                if said.done() and not said.cancelled():
+                    said.exception()
+                self._disconnected.set_exception(self.lost)
+            return self
+
+        async def deliver(self, topic: str, payload: str | bytes, *, qos: int, retain: bool,
+                          within: float) -> None:
+            await _deliver(cast("MqttClient", self), self._disconnected,
+                           self.publish(topic, payload, qos=qos, retain=retain, timeout=within),
+                           within)
 
         def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode,
                         properties: Properties) -> None:
@@ -83,18 +140,68 @@ def client_class() -> type[MqttClient]:
             # while __aenter__ waits for CONNACK (it holds the lock); aiomqtt ignored this.
             # Its internals, read defensively: another aiomqtt just waits out the timeout again
             lock, connected = getattr(self, "_lock", None), getattr(self, "_connected", None)
+            by_broker = getattr(flags, "is_disconnect_packet_from_server", False) is True
             if isinstance(lock, asyncio.Lock) and isinstance(connected, asyncio.Future) \
                     and lock.locked() and not connected.done():
-                connected.set_exception(aiomqtt.MqttError(CLOSED_BEFORE_CONNACK))
+                garbled = not by_broker and reason_code == _PROTOCOL_ERROR
+                connected.set_exception(aiomqtt.MqttError(
+                    NOT_MQTT if garbled else CLOSED_BEFORE_CONNACK))
+            elif self.lost is None and _accepted(connected):
+                self.lost = Ended(reason_code, ending(reason_code, by_broker=by_broker))
             super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
         def _on_connect(self, client: Any, userdata: Any, flags: Any,
                         reason_code: ReasonCode, properties: Properties | None = None) -> None:
             value = getattr(properties, "MaximumPacketSize", None)
             self.max_packet = value if isinstance(value, int) and value > 0 else None
+            reference = getattr(properties, "ServerReference", None)
+            self.server_reference = reference if isinstance(reference, str) else None
             super()._on_connect(client, userdata, flags, reason_code, properties)
 
     return cast("type[MqttClient]", Client)
+
+
+async def _deliver(client: MqttClient, ended: asyncio.Future[None],
+                   publish: Coroutine[Any, Any, None], within: float) -> None:
+    """Await ``publish``; if the connection ends first, fail at once with the broker's reason."""
+    import aiomqtt
+
+    task = asyncio.ensure_future(publish)
+    try:
+        await asyncio.wait((task, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
+    if not task.cancelled() and (task.exception() is None or client.lost is None):
+        if str(task.exception()) == _TIMED_OUT:
+            raise aiomqtt.MqttError(f"the broker did not acknowledge the publish within "
+                                    f"{within:g} s") from None
+        return task.result()    # published, or failed by itself (its own error)
+    reason = client.lost or aiomqtt.MqttCodeError(_CONN_LOST)
+    if not task.cancelled():    # refused at once (no connection): not this record's doing
+        raise aiomqtt.MqttError(f"the connection had ended: {reason}") from None
+    raise aiomqtt.MqttError(f"the connection ended before the broker acknowledged the "
+                            f"publish: {reason}") from reason
+
+
+def _accepted(connected: object) -> bool:
+    """Whether aiomqtt's ``_connected`` future says the broker accepted the connection."""
+    return isinstance(connected, asyncio.Future) and connected.done() \
+        and not connected.cancelled() and connected.exception() is None
+
+
+def ending(reason: ReasonCode, *, by_broker: bool) -> str:
+    """One line on how a connection that was up ended (paho's ``on_disconnect`` reason)."""
+    code = int(reason.value)
+    if by_broker:
+        hint = _DISCONNECT_HINTS.get(code)
+        return f"the broker sent DISCONNECT: {reason} ({code})" + (f": {hint}" if hint else "")
+    if code == _PROTOCOL_ERROR:
+        return "the broker sent something that is not valid MQTT (protocol error)"
+    if code == _KEEP_ALIVE_TIMEOUT:
+        return "the broker stopped answering (no PINGRESP within keep_alive)"
+    return "the connection was closed without a DISCONNECT (the broker stopped, or the network)"
 
 
 def _track_refusals(client: MqttClient) -> None:
@@ -204,12 +311,40 @@ def refusal(what: str, reason: ReasonCode) -> SinkError:
     return PermanentSinkError(f"{what} refused by the broker: {reason} ({code}){hint}")
 
 
-def describe(exc: aiomqtt.MqttError) -> str:
-    """One line about a connection failure, with a hint when credentials were refused."""
+def publish_failed(what: str, exc: aiomqtt.MqttError) -> SinkError:
+    """The error for a failed publish (``deliver``'s).
+
+    Permanent when the broker ended the connection while it waited for its acknowledgement,
+    saying "Packet too large": a broker that did not announce its maximum packet size would
+    drop the connection again on every retry, with every later turn queued behind it.
+    """
+    import aiomqtt
+
+    cause = exc.__cause__
+    if isinstance(cause, aiomqtt.MqttError) and reason_code(cause) == PACKET_TOO_LARGE:
+        return PermanentSinkError(f"{what} failed: {exc} (the broker announced no maximum "
+                                  "packet size; this record is over it)")
+    return SinkError(f"{what} failed: {exc}")
+
+
+def describe(exc: aiomqtt.MqttError, reference: str | None = None) -> str:
+    """One line about a connection failure; a refused CONNECT says so, with what to change.
+
+    ``reference``: the Server Reference of the refusing CONNACK (MQTT 5), if any.
+    """
+    from aiomqtt.exceptions import MqttConnectError
+
     text = str(exc) or type(exc).__name__
-    if exc.__cause__ is not None:  # "Disconnected during message iteration" hides the reason
-        text = f"{text}: {exc.__cause__}"
+    cause = exc.__cause__       # "Disconnected during message iteration" hides the reason
+    if cause is not None and str(cause) not in text:
+        text = f"{text}: {cause}"
+    if not isinstance(exc, MqttConnectError):
+        return text
     code = reason_code(exc)
     if code in _AUTH_REFUSED:
         return f"broker refused the connection ({text}): check username and password"
-    return text
+    if code in _MOVED:
+        hint = f"it names {reference!r}: set host and port" if reference else "it names no other"
+        return f"broker refused the connection ({text}): {hint}"
+    hint = _CONNACK_HINTS.get(code)  # type: ignore[call-overload]
+    return f"broker refused the connection ({text})" + (f": {hint}" if hint else "")
