@@ -24,10 +24,11 @@ def dead_letter_file(folder: Path, sink: str) -> Path:
     return folder / f"{sink}.jsonl"
 
 
-def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
+def append_dead_letter(path: Path, entry: dict[str, Any]) -> bool:
     """One JSON line at the end of a dead-letter file (0600 in a 0700 folder: transcripts).
 
-    Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file.
+    Never raises: a failure is logged (``sink.dead_letter_failed``) naming the file and the
+    record's id (when ``entry`` holds a record), and False returned.
     """
     line = json_line(entry)
     try:
@@ -40,4 +41,8 @@ def append_dead_letter(path: Path, entry: dict[str, Any]) -> None:
         with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
             handle.write(line + "\n")
     except OSError as exc:
-        log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror)
+        record = entry.get("record")
+        named = {"record_id": record["id"]} if isinstance(record, dict) and "id" in record else {}
+        log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror, **named)
+        return False
+    return True

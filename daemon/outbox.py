@@ -18,48 +18,32 @@ delivered once more after it: a duplicate (receivers deduplicate on ``id``), nev
 two network sinks this is one fsync per turn instead of three, and the fsyncs of the deletes no
 longer hold up the event loop (and the file sink) after every delivery.
 
-Only one process may use an outbox at a time (an ``flock`` on ``<path>.lock``): two daemons
-sharing a state directory would deliver every turn twice.
+Only one process may use an outbox at a time (an ``flock`` on ``<path>.lock`` and on the
+database file: ``daemon.outboxdb``): two daemons sharing a state directory would deliver every
+turn twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Final
 
 import structlog
 
 from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.deadletter import append_dead_letter, dead_letter_file
-from daemon.errors import DaemonError
 from daemon.events import TurnRecord
+from daemon.outboxdb import OutboxError as OutboxError
+from daemon.outboxdb import lock, open_database, release, relock
+from daemon.outboxdb import sqlite_errors as _sqlite_errors
 from daemon.queues import BatchError, Delivery
 
 log = structlog.get_logger("daemon.outbox")
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS outbox (
-    sink      TEXT    NOT NULL,
-    seq       INTEGER NOT NULL,
-    record_id TEXT    NOT NULL,
-    body      TEXT    NOT NULL,
-    queued_at REAL    NOT NULL,
-    PRIMARY KEY (sink, seq)
-) WITHOUT ROWID
-"""
-
-
-class OutboxError(DaemonError):
-    """The outbox cannot store a record: it is full, unreadable or locked by another process."""
-
 
 class Outbox:
     """An SQLite-backed store of per-sink FIFO queues.
@@ -73,12 +57,12 @@ class Outbox:
     def __init__(self, path: Path, *, max_records: int = 100_000) -> None:
         self.path = path
         self.max_records = max_records
-        self._lock_fd = _lock(path)
+        self._lock_fds: tuple[int, ...] = lock(path)
         try:
-            self._db = _open(path)
+            self._db = open_database(path)
             self._depths, self._next_seq = self._load_counters()
         except BaseException:
-            os.close(self._lock_fd)
+            release(self._lock_fds)
             raise
         self._carried: list[tuple[object, ...]] | None = None  # a deleted file's records
         self._queues: dict[str, OutboxQueue] = {}
@@ -145,11 +129,11 @@ class Outbox:
 
     def close(self) -> None:
         """Close the database and release the lock. Undelivered records stay for the next run."""
-        if self._lock_fd < 0:
+        if not self._lock_fds:
             return
         self._db.close()
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        release(self._lock_fds)
+        self._lock_fds = ()
 
     def _recreate_if_deleted(self) -> None:
         """Create the database again if it was deleted while running, keeping its records.
@@ -165,11 +149,8 @@ class Outbox:
             self._db.close()        # it checkpoints into the deleted file: then its WAL is stale
             for suffix in ("-wal", "-shm"):
                 self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        if not _same_file(lock_path, self._lock_fd):
-            fd, self._lock_fd = self._lock_fd, _lock(self.path)
-            os.close(fd)
-        self._db = _open(self.path)
+        self._lock_fds = relock(self.path, self._lock_fds)
+        self._db = open_database(self.path)
         with _sqlite_errors(self.path, "write to"):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)", self._carried)
@@ -304,102 +285,25 @@ class OutboxQueue:
     def _decode(self, body: str) -> TurnRecord | None:
         try:
             return TurnRecord.from_dict(json.loads(body))
-        except (ValueError, KeyError, TypeError) as exc:
-            # Cannot happen short of manual edits: never deliver garbage, never lose it either
-            # (nor log it: it holds a transcript, which log.transcripts = false keeps out)
-            path = dead_letter_file(self._outbox.path.parent / DEAD_LETTERS, self.sink)
-            log.error("outbox.record_unreadable", sink=self.sink, seq=self._cursor,
-                      error=str(exc), moved_to=str(path))
-            append_dead_letter(path, {"sink": self.sink,
-                                      "error": f"unreadable outbox record: {exc}", "body": body})
-            self._outbox._delete(self.sink, self._cursor)
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError,
+                RecursionError) as exc:       # a hand edit, another version's schema
+            self._set_aside(body, exc)
             return None
 
+    def _set_aside(self, body: str, exc: Exception) -> None:
+        """Move an unreadable row to the dead-letter file; it stays if that cannot be written.
 
-@contextmanager
-def _sqlite_errors(path: Path, action: str) -> Iterator[None]:
-    """Turn any ``sqlite3.Error`` into a one-line ``OutboxError`` naming the file."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise OutboxError(f"{path}: cannot {action} the outbox database: {exc}") from None
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open as ``fd``."""
-    try:
-        found, held = path.stat(), os.fstat(fd)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _lock(path: Path) -> int:
-    """Create the directory and take an exclusive lock next to the database."""
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)     # queued transcripts
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise OutboxError(f"{lock_path}: cannot create the outbox: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise OutboxError(f"{path}: outbox is in use by another transcribed process") from None
-    return fd
-
-
-_DAMAGED: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-
-
-_COLUMNS: Final = ["sink", "seq", "record_id", "body", "queued_at"]
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    """Open (or create) the database in WAL mode and check that it is readable.
-
-    The file is created 0600 before SQLite opens it: SQLite gives its WAL and shared-memory
-    files (the WAL holds the queued transcripts) the database's mode.
-    """
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        db = sqlite3.connect(path, isolation_level=None)
-    except OSError as exc:
-        raise OutboxError(f"{path}: cannot open the outbox database: {exc.strerror}") from None
-    except sqlite3.Error as exc:
-        raise OutboxError(f"{path}: cannot open the outbox database: {exc}") from None
-    try:
-        foreign = _foreign(db)     # before anything writes to it (WAL mode is kept in the file)
-        if foreign is None:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute(_SCHEMA)
-            db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-    except sqlite3.Error as exc:
-        db.close()
-        if getattr(exc, "sqlite_errorcode", None) in _DAMAGED:    # not a full disk, say
-            raise OutboxError(
-                f"{path}: outbox database is unreadable ({exc}); move it aside to start empty"
-            ) from None
-        raise OutboxError(f"{path}: cannot open the outbox database: {exc}") from None
-    if foreign is not None:
-        db.close()
-        raise OutboxError(f"{path}: not a transcribed outbox database ({foreign}); move it "
-                          f"aside or set another state_dir")
-    for suffix in ("", "-wal", "-shm"):     # also what an older version (or a crash) left 0644
-        with suppress(OSError):
-            os.chmod(path.with_name(path.name + suffix), 0o600)
-    return db
-
-
-def _foreign(db: sqlite3.Connection) -> str | None:
-    """What shows that ``db`` is another program's database, or None (ours, or empty)."""
-    tables = sorted(str(name) for (name,) in db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'"))
-    if tables and tables != ["outbox"]:
-        return "it holds the tables " + ", ".join(tables[:5])
-    columns = [str(row[1]) for row in db.execute("PRAGMA table_info(outbox)")]
-    if tables and columns != _COLUMNS:
-        return "its outbox table has the columns " + ", ".join(columns[:8])
-    return None
+        Never deliver garbage, never lose it either (nor log it: it holds a transcript, which
+        ``log.transcripts = false`` keeps out). A row kept is tried again at the next start.
+        """
+        path = dead_letter_file(self._outbox.path.parent / DEAD_LETTERS, self.sink)
+        entry = {"sink": self.sink, "error": f"unreadable outbox record: {exc}", "body": body}
+        if append_dead_letter(path, entry):
+            log.error("outbox.record_unreadable", sink=self.sink, seq=self._cursor,
+                      error=str(exc), moved_to=str(path))
+            self._outbox._delete(self.sink, self._cursor)
+            return
+        log.error("outbox.record_unreadable", sink=self.sink, seq=self._cursor, error=str(exc),
+                  kept_in=str(self._outbox.path),
+                  hint="its dead-letter file cannot be written: it is moved there at a start "
+                  "once it can")
