@@ -10,7 +10,6 @@ permanently to a dead-letter file.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
 from pathlib import Path
@@ -23,7 +22,14 @@ from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
 from daemon.queues import BatchError, Delivery, MemoryQueue, hand_over
-from daemon.runner import Retry, SinkRunner, failure_reason, send_record
+from daemon.runner import (
+    Retry,
+    SinkRunner,
+    failure_reason,
+    note_delivery,
+    note_failure,
+    send_record,
+)
 
 log = structlog.get_logger("daemon.dispatch")
 
@@ -75,7 +81,8 @@ class Dispatcher:
         expected = isinstance(exc, DaemonError)         # a traceback only for what is a bug
         log.error("sink.enqueue_failed", sink=runner.name, record_id=record.id,
                   error=str(exc) if expected else failure_reason(exc), exc_info=not expected)
-        self._dead_letter(runner, Delivery(record), f"could not queue: {exc}")
+        if not self._dead_letter(runner, Delivery(record), f"could not queue: {exc}"):
+            log.error("sink.turn_lost", sink=runner.name, record_id=record.id)
 
     def start(self, group: asyncio.TaskGroup) -> None:
         """Start one worker per sink inside the caller's task group."""
@@ -224,7 +231,8 @@ class Dispatcher:
         held, runner.holding = runner.holding, None
         reason = f"not delivered before exit ({runner.stats.last_error or 'sink too slow'})"
         for delivery in ([held] if held is not None else []) + runner.queue.take_all():
-            self._dead_letter(runner, delivery, reason)
+            if not self._dead_letter(runner, delivery, reason):
+                log.error("sink.turn_lost", sink=runner.name, record_id=delivery.record.id)
 
     async def _work(self, runner: SinkRunner) -> None:
         """Run a sink's worker; restart it (with backoff) whenever it crashes."""
@@ -334,17 +342,35 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except PermanentSinkError as exc:
-                self._dead_letter(runner, delivery, str(exc))
-                break
+                return await self._give_up(runner, delivery, str(exc))
             except Exception as exc:  # supervision boundary: classify, then back off
-                wait = self._failed(runner, delivery, exc, retry)
+                wait = note_failure(runner, delivery, exc, retry)
                 if wait is None:
-                    break                       # gave up: dead-lettered
+                    return await self._give_up(runner, delivery, f"gave up after "
+                                               f"{retry.max_s:g} s: {failure_reason(exc)}")
                 if not await self._backoff(runner, wait):
                     return False
                 continue
-            self._delivered(runner, delivery)
-            break
+            note_delivery(runner, delivery)
+            runner.queue.ack(delivery)
+            return True
+
+    async def _give_up(self, runner: SinkRunner, delivery: Delivery, reason: str) -> bool:
+        """Dead-letter a record the sink will not take, then acknowledge it.
+
+        One the dead-letter file cannot take (a full disk, a folder we may not write) is not
+        acknowledged while the outbox holds it: the write is retried with backoff, and a stop
+        meanwhile leaves it in the outbox for the next start. A queue in memory has nowhere else
+        to keep it: it is lost, and said so (``sink.turn_lost``).
+        """
+        delays = backoff(CRASH_RETRY_S, CRASH_RETRY_MAX_S)
+        next(delays)                        # not at once: the write just failed
+        while not self._dead_letter(runner, delivery, reason):
+            if isinstance(runner.queue, MemoryQueue):
+                log.error("sink.turn_lost", record_id=delivery.record.id, error=reason)
+                break
+            if not await self._backoff(runner, next(delays)):
+                return False
         runner.queue.ack(delivery)
         return True
 
@@ -357,44 +383,15 @@ class Dispatcher:
         timeout = getattr(runner.config, "timeout_s", None)
         return max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
 
-    def _failed(self, runner: SinkRunner, delivery: Delivery, exc: Exception,
-                retry: Retry) -> float | None:
-        """Log and count a failed send; the wait before the retry, or None once dead-lettered."""
-        reason = failure_reason(exc)
-        now = time.monotonic()
-        if retry.first_failure is None:
-            retry.first_failure = now
-            if runner.stats.failing_since is None or reason != runner.stats.last_error:
-                log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
-                            retrying=True)      # once per outage (or change of error)
-            if runner.stats.failing_since is None:
-                runner.stats.failing_since = now
-            runner.stats.last_error = reason
-        if retry.max_s is not None and now - retry.first_failure >= retry.max_s:
-            self._dead_letter(runner, delivery, f"gave up after {retry.max_s:g} s: {reason}")
-            return None
-        runner.stats.failed += 1
-        wait = retry.next_wait(exc.retry_after if isinstance(exc, SinkError) else None)
-        if retry.max_s is not None:     # the last try comes at retry_max_s, not after a longer wait
-            wait = min(wait, retry.first_failure + retry.max_s - now)
-        return wait
+    def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> bool:
+        """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``.
 
-    @staticmethod
-    def _delivered(runner: SinkRunner, delivery: Delivery) -> None:
-        """Count a delivery and its latency; log the end of an outage."""
-        if runner.stats.failing_since is not None:
-            log.info("sink.recovered", record_id=delivery.record.id,
-                     outage_s=round(time.monotonic() - runner.stats.failing_since, 3))
-            runner.stats.failing_since = None
-        runner.stats.delivered += 1
-        runner.stats.latencies.append(time.monotonic() - delivery.enqueued_at)
-        if len(runner.stats.latencies) > 4096:
-            del runner.stats.latencies[:2048]
-
-    def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> None:
-        """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``."""
-        runner.stats.dead_lettered += 1
+        False when it could not be written (``sink.dead_letter_failed`` names it).
+        """
         path = dead_letter_file(self._dead_letter_dir, runner.name)
+        if not append_dead_letter(path, {"sink": runner.name, "error": reason,
+                                         "record": delivery.record.to_dict()}):
+            return False
+        runner.stats.dead_lettered += 1
         log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
-        append_dead_letter(path, {"sink": runner.name, "error": reason,
-                                  "record": delivery.record.to_dict()})
+        return True

@@ -2,8 +2,9 @@
 
 Owns ``SinkRunner`` (a configured sink with its queue, counters, heartbeat and retirement
 state), ``SinkStats``, the retry schedule of one record (``Retry``), one send attempt
-(``send_record``) and the one-line reason of a failed send (``failure_reason``). The queues,
-workers and the delivery loop are ``daemon.dispatch.Dispatcher``'s.
+(``send_record``), the one-line reason of a failed send (``failure_reason``) and what one
+attempt's outcome does to the counters and the log (``note_failure``, ``note_delivery``). The
+queues, workers and the delivery loop are ``daemon.dispatch.Dispatcher``'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import asyncio
 import inspect
 import math
 import random
+import time
 from dataclasses import dataclass, field
+
+import structlog
 
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord
@@ -20,6 +24,8 @@ from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
 from daemon.queues import Delivery, SinkQueue
 from daemon.supervise import error_line
+
+log = structlog.get_logger("daemon.dispatch")
 
 
 @dataclass
@@ -90,3 +96,37 @@ async def send_record(runner: SinkRunner, record: TurnRecord) -> None:
 def failure_reason(exc: Exception) -> str:
     """A sink failure as one line: a ``SinkError``'s own message, else the exception's type too."""
     return str(exc) if isinstance(exc, SinkError) else error_line(exc)
+
+
+def note_failure(runner: SinkRunner, delivery: Delivery, exc: Exception,
+                 retry: Retry) -> float | None:
+    """Log and count a failed send; the wait before the retry, or None: give up."""
+    reason = failure_reason(exc)
+    now = time.monotonic()
+    if retry.first_failure is None:
+        retry.first_failure = now
+        if runner.stats.failing_since is None or reason != runner.stats.last_error:
+            log.warning("sink.send_failed", record_id=delivery.record.id, error=reason,
+                        retrying=True)      # once per outage (or change of error)
+        if runner.stats.failing_since is None:
+            runner.stats.failing_since = now
+        runner.stats.last_error = reason
+    if retry.max_s is not None and now - retry.first_failure >= retry.max_s:
+        return None
+    runner.stats.failed += 1
+    wait = retry.next_wait(exc.retry_after if isinstance(exc, SinkError) else None)
+    if retry.max_s is not None:     # the last try comes at retry_max_s, not after a longer wait
+        wait = min(wait, retry.first_failure + retry.max_s - now)
+    return wait
+
+
+def note_delivery(runner: SinkRunner, delivery: Delivery) -> None:
+    """Count a delivery and its latency; log the end of an outage."""
+    if runner.stats.failing_since is not None:
+        log.info("sink.recovered", record_id=delivery.record.id,
+                 outage_s=round(time.monotonic() - runner.stats.failing_since, 3))
+        runner.stats.failing_since = None
+    runner.stats.delivered += 1
+    runner.stats.latencies.append(time.monotonic() - delivery.enqueued_at)
+    if len(runner.stats.latencies) > 4096:
+        del runner.stats.latencies[:2048]
