@@ -25,7 +25,8 @@ def backoff(initial: float, maximum: float) -> Iterator[float]:
 def retry_after_s(value: str | None, cap_s: float) -> float | None:
     """A ``Retry-After`` header (seconds or an HTTP date) in seconds, within 0..``cap_s``.
 
-    ``None`` for a missing or unreadable value, "nan" or "inf": the caller's own backoff then
+    ``None`` for a missing or unreadable value, "nan", "inf" or a date beyond any calendar
+    (year 3000000000: ``OverflowError``, which crashed the daemon): the caller's own backoff then
     applies. The caller also keeps its backoff as a floor, so "0" or a date in the past never
     makes a tight loop.
     """
@@ -36,7 +37,7 @@ def retry_after_s(value: str | None, cap_s: float) -> float | None:
     except ValueError:
         try:
             seconds = parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     if not math.isfinite(seconds):
         return None

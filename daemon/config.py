@@ -97,7 +97,8 @@ class AssemblyAIConfig(_Section):
     max_turn_silence: int = Field(1280, ge=0)
     keyterms: list[str] = Field(default_factory=list, max_length=100)
     language_detection: bool = False
-    connect_timeout: float = Field(10.0, gt=0, description="handshake and Begin timeout, seconds")
+    connect_timeout: float = Field(
+        10.0, gt=0, description="token request, handshake and Begin timeout, seconds")
     terminate_timeout: float = Field(10.0, gt=0, description="Terminate → Termination, seconds")
 
     @field_validator("streaming_url")
