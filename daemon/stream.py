@@ -51,6 +51,7 @@ from daemon.protocol import (
 )
 from daemon.rollover import RolloverPlan, rollover_plan
 from daemon.session import StreamSession
+from daemon.supervise import error_line
 from daemon.tokens import TokenError, TokenProvider
 
 log = structlog.get_logger("daemon.stream")
@@ -359,7 +360,7 @@ class AssemblyAIEngine:
             if ws is not None:      # no Begin in time: close it, or it stays open (and billed)
                 await ws.close()
             raise _Failed(Outcome(CloseKind.TRANSIENT,
-                                  f"connect failed: {type(exc).__name__}: {exc}")) from None
+                                  f"connect failed: {error_line(exc)}")) from None
         try:
             begin = parse_message(first)
         except ProtocolError as exc:

@@ -208,6 +208,28 @@ class TestFirstFrame:
         assert failed.value.outcome.kind is CloseKind.TRANSIENT
 
 
+    async def test_a_handshake_answer_with_a_huge_header_is_one_short_line(self) -> None:
+        """"connect failed: …" repeated what the server sent (here an 8000-character
+        Sec-WebSocket-Accept) whole, into every log line and status; it is one line, bounded."""
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + b"A" * 8000
+                         + b"\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, _engine(f"ws://127.0.0.1:{port}/v3/ws") as engine:
+            with pytest.raises(_Failed) as failed:
+                async with asyncio.timeout(20):
+                    await engine._open(TurnsListener(), None)
+        reason = failed.value.outcome.reason
+        assert reason.startswith("connect failed: "), reason
+        assert len(reason) < 600 and "\n" not in reason, reason
+
+
 class TestOurOwnClose:
     async def test_a_10_mb_frame_is_our_1009_and_the_audio_is_replayed(self) -> None:
         """A 10 MB frame made websockets close 1009, reported as "1006 abnormal closure"; the
