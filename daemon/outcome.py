@@ -1,18 +1,26 @@
 """How a streaming session ended, or an attempt to open one failed.
 
 Owns ``Outcome`` (the close kind and reason, and what the engine's backoff and replay decide
-on) and ``close_of`` (how a websocket connection closed, and who closed it). ``daemon.session``
-makes them when a session ends, ``daemon.stream`` when a connection attempt fails.
+on), ``close_of`` (how a websocket connection closed, and who closed it) and the count of
+credential rejections in a row (``refused_after_begin``, ``token_failed``: the second is exit
+77). ``daemon.session`` makes outcomes when a session ends, ``daemon.stream`` when a connection
+attempt fails.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import structlog
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CLOSE_CODE_EXPLANATIONS
 
+from daemon.errors import AuthError
 from daemon.protocol import CloseKind, classify_close
+from daemon.tokens import TokenError
+
+log = structlog.get_logger("daemon.stream")
 
 
 @dataclass
@@ -66,3 +74,35 @@ def close_of(exc: ConnectionClosed) -> CloseReport:
     if rcvd is not None:
         return CloseReport(rcvd.code, rcvd.reason)
     return CloseReport(1006, "abnormal closure")
+
+
+def refused_after_begin(outcome: Outcome, auth_failures: int) -> int:
+    """The rejections in a row after a session (the second is fatal: exit 77).
+
+    A session the service closed as unauthorised before it was healthy (1008, 4001-4003 right
+    after ``Begin``) counts, as a refused handshake does (it reconnected for ever); any other
+    outcome starts the count again.
+    """
+    if outcome.kind is not CloseKind.AUTH or outcome.healthy:
+        return 0
+    if auth_failures >= 1:
+        raise AuthError(auth_message(outcome.reason))
+    log.warning("stream.auth_rejected", reason=outcome.reason, retrying=True)
+    return auth_failures + 1
+
+
+def token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> float:
+    """The wait before the next attempt after a failed token; the second rejection is fatal."""
+    if auth_failures >= 2:
+        raise AuthError(auth_message(str(exc))) from None
+    delay = next(delays)               # a floor: "Retry-After: 0" must not make a tight loop
+    if exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
+    log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
+    return delay
+
+
+def auth_message(reason: str) -> str:
+    """The exit message (77) when the service refused the credentials twice."""
+    return (f"AssemblyAI rejected the credentials twice ({reason}); check assemblyai.api_key "
+            "(or api_key_file / the assemblyai_api_key credential)")

@@ -36,7 +36,7 @@ from daemon.engine import EngineListener
 from daemon.errors import AuthError, ConfigError
 from daemon.events import AudioChunk, SourceName
 from daemon.ledger import Ledger
-from daemon.outcome import Outcome, close_of
+from daemon.outcome import Outcome, auth_message, close_of, refused_after_begin, token_failed
 from daemon.pieces import SILENCE_RMS
 from daemon.protocol import (
     Begin,
@@ -172,21 +172,21 @@ class AssemblyAIEngine:
         while not self._done(stop):
             try:
                 session = await self._open(listener, stop)
-                auth_failures = 0
                 self._report_backlog_loss()
                 if stop is None:
                     self._maybe_split(group)
                 outcome = await self._drive(session, listener, group)
+                auth_failures = refused_after_begin(outcome, auth_failures)
             except TokenError as exc:
                 auth_failures += exc.rejected
-                await self._pause(_token_failed(exc, auth_failures, delays))
+                await self._pause(token_failed(exc, auth_failures, delays))
                 continue
             except _Failed as failed:
                 outcome = failed.outcome
                 if outcome.kind is CloseKind.AUTH:
                     auth_failures += 1
                     if auth_failures >= 2:
-                        raise AuthError(_auth_message(outcome.reason)) from None
+                        raise AuthError(auth_message(outcome.reason)) from None
                     log.warning("stream.auth_rejected", reason=outcome.reason, retrying=True)
                     continue
             if outcome.finished:
@@ -383,19 +383,3 @@ def _kind_of(message: Message) -> str:
     if isinstance(message, Unknown):
         return f"type {message.type[:40]!r}"
     return type(message).__name__.removeprefix("Server")     # ServerWarning: "Warning"
-
-
-def _token_failed(exc: TokenError, auth_failures: int, delays: Iterator[float]) -> float:
-    """The wait before the next attempt after a failed token; the second rejection is fatal."""
-    if auth_failures >= 2:
-        raise AuthError(_auth_message(str(exc))) from None
-    delay = next(delays)               # a floor: "Retry-After: 0" must not make a tight loop
-    if exc.retry_after is not None:
-        delay = max(delay, exc.retry_after)
-    log.warning("stream.token_failed", error=str(exc), retry_in_s=round(delay, 2))
-    return delay
-
-
-def _auth_message(reason: str) -> str:
-    return (f"AssemblyAI rejected the credentials twice ({reason}); check assemblyai.api_key "
-            "(or api_key_file / the assemblyai_api_key credential)")

@@ -100,6 +100,18 @@ class TestFailures:
         tokens = [s.query["token"][0] for s in fake.sessions]
         assert len(tokens) == 2 and tokens[0] != tokens[1]
 
+    async def test_closed_4001_right_after_begin_twice_exits_77(self, fake: FakeAssemblyAI,
+                                                                 tmp_path: Path) -> None:
+        """Sessions the service closes as unauthorised right after ``Begin`` (4001): counted
+        like a refused handshake, so the second is exit 77 (it reconnected for ever)."""
+        fake.faults.error_after_audio_ms(0, code=4001, message="Not Authorized")
+        fake.faults.error_after_audio_ms(0, code=4001, message="Not Authorized")
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=20)
+        assert result.code == 77, result.stderr
+        assert "assemblyai.api_key" in result.stderr and "Not Authorized" in result.stderr
+        assert len(fake.sessions) == 2
+
     async def test_upgrade_refused_401_twice_exits_77(self, fake: FakeAssemblyAI,
                                                       tmp_path: Path) -> None:
         """The socket's upgrade answered HTTP 401 (not a close 1008: the reference says to
