@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CLOSE_CODE_EXPLANATIONS
+from websockets.frames import Close
 
 from daemon.errors import AuthError
 from daemon.protocol import CloseKind, classify_close
@@ -55,10 +55,7 @@ class CloseReport:
     def __str__(self) -> str:
         if not self.ours:
             return f"{self.code} {self.reason}".strip()
-        meaning = CLOSE_CODE_EXPLANATIONS.get(self.code)
-        head = f"{self.code} {meaning}" if meaning else str(self.code)
-        detail = f": {self.reason}" if self.reason and self.reason != meaning else ""
-        return f"{head} (closed by us{detail})"
+        return f"{Close(self.code, self.reason)} (closed by us)"   # 1009 (message too big) …
 
 
 def close_of(exc: ConnectionClosed) -> CloseReport:

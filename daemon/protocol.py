@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -120,8 +121,39 @@ class Unknown:
 Message = Begin | Turn | Termination | ServerError | ServerWarning | Heartbeat | Unknown
 
 
-def parse_message(frame: str | bytes) -> Message:
-    """Parse one server frame.
+class RepairLog:
+    """Says ``protocol.values_repaired``: once per kind of repair a minute, within a session.
+
+    A service that sends the same odd value in every partial would otherwise log a line for
+    each, several a second; the next line counts the frames repaired alike in between.
+    """
+
+    EVERY_S: Final = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}   # kind of repair -> (logged at, since)
+
+    def note(self, kind: object, message: Message, repairs: list[str]) -> None:
+        """Log ``repairs`` of ``message`` unless the same kind was logged within a minute."""
+        fields = sorted({_INDEX.sub("[]", problem.split(" ", 1)[0]) for problem in repairs})
+        key = f"{kind}|{','.join(fields)}"
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.EVERY_S:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        self._last[key] = (now, 0)
+        more = {"alike_since": last[1]} if last is not None and last[1] else {}
+        turn = {"turn_order": message.turn_order} if isinstance(message, Turn) else {}
+        log.warning("protocol.values_repaired", type=kind, **turn, problems=repairs, **more,
+                    effect="the message is used with these values")
+
+
+_INDEX: Final = re.compile(r"\[\d+\]")
+
+
+def parse_message(frame: str | bytes, repairs_to: RepairLog | None = None) -> Message:
+    """Parse one server frame; values it repairs are logged through ``repairs_to``.
 
     Raises:
         ProtocolError: the frame is not JSON, not an object, or a known type with bad fields.
@@ -140,9 +172,7 @@ def parse_message(frame: str | bytes) -> Message:
             raise ProtocolError("frame without a type", field.preview(frame))
         raise ProtocolError(f"type is {repr(kind)[:40]}, not a string", field.preview(frame))
     if repairs:
-        turn = {"turn_order": message.turn_order} if isinstance(message, Turn) else {}
-        log.warning("protocol.values_repaired", type=kind, **turn, problems=repairs,
-                    effect="the message is used with these values")
+        (repairs_to or RepairLog()).note(kind, message, repairs)
     return message
 
 
@@ -169,12 +199,13 @@ def _typed(kind: object, data: dict[str, Any], repairs: list[str]) -> Message | 
         return Termination(field.figure(data, "audio_duration_seconds", repairs),
                            field.figure(data, "session_duration_seconds", repairs))
     if kind == "Error" or (kind is None and "error" in data):
-        return ServerError(field.code(data, "error_code", "error"), field.message(data, "error"))
+        return ServerError(field.code(data, "error_code", "error", repairs),
+                           field.message(data, "error"))
     if kind == "Heartbeat":
         return _heartbeat(data, repairs)
     if kind == "Warning":
-        return ServerWarning(field.code(data, "warning_code", "warning", range(-2**63, 2**63)),
-                             field.message(data, "warning"))
+        return ServerWarning(field.code(data, "warning_code", "warning", repairs,
+                                        range(-2**63, 2**63)), field.message(data, "warning"))
     return Unknown(kind) if isinstance(kind, str) else None
 
 

@@ -41,6 +41,7 @@ from daemon.protocol import (
     CloseKind,
     Heartbeat,
     ProtocolError,
+    RepairLog,
     ServerError,
     ServerWarning,
     Termination,
@@ -101,6 +102,7 @@ class StreamSession:
         self._skipped = 0
         self._min_samples = engine.sample_rate // 20   # the shortest frame it takes: 50 ms
         self.liveness = Liveness()
+        self.repairs = RepairLog()          # odd values: one line per kind a minute
         self.assembler = TurnAssembler(
             begin.id, self.timeline, format_turns=engine.config.format_turns,
             source=engine.source, host=engine.host, emit=listener.turn,
@@ -318,7 +320,7 @@ class StreamSession:
 
     def _handle(self, frame: str | bytes) -> Outcome | None:
         try:
-            message = parse_message(frame)
+            message = parse_message(frame, self.repairs)
         except ProtocolError as exc:
             shown = {"frame": exc.frame} if exc.frame else {}   # hidden with the transcripts
             self.log.warning("session.bad_frame", error=str(exc), **shown)

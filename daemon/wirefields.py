@@ -14,6 +14,7 @@ import re
 from typing import Any, Final
 
 MESSAGE_CHARS: Final = 500              # an Error or Warning text beyond this is cut
+CONFIDENCE_SLACK: Final = 1e-6          # a confidence this far outside 0..1 is a rounding slip
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
@@ -38,13 +39,13 @@ def message(data: dict[str, Any], key: str) -> str:
     return text
 
 
-def code(data: dict[str, Any], key: str, text_key: str,
-          codes: range = range(1000, 5000)) -> int | None:
+def code(data: dict[str, Any], key: str, text_key: str, repairs: list[str],
+         codes: range = range(1000, 5000)) -> int | None:
     """An Error's close code (1000..4999) or a Warning's code, maybe as a numeric string; None.
 
     An Error's code stands for the close code that follows and replaces it: ``true`` (it was
-    read as 1, so a 3006 became a retry loop) or ``-1`` make the frame malformed, and the close
-    code decides. The line says what the frame's text was.
+    read as 1, so a 3006 became a retry loop) or ``-1`` is read as none (repaired), so the close
+    code decides, while the text (which classifying the close may need) is kept.
     """
     value = data.get(key)
     if value is None:
@@ -56,9 +57,9 @@ def code(data: dict[str, Any], key: str, text_key: str,
         number = int(number)
     if isinstance(number, int) and not isinstance(number, bool) and number in codes:
         return number
-    text = message(data, text_key)[:100]
     what = "a close code" if codes.start == 1000 else "an integer"
-    raise TypeError(f"{key} is {repr(value)[:30]}, not {what}; {text_key}: {text!r}")
+    repairs.append(f"{key} {shown(value)} is not {what}: read as none")
+    return None
 
 
 def text(data: dict[str, Any], key: str) -> str:
@@ -141,10 +142,15 @@ def confidence(data: dict[str, Any], key: str, repairs: list[str], where: str = 
         read = float(min(1, max(0, value)))     # exact, for an integer of 400 digits too
     else:                                       # an infinite one says nothing: 0.0
         read = min(1.0, max(0.0, finite(data, key)))
-    if read != value:
+    if read != value and not _rounding(value, read):
         field = f"{where}.{key}" if where else key
         repairs.append(f"{field} {repr(value)[:30]} is not a confidence: read as {read:g}")
     return read
+
+
+def _rounding(value: object, read: float) -> bool:
+    """A float a hair outside 0..1 (``1.0000001``): a rounding slip, clamped without a word."""
+    return isinstance(value, float) and abs(value - read) <= CONFIDENCE_SLACK
 
 
 def shown(value: object) -> str:

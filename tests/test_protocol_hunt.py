@@ -30,6 +30,7 @@ from daemon.protocol import (
     Heartbeat,
     ProtocolError,
     ServerError,
+    ServerWarning,
     Termination,
     Turn,
     parse_message,
@@ -120,18 +121,30 @@ def _repairs(action: Callable[[], object]) -> list[MutableMapping[str, Any]]:
 class TestSessionLevel:
     async def test_error_code_true_does_not_hide_a_settings_close(self) -> None:
         """``error_code: true`` was read as close code 1, which replaced the 3006 that followed:
-        a rejected setting became a retry loop instead of exit 78. The frame is malformed now
-        (its line quotes the text) and the close code decides."""
+        a rejected setting became a retry loop instead of exit 78. The code is read as none
+        now (a repair line names it) and the close code decides."""
         error = json.dumps({"type": "Error", "error_code": True,
                             "error": "User Input Validation Error: bad sample_rate"})
         async with _scripted([error], [], (3006, "See Error message for details")) as url:
             with structlog.testing.capture_logs() as logs:
                 outcome = await _session(url, TurnsListener())
         assert outcome.kind is CloseKind.CONFIG, outcome
-        bad = [e for e in logs if e["event"] == "session.bad_frame"]
-        assert len(bad) == 1
-        assert "error_code is True, not a close code" in bad[0]["error"]
-        assert "bad sample_rate" in bad[0]["error"]
+        assert "bad sample_rate" in outcome.reason
+        [repaired] = [e for e in logs if e["event"] == "protocol.values_repaired"]
+        assert repaired["problems"] == ["error_code True is not a close code: read as none"]
+
+    async def test_the_same_repair_in_every_partial_is_one_line(self) -> None:
+        """A service sending the same odd value in every partial logged a line for each (several
+        a second); a session says it once a minute per kind of repair."""
+        partials = [_turn(turn_order=0, end_of_turn=False, turn_is_formatted=False,
+                          end_of_turn_confidence=5) for _ in range(3)]
+        async with _scripted(partials, [], (1000, "")) as url:
+            with structlog.testing.capture_logs() as logs:
+                await _session(url, TurnsListener())
+        repaired = [e for e in logs if e["event"] == "protocol.values_repaired"]
+        assert len(repaired) == 1, repaired
+        assert repaired[0]["problems"] == ["end_of_turn_confidence 5 is not a confidence: "
+                                           "read as 1"]
 
     async def test_termination_with_odd_figures_still_ends_the_session(self) -> None:
         """A Termination whose figures are not numbers (``"7 s"``) was a bad frame: the session
@@ -251,10 +264,6 @@ class TestClearLines:
          "malformed Turn frame: words[1].start is missing"),
         ('{"type":"Turn","turn_order":1,"words":[{"text":"a","start":"0","end":1}]}',
          "words[0].start is '0', not an integer"),
-        ('{"type":"Error","error_code":-1,"error":"boom"}',
-         "error_code is -1, not a close code; error: 'boom'"),
-        ('{"type":"Warning","warning_code":true,"warning":"slow"}',
-         "warning_code is True, not an integer"),
     ])
     def test_the_line_names_the_field(self, frame: str, line: str) -> None:
         """``frame without a type`` for a type of 5, ``KeyError: 'start'`` for the second
@@ -262,6 +271,32 @@ class TestClearLines:
         with pytest.raises(ProtocolError) as caught:
             parse_message(frame)
         assert line in str(caught.value)
+
+    @pytest.mark.parametrize(("frame", "expected", "problem"), [
+        ('{"type":"Error","error_code":-1,"error":"boom"}', ServerError(None, "boom"),
+         "error_code -1 is not a close code: read as none"),
+        ('{"type":"Error","error_code":1e400,"error":"Too many concurrent sessions"}',
+         ServerError(None, "Too many concurrent sessions"),
+         "error_code inf is not a close code: read as none"),
+        ('{"type":"Warning","warning_code":true,"warning":"slow"}', ServerWarning(None, "slow"),
+         "warning_code True is not an integer: read as none"),
+    ])
+    def test_a_code_that_is_no_code_keeps_the_text(self, frame: str, expected: object,
+                                                   problem: str) -> None:
+        """A code that is no close code (``true`` was read as 1) is read as none, so the close
+        code decides; the text stays (classifying the close may need it: "Too many concurrent
+        sessions" is a rate limit, whatever the close code)."""
+        logs = _repairs(lambda: parse_message(frame))
+        assert parse_message(frame) == expected
+        assert logs[0]["problems"] == [problem]
+
+    def test_a_confidence_a_hair_above_1_is_a_rounding_slip(self) -> None:
+        """``1.0000001`` is clamped without a line (every partial would say it); ``1.01`` is
+        repaired with one."""
+        slip = _turn(end_of_turn_confidence=1.0000001)
+        assert _repairs(lambda: parse_message(slip)) == []
+        assert parse_message(slip) == parse_message(_turn(end_of_turn_confidence=1.0))
+        assert len(_repairs(lambda: parse_message(_turn(end_of_turn_confidence=1.01)))) == 1
 
     def test_error_codes_that_stand_for_close_codes(self) -> None:
         """A close code as a number, a whole float or a numeric string is read as before."""

@@ -250,7 +250,8 @@ class TestOurOwnClose:
                     await engine.run(chunks(), listener)
         ended = _events(logs, "session.ended")
         reason = ended[0]["reason"]
-        assert reason.startswith("1009 message too big (closed by us"), reason
+        assert reason.startswith("1009 (message too big) frame with"), reason
+        assert reason.endswith("(closed by us)"), reason
         (reconnecting,) = _events(logs, "stream.reconnecting")
         assert (reconnecting["kind"], reconnecting["reason"]) == ("transient", reason)
         assert service.audio[1] == len(TONE_CHUNK) * 10      # all of it, again
@@ -259,11 +260,11 @@ class TestOurOwnClose:
 
     @pytest.mark.parametrize(("exc", "text", "kind"), [
         (ConnectionClosed(None, Close(1011, "keepalive ping timeout")),
-         "1011 internal error (closed by us: keepalive ping timeout)", CloseKind.TRANSIENT),
+         "1011 (internal error) keepalive ping timeout (closed by us)", CloseKind.TRANSIENT),
         (ConnectionClosed(Close(1009, ""), Close(1009, "frame too big"), False),
-         "1009 message too big (closed by us: frame too big)", CloseKind.TRANSIENT),
+         "1009 (message too big) frame too big (closed by us)", CloseKind.TRANSIENT),
         (ConnectionClosed(None, Close(1008, "")),
-         "1008 policy violation (closed by us)", CloseKind.TRANSIENT),
+         "1008 (policy violation) (closed by us)", CloseKind.TRANSIENT),
         (ConnectionClosed(Close(3006, "bad"), Close(3006, "bad"), True),
          "3006 bad", CloseKind.CONFIG),
         (ConnectionClosed(None, None), "1006 abnormal closure", CloseKind.TRANSIENT),
