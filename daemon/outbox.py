@@ -39,7 +39,7 @@ from daemon.deadletter import FOLDER as DEAD_LETTERS
 from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.events import TurnRecord
 from daemon.outboxdb import OutboxError as OutboxError
-from daemon.outboxdb import lock, open_database, release, relock
+from daemon.outboxdb import lock, open_database, release, relock, same_file
 from daemon.outboxdb import sqlite_errors as _sqlite_errors
 from daemon.queues import BatchError, Delivery
 
@@ -139,10 +139,19 @@ class Outbox:
         """Create the database again if it was deleted while running, keeping its records.
 
         SQLite would go on writing to the deleted file: every turn queued from then on would be
-        acknowledged, and gone at the next start.
+        acknowledged, and gone at the next start. A file that is not ours at the path (another
+        daemon's, after someone deleted ours and its locks; a copy moved in) is not merged into:
+        appends are refused (the turns go to the dead-letter files) until a restart.
+
+        Raises:
+            OutboxError: another file is at the path.
         """
-        if self._carried is None and self.path.exists():
+        if self._carried is None and same_file(self.path, self._lock_fds[1]):
             return
+        if self._carried is None and self.path.exists():
+            raise OutboxError(f"{self.path}: the outbox database was replaced while the daemon "
+                              "ran (by another transcribed process, or a file moved there): "
+                              "restart the daemon")
         if self._carried is None:
             with _sqlite_errors(self.path, "read"):
                 self._carried = self._db.execute("SELECT * FROM outbox").fetchall()

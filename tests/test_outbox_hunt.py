@@ -35,6 +35,30 @@ def test_a_deleted_lock_file_does_not_let_a_second_process_in(tmp_path: Path) ->
         again.close()
 
 
+def test_a_replaced_database_is_refused_not_written_into_a_deleted_file(tmp_path: Path) -> None:
+    """All of the outbox's files deleted and a second daemon started on the state dir: the
+    first one saw a file at the path and went on writing into its own deleted one (every turn
+    acknowledged, and gone at exit), beside a second daemon delivering. Its appends are
+    refused now, naming why (the dispatcher then dead-letters those turns)."""
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    try:
+        box.queue("hook").put(make_turn(1))
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
+        second = Outbox(path)
+        try:
+            with pytest.raises(OutboxError, match="replaced while the daemon ran"):
+                box.queue("hook").put(make_turn(2))
+            with pytest.raises(OutboxError, match="replaced while the daemon ran"), box.batch():
+                pass
+            assert second.depth("hook") == 0
+        finally:
+            second.close()
+    finally:
+        box.close()
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("started_at", "1795000000"),       # a number, not an ISO time: AttributeError
     ("started_at", "null"),
