@@ -37,7 +37,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -273,22 +273,19 @@ async def _deliver_one(path: FramePath, runners: list[Any], timing: Timing, orde
 
 
 async def run_all(turns: int, work: Path, mqtt_port: int, http_port: int) -> dict[str, Any]:
-    """Each sink alone, then all three together."""
-    configure_logging(level="info", fmt="json", stream=work_log(work))
+    """Each sink alone, then all three together; the daemon's log lines (JSON, as under
+    systemd) go to a file in ``work``."""
     results: dict[str, Any] = {}
-    for kind in ("file", "mqtt", "webhook", "all"):
-        measured = await measure(kind, turns, work, mqtt_port, http_port)
-        busy = measured.pop("_busy_cores")
-        for name, stats in measured.items():
-            key = name if kind != "all" else f"{name} (all three at once)"
-            results[key] = stats | {"machine_busy_cores": busy}
-        print(json.dumps({kind: measured}), file=sys.stderr, flush=True)
+    with (work / "daemon.log").open("a", encoding="utf-8") as daemon_log:
+        configure_logging(level="info", fmt="json", stream=daemon_log)
+        for kind in ("file", "mqtt", "webhook", "all"):
+            measured = await measure(kind, turns, work, mqtt_port, http_port)
+            busy = measured.pop("_busy_cores")
+            for name, stats in measured.items():
+                key = name if kind != "all" else f"{name} (all three at once)"
+                results[key] = stats | {"machine_busy_cores": busy}
+            print(json.dumps({kind: measured}), file=sys.stderr, flush=True)
     return results
-
-
-def work_log(work: Path) -> TextIO:
-    """Where the daemon's log lines go during the measurement (JSON, as under systemd)."""
-    return (work / "daemon.log").open("a", encoding="utf-8")
 
 
 def measure_all(turns: int) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def client_class() -> type[MqttClient]:
             _track_refusals(cast("MqttClient", self))
 
         async def __aenter__(self) -> Self:
-            said = self._disconnected     # aiomqtt replaces it, unread, when already done
+            said = _ended(self)     # aiomqtt replaces it, unread, when already done
             try:
                 await super().__aenter__()
             except aiomqtt.MqttError as exc:
@@ -116,18 +116,22 @@ def client_class() -> type[MqttClient]:
                     raise
                 raise aiomqtt.MqttError(f"no CONNACK within {self.timeout:g} s: the broker "
                                         "took the connection but did not answer") from None
-            if self.lost is not None and not self._disconnected.done():
+            ended = _ended(self)
+            if self.lost is not None and ended is not None and not ended.done():
                 # ended between CONNACK and here: aiomqtt replaced the future that said so
-                if said.done() and not said.cancelled():
+                if said is not None and said.done() and not said.cancelled():
                     said.exception()
-                self._disconnected.set_exception(self.lost)
+                ended.set_exception(self.lost)
             return self
 
         async def deliver(self, topic: str, payload: str | bytes, *, qos: int, retain: bool,
                           within: float) -> None:
-            await _deliver(cast("MqttClient", self), self._disconnected,
-                           self.publish(topic, payload, qos=qos, retain=retain, timeout=within),
-                           within)
+            publish = self.publish(topic, payload, qos=qos, retain=retain, timeout=within)
+            ended = _ended(self)
+            if ended is None:                   # another aiomqtt: its own timeout and words
+                await publish
+                return
+            await _deliver(cast("MqttClient", self), ended, publish, within)
 
         def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode,
                         properties: Properties) -> None:
@@ -255,6 +259,16 @@ def release(client: MqttClient) -> None:
         lost = getattr(client, name, None)
         if isinstance(lost, asyncio.Future) and lost.done() and not lost.cancelled():
             lost.exception()
+
+
+def _ended(client: object) -> asyncio.Future[None] | None:
+    """The future that ends with the connection (aiomqtt's), or None: another aiomqtt, said once."""
+    ended = getattr(client, "_disconnected", None)
+    if isinstance(ended, asyncio.Future):
+        return ended
+    _hook_unavailable("a connection ending is noticed only by the next publish or its timeout",
+                      AttributeError("aiomqtt.Client has no _disconnected future"))
+    return None
 
 
 _UNAVAILABLE: set[str] = set()     # effects already reported
