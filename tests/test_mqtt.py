@@ -223,6 +223,18 @@ class TestPacketLimit:
         assert all(getattr(r, "broker", None) == f"{broker.host}:{broker.port}" for r in paho)
 
 
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(first header byte, body) of the next packet."""
+    header = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return header, await reader.readexactly(length)
+
+
 class Mqtt311Broker(LoopbackServer):
     """A minimal MQTT 3.1.1-only broker on 127.0.0.1: refuses MQTT 5 as such a broker does
     (CONNACK return code 1, then close), accepts 3.1.1 and acknowledges QoS 1 publishes."""
@@ -232,20 +244,9 @@ class Mqtt311Broker(LoopbackServer):
         self.levels: list[int] = []           # protocol level of each CONNECT
         self.published: list[bytes] = []
 
-    @staticmethod
-    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-        header = (await reader.readexactly(1))[0]
-        length, shift = 0, 0
-        while True:
-            byte = (await reader.readexactly(1))[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return header, await reader.readexactly(length)
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            _, connect = await self._packet(reader)
+            _, connect = await read_packet(reader)
             self.levels.append(connect[6])
             if connect[6] != 4:
                 writer.write(b"\x20\x02\x00\x01")        # unacceptable protocol version
@@ -253,7 +254,7 @@ class Mqtt311Broker(LoopbackServer):
                 return
             writer.write(b"\x20\x02\x00\x00")
             while True:
-                header, body = await self._packet(reader)
+                header, body = await read_packet(reader)
                 if header >> 4 == 3:                         # PUBLISH
                     topic_end = 2 + int.from_bytes(body[:2])
                     qos = (header >> 1) & 3

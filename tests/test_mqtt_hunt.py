@@ -18,7 +18,7 @@ from daemon.runner import SinkRunner
 from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
 from tests.loopback_server import LoopbackServer
-from tests.test_mqtt import LogWatch
+from tests.test_mqtt import LogWatch, read_packet
 from tests.test_outbox import make_turn
 
 HOST = "testhost"
@@ -47,18 +47,6 @@ def connack(code: int = 0, properties: bytes = b"") -> bytes:
 def disconnect(code: int) -> bytes:
     """An MQTT 5 DISCONNECT from the broker with reason ``code``."""
     return packet(0xE0, bytes([code, 0]))
-
-
-async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    """(first header byte, body) of the next packet."""
-    header = (await reader.readexactly(1))[0]
-    length, shift = 0, 0
-    while True:
-        byte = (await reader.readexactly(1))[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return header, await reader.readexactly(length)
 
 
 # what the broker does with a PUBLISH: (connection number, topic, payload) -> bytes to answer
