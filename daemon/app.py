@@ -343,6 +343,9 @@ async def _run_engine(
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         reporter.stop(f"{signal.Signals(signum).name} received")
         source.stop()
+        stop = getattr(engine, "stop", None)    # the local engine: its session ends "stopped"
+        if stop is not None:
+            stop()
         stopping.append(loop.call_later(SHUTDOWN_DEADLINE_S, deadline, task))
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
 def _run_daemon(daemon: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run(daemon)``: its exit code, also when Ctrl-C comes after it returned.
 
-    A Ctrl-C while asyncio.run winds down (it waits for the default executor's threads) is
-    KeyboardInterrupt out of asyncio.run, as one before the daemon handles SIGINT is: the first
-    leaves a clean stop (exit 0) as it was; the second goes on (exit 130).
+    A Ctrl-C before the daemon handles SIGINT is KeyboardInterrupt out of asyncio.run (exit
+    130). Once the sinks are flushed, ``shutdown.stopped_signals`` makes one exit 0 at once
+    (asyncio.run may still wait for threads then); should one still come out as
+    KeyboardInterrupt after the daemon returned, the clean stop's code stands.
     """
     ended: list[int] = []
 

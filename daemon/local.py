@@ -163,6 +163,14 @@ class LocalEngine:
         self.source_name: SourceName = source_name
         self.host = host
         self._model = model
+        self.stopping = False
+
+    def stop(self) -> None:
+        """The daemon is stopping (SIGTERM/SIGINT): the input's end is the stop's, not the file's.
+
+        The session then ends with ``reason`` "stopped" instead of "end_of_input".
+        """
+        self.stopping = True
 
     async def load(self) -> LocalModel:
         """Load the model in a worker thread (once); raise EngineError when it cannot be."""
@@ -220,7 +228,7 @@ class _Session:
                     await self._drain(emitter)
                 raise
             await self._drain(emitter)
-            reason = "end_of_input"
+            reason = "stopped" if self.engine.stopping else "end_of_input"
         except asyncio.CancelledError:
             reason = "cancelled"
             raise
@@ -342,10 +350,12 @@ class _Session:
             ended, future = item
             try:
                 rec = await future
+            except asyncio.CancelledError:
+                raise                   # still in flight: ``_report_lost`` counts it as lost
             except Exception as exc:
-                raise EngineError(f"local engine: recognising a turn failed: {exc}") from exc
-            finally:
                 self.in_flight -= 1
+                raise EngineError(f"local engine: recognising a turn failed: {exc}") from exc
+            self.in_flight -= 1
             if is_noise(rec.text, ended.audio.speech_prob):
                 log.info("local.turn_skipped", session_id=self.id, reason="no speech recognised")
                 continue

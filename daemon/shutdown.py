@@ -2,7 +2,8 @@
 
 After SIGTERM/SIGINT the engine gets ``SHUTDOWN_DEADLINE_S`` to finish (``deadline`` cancels
 it then, and ``uncancel_on_deadline`` makes that cancellation a quiet end); the sinks then get
-``flush_bound`` to deliver their queues, with ``flush_signals`` handling signals meanwhile.
+``flush_bound`` to deliver their queues, with ``flush_signals`` handling signals meanwhile and
+``stopped_signals`` after it, until the process exits.
 The composition root (``daemon.app``) wires these in.
 """
 
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Iterator
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -48,8 +52,34 @@ def flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
     try:
         yield
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
+        stopped_signals(loop)
+
+
+def stopped_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """From the end of the flush until the process exits: SIGHUP ignored, SIGTERM/SIGINT exit 0.
+
+    The process may still wait then for threads nobody can cancel (the offline engine's model
+    load or a recognition, a plugin's): asyncio.run and the interpreter join them. The loop's
+    handlers removed, the defaults came back: a SIGHUP (``systemctl reload``, logrotate) killed
+    the stopped daemon (status 1/HUP), a SIGTERM killed it (-15), a SIGINT printed a traceback
+    from ``threading._shutdown``. Now such a signal ends the wait: one line, exit 0.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(signum)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_now)
+
+
+def _exit_now(signum: int, _frame: FrameType | None) -> None:
+    """A signal once the daemon has stopped: exit 0 without waiting for the threads left."""
+    with contextlib.suppress(Exception):    # it may interrupt a write to stderr (re-entrant)
+        log.warning("daemon.exit_now", signal=signal.Signals(signum).name,
+                    effect="threads still running (a model load, a recognition) are not waited for")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):    # a closed or broken stream: exit all the same
+            stream.flush()
+    os._exit(0)
 
 
 def flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:
