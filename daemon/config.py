@@ -8,9 +8,9 @@ built-in defaults. Unknown keys are errors. Every problem becomes one line namin
 
 from __future__ import annotations
 
-import codecs
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +36,8 @@ from pydantic_settings import (
 from daemon.credentials import HeaderSecret, resolve_secrets
 from daemon.envvars import ENV_PREFIX, problem_origin, unknown_variables, unparsable_line
 from daemon.errors import ConfigError
-from daemon.paths import look
-from daemon.problems import validation_lines
+from daemon.paths import look, read_config_text
+from daemon.problems import path_text, validation_lines
 
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
@@ -259,12 +259,13 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     path, a folder or a broken link is an error too (not a silent fallback to the defaults).
     """
     env = os.environ if env is None else env
+    if explicit == "":          # --config "$UNSET": not the lookup's file in its place
+        raise ConfigError("--config: an empty path (name a file, or leave --config out)")
     named = explicit or env.get("TRANSCRIBED_CONFIG")
     if named:
         path = Path(named).expanduser()
         if not look(path, "config"):
-            problem = "not a regular file" if path.exists() else "config file not found"
-            raise ConfigError(f"{path}: {problem}")
+            raise ConfigError(f"{path_text(path)}: {_not_a_file(path)}")
         return path
     xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
@@ -273,9 +274,15 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
             return candidate
         if look(candidate, "config", lambda path: path.is_symlink() or path.exists()):
             # a folder, or a link to nothing: never the defaults in its place without a word
-            problem = "not a regular file" if candidate.exists() else "a link to a missing file"
-            raise ConfigError(f"{candidate}: {problem}")
+            raise ConfigError(f"{path_text(candidate)}: {_not_a_file(candidate)}")
     return None
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a config path that is no regular file is not one (``look`` has looked at it)."""
+    if path.exists():
+        return "not a regular file"
+    return "a link to a missing file" if path.is_symlink() else "config file not found"
 
 
 def load_settings(path: Path | None) -> Settings:
@@ -308,7 +315,7 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
 
 
 def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]]:
-    where = f"{path}: " if path else ""
+    where = f"{path_text(path)}: " if path else ""
     if path is not None:
         _check_toml(path)
     failed: frozenset[str] = frozenset()
@@ -355,17 +362,11 @@ def _settings(path: Path | None, **sections: Any) -> Settings:
 
 def _check_toml(path: Path) -> None:
     try:
-        with path.open("rb") as handle:
-            if handle.read(3) == codecs.BOM_UTF8:    # tomllib: "Invalid statement" at 1:1
-                raise ConfigError(f"{path}: invalid TOML: it starts with a byte order mark "
-                                  "(BOM): save it as UTF-8 without one")
-            handle.seek(0)
-            tomllib.load(handle)
+        tomllib.loads(read_config_text(path))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        raise ConfigError(f"{path_text(path)}: invalid TOML: {exc}") from None
     except RecursionError:
-        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        raise ConfigError(f"{path_text(path)}: invalid TOML: nested too deeply") from None
+    except ValueError:      # int(): more digits than sys.get_int_max_str_digits(), a traceback
+        raise ConfigError(f"{path_text(path)}: invalid TOML: an integer of more than "
+                          f"{sys.get_int_max_str_digits()} digits") from None

@@ -1,16 +1,24 @@
-"""Looking at a path the configuration names, where looking itself may fail.
+"""Looking at a path the configuration names, and reading the config file, where either may fail.
 
 Owns ``look``: a path we may not look at (EACCES, a name too long) is one config error line
 naming the key, never a traceback. Used by the config file lookup, the API key's credential
-file and ``check-config``'s checks of ``audio.path`` and ``state.dir``.
+file and ``check-config``'s checks of ``audio.path`` and ``state.dir``. Owns
+``read_config_text``: the config file's text, read no further than ``CONFIG_MAX_BYTES``.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from daemon.errors import ConfigError
+from daemon.problems import path_text
+
+CONFIG_MAX_BYTES: Final = 1 << 20
+"""A config file larger than this (1 MiB) is refused unread: a sparse or wrong file (a disk
+image, a log) was read whole into memory, twice over as text, before TOML found it wrong."""
 
 
 def look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> bool:
@@ -22,4 +30,29 @@ def look(path: Path, key: str, test: Callable[[Path], bool] = Path.is_file) -> b
     try:
         return test(path)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot look at {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot look at {path_text(path)}: {exc.strerror}") from None
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the config file ``path`` (a regular file: ``find_config`` has looked).
+
+    Raises:
+        ConfigError: one line naming the file: it cannot be read, is larger than
+            ``CONFIG_MAX_BYTES``, starts with a byte order mark or is not UTF-8.
+    """
+    shown = path_text(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{shown}: cannot read config: {exc.strerror}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{shown}: larger than {CONFIG_MAX_BYTES >> 20} MiB, "
+                          "too large for a config file")
+    if data.startswith(codecs.BOM_UTF8):          # tomllib: "Invalid statement" at 1:1
+        raise ConfigError(f"{shown}: invalid TOML: it starts with a byte order mark "
+                          "(BOM): save it as UTF-8 without one")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start})") from None

@@ -7,19 +7,38 @@ never spans two lines.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
+from os import PathLike
+from typing import Final
 
 from pydantic import ValidationError
 
 from daemon.envvars import unparsed_container
 
+PLAIN_KEY: Final = re.compile(r"[^\s.:'\"]+")
+"""A key part a problem line shows as it is: no space, dot, colon or quote (nor empty)."""
+
 
 def key_text(part: str | int) -> str:
-    """A key as a problem line names it: escaped and quoted if it has a control character.
+    """A key as a problem line names it: escaped and quoted unless it reads as one key part.
 
     A quoted TOML key may hold a line break (or a terminal escape): a problem stays one line.
+    ``[sinks."a.b"]`` is ``sinks.'a.b'``, not the key ``b`` of a sink ``a``; ``[sinks.""]``
+    is ``sinks.''``, and a space or colon does not end the key where a reader (or
+    ``daemon.envvars.problem_origin``) looks for its end.
     """
     text = str(part)
+    return text if text.isprintable() and PLAIN_KEY.fullmatch(text) else repr(text)
+
+
+def path_text(path: str | PathLike[str]) -> str:
+    """A path as a problem line names it: escaped and quoted if it has a control character.
+
+    A file name may hold a line break or a terminal escape: a problem stays one line, and
+    nothing reaches the terminal that it would act on.
+    """
+    text = str(path)
     return text if text.isprintable() else repr(text)
 
 
@@ -53,5 +72,7 @@ def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection
             message = "required key is missing"
         elif error["type"] in ("value_error", "assertion_error"):
             message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        elif error["type"] == "model_type":    # not "… or instance of AudioConfig": a class
+            message = message.split(" or instance of ", 1)[0]
         lines.append(f"{key}: {message}")
     return lines

@@ -25,7 +25,8 @@ from daemon.config import (
 )
 from daemon.envvars import keys_origin, problem_origin, variable_key
 from daemon.errors import AudioError, ConfigError, EngineError
-from daemon.paths import look
+from daemon.paths import look, read_config_text
+from daemon.problems import path_text
 from daemon.sinktables import ValidatedSinks, validate_sinks
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def validate(config: str | None, plugins: PluginHost
         ConfigError: every problem found, one line each.
     """
     path = find_config(config)
-    where = f"{path}: " if path else ""
+    where = f"{path_text(path)}: " if path else ""
     settings, failed, problems = read_settings(path)
     if settings is None:              # report the file's sink problems with the others
         raise ConfigError(problems + _file_sink_problems(plugins, _file_sinks(path), where))
@@ -72,8 +73,8 @@ def _with_origins(late: list[Problem], where: str, file_table: dict[str, Any]) -
 def _file_table(path: Path | None) -> dict[str, Any]:
     """The config file's TOML (empty when no file is used)."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8")) if path else {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return tomllib.loads(read_config_text(path)) if path else {}
+    except (ConfigError, ValueError, RecursionError):
         return {}                           # read_settings has reported it
 
 
@@ -128,7 +129,7 @@ def _audio_file_problems(text: str) -> list[str]:
     try:
         if not look(path, "audio.path"):
             what = "is not a file" if path.exists() else "no such file"
-            return [f"audio.path: {what}: {text}"]
+            return [f"audio.path: {what}: {path_text(text)}"]
     except ConfigError as exc:
         return exc.problems
     return _wav_problems(path)
@@ -141,7 +142,7 @@ def _wav_problems(path: Path) -> list[str]:
     try:
         open_wav(path).close()
     except AudioError as exc:
-        return [f"audio.path: {path}: {str(exc).removeprefix(f'audio file {path}: ')}"]
+        return [f"audio.path: {path_text(path)}: {str(exc).removeprefix(f'audio file {path}: ')}"]
     return []
 
 
@@ -153,15 +154,16 @@ def _state_problems(state: Path) -> list[str]:
     """
     try:
         if look(state, "state.dir", lambda path: path.exists() and not path.is_dir()):
-            return [f"state.dir: {state} exists and is not a directory"]
+            return [f"state.dir: {path_text(state)} exists and is not a directory"]
         folder = next(p for p in (state, *state.parents) if look(p, "state.dir", Path.exists))
     except ConfigError as exc:
         return exc.problems
     if folder != state and not folder.is_dir():
-        return [f"state.dir: {state} cannot be created: {folder} is not a directory"]
+        return [f"state.dir: {path_text(state)} cannot be created: {path_text(folder)} "
+                "is not a directory"]
     if not os.access(folder, os.W_OK | os.X_OK):     # a read-only file system, or not ours
-        what = "" if folder == state else f"cannot be created: {folder} "
-        return [f"state.dir: {state} {what}is not writable by this user"]
+        what = "" if folder == state else f"cannot be created: {path_text(folder)} "
+        return [f"state.dir: {path_text(state)} {what}is not writable by this user"]
     return []
 
 
