@@ -39,8 +39,10 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
 
 
 def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:
-    for problem in exc.problems:
-        print(f"transcribed: config error: {mask(problem)}", file=sys.stderr)
+    for problem in exc.problems:        # one line each, whatever a value held (a line break)
+        line = mask(problem)
+        print(f"transcribed: config error: {line if line.isprintable() else repr(line)[1:-1]}",
+              file=sys.stderr)
     return EX_CONFIG
 
 

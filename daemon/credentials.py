@@ -19,6 +19,7 @@ from pydantic import AfterValidator, SecretStr
 from daemon.envvars import problem_origin
 from daemon.errors import ConfigError
 from daemon.paths import look
+from daemon.problems import path_text
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -45,21 +46,22 @@ def read_secret_file(path: str, key: str) -> str:
     ``check-config``, forever) and ``/dev/zero`` would fill the memory.
     """
     file = Path(path).expanduser()
+    shown = path_text(path)             # a line break in the name must not split the line
     try:
         if not stat.S_ISREG(file.stat().st_mode):
-            raise ConfigError(f"{key}: {path} is not a regular file")
+            raise ConfigError(f"{key}: {shown} is not a regular file")
         with file.open("rb") as handle:
             data = handle.read(SECRET_MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{key}: cannot read {shown}: {exc.strerror}") from None
     if len(data) > SECRET_MAX_BYTES:
-        raise ConfigError(f"{key}: {path} is larger than {SECRET_MAX_BYTES // 1024} KiB")
+        raise ConfigError(f"{key}: {shown} is larger than {SECRET_MAX_BYTES // 1024} KiB")
     try:
         value = data.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
+        raise ConfigError(f"{key}: {shown} is not UTF-8 text (byte {exc.start})") from None
     if not value:
-        raise ConfigError(f"{key}: {path} is empty")
+        raise ConfigError(f"{key}: {shown} is empty")
     return value
 
 

@@ -51,7 +51,8 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
         type_name = table.get("type")
         if not isinstance(type_name, str) or type_name not in known:
             choices = ", ".join(sorted(known))
-            got = "missing" if type_name is None else f"unknown type {type_name!r}"
+            got = ("missing" if type_name is None else f"unknown type {type_name[:60]!r}"
+                   if isinstance(type_name, str) else "must be text (a type name)")
             broken = "".join(f"; plugin {plugin} {why}" for plugin, why in host.failed.items())
             problems.append(f"sinks.{name}.type: {got} (known types: {choices}){broken}")
             continue

@@ -378,7 +378,7 @@ BAD_VALUES = [
      "assemblyai.max_session_seconds: the service accepts 60..10800 (got 30)"),
     ('[http]\ntoken = "two words"\n',
      "http.token: must be printable ASCII without spaces"),
-    ('[sinks.q]\ntype = ["file"]\n', "sinks.q.type: unknown type ['file'] (known types: "),
+    ('[sinks.q]\ntype = ["file"]\n', "sinks.q.type: must be text (a type name) (known types: "),
     ('[sinks.f]\ntype = "file"\npath = "/tmp/x.jsonl"\nrotate_bytes = nan\n',
      "sinks.f.rotate_bytes: Input should be a finite number"),
 ]

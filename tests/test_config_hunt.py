@@ -146,3 +146,28 @@ def test_odd_but_valid_files_still_load(tmp_path: Path) -> None:
                                 for i in range(1000)))
     assert check_config(argparse.Namespace(config=str(path))) == 0
     assert os.path.getsize(path) < 1 << 20
+
+
+def test_a_secret_file_name_with_a_line_break_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``api_key_file`` named with a line break split its problem over two lines."""
+    config = tmp_path / "config.toml"
+    config.write_text('[assemblyai]\napi_key_file = "/nowhere/no\\nkey"\n')
+    problems = _problems(str(config), capsys)
+    assert len(problems) == 1, problems
+    assert "'/nowhere/no\\nkey'" in problems[0], problems
+
+
+def test_a_sink_type_that_is_not_text_is_not_repeated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``type = {…}`` printed the whole value (whatever it held: a pasted secret); a long type
+    name was printed in full."""
+    config = tmp_path / "config.toml"
+    config.write_text('[sinks.a]\ntype = {token = "sk-live-do-not-print"}\n'
+                      f'[sinks.b]\ntype = "{"x" * 5000}"\n')
+    problems = _problems(str(config), capsys)
+    assert not any("sk-live-do-not-print" in p for p in problems), problems
+    assert any("sinks.a.type: must be text (a type name)" in p for p in problems), problems
+    assert all(len(p) < 400 for p in problems), [len(p) for p in problems]
