@@ -46,6 +46,7 @@ from daemon.web import LiveServer
 
 log = structlog.get_logger("daemon.app")
 
+FAILED: Final = "an error (see the log)"  # why the engine stopped, when it raised
 NEWS_CHUNKS: Final = 3             # chunks after a session began that wake the reporter (READY)
 
 
@@ -260,12 +261,12 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
                 signalled = await _run_engine(engine, parts.source, listener, reporter, hup,
                                               parts.capture, parts.hub)
             except Exception:
-                why = "an error (see the log)"   # run's last STATUS= names it
+                why = FAILED                    # run's last STATUS= names it
                 raise
             finally:
                 parts.hub.state("stopped")
                 reporter.stop(why)
-                with flush_signals(dispatcher):
+                with flush_signals(dispatcher, clean=why != FAILED):
                     bound = flush_bound(dispatcher, signalled)
                     log.info("sinks.flushing", queued=dispatcher.queued(), timeout_s=bound)
                     await dispatcher.close(bound)

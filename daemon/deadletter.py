@@ -34,15 +34,35 @@ def append_dead_letter(path: Path, entry: dict[str, Any]) -> bool:
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with suppress(OSError):             # transcripts: private, like the outbox, also
-            path.parent.chmod(0o700)        # what an older version left 0644 / 0755
-            os.fchmod(fd, 0o600)
-        # the last place a turn can be kept: no character may stop it (backslashreplace)
-        with open(fd, "a", encoding="utf-8", errors="backslashreplace") as handle:
-            handle.write(line + "\n")
+        try:
+            with suppress(OSError):         # transcripts: private, like the outbox, also
+                path.parent.chmod(0o700)    # what an older version left 0644 / 0755
+                os.fchmod(fd, 0o600)
+            _append_whole(fd, line)
+        finally:
+            os.close(fd)
     except OSError as exc:
         record = entry.get("record")
         named = {"record_id": record["id"]} if isinstance(record, dict) and "id" in record else {}
         log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror, **named)
         return False
     return True
+
+
+def _append_whole(fd: int, line: str) -> None:
+    """Append ``line`` and a newline, or nothing.
+
+    A write the disk cuts short (full) is cut off again, so the retry's line does not run on
+    from a piece of this one (one unreadable JSON line instead of two records).
+    """
+    # the last place a turn can be kept: no character may stop it (backslashreplace)
+    data = (line + "\n").encode("utf-8", "backslashreplace")
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        with suppress(OSError):
+            os.ftruncate(fd, start)
+        raise

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
@@ -30,7 +29,7 @@ FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the
 
 
 @contextlib.contextmanager
-def flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
+def flush_signals(dispatcher: Dispatcher, *, clean: bool = True) -> Iterator[None]:
     """While the sinks flush: SIGTERM/SIGINT cut the flush short, SIGHUP is ignored.
 
     Without handlers a signal here (a second Ctrl-C, ``systemctl reload`` at the end of a file)
@@ -52,34 +51,53 @@ def flush_signals(dispatcher: Dispatcher) -> Iterator[None]:
     try:
         yield
     finally:
-        stopped_signals(loop)
+        stopped_signals(loop, exit_at_once=clean)
 
 
-def stopped_signals(loop: asyncio.AbstractEventLoop) -> None:
+def stopped_signals(loop: asyncio.AbstractEventLoop, *, exit_at_once: bool = True) -> None:
     """From the end of the flush until the process exits: SIGHUP ignored, SIGTERM/SIGINT exit 0.
 
     The process may still wait then for threads nobody can cancel (the offline engine's model
     load or a recognition, a plugin's): asyncio.run and the interpreter join them. The loop's
     handlers removed, the defaults came back: a SIGHUP (``systemctl reload``, logrotate) killed
     the stopped daemon (status 1/HUP), a SIGTERM killed it (-15), a SIGINT printed a traceback
-    from ``threading._shutdown``. Now such a signal ends the wait: one line, exit 0.
+    from ``threading._shutdown``. Now such a signal ends the wait: one line, exit 0. Not after
+    a failure (``exit_at_once`` False): its own exit code (1, 77, 78) must not become 0, so a
+    SIGTERM then ends the process as the signal's default does.
     """
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(signum)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _exit_now)
+    if exit_at_once:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _exit_now)
 
 
 def _exit_now(signum: int, _frame: FrameType | None) -> None:
-    """A signal once the daemon has stopped: exit 0 without waiting for the threads left."""
-    with contextlib.suppress(Exception):    # it may interrupt a write to stderr (re-entrant)
-        log.warning("daemon.exit_now", signal=signal.Signals(signum).name,
-                    effect="threads still running (a model load, a recognition) are not waited for")
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):    # a closed or broken stream: exit all the same
-            stream.flush()
+    """A signal once the daemon has stopped cleanly: exit 0 without waiting for the threads.
+
+    Its line is written with ``os.write``, not through the logger: the signal may have
+    interrupted a log write holding the writer's lock, which this thread would then wait for
+    for ever. Nothing is flushed (a full pipe would block the exit).
+    """
+    line = _rendered("daemon.exit_now", signal=signal.Signals(signum).name,
+                     effect="threads still running (a model load, a recognition) are not "
+                            "waited for")
+    with contextlib.suppress(OSError):
+        os.write(2, line)
     os._exit(0)
+
+
+def _rendered(event: str, **fields: str) -> bytes:
+    """A warning rendered by the configured log processors (masking too), as one line."""
+    entry: Any = {"event": event, **fields}
+    try:
+        for processor in structlog.get_config()["processors"]:
+            entry = processor(None, "warning", entry)
+    except Exception:               # a line that cannot be rendered: the plain words
+        entry = f"{event} {fields}"
+    text = entry.decode("utf-8", "replace") if isinstance(entry, bytes) else str(entry)
+    return text.encode("utf-8", "replace") + b"\n"
 
 
 def flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:

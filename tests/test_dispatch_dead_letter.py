@@ -10,11 +10,14 @@ sink is a third-party sink of the test's own.
 from __future__ import annotations
 
 import asyncio
+import resource
+import signal
 from pathlib import Path
 from typing import Self
 
 from structlog.testing import capture_logs
 
+from daemon.deadletter import append_dead_letter
 from daemon.dispatch import Dispatcher
 from daemon.errors import PermanentSinkError
 from daemon.events import TurnRecord
@@ -107,3 +110,25 @@ async def test_a_record_in_memory_that_cannot_be_dead_lettered_is_said_lost(
     [lost] = [e for e in logs if e["event"] == "sink.turn_lost"]
     assert lost["record_id"] == "sess:2"
     assert runner.stats.dead_lettered == 0
+
+
+def test_a_dead_letter_cut_short_leaves_no_piece_behind(tmp_path: Path) -> None:
+    """A full disk cut a dead-letter line short (here the file size limit, RLIMIT_FSIZE): the
+    retry's line ran on from the piece, and neither record could be read. The piece is cut off
+    again, so the file holds whole lines only."""
+    path = tmp_path / "hook.jsonl"
+    assert append_dead_letter(path, {"sink": "hook", "record": make_turn(1).to_dict()})
+    size = path.stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))
+    try:
+        with capture_logs() as logs:
+            kept = append_dead_letter(path, {"sink": "hook", "record": make_turn(2).to_dict()})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert not kept and [e["event"] for e in logs] == ["sink.dead_letter_failed"]
+    assert path.stat().st_size == size
+    assert append_dead_letter(path, {"sink": "hook", "record": make_turn(2).to_dict()})
+    assert [e["record"]["id"] for e in read_dead_letters(path)] == ["sess:1", "sess:2"]

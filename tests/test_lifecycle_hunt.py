@@ -157,3 +157,20 @@ class TestLocalEngineStopped:
         assert len(lost) == 1 and lost[0]["reason"] == "cancelled", logs
         assert len(listener.turns) + lost[0]["turns"] == 2, (listener.turns, lost)
         assert listener.ended[0].reason == "cancelled"
+
+
+def test_the_exit_line_is_rendered_without_the_loggers_lock() -> None:
+    """The line a signal after the stop writes is rendered by the configured processors (JSON,
+    secrets masked) and written with os.write: logging from the handler could wait for ever on
+    the writer's lock held by the write the signal interrupted."""
+    import io
+
+    from daemon.logs import configure
+    from daemon.shutdown import _rendered
+
+    configure(fmt="json", secrets=["sk-live-123456"], stream=io.StringIO())
+    line = _rendered("daemon.exit_now", signal="SIGTERM", effect="key sk-live-123456")
+    entry = json.loads(line)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert entry["event"] == "daemon.exit_now" and entry["level"] == "warning"
+    assert "sk-live-123456" not in line.decode()
