@@ -128,12 +128,36 @@ class Outbox:
                              batched) from None
 
     def close(self) -> None:
-        """Close the database and release the lock. Undelivered records stay for the next run."""
+        """Close the database and release the lock. Undelivered records stay for the next run.
+
+        Unless the file was deleted or another took its place while the daemon ran (and no
+        turn since made it again): the records would go with the deleted file, so they are
+        moved to the dead-letter files (``outbox.stranded``).
+        """
         if not self._lock_fds:
             return
+        if self._carried is None and not same_file(self.path, self._lock_fds[1]):
+            self._set_aside_stranded()
         self._db.close()
         release(self._lock_fds)
         self._lock_fds = ()
+
+    def _set_aside_stranded(self) -> None:
+        """The records of a database no longer at the path (deleted, replaced) to dead letters."""
+        try:
+            with _sqlite_errors(self.path, "read"):
+                rows = self._db.execute("SELECT sink, body FROM outbox ORDER BY sink, seq"
+                                        ).fetchall()
+        except OutboxError as exc:
+            log.error("outbox.stranded", path=str(self.path), error=str(exc))
+            return
+        for sink, body in rows:
+            path = dead_letter_file(self.path.parent / DEAD_LETTERS, sink)
+            append_dead_letter(path, {"sink": sink, "body": body, "error": "its outbox database "
+                                      "was deleted or replaced while the daemon ran"})
+        if rows:
+            log.error("outbox.stranded", path=str(self.path), records=len(rows),
+                      moved_to=str(self.path.parent / DEAD_LETTERS))
 
     def _recreate_if_deleted(self) -> None:
         """Create the database again if it was deleted while running, keeping its records.

@@ -56,7 +56,24 @@ def test_a_replaced_database_is_refused_not_written_into_a_deleted_file(tmp_path
         finally:
             second.close()
     finally:
-        box.close()
+        with capture_logs() as logs:
+            box.close()
+    [stranded] = [e for e in logs if e["event"] == "outbox.stranded"]
+    assert stranded["records"] == 1         # what it held went to the dead letters, not away
+    [entry] = read_dead_letters(tmp_path / "dead-letter" / "hook.jsonl")
+    assert json.loads(entry["body"])["session_id"] == "sess"
+
+
+def test_records_of_a_deleted_database_are_not_lost_at_exit(tmp_path: Path) -> None:
+    """The outbox deleted and the daemon stopped before another turn made it again: its
+    records went with the deleted file. They go to the dead-letter files now."""
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    box.queue("hook").put(make_turn(1))
+    path.unlink()
+    box.close()
+    [entry] = read_dead_letters(tmp_path / "dead-letter" / "hook.jsonl")
+    assert "deleted or replaced" in entry["error"]
 
 
 @pytest.mark.parametrize(("field", "value"), [
