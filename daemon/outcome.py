@@ -9,8 +9,10 @@ attempt fails.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 import structlog
 from websockets.exceptions import ConnectionClosed
@@ -76,11 +78,12 @@ def close_of(exc: ConnectionClosed) -> CloseReport:
 def refused_after_begin(outcome: Outcome, auth_failures: int) -> int:
     """The rejections in a row after a session (the second is fatal: exit 77).
 
-    A session the service closed as unauthorised before it was healthy (1008, 4001-4003 right
-    after ``Begin``) counts, as a refused handshake does (it reconnected for ever); any other
-    outcome starts the count again.
+    A session the service closed as unauthorised before it was healthy (4001-4003, or 1008
+    saying so, right after ``Begin``) counts, as a refused handshake does (it reconnected for
+    ever); any other outcome starts the count again. A bare 1008 does not: the token endpoint
+    had just taken the key, and older services closed 1008 for much else.
     """
-    if outcome.kind is not CloseKind.AUTH or outcome.healthy:
+    if outcome.kind is not CloseKind.AUTH or outcome.healthy or not _about_credentials(outcome):
         return 0
     if auth_failures >= 1:
         raise AuthError(auth_message(outcome.reason))
@@ -103,3 +106,12 @@ def auth_message(reason: str) -> str:
     """The exit message (77) when the service refused the credentials twice."""
     return (f"AssemblyAI rejected the credentials twice ({reason}); check assemblyai.api_key "
             "(or api_key_file / the assemblyai_api_key credential)")
+
+
+_CREDENTIAL_WORDS: Final = re.compile(r"auth|token|credential|api.?key", re.IGNORECASE)
+
+
+def _about_credentials(outcome: Outcome) -> bool:
+    """A close after ``Begin`` that names the credentials: 4001-4003, or words that say so."""
+    code = outcome.reason.split(" ", 1)[0]
+    return code in ("4001", "4002", "4003") or bool(_CREDENTIAL_WORDS.search(outcome.reason))

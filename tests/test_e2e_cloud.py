@@ -112,6 +112,17 @@ class TestFailures:
         assert "assemblyai.api_key" in result.stderr and "Not Authorized" in result.stderr
         assert len(fake.sessions) == 2
 
+    async def test_a_bare_1008_right_after_begin_is_not_a_rejected_key(
+            self, fake: FakeAssemblyAI, tmp_path: Path) -> None:
+        """Two sessions closed 1008 without a word about credentials, right after ``Begin``:
+        the token endpoint had just taken the key, so they are retried, not exit 77."""
+        fake.faults.error_after_audio_ms(0, code=1008, message="Policy violation")
+        fake.faults.error_after_audio_ms(0, code=1008, message="Policy violation")
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     async def test_upgrade_refused_401_twice_exits_77(self, fake: FakeAssemblyAI,
                                                       tmp_path: Path) -> None:
         """The socket's upgrade answered HTTP 401 (not a close 1008: the reference says to
