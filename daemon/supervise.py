@@ -139,12 +139,12 @@ def _showable(exc: BaseException) -> bool:
 
 
 def error_line(exc: BaseException) -> str:
-    """A plugin's exception as one bounded line; never raises (its ``__str__`` may)."""
+    """An exception as one bounded, printable line; never raises (a plugin's ``__str__`` may)."""
     try:
         text = str(exc)
     except Exception as failure:  # a plugin's broken __str__
         text = f"<str() failed: {type(failure).__name__}>"
-    text = " ".join(text.split())
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))  # no ESC
     if len(text) > REASON_MAX:
         text = text[:REASON_MAX] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -292,3 +292,11 @@ class TestLiveness:
         now[0] += 92
         assert live.silent() is None                # doubted once
         assert live.silent() == pytest.approx(92)
+
+
+def test_an_error_line_is_printable() -> None:
+    """A server's (or a plugin's) text in an error line: a terminal escape came through raw."""
+    from daemon.supervise import error_line
+
+    line = error_line(ValueError("bad\x1b[2J\nthing\x00"))
+    assert line == "ValueError: bad?[2J thing?" and line.isprintable()
