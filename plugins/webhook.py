@@ -341,7 +341,7 @@ class WebhookSink:
             return
         reason = printable(response.reason_phrase, REASON_MAX)
         message = f"webhook {self._where} answered {status} {reason}".rstrip()
-        if status >= 500 or status in _TRANSIENT_STATUS:
+        if 500 <= status < 600 or status in _TRANSIENT_STATUS:
             delay = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
             raise SinkError(message, retry_after=delay)
         if 300 <= status < 400 and (location := response.headers.get("location")):

@@ -158,6 +158,16 @@ class TestMalformedAnswers:
 
 
 class TestRedirects:
+    @pytest.mark.parametrize("status", [600, 999])
+    async def test_a_status_beyond_5xx_is_permanent(self, status: int) -> None:
+        """A status of 600 or more (LinkedIn's 999) is no 5xx: README says any other non-2xx is
+        permanent; it was retried for ever ahead of every later turn (the check was >= 500)."""
+        reply = b"HTTP/1.1 %d Request Denied\r\nContent-Length: 0\r\n\r\n" % status
+        async with Scripted([reply]) as server:
+            error = await send_one(server)
+        assert isinstance(error, PermanentSinkError), error
+        assert f"answered {status} Request Denied" in str(error)
+
     @pytest.mark.parametrize("location", [b"http://[::1", b"http://h.example:port/x",
                                           b"/tok3n\x01path"])
     async def test_a_redirect_to_no_url_is_permanent(self, location: bytes) -> None:
