@@ -369,6 +369,7 @@ class Dispatcher:
             if isinstance(runner.queue, MemoryQueue):
                 log.error("sink.turn_lost", record_id=delivery.record.id, error=reason)
                 break
+            runner.stats.failed += 1        # in /metrics: the sink is stuck, not idle
             if not await self._backoff(runner, next(delays)):
                 return False
         runner.queue.ack(delivery)

@@ -76,6 +76,7 @@ async def test_a_record_in_the_outbox_waits_until_its_dead_letter_can_be_written
             assert [e["event"] for e in logs if e["event"].startswith("sink.dead_letter")] == [
                 "sink.dead_letter_failed"]
             assert box.depth("hook") == 1, "acknowledged before it was kept anywhere"
+            assert runner.stats.failed == 1     # /metrics shows the sink stuck, not idle
             blocker.unlink()                # the folder can be made now: the retry writes it
             sink.asked.clear()
             dispatcher.dispatch(make_turn(2))
