@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from tests.conftest import REPO, SPEECH_DIR
@@ -100,6 +102,17 @@ def _install_holding_sink(site: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
 
 
+@asynccontextmanager
+async def holding_sink(
+    tmp_path: Path, holder: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> AsyncIterator[tuple[dict[str, str], int]]:
+    """The ``hold`` sink installed, and ``holder`` listening for it: (environment, port)."""
+    env = _install_holding_sink(tmp_path / "site")
+    server = await asyncio.start_server(holder, "127.0.0.1", 0)
+    async with server:
+        yield env, server.sockets[0].getsockname()[1]
+
+
 class _Holder:
     """The server the ``hold`` sink waits on: ``reached`` when it waits, answers on ``answer``."""
 
@@ -121,10 +134,7 @@ async def test_ctrl_c_while_run_starts(tmp_path: Path) -> None:
     """``run`` inside asyncio.run but before its own SIGINT handler (its sinks being built),
     then Ctrl-C: asyncio.run cancels the start-up; one line and exit 130, not a clean exit 0."""
     holder = _Holder()
-    env = _install_holding_sink(tmp_path / "site")
-    server = await asyncio.start_server(holder, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server, FakeAssemblyAI() as fake:
+    async with holding_sink(tmp_path, holder) as (env, port), FakeAssemblyAI() as fake:
         config = tmp_path / "config.toml"
         config.write_text(
             f'[audio]\nsource = "file"\npath = "{SPEECH_DIR / "espeak-s1.wav"}"\n'
@@ -152,11 +162,9 @@ async def test_ctrl_c_once_running_is_a_clean_stop(tmp_path: Path) -> None:
     Ctrl-C after that stop, while asyncio.run winds down (waiting for a plugin's thread), does
     not turn it into an interruption (130)."""
     holder = _Holder()
-    env = _install_holding_sink(tmp_path / "site")
-    server = await asyncio.start_server(holder, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     wav = SPEECH_DIR / "espeak-s2.wav"
-    async with server, FakeAssemblyAI(load_speech_references(SPEECH_DIR, wav.name)) as fake:
+    async with holding_sink(tmp_path, holder) as (env, port), \
+            FakeAssemblyAI(load_speech_references(SPEECH_DIR, wav.name)) as fake:
         config = cloud_config(tmp_path, fake, wav, sinks=(
             f'[sinks.journal]\ntype = "file"\npath = "{tmp_path / "turns.jsonl"}"\n'
             f'[sinks.held]\ntype = "hold"\nport = {port}\nat = "exit"\n'))

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from tests.conftest import SPEECH_DIR
 from tests.daemon_proc import Daemon, cloud_config
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.notify_socket import NotifySocket
-from tests.test_interrupt import _install_holding_sink
+from tests.test_interrupt import holding_sink
 
 
 class _Holder:
@@ -62,11 +61,9 @@ async def test_signals_after_the_stop_while_a_thread_is_waited_for(tmp_path: Pat
     stopped daemon (status -1, what systemd shows as 1/HUP), a SIGTERM killed it (-15).
     """
     holder = _Holder()
-    env = _install_holding_sink(tmp_path / "site")
-    server = await asyncio.start_server(holder, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     wav = SPEECH_DIR / "espeak-s1.wav"
-    async with server, FakeAssemblyAI(load_speech_references(SPEECH_DIR, wav.name)) as fake:
+    async with holding_sink(tmp_path, holder) as (env, port), \
+            FakeAssemblyAI(load_speech_references(SPEECH_DIR, wav.name)) as fake:
         config = cloud_config(tmp_path, fake, wav, sinks=(
             f'[sinks.held]\ntype = "hold"\nport = {port}\nat = "exit"\n'))
         daemon = await Daemon.start("run", "--config", str(config), env=env)
@@ -130,7 +127,7 @@ class TestLocalEngineStopped:
         that awaited it, took the turn it was waiting for off the count: lost without a word."""
         from daemon.config import LocalConfig
         from daemon.local import LocalEngine
-        from tests.test_local import Listener, chunks_of
+        from tests.test_local import cancelled_run, chunks_of
         from tests.test_local_more import speech_only
 
         silence = bytes(16000 * 2)          # 1 s: the first turn ends, the emitter awaits it
@@ -143,16 +140,9 @@ class TestLocalEngineStopped:
                 yield chunk
             fed.set()               # next, the run flushes the last turn and awaits the emitter
 
-        listener = Listener()
         engine = LocalEngine(LocalConfig.model_validate({}), sample_rate=16000,
                              source_name="file", host="h", model=local_model)
-        with capture_logs() as logs:
-            run = asyncio.create_task(engine.run(file_then_stop(), listener))
-            async with asyncio.timeout(30):
-                await fed.wait()
-            run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+        listener, logs = await cancelled_run(engine, file_then_stop(), fed)
         lost = [e for e in logs if e["event"] == "local.turns_lost"]
         assert len(lost) == 1 and lost[0]["reason"] == "cancelled", logs
         assert len(listener.turns) + lost[0]["turns"] == 2, (listener.turns, lost)

@@ -8,12 +8,14 @@ import re
 import sys
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import jiwer
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 pytest.importorskip("faster_whisper", reason="the local engine needs the 'local' extra")
 
@@ -86,6 +88,21 @@ class Listener:
 
     def session_ended(self, summary: SessionSummary) -> None:
         self.ended.append(summary)
+
+
+async def cancelled_run(engine: LocalEngine, chunks: AsyncIterator[AudioChunk],
+                        fed: asyncio.Event) -> tuple[Listener, list[MutableMapping[str, Any]]]:
+    """Run ``engine`` over ``chunks`` and cancel it once ``fed`` is set (the daemon's stop
+    deadline, a second SIGTERM): what it delivered, and what it logged meanwhile."""
+    listener = Listener()
+    with capture_logs() as logs:
+        run = asyncio.create_task(engine.run(chunks, listener))
+        async with asyncio.timeout(30):
+            await fed.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    return listener, logs
 
 
 @pytest.fixture(scope="module")

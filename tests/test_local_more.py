@@ -23,7 +23,7 @@ from daemon.vad import Endpointer, TurnEnded
 from tests.conftest import TRANSCRIPTS
 from tests.test_local import (
     T0,
-    Listener,
+    cancelled_run,
     chunks_of,
     model,
     normalise,
@@ -118,16 +118,9 @@ class TestStoppedWithTurnsInHand:
             fed.set()
             await never.wait()                                     # the microphone stays open
 
-        listener = Listener()
         engine = LocalEngine(LocalConfig.model_validate({}), sample_rate=16000,
                              source_name="test", host="h", model=model)
-        with capture_logs() as logs:
-            run = asyncio.create_task(engine.run(live_mic(), listener))
-            async with asyncio.timeout(30):
-                await fed.wait()
-            run.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await run
+        listener, logs = await cancelled_run(engine, live_mic(), fed)
         lost = [e for e in logs if e["event"] == "local.turns_lost"]
         reported = lost[0]["turns"] if lost else 0
         assert len(listener.turns) + reported == 5, (len(listener.turns), logs)
