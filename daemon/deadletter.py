@@ -13,6 +13,7 @@ from typing import Any, Final
 import structlog
 
 from daemon.events import json_line
+from daemon.fdio import append_whole
 
 log = structlog.get_logger("daemon.dispatch")
 
@@ -38,7 +39,8 @@ def append_dead_letter(path: Path, entry: dict[str, Any]) -> bool:
             with suppress(OSError):         # transcripts: private, like the outbox, also
                 path.parent.chmod(0o700)    # what an older version left 0644 / 0755
                 os.fchmod(fd, 0o600)
-            _append_whole(fd, line)
+            # the last place a turn can be kept: no character may stop it (backslashreplace)
+            append_whole(fd, (line + "\n").encode("utf-8", "backslashreplace"))
         finally:
             os.close(fd)
     except OSError as exc:
@@ -47,22 +49,3 @@ def append_dead_letter(path: Path, entry: dict[str, Any]) -> bool:
         log.error("sink.dead_letter_failed", path=str(path), error=exc.strerror, **named)
         return False
     return True
-
-
-def _append_whole(fd: int, line: str) -> None:
-    """Append ``line`` and a newline, or nothing.
-
-    A write the disk cuts short (full) is cut off again, so the retry's line does not run on
-    from a piece of this one (one unreadable JSON line instead of two records).
-    """
-    # the last place a turn can be kept: no character may stop it (backslashreplace)
-    data = (line + "\n").encode("utf-8", "backslashreplace")
-    start = os.fstat(fd).st_size
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        with suppress(OSError):
-            os.ftruncate(fd, start)
-        raise

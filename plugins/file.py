@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
-from daemon.fdio import write_all
+from daemon.fdio import append_whole, write_all
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 
 log = structlog.get_logger("plugins.file")
@@ -138,16 +138,8 @@ class FileSink:
         if limit and size > 0 and size + len(line) > limit:
             self._rotate()
             assert self._handle is not None
-            size = os.fstat(self._handle.fileno()).st_size
-        fd = self._handle.fileno()
-        try:
-            write_all(fd, line)
-            if self.config.fsync:
-                os.fsync(fd)
-        except OSError:     # ENOSPC part-way: cut the torn line off; the send is retried whole
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
+        # ENOSPC part-way: the torn line is cut off; the send is retried whole
+        append_whole(self._handle.fileno(), line, fsync=self.config.fsync)
 
     def _rotate(self) -> None:
         """Shift ``path`` to ``path.1`` (… ``path.<keep>``); the new file keeps its mode.
