@@ -86,7 +86,7 @@ def integer(data: dict[str, Any], key: str) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} is {repr(value)[:30]}, not an integer")
+        raise TypeError(f"{key} is {shown(value)}, not an integer")
     return value
 
 
@@ -95,7 +95,7 @@ def count(data: dict[str, Any], key: str) -> int:
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int | float) \
             or not math.isfinite(value) or value < 0:
-        raise TypeError(f"{key} is {repr(value)[:30]}, not a count")
+        raise TypeError(f"{key} is {shown(value)}, not a count")
     return round(value)
 
 
@@ -105,7 +105,7 @@ def flag(data: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise TypeError(f"{key} is {repr(value)[:30]}, not true or false")
+        raise TypeError(f"{key} is {shown(value)}, not true or false")
     return value
 
 
@@ -128,7 +128,7 @@ def figure(data: dict[str, Any], key: str, repairs: list[str]) -> float:
         return 0.0
     number = finite(data, key)
     if number < 0 or number != value:
-        repairs.append(f"{key} {repr(value)[:30]} is not a number >= 0: read as 0")
+        repairs.append(f"{key} {shown(value)} is not a number >= 0: read as 0")
         return 0.0
     return number
 
@@ -144,7 +144,7 @@ def confidence(data: dict[str, Any], key: str, repairs: list[str], where: str = 
         read = min(1.0, max(0.0, finite(data, key)))
     if read != value and not _rounding(value, read):
         field = f"{where}.{key}" if where else key
-        repairs.append(f"{field} {repr(value)[:30]} is not a confidence: read as {read:g}")
+        repairs.append(f"{field} {shown(value)} is not a confidence: read as {read:g}")
     return read
 
 
