@@ -11,7 +11,8 @@ Everything above the I/O boundary sees only these::
     └── SinkError          a sink could not deliver a record
         └── PermanentSinkError   retrying will not help (a 4xx, a bad topic)
 
-Each carries a one-line, human message that names what is wrong and where, and never a secret.
+Each carries a one-line, human message that names what is wrong and where, and never a secret;
+``one_line`` makes text from elsewhere (a server, a plugin) fit into one.
 """
 
 from __future__ import annotations
@@ -72,3 +73,13 @@ class SinkError(DaemonError):
 
 class PermanentSinkError(SinkError):
     """A sink failed to deliver a record and retrying will not help."""
+
+
+def one_line(text: str, limit: int) -> str:
+    """Text from elsewhere as one printable line of at most ``limit`` characters (and a "…").
+
+    Line breaks and runs of spaces become one space, other control characters (a terminal
+    escape) "?": such text reaches log lines, exit messages and systemd's ``STATUS=``.
+    """
+    text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))
+    return text if len(text) <= limit else text[:limit] + "…"

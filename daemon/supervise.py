@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
-from daemon.errors import SinkError
+from daemon.errors import SinkError, one_line
 from daemon.events import TurnRecord
 
 if TYPE_CHECKING:
@@ -144,7 +144,5 @@ def error_line(exc: BaseException) -> str:
         text = str(exc)
     except Exception as failure:  # a plugin's broken __str__
         text = f"<str() failed: {type(failure).__name__}>"
-    text = "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))  # no ESC
-    if len(text) > REASON_MAX:
-        text = text[:REASON_MAX] + "…"
+    text = one_line(text, REASON_MAX)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

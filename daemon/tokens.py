@@ -24,7 +24,7 @@ import structlog
 
 from daemon.backoff import retry_after_s
 from daemon.config import AssemblyAIConfig
-from daemon.errors import ConfigError, DaemonError
+from daemon.errors import ConfigError, DaemonError, one_line
 from daemon.masking import MASK
 
 log = structlog.get_logger("daemon.tokens")
@@ -140,9 +140,7 @@ class TokenProvider:
         key = self._config.api_key.get_secret_value()
         if key:
             text = text.replace(key, MASK)
-        text = " ".join("".join(c if c.isprintable() else " " for c in text[:4 * _SHOWN_MAX])
-                        .split())
-        return text if len(text) <= _SHOWN_MAX else f"{text[:_SHOWN_MAX - 1]}…"
+        return one_line(text[:4 * _SHOWN_MAX], _SHOWN_MAX)
 
     def _failure(self, exc: httpx.HTTPError) -> str:
         """A failed request named: its type and what its cause says (refused, DNS, TLS, …)."""
