@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so ``transcribed --version`` stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -97,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     except KeyboardInterrupt:           # Ctrl-C where nothing handles it (run: while starting)
-        print("transcribed: interrupted", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr gone: the code
+            print("transcribed: interrupted", file=sys.stderr)
         code = EX_INTERRUPTED
     return code
 

@@ -24,6 +24,7 @@ from daemon.masking import MASK, masked_dict, secret_values
 from daemon.notify import last_status
 
 if TYPE_CHECKING:
+    from daemon.logs import SecretMasker
     from daemon.plugins import PluginHost
     from daemon.sinktables import ValidatedSinks
 
@@ -39,10 +40,11 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
 
 
 def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:
+    from daemon import logs
+
     for problem in exc.problems:        # one line each, whatever a value held (a line break)
         line = mask(problem)
-        print(f"transcribed: config error: {line if line.isprintable() else repr(line)[1:-1]}",
-              file=sys.stderr)
+        logs.say(f"transcribed: config error: {line if line.isprintable() else repr(line)[1:-1]}")
     return EX_CONFIG
 
 
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     cancels ``app.run`` and raises KeyboardInterrupt, which goes on to ``cli.main`` (one line,
     exit 130) instead of reading as a clean stop (exit 0).
     """
-    from daemon import app, logs
+    from daemon import logs
     from daemon.plugins import load_plugins
 
     # until app.run handles it: a SIGHUP while starting (logrotate, kill -HUP) killed the process
@@ -81,6 +83,17 @@ def run(args: argparse.Namespace) -> int:
         transcripts=settings.log.transcripts,
         secrets=secret_values(settings, settings.sinks),   # app.run adds the validated sinks'
     )
+    logs.write_in_background()      # a stalled or broken stderr never stalls the daemon
+    try:
+        return _run_logged(args, settings, path, masker, plugins, sinks)
+    finally:
+        logs.close()                # what is still queued, within a bound
+
+
+def _run_logged(args: argparse.Namespace, settings: Settings, path: Path | None,
+                masker: SecretMasker, plugins: PluginHost, sinks: ValidatedSinks) -> int:
+    from daemon import app, logs
+
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     for plugin, why in plugins.failed.items():      # one no sink uses would go unnoticed
         log.warning("plugin.unavailable", plugin=plugin, error=why)
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 kind=type(error).__name__,
                 exit_code=error.exit_code,
             )
-            print(f"transcribed: {masker.mask(str(error))}", file=sys.stderr)
+            logs.say(f"transcribed: {masker.mask(str(error))}")
             return _last_status(error.exit_code, [masker.mask(str(error))])
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C app.run did not handle (starting):
             raise                               # cli.main says so, exit 130

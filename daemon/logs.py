@@ -2,21 +2,25 @@
 
 Logs go to stderr (journald stores them under systemd); stdout is left to the console sink, so
 ``transcribed run | jq`` sees turns only. Standard-library loggers (websockets, httpx, aiomqtt)
-are routed through the same processors.
+are routed through the same processors. Both write through one :class:`LogOutput`: a line stderr
+refuses is counted, never raised, and ``run`` writes from a thread of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import sys
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from daemon.logoutput import LogOutput
 from daemon.masking import MASK
 
 _TOKEN_IN_URL: Final = re.compile(r"(?i)([?&](?:token|api_key|key)=)[^&\s\"']+")
@@ -33,6 +37,7 @@ _LEVELS: Final = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+_output: list[LogOutput] = []   # the one configure() made (a list: no `global`)
 
 
 class SecretMasker:
@@ -123,9 +128,12 @@ def configure(
     stream: TextIO | None = None,
 ) -> SecretMasker:
     """Configure structlog and the stdlib bridge once, from ``cli.py``. Returns the masker."""
-    stream = stream or sys.stderr
+    stream = stream or sys.stderr or open(os.devnull, "w")  # 2>&-
+    close()
+    output = LogOutput(stream, lambda event, fields: rendered_line(event, **fields).decode())
+    _output[:] = [output]
     masker = SecretMasker(secrets)
-    use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    use_console = fmt == "console" or (fmt == "auto" and output.isatty())
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -137,18 +145,61 @@ def configure(
         shared.append(_drop_transcripts)
     shared.append(masker)
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        structlog.dev.ConsoleRenderer(colors=output.isatty())
         if use_console
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[*shared, renderer, _mask_rendered(masker)],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, output)),
         cache_logger_on_first_use=False,
     )
-    _bridge_stdlib(shared, renderer, stream, _LEVELS[level], masker)
+    _bridge_stdlib(shared, renderer, cast(TextIO, output), _LEVELS[level], masker)
     return masker
+
+
+def write_in_background() -> None:
+    """Write log lines from a thread of their own from now on (``run``): see :mod:`logoutput`."""
+    if _output:
+        _output[-1].start_background()
+
+
+def close() -> None:
+    """Write what is still queued (bounded), then write in the caller's thread again."""
+    if _output:
+        _output[-1].close()
+
+
+def settle(wait_s: float) -> None:
+    """Give the log writer thread up to ``wait_s`` to write what it holds; takes no lock."""
+    if _output:
+        _output[-1].settle(wait_s)
+
+
+def say(text: str) -> None:
+    """One plain line on stderr, after the log lines before it; an error is never raised."""
+    if _output:
+        _output[-1].write(text)
+    elif sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=sys.stderr, flush=True)
+
+
+def rendered_line(event: str, **fields: object) -> bytes:
+    """A warning, ``event``, rendered by the configured processors (masking too) as one line.
+
+    For lines written around the loggers: the writer thread's ``log.lines_lost`` and the
+    signal handler's ``daemon.exit_now``, which must not wait on the loggers' locks.
+    """
+    entry: Any = {"event": event, **fields}
+    try:
+        for processor in structlog.get_config()["processors"]:
+            entry = processor(None, "warning", entry)
+    except Exception:               # a line that cannot be rendered: the plain words
+        entry = f"{event} {fields}"
+    text = entry.decode("utf-8", "replace") if isinstance(entry, bytes) else str(entry)
+    return text.encode("utf-8", "replace") + b"\n"
 
 
 def _bridge_stdlib(

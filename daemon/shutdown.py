@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from daemon import logs
+
 if TYPE_CHECKING:
     from daemon.dispatch import Dispatcher
 
@@ -26,6 +28,7 @@ log = structlog.get_logger("daemon.shutdown")
 
 SHUTDOWN_DEADLINE_S: Final = 12.0  # SIGTERM → engine finished; sinks then get FLUSH_TIMEOUT_S
 FLUSH_TIMEOUT_S: Final = 3.0       # after a signal; at the end of a file, + the slowest timeout_s
+EXIT_SETTLE_S: Final = 0.5         # a signal after the stop: the log writer's last lines
 
 
 @contextlib.contextmanager
@@ -78,26 +81,16 @@ def _exit_now(signum: int, _frame: FrameType | None) -> None:
 
     Its line is written with ``os.write``, not through the logger: the signal may have
     interrupted a log write holding the writer's lock, which this thread would then wait for
-    for ever. Nothing is flushed (a full pipe would block the exit).
+    for ever. Nothing is flushed (a full pipe would block the exit): the log writer thread gets
+    a moment to write what it still holds, without a lock.
     """
-    line = _rendered("daemon.exit_now", signal=signal.Signals(signum).name,
-                     effect="threads still running (a model load, a recognition) are not "
-                            "waited for")
+    line = logs.rendered_line("daemon.exit_now", signal=signal.Signals(signum).name,
+                              effect="threads still running (a model load, a recognition) are "
+                                     "not waited for")
+    logs.settle(EXIT_SETTLE_S)      # the stop's last lines, if the log writer still has them
     with contextlib.suppress(OSError):
         os.write(2, line)
     os._exit(0)
-
-
-def _rendered(event: str, **fields: str) -> bytes:
-    """A warning rendered by the configured log processors (masking too), as one line."""
-    entry: Any = {"event": event, **fields}
-    try:
-        for processor in structlog.get_config()["processors"]:
-            entry = processor(None, "warning", entry)
-    except Exception:               # a line that cannot be rendered: the plain words
-        entry = f"{event} {fields}"
-    text = entry.decode("utf-8", "replace") if isinstance(entry, bytes) else str(entry)
-    return text.encode("utf-8", "replace") + b"\n"
 
 
 def flush_bound(dispatcher: Dispatcher, signalled: bool) -> float:

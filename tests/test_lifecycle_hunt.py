@@ -155,11 +155,10 @@ def test_the_exit_line_is_rendered_without_the_loggers_lock() -> None:
     the writer's lock held by the write the signal interrupted."""
     import io
 
-    from daemon.logs import configure
-    from daemon.shutdown import _rendered
+    from daemon.logs import configure, rendered_line
 
     configure(fmt="json", secrets=["sk-live-123456"], stream=io.StringIO())
-    line = _rendered("daemon.exit_now", signal="SIGTERM", effect="key sk-live-123456")
+    line = rendered_line("daemon.exit_now", signal="SIGTERM", effect="key sk-live-123456")
     entry = json.loads(line)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert entry["event"] == "daemon.exit_now" and entry["level"] == "warning"
