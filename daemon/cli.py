@@ -6,7 +6,6 @@ Heavy modules are imported inside the commands so ``transcribed --version`` stay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -98,8 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     except KeyboardInterrupt:           # Ctrl-C where nothing handles it (run: while starting)
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr gone: the code
-            print("transcribed: interrupted", file=sys.stderr)
+        from daemon import logs
+
+        logs.say("transcribed: interrupted")    # a stderr gone or stalled: the code still
         code = EX_INTERRUPTED
     return code
 

@@ -61,13 +61,21 @@ class LogOutput:
     error is ended before the next), else with the stream's own ``write`` (a ``StringIO``).
     """
 
-    def __init__(self, stream: TextIO, render: Render | None = None) -> None:
+    def __init__(self, stream: TextIO, render: Render | None = None, *, own_fd: bool = False
+                 ) -> None:
+        """Write to ``stream`` (rendering ``log.lines_lost`` with ``render``).
+
+        ``own_fd``: to a duplicate of its descriptor (closed by :meth:`release`); for stderr,
+        whose fd 2 is parked elsewhere for a moment while PortAudio prints (``audio_noise``):
+        log lines never go through that.
+        """
         self._stream = stream
         self._render = render
         try:
-            self._fd = stream.fileno()
+            self._fd = os.dup(stream.fileno()) if own_fd else stream.fileno()
         except (AttributeError, OSError, ValueError):
             self._fd = -1
+        self._own_fd = own_fd and self._fd >= 0
         self._lock = threading.Lock()       # one writer at a time (sync mode, or the thread)
         self._loss: _Loss | None = None     # lines lost since the last one written
         self._torn = False                  # the last write stopped inside a line
@@ -76,6 +84,8 @@ class LogOutput:
         self._dropped: _Loss | None = None  # lost at the queue's door, not yet queued as a mark
         self._ready = threading.Condition(threading.Lock())
         self._closing = False
+        self._busy = False                  # the writer thread is writing a line it took
+        self._gave_up = False               # close() found the writer stuck: it waits no more
         self._thread: threading.Thread | None = None
 
     # -- the text stream the loggers see
@@ -101,7 +111,7 @@ class LogOutput:
     # -- background mode
     def start_background(self) -> None:
         """From now on, lines are written by a thread of their own (``run``'s daemon)."""
-        if self._thread is not None or self._fd < 0:
+        if self._queue is not None or self._fd < 0:
             return
         self._queue = deque()
         self._thread = threading.Thread(target=self._drain, name="log-writer", daemon=True)
@@ -115,34 +125,52 @@ class LogOutput:
         thread is still stuck on a reader that does not read, they are dropped instead.
         """
         thread = self._thread
-        if thread is None:
+        if thread is None or self._gave_up:     # the exit waits once, not at every close
             return
         with self._ready:
             self._closing = True
             self._ready.notify()
         thread.join(wait_s)
         if thread.is_alive():
+            self._gave_up = True
             return
         with self._ready:
             left, self._queue, self._thread = self._queue or deque(), None, None
+            if self._dropped is not None:       # said before the next line written
+                left.append(self._dropped)
+                self._dropped = None
         with self._lock:
             for item in left:       # came in between the thread's end and now
                 self._lost(item) if isinstance(item, _Loss) else self._deliver(item)
 
+    def release(self) -> None:
+        """Close the descriptor this output duplicated (a new configuration replaces it)."""
+        self.close()
+        if self._gave_up:       # the writer thread is stuck in a write, holding the lock
+            return
+        with self._lock:
+            if self._own_fd:
+                os.close(self._fd)
+                self._fd, self._own_fd, self._queue = -1, False, None
+                self._stream = open(os.devnull, "w")
+
     def settle(self, wait_s: float) -> None:
         """Wait up to ``wait_s`` for the queue to empty, taking no lock (a signal handler's)."""
         deadline = time.monotonic() + wait_s
-        while self._queued and self._thread is not None and time.monotonic() < deadline:
+        while (self._queue or self._busy) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing queued and no line half-written by the writer thread."""
+        return not self._queue and not self._busy
 
     def _enqueue(self, data: bytes) -> bool:
         """Queue ``data`` for the writer thread; False when there is none any more."""
         with self._ready:
-            if self._queue is None:
-                return False
-            if self._closing and (self._thread is None or not self._thread.is_alive()):
-                return False
-            if self._queued + len(data) > QUEUE_MAX_BYTES:
+            if self._queue is None or self._thread is None or not self._thread.is_alive():
+                return False    # closed, or the writer died: the caller writes it
+            if self._queued and self._queued + len(data) > QUEUE_MAX_BYTES:
                 if self._dropped is None:
                     self._dropped = _Loss(0, time.time(), "the log output stopped taking lines "
                                                            "(nobody reads it)")
@@ -164,13 +192,16 @@ class LogOutput:
                 if not self._queue:
                     return
                 item = self._queue.popleft()
-                if isinstance(item, bytes):
-                    self._queued -= len(item)
+                self._busy = True
             with self._lock:
                 if isinstance(item, _Loss):
                     self._lost(item)
                 else:
                     self._deliver(item)
+            with self._ready:
+                if isinstance(item, bytes):     # its room is free once it is written
+                    self._queued -= len(item)
+                self._busy = False
 
     # -- writing
     def _deliver(self, data: bytes) -> None:

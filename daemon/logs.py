@@ -8,11 +8,11 @@ refuses is counted, never raised, and ``run`` writes from a thread of its own.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Final, Literal, TextIO, cast
@@ -128,9 +128,12 @@ def configure(
     stream: TextIO | None = None,
 ) -> SecretMasker:
     """Configure structlog and the stdlib bridge once, from ``cli.py``. Returns the masker."""
+    own_fd = stream is None         # stderr: a descriptor of our own (see LogOutput)
     stream = stream or sys.stderr or open(os.devnull, "w")  # 2>&-
-    close()
-    output = LogOutput(stream, lambda event, fields: rendered_line(event, **fields).decode())
+    if _output:
+        _output.pop().release()
+    output = LogOutput(stream, lambda event, fields: rendered_line(event, **fields).decode(),
+                       own_fd=own_fd)
     _output[:] = [output]
     masker = SecretMasker(secrets)
     use_console = fmt == "console" or (fmt == "auto" and output.isatty())
@@ -160,9 +163,32 @@ def configure(
 
 
 def write_in_background() -> None:
-    """Write log lines from a thread of their own from now on (``run``): see :mod:`logoutput`."""
-    if _output:
-        _output[-1].start_background()
+    """Write log lines from a thread of their own from now on (``run``): see :mod:`logoutput`.
+
+    What Python itself would print to stderr (a warning, an exception in a thread or one
+    "ignored" in a finaliser) is logged instead, so a stalled stderr cannot stall it either.
+    """
+    if not _output:
+        return
+    _output[-1].start_background()
+    logging.captureWarnings(True)                       # py.warnings, through the root handler
+    threading.excepthook = _thread_crashed
+    sys.unraisablehook = _exception_ignored
+
+
+def _thread_crashed(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger("daemon").error(
+        "thread.crashed", thread=args.thread.name if args.thread else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _exception_ignored(args: sys.UnraisableHookArgs) -> None:
+    structlog.get_logger("daemon").warning(
+        "exception.ignored", where=args.err_msg or "Exception ignored in",
+        object=repr(args.object)[:200],
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def close() -> None:
@@ -177,13 +203,20 @@ def settle(wait_s: float) -> None:
         _output[-1].settle(wait_s)
 
 
+def settled() -> bool:
+    """Whether the log writer has written everything it was given (no line half-written)."""
+    return not _output or _output[-1].settled
+
+
 def say(text: str) -> None:
     """One plain line on stderr, after the log lines before it; an error is never raised."""
     if _output:
         _output[-1].write(text)
-    elif sys.stderr is not None:
-        with contextlib.suppress(OSError, ValueError):
-            print(text, file=sys.stderr, flush=True)
+    elif sys.stderr is not None:    # not configured yet: a stalled stderr waits a moment only
+        output = LogOutput(sys.stderr, own_fd=True)
+        output.start_background()
+        output.write(text)
+        output.release()
 
 
 def rendered_line(event: str, **fields: object) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 from collections.abc import Awaitable, Iterator
 from types import FrameType
@@ -81,15 +82,17 @@ def _exit_now(signum: int, _frame: FrameType | None) -> None:
 
     Its line is written with ``os.write``, not through the logger: the signal may have
     interrupted a log write holding the writer's lock, which this thread would then wait for
-    for ever. Nothing is flushed (a full pipe would block the exit): the log writer thread gets
-    a moment to write what it still holds, without a lock.
+    for ever. Nothing is flushed and the line is left out when stderr has no room for it (a
+    full pipe would block the exit): the log writer thread gets a moment to write what it
+    still holds, without a lock.
     """
     line = logs.rendered_line("daemon.exit_now", signal=signal.Signals(signum).name,
                               effect="threads still running (a model load, a recognition) are "
                                      "not waited for")
     logs.settle(EXIT_SETTLE_S)      # the stop's last lines, if the log writer still has them
-    with contextlib.suppress(OSError):
-        os.write(2, line)
+    with contextlib.suppress(OSError, ValueError):
+        if select.select([], [2], [], 0)[1]:    # room for a line: it cannot block the exit
+            os.write(2, line if logs.settled() else b"\n" + line)
     os._exit(0)
 
 

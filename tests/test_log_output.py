@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +17,21 @@ import pytest
 import structlog
 
 from daemon import logoutput, logs
-from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS, TRANSCRIBED
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
 from tests.daemon_proc import cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 
 S1 = "espeak-s1.wav"
+
+
+@pytest.fixture(autouse=True)
+def _logging_parked() -> Iterator[None]:
+    """The root handler these tests' configurations leave must not write to a later test's
+    descriptor that happens to get the same number."""
+    yield
+    logs.close()
+    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture
@@ -81,21 +92,25 @@ async def test_the_daemon_transcribes_whatever_its_stderr_does(
         fake: FakeAssemblyAI, tmp_path: Path, kind: str) -> None:
     """Every turn is delivered and the run ends 0 when stderr's reader is gone (it ended 1 at
     the first log line, the turn lost), when stderr is a full disk (the same), or when its
-    reader stopped reading (the event loop waited on the first log line for ever)."""
+    reader stopped reading (the event loop waited on the first log line for ever; now the
+    exit gives the lines waiting 2 s, once)."""
     config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
     with _stderr(kind) as stderr:
-        code = await _run(config, stderr)
+        code = await _run(config, stderr, limit_s=30)   # the file is 3.4 s
     assert code == 0
     assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
 
-async def test_a_config_error_keeps_its_exit_code_without_a_stderr(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["gone", "stalled"])
+async def test_a_config_error_keeps_its_exit_code_without_a_stderr(tmp_path: Path,
+                                                                   kind: str) -> None:
     """78 stays 78 when the line saying why cannot be written (it became 1: systemd would
-    restart a daemon whose configuration is wrong, RestartPreventExitStatus=78 notwithstanding)."""
+    restart a daemon whose configuration is wrong, RestartPreventExitStatus=78 notwithstanding),
+    and comes within a bound when nobody reads it."""
     config = tmp_path / "config.toml"
     config.write_text("[audio]\nsorce = 'file'\n")
-    with _stderr("gone") as stderr:
-        assert await _run(config, stderr) == 78
+    with _stderr(kind) as stderr:
+        assert await _run(config, stderr, limit_s=20) == 78
 
 
 def _lines(fd: int) -> list[dict[str, object]]:
@@ -133,7 +148,7 @@ def test_a_reader_that_stops_reading_never_holds_up_the_logger() -> None:
     """In the background mode a full pipe costs lines, counted, not the logging thread's time:
     the lines beyond the queue's bound are lost and said before the next line written."""
     read, write = _full_pipe()
-    stream = open(write, "w", closefd=False)    # noqa: SIM115 (closed below)
+    stream = open(write, "w", closefd=False)
     output = logoutput.LogOutput(stream, lambda event, fields: json.dumps({"event": event,
                                                                           **fields}))
     output.start_background()
@@ -170,3 +185,28 @@ def test_a_reader_that_stops_reading_never_holds_up_the_logger() -> None:
 def _read_all(fd: int, into: bytearray) -> None:
     while block := os.read(fd, 65536):
         into += block
+
+
+def test_a_stuck_writer_is_waited_for_once() -> None:
+    """``close`` waits its bound for a reader that does not read, once: a second close (the
+    exit's, after run's) returns at once; ``settled`` says a line is still unwritten."""
+    read, write = _full_pipe()
+    stream = open(write, "w", closefd=False)
+    output = logoutput.LogOutput(stream)
+    output.start_background()
+    output.write("a line the reader never takes")
+    output.close(wait_s=0.2)
+    assert not output.settled
+    started = time.monotonic()
+    output.close(wait_s=5)
+    assert time.monotonic() - started < 1
+    received = bytearray()
+    reader = threading.Thread(target=lambda: _read_all(read, received), daemon=True)
+    reader.start()
+    output.settle(10)       # the reader came back: the writer finishes the line
+    assert output.settled
+    os.close(write)
+    reader.join(10)
+    os.close(read)
+    stream.close()
+    assert received.endswith(b"a line the reader never takes\n")
