@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from daemon.plugins import load_plugins
 
     # until app.run handles it: a SIGHUP while starting (logrotate, kill -HUP) killed the process
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (cli.main did so already, before imports)
     _stacks_on_abort()
     plugins = load_plugins()
     try:

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -231,3 +232,39 @@ class TestWatchdogKillLeavesATrace:
         assert result.code == -signal.SIGABRT
         assert "Fatal Python error: Aborted" in result.stderr
         assert 'File "' in result.stderr.split("Fatal Python error: Aborted")[1]
+
+
+def _ignores_sighup(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def _until_ignoring_sighup(pid: int, limit_s: float) -> bool:
+    """Read /proc until ``pid`` ignores SIGHUP (no event says so; reading is all there is)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if _ignores_sighup(pid):
+            return True
+    return False
+
+
+async def test_a_sighup_while_run_imports_is_ignored(fake: FakeAssemblyAI, tmp_path: Path) -> None:
+    """``run`` ignores SIGHUP before its heavy imports (pydantic and on: ~0.3 s), as the README
+    says of a SIGHUP while it starts; it was ignored only after them, and one in between
+    (logrotate's ``kill -HUP`` right after a restart) killed it (129)."""
+    config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+    daemon = await Daemon.start("run", "--config", str(config))
+    try:
+        pid = daemon.process.pid
+        assert await asyncio.to_thread(_until_ignoring_sighup, pid, 10), "never ignored SIGHUP"
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        daemon.signal(signal.SIGHUP)
+        assert "pydantic_core" not in maps, "SIGHUP was ignored only after the heavy imports"
+        result = await daemon.finish(30)
+    finally:
+        await daemon.kill_if_running()
+    assert result.code == 0, result.stderr
+    assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
