@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import os
+import shlex
 import signal
 import socket
 import sys
@@ -296,8 +298,8 @@ def install_service(args: argparse.Namespace) -> int:
         for line in service.install(target):
             print(line)
     except OSError as exc:
-        hint = " (run it as root: sudo transcribed install-service --system)" if args.system else ""
-        print(f"transcribed: cannot write {exc.filename}: {exc.strerror}{hint}", file=sys.stderr)
+        print(f"transcribed: cannot write {exc.filename}: {exc.strerror}"
+              f"{_root_hint(exc, args.system)}", file=sys.stderr)
         return EX_FAILURE
     for warning in target.warnings:
         print(f"transcribed: warning: {warning}", file=sys.stderr)
@@ -305,6 +307,15 @@ def install_service(args: argparse.Namespace) -> int:
     for command in target.commands:
         print(f"  {command}")
     return EX_OK
+
+
+def _root_hint(exc: OSError, system: bool) -> str:
+    """How to run it as root, when that is what was missing (sudo resets PATH: the full path)."""
+    if not system or not isinstance(exc, PermissionError) or os.geteuid() == 0:
+        return ""
+    from daemon.service import current_executable
+
+    return f" (run it as root: sudo {shlex.quote(current_executable())} install-service --system)"
 
 
 def tail(args: argparse.Namespace) -> int:

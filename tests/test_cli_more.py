@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -268,3 +270,29 @@ async def test_a_sighup_while_run_imports_is_ignored(fake: FakeAssemblyAI, tmp_p
         await daemon.kill_if_running()
     assert result.code == 0, result.stderr
     assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
+
+async def _install_system(root: Path, *, as_nobody: bool) -> tuple[int, str]:
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+    process = await asyncio.create_subprocess_exec(
+        *as_user, *TRANSCRIBED, "install-service", "--system", "--root", str(root), cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        _out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_install_service_says_sudo_only_when_root_is_what_is_missing(tmp_path: Path) -> None:
+    """The hint to run it as root comes for a permission error, with the full path (sudo
+    resets PATH: ``sudo transcribed`` is not found); a path that does not exist gets none (it
+    was given to root too)."""
+    code, err = await _install_system(Path("/proc/1/nope"), as_nobody=False)
+    assert code == 1 and "No such file or directory" in err and "sudo" not in err, err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    code, err = await _install_system(locked, as_nobody=os.geteuid() == 0)
+    assert code == 1 and "Permission denied" in err, err
+    beside = Path(sys.executable).parent / "transcribed"    # what python -m daemon runs for
+    assert f"(run it as root: sudo {beside} install-service --system)" in err, err
