@@ -115,7 +115,8 @@ def _mask_rendered(masker: SecretMasker) -> Processor:
 
 def _drop_transcripts(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     for key in _TRANSCRIPT_KEYS & event_dict.keys():
-        event_dict[key] = "[hidden]"
+        if not isinstance(event_dict[key], int | float):    # a count (words=9) tells nothing
+            event_dict[key] = "[hidden]"
     return event_dict
 
 

@@ -70,9 +70,10 @@ def test_transcripts_hidden_when_switched_off() -> None:
     """log.transcripts = false keeps transcript text out of every line."""
     out = io.StringIO()
     configure(fmt="json", transcripts=False, stream=out)
-    structlog.get_logger("t").info("turn.completed", transcript="my secret plans")
+    structlog.get_logger("t").info("turn.completed", transcript="my secret plans", words=3)
     assert "my secret plans" not in out.getvalue()
     assert lines(out)[0]["transcript"] == "[hidden]"
+    assert lines(out)[0]["words"] == 3      # a count stays a number (it became "[hidden]")
 
 
 def test_console_format() -> None:
