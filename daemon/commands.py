@@ -189,6 +189,8 @@ def check_config(args: argparse.Namespace) -> int:
         settings, path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
+    if (problem := _ambiguous_device(settings, path)) is not None:
+        return _config_failed(ConfigError([problem]))
     sinks = {name: config.model_dump(mode="python") for name, (_t, config) in validated.items()}
     data = masked_dict(settings, sinks)
     print(
@@ -199,6 +201,33 @@ def check_config(args: argparse.Namespace) -> int:
         print("# no sink is enabled: turns are delivered to no sink")
     print(tomli_w.dumps(_tomlable(data)), end="")
     return EX_OK
+
+
+def _ambiguous_device(settings: Settings, path: Path | None) -> str | None:
+    """An ``audio.device`` name that fits several of the devices listed now, as one problem.
+
+    ``run`` refuses such a name (78), so ``check-config`` does too. Only a name, and only
+    against what is listed now (within 5 s; a listing that fails says nothing): a device not
+    listed is one ``run`` waits for, and an index may name another device once one is
+    plugged in.
+    """
+    spec = settings.audio.device.strip()
+    if settings.audio.source != "microphone" or not spec or spec.isdecimal():
+        return None
+    from daemon.devices import AmbiguousDevice, list_devices, resolve_device
+    from daemon.errors import AudioError
+    from daemon.problems import path_text
+
+    try:
+        resolve_device(list_devices(limit_s=5.0), spec)
+    except AmbiguousDevice as exc:
+        variable = "TRANSCRIBED_AUDIO__DEVICE"
+        where = f"environment {variable}" if variable in os.environ else (
+            path_text(path) if path else "built-in defaults")
+        return f"{where}: audio.device: {exc}"
+    except AudioError:
+        pass
+    return None
 
 
 def _tomlable(value: Any) -> Any:

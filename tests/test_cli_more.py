@@ -105,6 +105,26 @@ class TestLastStatusOnFailure:
         assert statuses[-1].startswith("failed (exit 78): "), statuses
         assert "audio device 'e' matches 2 input devices" in statuses[-1]
 
+    @pytest.mark.parametrize(("device", "code"), [("e", 78), ("puls", 0), ("absent", 0)])
+    async def test_check_config_says_so_too(self, vmic: VirtualMic, tmp_path: Path,
+                                            device: str, code: int) -> None:
+        """check-config said OK to the name ``run`` then refused with 78; now it lists the
+        devices and refuses it too, naming where the name was set. A name that fits one
+        device, or none listed now (run waits for it), passes."""
+        config = tmp_path / "config.toml"
+        config.write_text("[transcriber]\nengine = \"local\"\n")
+        env = {**vmic.env(), "TRANSCRIBED_AUDIO__DEVICE": device}
+        process = await asyncio.create_subprocess_exec(
+            *TRANSCRIBED, "check-config", "--config", str(config), cwd=REPO, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            _out, err = await process.communicate()
+        assert process.returncode == code, err
+        if code:
+            assert err.decode().startswith(
+                "transcribed: config error: environment TRANSCRIBED_AUDIO__DEVICE: audio.device: "
+                "audio device 'e' matches 2 input devices: "), err
+
 
 class TestStateDirThatCannotBeMade:
     """A ``state.dir`` below a regular file: ``check-config`` passed it and ``run`` failed at
