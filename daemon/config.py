@@ -1,9 +1,10 @@
 """Configuration: one TOML file, ``TRANSCRIBED_<SECTION>__<KEY>`` overrides, secrets from files.
 
 Lookup when no path is given (SPEC "Command line"): ``$TRANSCRIBED_CONFIG``, then
-``$XDG_CONFIG_HOME/transcribed/config.toml``, then ``/etc/transcribed/config.toml``; with none,
-built-in defaults. Unknown keys are errors. Every problem becomes one line naming the key
-(``sinks.alerts.url: …``) and, where there is one, the file.
+``$XDG_CONFIG_HOME/transcribed/config.toml`` (``~/.config`` when it is unset or relative), then
+``/etc/transcribed/config.toml``; with none, built-in defaults. Unknown keys are errors. Every
+problem becomes one line naming the key (``sinks.alerts.url: …``) and, where there is one, the
+file.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pydantic_settings import (
 from daemon.credentials import HeaderSecret, resolve_secrets
 from daemon.envvars import ENV_PREFIX, problem_origin, unknown_variables, unparsable_line
 from daemon.errors import ConfigError
-from daemon.paths import look, read_config_text
+from daemon.paths import look, read_config_text, xdg_home
 from daemon.problems import path_text, validation_lines
 
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
@@ -248,8 +249,7 @@ class Settings(BaseSettings):
             return Path(self.state.dir).expanduser()
         if os.environ.get("STATE_DIRECTORY"):
             return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "transcribed"
+        return xdg_home(os.environ, "XDG_STATE_HOME", ".local/state") / "transcribed"
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
@@ -267,8 +267,8 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
         if not look(path, "config"):
             raise ConfigError(f"{path_text(path)}: {_not_a_file(path)}")
         return path
-    xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    candidates = (Path(xdg) / "transcribed" / "config.toml", Path("/etc/transcribed/config.toml"))
+    candidates = (xdg_home(env, "XDG_CONFIG_HOME", ".config") / "transcribed" / "config.toml",
+                  Path("/etc/transcribed/config.toml"))
     for candidate in candidates:
         if look(candidate, "config"):
             return candidate

@@ -3,13 +3,15 @@
 Owns ``look``: a path we may not look at (EACCES, a name too long) is one config error line
 naming the key, never a traceback. Used by the config file lookup, the API key's credential
 file and ``check-config``'s checks of ``audio.path`` and ``state.dir``. Owns
-``read_config_text``: the config file's text, read no further than ``CONFIG_MAX_BYTES``.
+``read_config_text``: the config file's text, read no further than ``CONFIG_MAX_BYTES``, and
+``xdg_home``: an XDG base directory as the XDG Base Directory specification reads it.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -56,3 +58,13 @@ def read_config_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{shown}: not UTF-8 text (byte {exc.start})") from None
+
+
+def xdg_home(env: Mapping[str, str], variable: str, default: str) -> Path:
+    """``$variable`` (``XDG_CONFIG_HOME``…) if it is an absolute path, else ``~/<default>``.
+
+    The XDG Base Directory specification: a relative path there is invalid and is ignored
+    (taken as it was, it named a folder below wherever the daemon was started).
+    """
+    value = env.get(variable, "")
+    return Path(value) if os.path.isabs(value) else Path.home() / default

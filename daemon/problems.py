@@ -19,6 +19,10 @@ from daemon.envvars import unparsed_container
 PLAIN_KEY: Final = re.compile(r"[^\s.:'\"]+")
 """A key part a problem line shows as it is: no space, dot, colon or quote (nor empty)."""
 
+Problem = tuple[str, tuple[str, ...]]
+"""A problem line and the dotted keys its check read (``()``: only the key the line names); the
+keys say who the line names as having set them (``daemon.envvars.keys_origin``)."""
+
 
 def key_text(part: str | int) -> str:
     """A key as a problem line names it: escaped and quoted unless it reads as one key part.

@@ -16,6 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Final
 
+from daemon.paths import xdg_home
+
 PLACEHOLDER: Final = "@TRANSCRIBED@"
 USER_DEFAULT_EXEC: Final = "%h/.local/bin/transcribed"
 SYSTEM_DEFAULT_EXEC: Final = "/usr/local/bin/transcribed"
@@ -236,7 +238,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
             shared=True,
             edit=SYSTEM_EDIT,
         )
-    config_home = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    config_home = xdg_home(env, "XDG_CONFIG_HOME", ".config")   # a relative one is ignored
     if root is not None:
         config_home = root / config_home.relative_to(config_home.anchor)
     return Plan(

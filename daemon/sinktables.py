@@ -17,13 +17,24 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from daemon.envvars import CONTAINER_ERRORS, json_error, json_problem, takes_json, variable_key
+from daemon.envvars import (
+    CONTAINER_ERRORS,
+    json_error,
+    json_problem,
+    key_variables,
+    takes_json,
+    variable_key,
+)
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
-from daemon.problems import key_text, validation_lines
+from daemon.problems import PLAIN_KEY, Problem, key_text, validation_lines
 from daemon.supervise import error_line
 
 SINK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
+LOOK_AT_PATHS: Final = "look_at_paths"
+"""A key of the validation context tables from a configuration are validated with: set, a
+model may look at the paths it names (a file sink's ``path`` that is a folder) and refuse what
+can never work; it never creates anything. A model built in code (a test's) is not given it."""
 
 ValidatedSinks = dict[str, tuple[SinkType, SinkConfig]]   # sink name -> its type and config
 
@@ -34,52 +45,96 @@ def validate_sinks(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
 
     Returns every sink, disabled ones included. ``env`` (default ``os.environ``) tells which
     keys the environment set: a list or table there must be JSON text.
+
+    Raises:
+        ConfigError: every problem (``sink_problems``), one line each.
     """
+    result, problems = sink_problems(host, tables, env)
+    if problems:
+        raise ConfigError([line for line, _keys in problems])
+    return result
+
+
+def sink_problems(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
+                  env: Mapping[str, str] | None = None) -> tuple[ValidatedSinks, list[Problem]]:
+    """The sinks that validate, and the problems of the others with the keys each check read.
+
+    A key unknown to the sink's type was found by comparing it with ``type``: its problem
+    reads both (``sinks.<name>.path: unknown key for type 'console'``, where the environment
+    changed the file's ``type``, names the variable too).
+    """
+    env = os.environ if env is None else env
     known = host.sink_types()
-    keys = [key for key in map(variable_key, os.environ if env is None else env)
+    keys = [key for key in map(variable_key, env)
             if key is not None and len(key) == 3 and key[0] == "sinks"]
-    problems: list[str] = []
+    problems: list[Problem] = []
     result: ValidatedSinks = {}
     for name, table in tables.items():
         if not SINK_NAME.fullmatch(name):
-            problems.append(f"sinks.{key_text(name)}: a sink name is lower-case letters, digits, "
-                            "'_' or '-' (environment overrides are matched in lower case)")
-            continue
-        if not isinstance(table, Mapping):
-            problems.append(f"sinks.{name}: must be a table")
-            continue
-        type_name = table.get("type")
-        if not isinstance(type_name, str) or type_name not in known:
-            choices = ", ".join(sorted(known))
-            got = ("missing" if type_name is None else f"unknown type {type_name[:60]!r}"
-                   if isinstance(type_name, str) else "must be text (a type name)")
-            broken = "".join(f"; plugin {plugin} {why}" for plugin, why in host.failed.items())
-            problems.append(f"sinks.{name}.type: {got} (known types: {choices}){broken}")
-            continue
-        sink_type = known[type_name]
-        values, unparsed = _json_values(sink_type, table, {k[2] for k in keys if k[1] == name})
-        try:
-            config = sink_type.config_model.model_validate(values)
-        except ValidationError as exc:
-            # text from the environment that was not JSON, where the model wanted a list or
-            # table (a webhook's ``secret`` also takes plain text): say how to write it
-            wrong = {key: problem for key, problem in unparsed.items()
-                     if any(e["loc"][:1] == (key,) and e["type"] in CONTAINER_ERRORS
-                            for e in exc.errors())}
-            problems.extend(f"sinks.{name}.{key}: {problem}" for key, problem in wrong.items())
-            problems.extend(validation_lines(exc, prefix=f"sinks.{name}", skip=wrong))
-            continue
-        except ConfigError as exc:
-            problems.extend(f"sinks.{name}.{p}" for p in exc.problems)
-            continue
-        except Exception as exc:  # supervision boundary: a plugin's validator has a bug
-            problems.append(f"sinks.{name}: the config model of sink type {type_name!r} failed "
-                            f"(a bug in its plugin): {error_line(exc)}")
-            continue
-        result[name] = (sink_type, config)
-    if problems:
-        raise ConfigError(problems)
-    return result
+            problems.append((f"sinks.{key_text(name)}: a sink name is lower-case letters, "
+                             "digits, '_' or '-' (environment overrides are matched in lower "
+                             "case)", ()))
+        elif not isinstance(table, Mapping):
+            problems.append((f"sinks.{name}: must be a table", ()))
+        elif not isinstance(table.get("type"), str) or table["type"] not in known:
+            problems.append((_type_problem(host, name, table.get("type")), ()))
+        else:
+            from_env = {k[2] for k in keys if k[1] == name}
+            checked = _validated(known[table["type"]], name, table, from_env, env)
+            if isinstance(checked, list):
+                problems += checked
+            else:
+                result[name] = (known[table["type"]], checked)
+    return result, problems
+
+
+def _type_problem(host: PluginHost, name: str, type_name: Any) -> str:
+    """The line for a sink whose ``type`` is missing, not text or no known type."""
+    known = host.sink_types()
+    choices = ", ".join(sorted(known))
+    got = ("missing" if type_name is None else f"unknown type {type_name[:60]!r}"
+           if isinstance(type_name, str) else "must be text (a type name)")
+    broken = "".join(f"; plugin {plugin} {why}" for plugin, why in host.failed.items())
+    return f"sinks.{name}.type: {got} (known types: {choices}){broken}"
+
+
+def _validated(sink_type: SinkType, name: str, table: Mapping[str, Any],
+               from_env: AbstractSet[str], env: Mapping[str, str]
+               ) -> SinkConfig | list[Problem]:
+    """The table validated by its type's model, or its problems."""
+    values, unparsed = _json_values(sink_type, table, from_env)
+    try:
+        return sink_type.config_model.model_validate(values, context={LOOK_AT_PATHS: True})
+    except ValidationError as exc:
+        # text from the environment that was not JSON, where the model wanted a list or
+        # table (a webhook's ``secret`` also takes plain text): say how to write it
+        wrong = {key: problem for key, problem in unparsed.items()
+                 if any(e["loc"][:1] == (key,) and e["type"] in CONTAINER_ERRORS
+                        for e in exc.errors())}
+        unknown = [str(e["loc"][0]) for e in exc.errors()
+                   if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+        lines = [f"sinks.{name}.{key}: {problem}" for key, problem in wrong.items()]
+        lines += validation_lines(exc, prefix=f"sinks.{name}", skip={*wrong, *unknown})
+        return [(line, ()) for line in lines] \
+            + [_unknown_key(name, key, sink_type.name, env) for key in unknown]
+    except ConfigError as exc:
+        return [(f"sinks.{name}.{p}", ()) for p in exc.problems]
+    except Exception as exc:  # supervision boundary: a plugin's validator has a bug
+        return [(f"sinks.{name}: the config model of sink type {sink_type.name!r} failed "
+                 f"(a bug in its plugin): {error_line(exc)}", ())]
+
+
+def _unknown_key(name: str, key: str, type_name: str, env: Mapping[str, str]) -> Problem:
+    """A key the sink's type does not have: found by comparing it with ``type``, both read.
+
+    Where the environment set either, the type is named: the file may show another.
+    """
+    read = (f"sinks.{name}.{key}", f"sinks.{name}.type")
+    if not PLAIN_KEY.fullmatch(key):        # not a dotted key part: the line's own origin
+        return f"sinks.{name}.{key_text(key)}: unknown key", ()
+    if any(key_variables(dotted.split("."), env) for dotted in read):
+        return f"sinks.{name}.{key}: unknown key for type {type_name!r}", read
+    return f"sinks.{name}.{key}: unknown key", read
 
 
 def enabled_sinks(sinks: ValidatedSinks) -> ValidatedSinks:

@@ -1,7 +1,8 @@
 """Everything a configuration is checked for, in one pass, as ``run`` and ``check-config`` see it.
 
 Field validation (``daemon.config.read_settings``), then the cross-key checks field validation
-cannot see (``semantic_problems``), then each sink table by its own type (``validate_sinks``). A
+cannot see (``semantic_problems``), then each sink table by its own type (``sink_problems``:
+a key its type does not have was found by comparing it with ``type``, and reads both). A
 section with a problem of its own holds back only the checks that read it, so one run names
 every problem; each line names the key and who set it (the file or an environment variable);
 a cross-key problem names who set any of the keys its check read (``keys_origin``).
@@ -26,14 +27,11 @@ from daemon.config import (
 from daemon.envvars import keys_origin, problem_origin, variable_key
 from daemon.errors import AudioError, ConfigError, EngineError
 from daemon.paths import look, read_config_text
-from daemon.problems import path_text
-from daemon.sinktables import ValidatedSinks, validate_sinks
+from daemon.problems import Problem, path_text
+from daemon.sinktables import ValidatedSinks, sink_problems, validate_sinks
 
 if TYPE_CHECKING:
     from daemon.plugins import PluginHost
-
-Problem = tuple[str, tuple[str, ...]]
-"""A problem line and the keys its check read (``()``: only the key the line names)."""
 
 
 def validate(config: str | None, plugins: PluginHost
@@ -51,9 +49,10 @@ def validate(config: str | None, plugins: PluginHost
     late = semantic_problems(settings, skip=failed)
     sinks: ValidatedSinks = {}
     try:
-        sinks = validate_sinks(plugins, settings.effective_sinks())
-    except ConfigError as exc:
-        late += [(p, ()) for p in exc.problems]
+        sinks, sink_lines = sink_problems(plugins, settings.effective_sinks())
+    except ConfigError as exc:          # two plugins provide one sink type
+        sink_lines = [(p, ()) for p in exc.problems]
+    late += sink_lines
     if late:    # each names its environment variable, if one set the key (or the sink)
         problems += _with_origins(late, where, _file_table(path))
     if problems:
@@ -193,6 +192,11 @@ def semantic_problems(settings: Settings, skip: frozenset[str] = frozenset()) ->
                          ("assemblyai.max_session_seconds", "assemblyai.token_url")))
     if valid("state"):
         problems += _alone(_state_problems(settings.state_path()))
+    if valid("assemblyai") and cloud.min_turn_silence > cloud.max_turn_silence:
+        problems.append(("assemblyai.min_turn_silence: must not exceed "
+                         f"assemblyai.max_turn_silence (got {cloud.min_turn_silence} > "
+                         f"{cloud.max_turn_silence})",
+                         ("assemblyai.min_turn_silence", "assemblyai.max_turn_silence")))
     if valid("reconnect") and settings.reconnect.initial_delay > settings.reconnect.max_delay:
         problems.append(("reconnect.initial_delay: must not exceed reconnect.max_delay",
                          ("reconnect.initial_delay", "reconnect.max_delay")))

@@ -19,12 +19,14 @@ from types import TracebackType
 from typing import IO, Self
 
 import structlog
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
 from daemon.fdio import append_whole, write_all
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+from daemon.problems import path_text
+from daemon.sinktables import LOOK_AT_PATHS
 
 log = structlog.get_logger("plugins.file")
 
@@ -52,6 +54,21 @@ class FileSinkConfig(SinkConfig):
         except RuntimeError:
             raise ValueError(f"cannot expand {value.split('/', 1)[0]!r}: no such user, or no "
                              "home directory") from None
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _a_file(cls, value: str, info: ValidationInfo) -> str:
+        """Not a folder, nor below a file: every send failed for ever (check-config passed).
+
+        Checked for a table from a configuration (``LOOK_AT_PATHS``), looked at only, nothing
+        created; what cannot be looked at is left to the sink's open.
+        """
+        if not (isinstance(info.context, dict) and info.context.get(LOOK_AT_PATHS)):
+            return value
+        problem = _not_a_file_path(Path(value).expanduser())
+        if problem:
+            raise ValueError(problem)
         return value
 
 
@@ -216,6 +233,19 @@ class FileSink:
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
+
+
+def _not_a_file_path(path: Path) -> str:
+    """Why the sink could never open ``path``: a folder, or below a file; else ``""``."""
+    try:
+        if path.is_dir():
+            return f"{path_text(path)} is a directory (name a file in it)"
+        folder = next(p for p in path.parents if p.exists())
+    except OSError:           # not ours to look at (yet): the open says why
+        return ""
+    if folder.is_dir():
+        return ""
+    return f"{path_text(path)} cannot be created: {path_text(folder)} is not a directory"
 
 
 def _sync_folder(folder: Path) -> None:

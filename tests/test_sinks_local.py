@@ -727,11 +727,11 @@ def test_hookspecs_typed_and_documented() -> None:
 def test_test_sinks_masks_secrets_in_a_sink_error(tmp_path: Path) -> None:
     """A sink's error is printed through the log masker: a secret in it (here the live view's
     token, which a file path happens to contain) never reaches the output."""
-    blocker = tmp_path / "blocker"
-    blocker.write_text("a file where the sink wants a folder")
+    fifo = tmp_path / "s3cretTOKENvalue.jsonl"
+    os.mkfifo(fifo)     # the sink refuses to open it (it would wait for a reader)
     config = tmp_path / "c.toml"
     config.write_text(f'[http]\ntoken = "s3cretTOKENvalue"\n[sinks.notes]\ntype = "file"\n'
-                      f'path = "{blocker}/s3cretTOKENvalue/turns.jsonl"\n')
+                      f'path = "{fifo}"\n')
     done = subprocess.run([*TRANSCRIBED, "test-sinks", "--config", str(config)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1, done.stderr
