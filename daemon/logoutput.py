@@ -109,6 +109,11 @@ class LogOutput:
         return len(text)
 
     # -- background mode
+    @property
+    def background(self) -> bool:
+        """Lines are written by the writer thread (until :meth:`close`)."""
+        return self._queue is not None
+
     def start_background(self) -> None:
         """From now on, lines are written by a thread of their own (``run``'s daemon)."""
         if self._queue is not None or self._fd < 0:

@@ -210,10 +210,14 @@ def settled() -> bool:
 
 
 def say(text: str) -> None:
-    """One plain line on stderr, after the log lines before it; an error is never raised."""
-    if _output:
+    """One plain line on stderr, after the log lines before it; an error is never raised.
+
+    On the ``sys.stderr`` of now unless ``run``'s background writer is on: a command run again
+    in one process (tests) must not write to the stderr of an earlier configuration.
+    """
+    if _output and _output[-1].background:     # run's: in order after its log lines
         _output[-1].write(text)
-    elif sys.stderr is not None:    # not configured yet: a stalled stderr waits a moment only
+    elif sys.stderr is not None:    # else a stalled stderr waits a moment only
         output = LogOutput(sys.stderr, own_fd=True)
         output.start_background()
         output.write(text)
