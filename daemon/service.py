@@ -191,6 +191,7 @@ class Plan:
     warnings: tuple[str, ...] = ()
     shared: bool = False         # the system unit's dynamic user reads what is written
     edit: str = USER_EDIT        # how to change the unit locally: a drop-in, which we never touch
+    later_config: Path | None = None  # the lookup's next config: one there is used as it is
 
 
 SYSTEM_COMMANDS: Final = (
@@ -248,6 +249,7 @@ def plan(*, system: bool, root: Path | None = None, executable: str | None = Non
         config_text=example_config(),
         commands=USER_COMMANDS,
         warnings=_in_the_cache(exe, env),
+        later_config=base / "etc/transcribed/config.toml",
     )
 
 
@@ -338,7 +340,7 @@ def example_config(*, system: bool = False) -> str:
 
 
 def install(target: Plan) -> list[str]:
-    """Write the unit and the example config (only if none exists); report lines.
+    """Write the unit and the example config (only if the lookup finds none); report lines.
 
     A unit already there is left as it is when it is the one we would write, and otherwise kept
     next to it as ``transcribed.service.bak`` (``.bak.1``, ``.bak.2``... when that name holds
@@ -367,6 +369,9 @@ def install(target: Plan) -> list[str]:
                 f"{target.edit})"]
     if target.config_path.exists():
         done.append(f"kept the existing config {target.config_path}")
+    elif target.later_config is not None and target.later_config.exists():
+        done.append(f"wrote no config: the unit reads {target.later_config} (one written to "
+                    f"{target.config_path} would come first in the lookup and hide it)")
     else:
         _write(target.config_path, target.config_text, 0o644 if target.shared else 0o600,
                shared=target.shared)

@@ -345,6 +345,21 @@ class TestInstallService:
         assert again.returncode == 0 and config.read_text() == "# mine\n"
         assert "kept the existing config" in again.stdout
 
+    def test_user_install_leaves_the_lookup_to_an_etc_config(self, tmp_path: Path) -> None:
+        """With /etc/transcribed/config.toml there (a system setup), --user writes no example
+        config: one in ~/.config comes first in the lookup and hid it, without a word."""
+        (tmp_path / "etc/transcribed").mkdir(parents=True)
+        (tmp_path / "etc/transcribed/config.toml").write_text("# the machine's\n")
+        env = {**os.environ, "XDG_CONFIG_HOME": "/cfg"}
+        done = subprocess.run([*_cli(), "install-service", "--user", "--root", str(tmp_path)],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "cfg/systemd/user/transcribed.service").exists()
+        assert not (tmp_path / "cfg/transcribed/config.toml").exists()
+        assert f"wrote no config: the unit reads {tmp_path}/etc/transcribed/config.toml" \
+            in done.stdout, done.stdout
+
     def test_system_install_under_root(self, tmp_path: Path) -> None:
         """--system --root DIR: the hardened unit and the config below DIR/etc, readable by the
         unit's dynamic user whatever the installer's umask."""
