@@ -25,6 +25,7 @@ _PA_CONTINUE: Final = 0   # pyaudio.paContinue
 _PA_COMPLETE: Final = 1   # pyaudio.paComplete
 _PA_INPUT_OVERFLOW: Final = 2  # pyaudio.paInputOverflow: input was lost before the callback
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
+LATE_S: Final = 1.0  # a stall timer this late means the daemon was frozen, not the device
 
 
 def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
@@ -42,21 +43,36 @@ def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> flo
 
 
 class _Tally:
-    """A count of losses, logged as a warning at once, then at most every few seconds."""
+    """A count of losses, logged as a warning at once, then at most every few seconds.
 
-    def __init__(self, event: str, field: str, **context: object) -> None:
+    What comes within the interval is logged when it is up, not with the next loss: a burst
+    (the audio a frozen daemon's sound server kept, arriving at once on waking) was "1 dropped",
+    the rest said only at exit or with a loss days later.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: str, field: str,
+                 **context: object) -> None:
         self.total = 0
+        self._loop = loop
         self._event, self._field, self._context = event, field, context
         self._unlogged, self._last_log = 0, -math.inf
+        self._later: asyncio.TimerHandle | None = None
 
     def add(self) -> None:
+        """Count one loss (on the loop)."""
         self.total += 1
         self._unlogged += 1
-        if time.monotonic() - self._last_log >= _DROP_LOG_INTERVAL:
+        wait = self._last_log + _DROP_LOG_INTERVAL - time.monotonic()
+        if wait <= 0:
             self.flush()
+        elif self._later is None:
+            self._later = self._loop.call_later(wait, self.flush)
 
     def flush(self) -> None:
         """Log what is not yet reported (call once more at the end)."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         if self._unlogged:
             log.warning(self._event, **{self._field: self._unlogged,
                                         f"total_{self._field}": self.total}, **self._context)
@@ -86,9 +102,9 @@ class CaptureBridge:
         self._loop = loop
         self._sample_rate, self._chunk_ms, self._label = sample_rate, chunk_ms, label
         self._queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue(queue_chunks)
-        self._drops = _Tally("audio.chunks_dropped", "dropped", source=label,
+        self._drops = _Tally(loop, "audio.chunks_dropped", "dropped", source=label,
                              queue_chunks=queue_chunks)
-        self._overflows = _Tally("audio.input_overflow", "overflows", source=label)
+        self._overflows = _Tally(loop, "audio.input_overflow", "overflows", source=label)
         self._ended = False
         self._error: AudioError | None = None
         self.retune(fmt)
@@ -155,15 +171,27 @@ class CaptureBridge:
             AudioError: no audio arrived for ``stall_seconds``, or the stream failed.
         """
         while not (self._ended and self._queue.empty()):
-            try:
-                async with asyncio.timeout(stall_seconds):
-                    item = await self._queue.get()
-            except TimeoutError:
-                raise AudioError(
-                    f"{self._label}: no audio for {stall_seconds:g} s (device stalled or gone)"
-                ) from None
+            item = await self._next(stall_seconds)
             if item is not None:
                 return item
         if self._error is not None:
             raise self._error
         return None
+
+    async def _next(self, stall_seconds: float) -> AudioChunk | None:
+        """The next item, waiting ``stall_seconds`` of the loop's running time.
+
+        A wait that ends :data:`LATE_S` or more after its deadline says the loop was not
+        running (the daemon stopped with SIGSTOP or a cgroup freeze, a paused VM, a blocked
+        loop), not that the device went quiet: the wait starts again, so the audio PortAudio
+        delivers on waking comes first (``audio.gap``) instead of a device reopened for nothing.
+        """
+        while True:
+            deadline = self._loop.time() + stall_seconds
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._queue.get()
+            except TimeoutError:
+                if self._loop.time() - deadline < LATE_S:
+                    raise AudioError(f"{self._label}: no audio for {stall_seconds:g} s "
+                                     "(device stalled or gone)") from None

@@ -9,6 +9,8 @@
   sink stayed "connected" for ever), and a publish waiting for its acknowledgement when the
   connection ends fails at once with the broker's reason (aiomqtt waited out its timeout and
   said only "Operation timed out");
+* a publish not acknowledged within its timeout ends the connection (``abandon``): it is sent
+  again on the next one, not once more per retry into a connection a frozen broker holds;
 * one-line descriptions of connection failures, and paho's log lines naming the sink.
 
 Hooks into aiomqtt and paho internals are version-pinned in ``requirements.lock``; where one is
@@ -44,6 +46,9 @@ if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
         async def deliver(self, topic: str, payload: str | bytes, *, qos: int, retain: bool,
                           within: float) -> None:
             """``publish`` (``within``: its timeout), failing as soon as the connection ends."""
+
+        def abandon(self, why: str) -> None:
+            """End the connection now, ``why`` being how it ended."""
 
 log = structlog.get_logger("plugins.mqtt")
 
@@ -133,6 +138,27 @@ def client_class() -> type[MqttClient]:
                 return
             await _deliver(cast("MqttClient", self), ended, publish, within)
 
+        def abandon(self, why: str) -> None:
+            """End a connection the broker stopped answering on (no PUBACK in time), now.
+
+            MQTT sends a publish again only on a new connection: on this one each retry was
+            one more copy, all delivered when a frozen broker woke up, and only keep-alive
+            (1.5-2 x ``keep_alive``) ended it. As paho ends one whose PINGRESP is overdue.
+            """
+            from paho.mqtt.enums import MQTTErrorCode
+
+            paho = self._client
+            if self.lost is not None or paho.socket() is None or not _accepted(self._connected):
+                return
+            try:
+                close, ended = paho._sock_close, paho._do_on_disconnect
+            except AttributeError as exc:
+                _hook_unavailable("a broker that stops acknowledging is left to keep-alive", exc)
+                return
+            self.lost = Ended(_CONN_LOST, why)
+            close()
+            ended(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_CONN_LOST)
+
         def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode,
                         properties: Properties) -> None:
             if reason_code.is_failure:
@@ -179,6 +205,8 @@ async def _deliver(client: MqttClient, ended: asyncio.Future[None],
             await asyncio.wait((task,))
     if not task.cancelled() and (task.exception() is None or client.lost is None):
         if str(task.exception()) == _TIMED_OUT:
+            unanswered = f"the broker did not acknowledge a publish within {within:g} s"
+            client.abandon(unanswered)
             raise aiomqtt.MqttError(f"the broker did not acknowledge the publish within "
                                     f"{within:g} s") from None
         return task.result()    # published, or failed by itself (its own error)

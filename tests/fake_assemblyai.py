@@ -53,7 +53,7 @@ request or session (``token_status``, ``http_status_on_upgrade``, ``reject_hands
 ``token_raw_body``; ``abandon_turns``: turns ended mid-session without any final) and
 per-session faults armed for the next session that reaches ``Begin``
 (``drop_after_audio_ms``, ``error_after_audio_ms``, ``deaf_after_audio_ms``,
-``stall_after_audio_ms``, ``send_garbage``).
+``stall_after_audio_ms``, ``freeze_after_audio_ms``, ``send_garbage``).
 
 ``time_scale`` (default 1): the fake's notion of time runs that many times faster than the
 event loop's clock, for the audio-rate limit, the session cap (``expires_at`` is in real wall
@@ -80,6 +80,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -131,6 +132,7 @@ API_KEY: Final = "fake-assemblyai-key-0123456789abcdef"
 SPEECH_DIR: Final = Path(__file__).resolve().parent / "data" / "speech"
 RATE_SLACK_S: Final = 0.3
 RATE_SLACK_FRACTION: Final = 0.02
+_TCP_ESTABLISHED: Final = 1     # Linux tcp_states.h
 _INDEX_CACHE: dict[tuple[tuple[str, str, str], ...], ReferenceIndex] = {}
 
 
@@ -487,10 +489,31 @@ class _Session:
             if fault.kind == "stall":           # read nothing more: websockets stops reading
                 await self.ws.wait_closed()     # the socket once its queue is full
                 return False
+            if fault.kind == "freeze":
+                self.deaf = True                # the heartbeats stop too
+                await self.frozen()
+                return False
             await self.ws.send(fault.payload)
             self.record.sent.append(fault.payload)
             await self.fake._notify()
         return True
+
+    async def frozen(self) -> None:
+        """Read and send nothing until the client drops the connection, then drop it too.
+
+        Reading stops (as for a stall), so the client's FIN or RST is not read either: it is
+        seen in the kernel's TCP state, looked at every 50 ms. Without that the session stayed
+        open, unread, until the fake's own close gave up on it 10 s later.
+        """
+        sock = self.ws.transport.get_extra_info("socket")
+        closed = asyncio.ensure_future(self.ws.wait_closed())
+        try:
+            while not closed.done() and _tcp_state(sock) == _TCP_ESTABLISHED:
+                await asyncio.wait([closed], timeout=0.05)
+        finally:
+            closed.cancel()
+        self.ws.transport.abort()
+        await self.ws.wait_closed()
 
     async def on_text(self, text: str) -> bool:
         self.record.texts.append(text)
@@ -562,6 +585,16 @@ class _Session:
         self.record.close_code, self.record.close_reason = code, reason
         self.record.closed_by = "server"
         await self.ws.close(code, reason)
+
+
+def _tcp_state(sock: socket.socket | None) -> int:
+    """The kernel's state of a TCP socket (Linux ``TCP_INFO``); -1 when it has none."""
+    if sock is None:
+        return -1
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return -1
 
 
 def _json_response(connection: ServerConnection, status: int, body: dict[str, Any],

@@ -37,7 +37,7 @@ class InputError(Exception):
 class SessionFault:
     """A fault armed for one session, triggered once the session has received enough audio."""
 
-    kind: Literal["drop", "error", "garbage", "deaf", "stall"]
+    kind: Literal["drop", "error", "garbage", "deaf", "stall", "freeze"]
     after_audio_ms: int
     code: int = 3005
     message: str = ""
@@ -105,6 +105,12 @@ class Faults:
         """Next session: after ``ms`` of audio, stop reading the socket (what the client sends
         piles up in buffers) while heartbeats go on, their received audio frozen."""
         self.session_faults.append(SessionFault("stall", ms))
+
+    def freeze_after_audio_ms(self, ms: int) -> None:
+        """Next session: after ``ms`` of audio, stop altogether, socket open (a frozen process):
+        nothing more is read (what the client sends piles up in buffers, its pings and its
+        close go unanswered) and nothing more is sent, heartbeats included."""
+        self.session_faults.append(SessionFault("freeze", ms))
 
     def send_garbage(self, kind: str = "non_json", after_audio_ms: int = 0) -> None:
         """Next session: send one bad frame (``kind`` is a key of ``GARBAGE``).

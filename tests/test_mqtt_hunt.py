@@ -55,7 +55,8 @@ Answer = Callable[[int, str, bytes], bytes | None]
 
 class ScriptedBroker(LoopbackServer):
     """MQTT 5 on 127.0.0.1: ``hello(n)`` is what connection ``n`` (from 1) gets after CONNECT
-    (None: closed at once); each PUBLISH is answered by ``answer`` (None: a normal PUBACK)."""
+    (None: closed at once); each PUBLISH is answered by ``answer`` (None: a normal PUBACK;
+    b"": the connection is closed)."""
 
     def __init__(self, hello: Callable[[int], bytes | None] = lambda n: connack(),
                  answer: Answer = lambda n, topic, payload: None) -> None:
@@ -78,7 +79,7 @@ class ScriptedBroker(LoopbackServer):
             while True:
                 header, body = await read_packet(reader)
                 reply = self._reply(number, header, body)
-                if reply is None:
+                if not reply:               # b"" from answer: close without a word
                     return
                 writer.write(reply)
                 await writer.drain()
