@@ -199,7 +199,8 @@ class TestFailures:
         service's words, no retry loop."""
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
         result = await run_daemon("run", "--config", str(config), limit_s=20,
-                                  env={"TRANSCRIBED_ASSEMBLYAI__MIN_TURN_SILENCE": "70000"})
+                                  env={"TRANSCRIBED_ASSEMBLYAI__MIN_TURN_SILENCE": "70000",
+                                       "TRANSCRIBED_ASSEMBLYAI__MAX_TURN_SILENCE": "70000"})
         assert result.code == 78, result.stderr
         assert "Invalid 'min_turn_silence'" in result.stderr
         assert len(fake.sessions) == 1
