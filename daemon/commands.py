@@ -273,7 +273,7 @@ def test_sinks(args: argparse.Namespace) -> int:
         print(f"transcribed test-sinks: no sink is enabled ({', '.join(disabled)}: "
               "enabled = false)", file=sys.stderr)
         return EX_FAILURE
-    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path())
+    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
     record = synthetic_turn(context.host)
     failures = 0
     for name, (sink_type, config) in enabled_sinks(validated).items():

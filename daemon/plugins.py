@@ -47,11 +47,17 @@ class SinkConfig(BaseModel):
 
 @dataclass(frozen=True)
 class SinkContext:
-    """What a sink factory may need from the daemon besides its own config."""
+    """What a sink factory may need from the daemon besides its own config.
+
+    ``test``: the sink is built by ``test-sinks``, beside a daemon that may be running with
+    the same config: leave out lasting side effects (a retained message, a status topic) and
+    take no identity the daemon holds (a broker disconnects a client whose id comes again).
+    """
 
     host: str
     state_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    test: bool = False
 
 
 class Sink(Protocol):

@@ -166,10 +166,19 @@ def _unloadable(path: str | None, exc: OSError | ssl.SSLError) -> ValueError:
 class MqttSink:
     """Publishes turns to one broker over a connection it keeps alive itself."""
 
-    def __init__(self, name: str, config: MqttConfig, host: str) -> None:
+    def __init__(self, name: str, config: MqttConfig, host: str, *, test: bool = False) -> None:
+        """A sink for ``config``; ``host`` fills ``{host}`` in the availability topic.
+
+        ``test`` (``test-sinks``): no availability topic, no retained turn, and a ``client_id``
+        of its own, so a daemon running with this config is not disturbed.
+        """
         self.name = name
         self.config = config
-        self.availability = config.availability_topic.format(host=topic_value(host))
+        if test:
+            self.config = config.model_copy(update={
+                "availability_topic": "", "retain": False,
+                "client_id": f"{config.client_id}-test" if config.client_id else ""})
+        self.availability = self.config.availability_topic.format(host=topic_value(host))
         self._where = f"{config.host}:{config.port}"
         self._tls = _tls_context(config.ca_file) if config.tls else None
         self._client: MqttClient | None = None
@@ -370,7 +379,7 @@ class MqttSink:
 
 
 def _factory(name: str, config: Any, context: SinkContext) -> MqttSink:
-    return MqttSink(name, config, context.host)
+    return MqttSink(name, config, context.host, test=context.test)
 
 
 @hookimpl
