@@ -44,9 +44,9 @@ def _validated(args: argparse.Namespace, plugins: PluginHost | None = None
 def _config_failed(exc: ConfigError, mask: Callable[[str], str] = str) -> int:
     from daemon import logs
 
-    for problem in exc.problems:        # one line each, whatever a value held (a line break)
-        line = mask(problem)
-        logs.say(f"transcribed: config error: {line if line.isprintable() else repr(line)[1:-1]}")
+    lines = (mask(problem) for problem in exc.problems)  # one each, whatever a value held
+    logs.say("\n".join(f"transcribed: config error: {x if x.isprintable() else repr(x)[1:-1]}"
+                       for x in lines))             # one write: a stalled stderr waits once
     return EX_CONFIG
 
 
@@ -215,17 +215,15 @@ def _ambiguous_device(settings: Settings, path: Path | None) -> str | None:
     if settings.audio.source != "microphone" or not spec or spec.isdecimal():
         return None
     from daemon.devices import AmbiguousDevice, list_devices, resolve_device
-    from daemon.errors import AudioError
+    from daemon.envvars import problem_origin
     from daemon.problems import path_text
 
     try:
         resolve_device(list_devices(limit_s=5.0), spec)
     except AmbiguousDevice as exc:
-        variable = "TRANSCRIBED_AUDIO__DEVICE"
-        where = f"environment {variable}" if variable in os.environ else (
-            path_text(path) if path else "built-in defaults")
-        return f"{where}: audio.device: {exc}"
-    except AudioError:
+        line = f"audio.device: {exc}"
+        return problem_origin(line, f"{path_text(path)}: " if path else "", os.environ) + line
+    except Exception:   # no PortAudio, or it fails: run says so itself; this checks the config
         pass
     return None
 

@@ -166,6 +166,11 @@ class LogOutput:
             time.sleep(0.01)
 
     @property
+    def gave_up(self) -> bool:
+        """:meth:`close` found the writer thread stuck on a reader that does not read."""
+        return self._gave_up
+
+    @property
     def settled(self) -> bool:
         """Nothing queued and no line half-written by the writer thread."""
         return not self._queue and not self._busy
@@ -210,13 +215,25 @@ class LogOutput:
 
     # -- writing
     def _deliver(self, data: bytes) -> None:
-        if self._loss is not None and self._render is not None:
-            notice = self._render("log.lines_lost", self._loss.fields())
-            if self._put(notice.encode("utf-8", "backslashreplace").rstrip(b"\n") + b"\n") is None:
+        if self._loss is not None:
+            notice = self._notice(self._loss)
+            if not notice or self._put(notice) is None:
                 self._loss = None
         error = self._put(data)
         if error is not None:
             self._lost(_Loss(1, time.time(), _reason(error)))
+
+    def _notice(self, loss: _Loss) -> bytes:
+        """The ``log.lines_lost`` line (empty when the log's processors drop it).
+
+        Rendered by the log's own processors, which are not ours to trust: whatever one
+        raises, the notice is the plain words and ``write`` still raises nothing.
+        """
+        try:
+            text = self._render("log.lines_lost", loss.fields()) if self._render else ""
+        except Exception:
+            text = f"log.lines_lost {loss.fields()}"
+        return text.encode("utf-8", "backslashreplace").rstrip(b"\n") + b"\n" if text else b""
 
     def _lost(self, loss: _Loss) -> None:
         if self._loss is None:

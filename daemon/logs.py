@@ -38,6 +38,7 @@ _LEVELS: Final = {
     "error": logging.ERROR,
 }
 _output: list[LogOutput] = []   # the one configure() made (a list: no `global`)
+_stuck: list[bool] = []         # say() found stderr not taking a line: it tries no more
 
 
 class SecretMasker:
@@ -188,7 +189,7 @@ def _thread_crashed(args: threading.ExceptHookArgs) -> None:
 def _exception_ignored(args: sys.UnraisableHookArgs) -> None:
     structlog.get_logger("daemon").warning(
         "exception.ignored", where=args.err_msg or "Exception ignored in",
-        object=repr(args.object)[:200],
+        object=repr(args.object),     # whole: masking sees a secret whole
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
@@ -217,15 +218,18 @@ def say(text: str) -> None:
     """
     if _output and _output[-1].background:     # run's: in order after its log lines
         _output[-1].write(text)
-    elif sys.stderr is not None:    # else a stalled stderr waits a moment only
+    elif sys.stderr is not None and not _stuck:   # a stalled stderr waits a moment, once
         output = LogOutput(sys.stderr, own_fd=True)
         output.start_background()
         output.write(text)
         output.release()
+        _stuck[:] = [True] if output.gave_up else []
 
 
 def rendered_line(event: str, **fields: object) -> bytes:
     """A warning, ``event``, rendered by the configured processors (masking too) as one line.
+
+    Empty when a processor drops it.
 
     For lines written around the loggers: the writer thread's ``log.lines_lost`` and the
     signal handler's ``daemon.exit_now``, which must not wait on the loggers' locks.
@@ -234,6 +238,8 @@ def rendered_line(event: str, **fields: object) -> bytes:
     try:
         for processor in structlog.get_config()["processors"]:
             entry = processor(None, "warning", entry)
+    except structlog.DropEvent:     # a processor drops it (a BaseException): nothing to write
+        return b""
     except Exception:               # a line that cannot be rendered: the plain words
         entry = f"{event} {fields}"
     text = entry.decode("utf-8", "replace") if isinstance(entry, bytes) else str(entry)

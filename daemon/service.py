@@ -369,7 +369,7 @@ def install(target: Plan) -> list[str]:
                 f"{target.edit})"]
     if target.config_path.exists():
         done.append(f"kept the existing config {target.config_path}")
-    elif target.later_config is not None and target.later_config.exists():
+    elif target.later_config is not None and _exists(target.later_config):
         done.append(f"wrote no config: the unit reads {target.later_config} (one written to "
                     f"{target.config_path} would come first in the lookup and hide it)")
     else:
@@ -377,6 +377,14 @@ def install(target: Plan) -> list[str]:
                shared=target.shared)
         done.append(f"wrote an example config {target.config_path} (edit it)")
     return done
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; one we may not look at counts as absent (so does the lookup)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _back_up(path: Path, content: bytes) -> Path:

@@ -81,6 +81,7 @@ class FileSink:
         self.path = Path(config.path).expanduser()
         self._handle: IO[bytes] | None = None
         self._rotate_failed = ""    # why the last rotation failed (logged once), or ""
+        self._test = context.test   # test-sinks: never rotates a file a daemon may be writing
 
     async def __aenter__(self) -> Self:
         try:
@@ -149,7 +150,7 @@ class FileSink:
         if self._handle is None:
             self._open()
         assert self._handle is not None
-        limit = self.config.rotate_bytes
+        limit = 0 if self._test else self.config.rotate_bytes  # test-sinks: the daemon rotates
         # the size, not tell(): a file truncated under us (copytruncate) keeps a stale offset
         size = os.fstat(self._handle.fileno()).st_size
         if limit and size > 0 and size + len(line) > limit:

@@ -125,6 +125,36 @@ class TestLastStatusOnFailure:
                 "transcribed: config error: environment TRANSCRIBED_AUDIO__DEVICE: audio.device: "
                 "audio device 'e' matches 2 input devices: "), err
 
+    async def test_check_config_names_a_table_variable(self, vmic: VirtualMic,
+                                                       tmp_path: Path) -> None:
+        """The name set by a whole-table variable is blamed on it, not on the file."""
+        config = tmp_path / "config.toml"
+        config.write_text("[transcriber]\nengine = \"local\"\n")
+        env = {**vmic.env(), "TRANSCRIBED_AUDIO": '{"device": "e"}'}
+        process = await asyncio.create_subprocess_exec(
+            *TRANSCRIBED, "check-config", "--config", str(config), cwd=REPO, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        async with asyncio.timeout(30):
+            _out, err = await process.communicate()
+        assert process.returncode == 78, err
+        assert err.decode().startswith("transcribed: config error: environment "
+                                       "TRANSCRIBED_AUDIO: audio.device: "), err
+
+    def test_check_config_without_portaudio(self, tmp_path: Path) -> None:
+        """PortAudio that cannot be loaded (a missing libportaudio) leaves the device check
+        out: check-config passed such a config, then failed with a traceback (exit 1)."""
+        broken = tmp_path / "nopa"
+        broken.mkdir()
+        (broken / "pyaudio.py").write_text(
+            "raise OSError('libportaudio.so.2: cannot open shared object file')\n")
+        config = tmp_path / "config.toml"
+        config.write_text('[audio]\ndevice = "usb"\n[transcriber]\nengine = "local"\n')
+        done = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(broken)},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+
 
 class TestStateDirThatCannotBeMade:
     """A ``state.dir`` below a regular file: ``check-config`` passed it and ``run`` failed at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import io
 import json
 import logging
 import os
@@ -107,10 +108,10 @@ async def test_a_config_error_keeps_its_exit_code_without_a_stderr(tmp_path: Pat
     """78 stays 78 when the line saying why cannot be written (it became 1: systemd would
     restart a daemon whose configuration is wrong, RestartPreventExitStatus=78 notwithstanding),
     and comes within a bound when nobody reads it."""
-    config = tmp_path / "config.toml"
-    config.write_text("[audio]\nsorce = 'file'\n")
+    config = tmp_path / "config.toml"     # 12 problems: a stalled stderr is waited for once
+    config.write_text("[audio]\n" + "".join(f"sorce{n} = 'file'\n" for n in range(12)))
     with _stderr(kind) as stderr:
-        assert await _run(config, stderr, limit_s=20) == 78
+        assert await _run(config, stderr, limit_s=20) == 78     # (it was 2 s a line)
 
 
 def _lines(fd: int) -> list[dict[str, object]]:
@@ -210,3 +211,17 @@ def test_a_stuck_writer_is_waited_for_once() -> None:
     os.close(read)
     stream.close()
     assert received.endswith(b"a line the reader never takes\n")
+
+
+def test_a_notice_the_processors_drop_raises_nothing() -> None:
+    """The ``log.lines_lost`` notice is rendered by the log's own processors; one that drops
+    it (structlog's ``DropEvent``, a BaseException: ``capture_logs`` raises it for every event)
+    made the logging call that followed a lost line raise, inside asyncio callbacks too."""
+    stream = io.StringIO()
+    logs.configure(fmt="json", stream=stream)
+    stream.close()                                  # a line now is lost (ValueError)
+    logging.getLogger("lib").warning("lost")
+    with structlog.testing.capture_logs() as captured:  # its processor drops every event
+        logging.getLogger("lib").warning("after")   # the notice is rendered first: no raise
+        structlog.get_logger("t").warning("still")
+    assert [e["event"] for e in captured][-1] == "still"

@@ -813,3 +813,20 @@ async def test_a_sink_timeout_over_the_send_limit_is_not_overdue(tmp_path: Path)
         assert runner.heartbeat.due - time.monotonic() > 600
         sink.release.set()
         await dispatcher.close(flush_s=10)
+
+
+def test_test_sinks_never_rotates_the_daemons_file(tmp_path: Path) -> None:
+    """A file at its ``rotate_bytes``: test-sinks appends its turn without rotating the file
+    (a daemon running with the same config writes it and rotates it itself)."""
+    journal = tmp_path / "turns.jsonl"
+    journal.write_text('{"id": "earlier"}\n' * 10)
+    config = tmp_path / "c.toml"
+    config.write_text(f'[sinks.journal]\ntype = "file"\npath = "{journal}"\n'
+                      f'rotate_bytes = {journal.stat().st_size}\n'
+                      f'[state]\ndir = "{tmp_path / "state"}"\n')
+    done = subprocess.run([*TRANSCRIBED, "test-sinks", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "turns.jsonl.1").exists()
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 11 and json.loads(lines[-1])["source"] == "test"

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -359,6 +360,26 @@ class TestInstallService:
         assert not (tmp_path / "cfg/transcribed/config.toml").exists()
         assert f"wrote no config: the unit reads {tmp_path}/etc/transcribed/config.toml" \
             in done.stdout, done.stdout
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="makes a folder only root may look into")
+    def test_user_install_with_an_etc_it_may_not_look_into(self) -> None:
+        """/etc/transcribed unreadable to the user (0700: root-only secrets in it): the user
+        config is written (the lookup cannot use /etc's either); it failed with 'cannot write
+        …/etc/transcribed/config.toml: Permission denied', the unit half installed."""
+        with tempfile.TemporaryDirectory(prefix="transcribed-etc-") as name:
+            root = Path(name)                               # not below pytest's 0700 folder:
+            root.chmod(0o755)                               # the user must reach it
+            (root / "etc/transcribed").mkdir(parents=True)
+            (root / "etc/transcribed/config.toml").write_text("# root's\n")
+            (root / "etc/transcribed").chmod(0o700)
+            (root / "cfg").mkdir()
+            os.chown(root / "cfg", 65534, 65534)            # the user's own ~/.config
+            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   *_cli(), "install-service", "--user", "--root", str(root)],
+                                  env={**os.environ, "XDG_CONFIG_HOME": "/cfg"}, cwd=REPO,
+                                  capture_output=True, text=True, timeout=30, check=False)
+            assert done.returncode == 0, done.stderr
+            assert "wrote an example config" in done.stdout, done.stdout
 
     def test_system_install_under_root(self, tmp_path: Path) -> None:
         """--system --root DIR: the hardened unit and the config below DIR/etc, readable by the
