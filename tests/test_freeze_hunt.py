@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -84,17 +84,24 @@ def frozen(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-class CountedMqttSink(MqttSink):
-    """The real MQTT sink, counting finished send attempts (to await, not sleep)."""
+class Counted:
+    """A real sink, its finished send attempts counted (to await, not sleep)."""
 
-    def __init__(self, name: str, config: MqttConfig, host: str) -> None:
-        super().__init__(name, config, host)
+    def __init__(self, sink: MqttSink | WebhookSink) -> None:
+        self.sink = sink
         self.attempts = 0
         self.tried = asyncio.Event()
 
+    async def __aenter__(self) -> Self:
+        await self.sink.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.sink.__aexit__(*exc)
+
     async def send(self, record: TurnRecord) -> None:
         try:
-            await super().send(record)
+            await self.sink.send(record)
         finally:
             self.attempts += 1
             self.tried.set()
@@ -121,7 +128,7 @@ class TestFrozenBroker:
             cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
                                              "port": broker.port, "timeout_s": 0.5,
                                              "keep_alive": 30})
-            sink = CountedMqttSink("bus", cfg, "testhost")
+            sink = Counted(MqttSink("bus", cfg, "testhost"))
             bus = SinkRunner("bus", mqtt_types()[0], cfg, sink, outbox.queue("bus"))
             journal = tmp_path / "turns.jsonl"
             file_cfg = FileSinkConfig(type="file", path=str(journal), fsync=False)
@@ -157,29 +164,6 @@ class TestFrozenBroker:
         assert len([e for e in logs.entries if e["event"] == "sink.send_failed"]) == 1
 
 
-class CountedWebhookSink(WebhookSink):
-    """The real webhook sink, counting finished send attempts (to await, not sleep)."""
-
-    def __init__(self, name: str, config: WebhookConfig) -> None:
-        super().__init__(name, config)
-        self.attempts = 0
-        self.tried = asyncio.Event()
-
-    async def send(self, record: TurnRecord) -> None:
-        try:
-            await super().send(record)
-        finally:
-            self.attempts += 1
-            self.tried.set()
-
-    async def until_attempts(self, count: int, within: float) -> None:
-        """Wait until ``count`` sends have finished (delivered or failed)."""
-        async with asyncio.timeout(within):
-            while self.attempts < count:
-                self.tried.clear()
-                await self.tried.wait()
-
-
 class TestFrozenReceiver:
     async def test_a_frozen_webhook_receiver_bounds_each_try_and_keeps_the_order(
         self, tmp_path: Path
@@ -197,7 +181,7 @@ class TestFrozenReceiver:
                 port = int(await receiver.stdout.readline())
             cfg = WebhookConfig.model_validate({"type": "webhook", "timeout_s": 0.3,
                                                 "url": f"http://127.0.0.1:{port}/hook"})
-            sink = CountedWebhookSink("hook", cfg)
+            sink = Counted(WebhookSink("hook", cfg))
             hook = SinkRunner("hook", webhook_types()[0], cfg, sink, outbox.queue("hook"))
             dispatcher = Dispatcher([hook], dead_letter_dir=tmp_path / "dead")
             ids: list[str] = []
