@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import structlog
 
+from daemon import logs
+from daemon.logoutput import LogOutput
 from tests.vmic import VirtualMic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +33,20 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
     structlog.reset_defaults()
+    _forget_log_output()
+
+
+def _forget_log_output() -> None:
+    """The root handler a test's ``logs.configure`` left on that test's stream goes with it.
+
+    A later test's library line went to it: to a stream closed since (the line counted as
+    lost, then a notice rendered by the next test's processors) or to a descriptor number a
+    later file was given.
+    """
+    logs.close()
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers
+                        if not isinstance(getattr(h, "stream", None), LogOutput)]
 
 
 @pytest.fixture(scope="session")

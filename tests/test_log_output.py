@@ -26,15 +26,6 @@ from tests.fake_assemblyai_speech import load_speech_references
 S1 = "espeak-s1.wav"
 
 
-@pytest.fixture(autouse=True)
-def _logging_parked() -> Iterator[None]:
-    """The root handler these tests' configurations leave must not write to a later test's
-    descriptor that happens to get the same number."""
-    yield
-    logs.close()
-    logging.getLogger().handlers.clear()
-
-
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeAssemblyAI]:
     async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1)) as server:
