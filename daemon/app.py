@@ -292,11 +292,17 @@ def status_line(engine: Engine, source: AudioSource, listener: Listener,
     backlog = f", backlog {ledger.seconds_held():.0f} s" if ledger is not None else ""
     capture = ("waiting for the device" if getattr(source, "waiting", False)
                else "reopening the device" if getattr(source, "recovering", False) else "ok")
+    return (f"{engine.name}: {session}, {listener.turns} turns{backlog}; capture {capture}; "
+            f"sinks {sinks_status(dispatcher)}")
+
+
+def sinks_status(dispatcher: Dispatcher) -> str:
+    """The sinks, what they hold, and which are failing (sends or dead letters), for STATUS=."""
     names = ", ".join(sorted(dispatcher.runners)) or "none"
-    return (
-        f"{engine.name}: {session}, {listener.turns} turns{backlog}; capture {capture}; "
-        f"sinks {names} ({dispatcher.queued()} queued)"
-    )
+    failing = sorted(name for name, runner in dispatcher.runners.items()
+                     if runner.stats.failing_since is not None)
+    trouble = f"; {', '.join(failing)} failing" if failing else ""
+    return f"{names} ({dispatcher.queued()} queued{trouble})"
 
 
 async def _beating(

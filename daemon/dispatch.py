@@ -10,6 +10,7 @@ permanently to a dead-letter file.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
 from pathlib import Path
@@ -370,6 +371,8 @@ class Dispatcher:
                 log.error("sink.turn_lost", record_id=delivery.record.id, error=reason)
                 break
             runner.stats.failed += 1        # in /metrics: the sink is stuck, not idle
+            if runner.stats.failing_since is None:  # and in STATUS=, until a delivery
+                runner.stats.failing_since = time.monotonic()
             if not await self._backoff(runner, next(delays)):
                 return False
         runner.queue.ack(delivery)

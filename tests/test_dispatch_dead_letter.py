@@ -17,6 +17,7 @@ from typing import Self
 
 from structlog.testing import capture_logs
 
+from daemon.app import sinks_status
 from daemon.deadletter import append_dead_letter
 from daemon.dispatch import Dispatcher
 from daemon.errors import PermanentSinkError
@@ -77,6 +78,7 @@ async def test_a_record_in_the_outbox_waits_until_its_dead_letter_can_be_written
                 "sink.dead_letter_failed"]
             assert box.depth("hook") == 1, "acknowledged before it was kept anywhere"
             assert runner.stats.failed == 1     # /metrics shows the sink stuck, not idle
+            assert sinks_status(dispatcher) == "hook (1 queued; hook failing)"  # and STATUS=
             blocker.unlink()                # the folder can be made now: the retry writes it
             sink.asked.clear()
             dispatcher.dispatch(make_turn(2))
