@@ -123,7 +123,7 @@ class FileSink:
                 handle.close()
                 raise
             if created and self.config.fsync:   # the new name (and a rotation's) survives too
-                _sync_folder(self.path.parent)
+                _sync_folder(self.path.resolve().parent)   # a link's target's folder
             self._handle = handle
         except FileExistsError:         # mkdir: the folder's name is taken by a file
             raise SinkError(
@@ -165,28 +165,32 @@ class FileSink:
         A rotation that fails (a folder we cannot write, ``path.1`` a folder) is logged once
         and the record goes on into the open file: turns never wait in memory for it. After
         one that worked, rotations beyond ``keep`` (left by a higher ``keep``) are removed.
+        A ``path`` that is a symbolic link rotates the file it names, beside it: the link
+        stays, and names the new file (renaming the link instead sent every later turn to a
+        new file where the link was, away from the folder it pointed to).
         """
         assert self._handle is not None
         mode = stat.S_IMODE(os.fstat(self._handle.fileno()).st_mode)
         keep = self.config.keep
+        path = self.path.resolve() if self.path.is_symlink() else self.path
         try:
             if keep == 0:
-                self.path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             else:
-                Path(f"{self.path}.{keep}").unlink(missing_ok=True)
+                Path(f"{path}.{keep}").unlink(missing_ok=True)
                 for index in range(keep - 1, 0, -1):
-                    older = Path(f"{self.path}.{index}")
+                    older = Path(f"{path}.{index}")
                     if older.exists():
-                        older.rename(f"{self.path}.{index + 1}")
-                self.path.rename(f"{self.path}.1")
+                        older.rename(f"{path}.{index + 1}")
+                path.rename(f"{path}.1")
         except OSError as exc:
             self._note_rotation(f"{exc.filename}: {exc.strerror or exc}")
             return
-        self._note_rotation(self._remove_beyond_keep())
+        self._note_rotation(self._remove_beyond_keep(path))
         self._close()
         self._open(mode)
 
-    def _remove_beyond_keep(self) -> str:
+    def _remove_beyond_keep(self, path: Path) -> str:
         """Remove ``path.<keep+1>``, ``path.<keep+2>`` … up to the first missing one.
 
         Only files and symlinks are removed: anything else (a folder), like a gap or a name that
@@ -195,7 +199,7 @@ class FileSink:
         """
         index = self.config.keep + 1
         while True:
-            older = Path(f"{self.path}.{index}")
+            older = Path(f"{path}.{index}")
             try:
                 kind = older.lstat().st_mode
             except OSError:

@@ -129,3 +129,22 @@ async def test_a_removal_that_fails_is_one_warning_and_loses_no_turn(
     failed = [e for e in logs if e["event"] == "file.rotate_failed"]
     assert [(e["path"], e["error"]) for e in failed] == [
         (str(path), f"cannot remove {immutable}: Operation not permitted")]
+
+
+async def test_a_linked_path_rotates_the_file_it_names(tmp_path: Path) -> None:
+    """``path`` a symbolic link to a file elsewhere (``~/turns.jsonl`` -> ``/data/turns.jsonl``):
+    the rotation renames that file beside it and the link names the new one, so every turn
+    stays in the folder the link points to. The link itself was rotated: later turns went to
+    a new regular file where the link was."""
+    data, home = tmp_path / "data", tmp_path / "home"
+    data.mkdir()
+    home.mkdir()
+    (data / "t.jsonl").write_text("old\n")
+    (home / "t.jsonl").symlink_to(data / "t.jsonl")
+    async with FileSink("j", config(home / "t.jsonl", keep=2), CONTEXT) as sink:
+        for n in range(3):
+            await sink.send(record(n))
+    assert names(home) == ["t.jsonl"] and (home / "t.jsonl").is_symlink()
+    assert names(data) == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
+    assert ids(data / "t.jsonl") == [record(2).id]
+    assert ids(data / "t.jsonl.1") == [record(1).id]
