@@ -109,8 +109,8 @@ def _run(argv: Sequence[str] | None) -> int:
     args, unknown = _parser().parse_known_args(argv)
     if unknown:     # the command's usage, not the top level's (argparse leaves them to it)
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "run":   # before the imports (~0.3 s): a SIGHUP while starting killed it
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if args.command == "run":   # until app.run handles it, from before the imports (~0.3 s):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # a SIGHUP while starting killed it
     from daemon import commands
 
     handlers = {

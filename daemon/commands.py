@@ -8,7 +8,6 @@ import contextlib
 import faulthandler
 import os
 import shlex
-import signal
 import socket
 import sys
 import uuid
@@ -71,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     from daemon import logs
     from daemon.plugins import load_plugins
 
-    # until app.run handles it: a SIGHUP while starting (logrotate, kill -HUP) killed the process
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (cli.main did so already, before imports)
     _stacks_on_abort()
     plugins = load_plugins()
     try:
