@@ -30,8 +30,9 @@ from typing import Final, TextIO
 QUEUE_MAX_BYTES: Final = 1 << 20    # lines waiting for a reader that stopped reading
 CLOSE_WAIT_S: Final = 2.0           # at exit, what the last lines get from a stalled reader
 
-# (event, fields) -> one rendered line; the notice goes through the log's own processors
-Render = Callable[[str, dict[str, object]], str]
+# (event, fields) -> one rendered line ending in a line break, or b"" when the log drops it;
+# the notice goes through the log's own processors
+Render = Callable[[str, dict[str, object]], bytes]
 
 
 @dataclass
@@ -230,10 +231,9 @@ class LogOutput:
         raises, the notice is the plain words and ``write`` still raises nothing.
         """
         try:
-            text = self._render("log.lines_lost", loss.fields()) if self._render else ""
+            return self._render("log.lines_lost", loss.fields()) if self._render else b""
         except Exception:
-            text = f"log.lines_lost {loss.fields()}"
-        return text.encode("utf-8", "backslashreplace").rstrip(b"\n") + b"\n" if text else b""
+            return f"log.lines_lost {loss.fields()}\n".encode("utf-8", "backslashreplace")
 
     def _lost(self, loss: _Loss) -> None:
         if self._loss is None:

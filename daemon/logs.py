@@ -134,7 +134,7 @@ def configure(
     stream = stream or sys.stderr or open(os.devnull, "w")  # 2>&-
     if _output:
         _output.pop().release()
-    output = LogOutput(stream, lambda event, fields: rendered_line(event, **fields).decode(),
+    output = LogOutput(stream, lambda event, fields: rendered_line(event, **fields),
                        own_fd=own_fd)
     _output[:] = [output]
     masker = SecretMasker(secrets)

@@ -141,8 +141,8 @@ def test_a_reader_that_stops_reading_never_holds_up_the_logger() -> None:
     the lines beyond the queue's bound are lost and said before the next line written."""
     read, write = _full_pipe()
     stream = open(write, "w", closefd=False)
-    output = logoutput.LogOutput(stream, lambda event, fields: json.dumps({"event": event,
-                                                                          **fields}))
+    output = logoutput.LogOutput(stream, lambda event, fields: json.dumps(
+        {"event": event, **fields}).encode() + b"\n")
     output.start_background()
     line = "x" * 1000
     count = 3 * logoutput.QUEUE_MAX_BYTES // len(line)
