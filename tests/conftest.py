@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,30 @@ REPO = Path(__file__).resolve().parents[1]
 SPEECH_DIR = REPO / "tests" / "data" / "speech"
 TRANSCRIPTS: dict[str, str] = json.loads((SPEECH_DIR / "transcripts.json").read_text())
 TRANSCRIBED = [sys.executable, "-m", "daemon"]
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@functools.cache
+def _nobody_can_run() -> str:
+    """Why uid 65534 cannot run this checkout's ``transcribed`` ("" when it can)."""
+    if os.geteuid() != 0:
+        return "only root can run a program as another user"
+    try:
+        done = subprocess.run([*AS_NOBODY, *TRANSCRIBED, "--version"], cwd=REPO,
+                              capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        return f"setpriv: {exc.strerror}"
+    return "" if done.returncode == 0 else (
+        f"uid 65534 cannot run {sys.executable} here (a checkout below a private folder): "
+        f"{done.stderr.strip()[:200]}")
+
+
+def as_nobody() -> list[str]:
+    """The command prefix that runs a program as uid 65534, a user without root's rights; the
+    test is skipped, saying why, where that user cannot run this checkout."""
+    if why := _nobody_can_run():
+        pytest.skip(why)
+    return AS_NOBODY
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 from daemon import service
 from daemon.notify import Notifier
 from daemon.recognizer import resolve_model_path
-from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS, as_nobody
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
@@ -322,8 +322,7 @@ async def test_a_sighup_while_run_imports_is_ignored(fake: FakeAssemblyAI, tmp_p
     assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
 
-async def _install_system(root: Path, *, as_nobody: bool) -> tuple[int, str]:
-    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if as_nobody else []
+async def _install_system(root: Path, *, as_user: list[str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         *as_user, *TRANSCRIBED, "install-service", "--system", "--root", str(root), cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -337,12 +336,12 @@ async def test_install_service_says_sudo_only_when_root_is_what_is_missing(tmp_p
     """The hint to run it as root comes for a permission error, with the full path (sudo
     resets PATH: ``sudo transcribed`` is not found); a path that does not exist gets none (it
     was given to root too)."""
-    code, err = await _install_system(Path("/proc/1/nope"), as_nobody=False)
+    code, err = await _install_system(Path("/proc/1/nope"), as_user=[])
     assert code == 1 and "No such file or directory" in err and "sudo" not in err, err
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o755)
     tmp_path.chmod(0o755)
-    code, err = await _install_system(locked, as_nobody=os.geteuid() == 0)
+    code, err = await _install_system(locked, as_user=as_nobody() if os.geteuid() == 0 else [])
     assert code == 1 and "Permission denied" in err, err
     beside = Path(sys.executable).parent / "transcribed"    # what python -m daemon runs for
     assert f"(run it as root: sudo {beside} install-service --system)" in err, err

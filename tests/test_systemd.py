@@ -23,7 +23,7 @@ from daemon.notify import Notifier, watchdog_interval
 from daemon.plugins import SinkConfig, SinkType
 from daemon.queues import MemoryQueue
 from daemon.runner import SinkRunner
-from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS, as_nobody
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
@@ -361,11 +361,11 @@ class TestInstallService:
         assert f"wrote no config: the unit reads {tmp_path}/etc/transcribed/config.toml" \
             in done.stdout, done.stdout
 
-    @pytest.mark.skipif(os.geteuid() != 0, reason="makes a folder only root may look into")
     def test_user_install_with_an_etc_it_may_not_look_into(self) -> None:
         """/etc/transcribed unreadable to the user (0700: root-only secrets in it): the user
         config is written (the lookup cannot use /etc's either); it failed with 'cannot write
         …/etc/transcribed/config.toml: Permission denied', the unit half installed."""
+        nobody = as_nobody()            # root makes the folder, a user without root's rights looks
         with tempfile.TemporaryDirectory(prefix="transcribed-etc-") as name:
             root = Path(name)                               # not below pytest's 0700 folder:
             root.chmod(0o755)                               # the user must reach it
@@ -374,8 +374,8 @@ class TestInstallService:
             (root / "etc/transcribed").chmod(0o700)
             (root / "cfg").mkdir()
             os.chown(root / "cfg", 65534, 65534)            # the user's own ~/.config
-            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                   *_cli(), "install-service", "--user", "--root", str(root)],
+            done = subprocess.run([*nobody, *_cli(), "install-service", "--user", "--root",
+                                   str(root)],
                                   env={**os.environ, "XDG_CONFIG_HOME": "/cfg"}, cwd=REPO,
                                   capture_output=True, text=True, timeout=30, check=False)
             assert done.returncode == 0, done.stderr
