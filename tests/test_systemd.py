@@ -23,7 +23,7 @@ from daemon.notify import Notifier, watchdog_interval
 from daemon.plugins import SinkConfig, SinkType
 from daemon.queues import MemoryQueue
 from daemon.runner import SinkRunner
-from tests.conftest import REPO, SPEECH_DIR, TRANSCRIPTS, as_nobody
+from tests.conftest import REPO, SPEECH_DIR, TRANSCRIBED, TRANSCRIPTS, as_nobody
 from tests.daemon_proc import Daemon, cloud_config, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
@@ -331,7 +331,7 @@ class TestInstallService:
     def test_user_install_writes_unit_and_example_config(self, tmp_path: Path) -> None:
         """--user: the unit under $XDG_CONFIG_HOME/systemd/user, config copied, commands printed."""
         env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg")}
-        done = subprocess.run([*_cli(), "install-service", "--user"], env=env, cwd=REPO,
+        done = subprocess.run([*TRANSCRIBED, "install-service", "--user"], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=30, check=False)
         assert done.returncode == 0, done.stderr
         unit = (tmp_path / "cfg/systemd/user/transcribed.service").read_text()
@@ -341,7 +341,7 @@ class TestInstallService:
         assert config.stat().st_mode & 0o777 == 0o600          # it may come to hold secrets
         assert "systemctl --user enable --now transcribed.service" in done.stdout
         config.write_text("# mine\n")
-        again = subprocess.run([*_cli(), "install-service"], env=env, cwd=REPO,
+        again = subprocess.run([*TRANSCRIBED, "install-service"], env=env, cwd=REPO,
                                capture_output=True, text=True, timeout=30, check=False)
         assert again.returncode == 0 and config.read_text() == "# mine\n"
         assert "kept the existing config" in again.stdout
@@ -352,7 +352,7 @@ class TestInstallService:
         (tmp_path / "etc/transcribed").mkdir(parents=True)
         (tmp_path / "etc/transcribed/config.toml").write_text("# the machine's\n")
         env = {**os.environ, "XDG_CONFIG_HOME": "/cfg"}
-        done = subprocess.run([*_cli(), "install-service", "--user", "--root", str(tmp_path)],
+        done = subprocess.run([*TRANSCRIBED, "install-service", "--user", "--root", str(tmp_path)],
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=30,
                               check=False)
         assert done.returncode == 0, done.stderr
@@ -374,7 +374,7 @@ class TestInstallService:
             (root / "etc/transcribed").chmod(0o700)
             (root / "cfg").mkdir()
             os.chown(root / "cfg", 65534, 65534)            # the user's own ~/.config
-            done = subprocess.run([*nobody, *_cli(), "install-service", "--user", "--root",
+            done = subprocess.run([*nobody, *TRANSCRIBED, "install-service", "--user", "--root",
                                    str(root)],
                                   env={**os.environ, "XDG_CONFIG_HOME": "/cfg"}, cwd=REPO,
                                   capture_output=True, text=True, timeout=30, check=False)
@@ -384,9 +384,9 @@ class TestInstallService:
     def test_system_install_under_root(self, tmp_path: Path) -> None:
         """--system --root DIR: the hardened unit and the config below DIR/etc, readable by the
         unit's dynamic user whatever the installer's umask."""
-        done = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
-                              cwd=REPO, capture_output=True, text=True, timeout=30, check=False,
-                              preexec_fn=lambda: os.umask(0o077))
+        done = subprocess.run([*TRANSCRIBED, "install-service", "--system", "--root",
+                               str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                              timeout=30, check=False, preexec_fn=lambda: os.umask(0o077))
         assert done.returncode == 0, done.stderr
         unit = (tmp_path / "etc/systemd/system/transcribed.service").read_text()
         assert "DynamicUser=yes" in unit and "LoadCredential=assemblyai_api_key:" in unit
@@ -397,8 +397,9 @@ class TestInstallService:
                            ("etc/transcribed", 0o755), ("etc/transcribed/config.toml", 0o644)):
             assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
         (tmp_path / "etc/transcribed/config.toml").chmod(0o600)      # kept as it is, but named
-        again = subprocess.run([*_cli(), "install-service", "--system", "--root", str(tmp_path)],
-                               cwd=REPO, capture_output=True, text=True, timeout=30, check=False)
+        again = subprocess.run([*TRANSCRIBED, "install-service", "--system", "--root",
+                                str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                               timeout=30, check=False)
         assert again.returncode == 0, again.stderr
         assert (f"warning: {tmp_path}/etc/transcribed/config.toml is not readable by the system "
                 "unit's dynamic user (mode 0600): chmod 644 it") in again.stderr
@@ -491,16 +492,12 @@ class TestInstallService:
 
     def test_help_lists_install_service(self) -> None:
         """``--help`` names the command."""
-        done = subprocess.run([*_cli(), "--help"], cwd=REPO, capture_output=True, text=True,
+        done = subprocess.run([*TRANSCRIBED, "--help"], cwd=REPO, capture_output=True, text=True,
                               timeout=30, check=False)
         assert "install-service" in done.stdout
 
 
-def _cli() -> list[str]:
-    return [sys.executable, "-m", "daemon"]
-
-
 def _install(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``transcribed install-service ARGS``, run for real."""
-    return subprocess.run([*_cli(), "install-service", *args], env=env, cwd=REPO,
+    return subprocess.run([*TRANSCRIBED, "install-service", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=30, check=False)
