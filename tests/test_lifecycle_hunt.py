@@ -69,12 +69,17 @@ async def test_signals_after_the_stop_while_a_thread_is_waited_for(tmp_path: Pat
         daemon = await Daemon.start("run", "--config", str(config), env=env)
         lines = _Lines(daemon)
         try:
-            async with asyncio.timeout(30):
-                session = await fake.wait_for_session(0)
-                await session.wait_for(lambda s: s.audio_ms >= 500)
-                daemon.signal(signal.SIGTERM)
-                await lines.until("daemon.stopped")
-                await holder.reached.wait()     # run is done; asyncio.run waits for the thread
+            try:
+                async with asyncio.timeout(30):
+                    session = await fake.wait_for_session(0)
+                    await session.wait_for(lambda s: s.audio_ms >= 500)
+                    daemon.signal(signal.SIGTERM)
+                    await lines.until("daemon.stopped")
+                    await holder.reached.wait()  # run is done; asyncio.run waits for the thread
+            except TimeoutError:                # say where the daemon was (seen once, loaded)
+                await daemon.kill_if_running()
+                raise AssertionError(f"no stop within 30 s; the daemon said: {lines.seen[-10:]} "
+                                     f"{(await daemon.finish(5)).stderr[-3000:]}") from None
             daemon.signal(signal.SIGHUP)
             daemon.signal(signal.SIGTERM)
             result = await daemon.finish(20)
