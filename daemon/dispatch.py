@@ -29,7 +29,9 @@ from daemon.runner import (
     failure_reason,
     note_delivery,
     note_failure,
+    retry_wait,
     send_record,
+    wait_backoff,
 )
 
 log = structlog.get_logger("daemon.dispatch")
@@ -321,13 +323,7 @@ class Dispatcher:
 
     async def _backoff(self, runner: SinkRunner, delay: float) -> bool:
         """Wait ``delay`` before a retry; False if the sink retired meanwhile."""
-        runner.heartbeat.beat(delay + self.send_limit_s)
-        try:
-            async with asyncio.timeout(delay):
-                await runner.retiring.wait()
-        except TimeoutError:
-            return True
-        return False
+        return await wait_backoff(runner, delay, self.send_limit_s)
 
     async def _deliver(self, runner: SinkRunner, delivery: Delivery) -> bool:
         """Deliver one record, retrying transient failures; dead-letter permanent ones.
@@ -349,7 +345,7 @@ class Dispatcher:
                 if wait is None:
                     return await self._give_up(runner, delivery, f"gave up after "
                                                f"{retry.max_s:g} s: {failure_reason(exc)}")
-                if not await self._backoff(runner, wait):
+                if not await retry_wait(runner, wait, self.send_limit_s):
                     return False
                 continue
             note_delivery(runner, delivery)

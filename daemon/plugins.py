@@ -65,7 +65,10 @@ class Sink(Protocol):
 
     ``__aenter__`` opens connections, ``send`` delivers one record (raising ``SinkError`` or
     ``PermanentSinkError`` on failure; the dispatcher decides about retrying), ``__aexit__``
-    flushes and closes.
+    flushes and closes. Optional, not part of the protocol: ``async def ready(self) -> None``,
+    returning when a retry is worth making before its backoff ends (a connection made again);
+    the dispatcher awaits it beside a retry backoff and cancels it when the backoff ends, and
+    retries no sooner than 1 s after the failure whenever it returns.
     """
 
     async def __aenter__(self) -> Self:

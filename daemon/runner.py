@@ -2,9 +2,10 @@
 
 Owns ``SinkRunner`` (a configured sink with its queue, counters, heartbeat and retirement
 state), ``SinkStats``, the retry schedule of one record (``Retry``), one send attempt
-(``send_record``), the one-line reason of a failed send (``failure_reason``) and what one
-attempt's outcome does to the counters and the log (``note_failure``, ``note_delivery``). The
-queues, workers and the delivery loop are ``daemon.dispatch.Dispatcher``'s.
+(``send_record``), the one-line reason of a failed send (``failure_reason``), what one
+attempt's outcome does to the counters and the log (``note_failure``, ``note_delivery``) and
+the wait before a retry (``wait_backoff``; ``retry_wait`` cuts it short when the sink says it is
+ready again). The queues, workers and the delivery loop are ``daemon.dispatch.Dispatcher``'s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -24,6 +26,8 @@ from daemon.health import Heartbeat
 from daemon.plugins import Sink, SinkConfig, SinkType
 from daemon.queues import Delivery, SinkQueue
 from daemon.supervise import error_line
+
+EARLY_RETRY_MIN_S = 1.0  # a sink's ready() cuts a retry wait short, never below this
 
 log = structlog.get_logger("daemon.dispatch")
 
@@ -130,3 +134,44 @@ def note_delivery(runner: SinkRunner, delivery: Delivery) -> None:
     runner.stats.latencies.append(time.monotonic() - delivery.enqueued_at)
     if len(runner.stats.latencies) > 4096:
         del runner.stats.latencies[:2048]
+
+
+async def wait_backoff(runner: SinkRunner, delay: float, send_limit_s: float,
+                       until: asyncio.Future[Any] | None = None) -> bool:
+    """Wait ``delay`` before a retry, or until ``until`` is done; False if the sink retired."""
+    runner.heartbeat.beat(delay + send_limit_s)
+    retired = asyncio.ensure_future(runner.retiring.wait())
+    try:
+        await asyncio.wait([retired] if until is None else [retired, until], timeout=delay,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        retired.cancel()
+    return not runner.retiring.is_set()
+
+
+async def retry_wait(runner: SinkRunner, delay: float, send_limit_s: float) -> bool:
+    """The backoff before a failed record's retry, cut short when the sink's ``ready()`` returns.
+
+    A sink may say when a retry is worth making before its backoff ends (the MQTT sink: when
+    its broker connection is made again), so the first turn after a long outage goes at once,
+    not up to 45 s later. Never sooner than ``EARLY_RETRY_MIN_S`` after the failure, so a
+    ``ready()`` that returns at once makes no tight loop; False if the sink retired.
+    """
+    ready = getattr(runner.sink, "ready", None)
+    if not asyncio.iscoroutinefunction(ready) or delay <= EARLY_RETRY_MIN_S:
+        return await wait_backoff(runner, delay, send_limit_s)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    waiter = asyncio.ensure_future(ready())
+    try:
+        if not await wait_backoff(runner, delay, send_limit_s, until=waiter):
+            return False
+    finally:
+        waiter.cancel()
+    failed = waiter.exception() if waiter.done() and not waiter.cancelled() else None
+    if failed is not None:
+        log.warning("sink.ready_failed", error=str(failed) or type(failed).__name__,
+                    effect="the retry waits out its backoff")
+    said = waiter.done() and not waiter.cancelled() and failed is None
+    rest = start + (EARLY_RETRY_MIN_S if said else delay) - loop.time()
+    return rest <= 0 or await wait_backoff(runner, rest, send_limit_s)

@@ -185,6 +185,9 @@ class MqttSink:
         self._v5 = True         # until the broker refuses MQTT 5
         self._logger = client_logger(name, self._where)
         self._connected = asyncio.Event()
+        self._connections = 0       # connections made so far
+        self._new_connection = asyncio.Event()  # set (and replaced) when one is made
+        self._failed_on = 0         # ``_connections`` when a send last failed
         self._last_error = "not connected yet"
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -221,8 +224,25 @@ class MqttSink:
         """Whether the broker connection is up."""
         return self._connected.is_set()
 
+    async def ready(self) -> None:
+        """Return once connected by a connection newer than the one a send last failed on.
+
+        The dispatcher waits on it beside a failed turn's retry backoff: the turn goes as soon
+        as the broker takes a connection again, not when a backoff grown during a long outage
+        (up to 45 s) runs out.
+        """
+        while self._connections <= self._failed_on or not self._connected.is_set():
+            await self._new_connection.wait()
+
     async def send(self, record: TurnRecord) -> None:
         """Publish one turn; raise ``SinkError`` when not connected or the publish fails."""
+        try:
+            await self._publish(record)
+        except SinkError:
+            self._failed_on = self._connections
+            raise
+
+    async def _publish(self, record: TurnRecord) -> None:
         import aiomqtt
 
         client = await self._ready_client()
@@ -335,7 +355,10 @@ class MqttSink:
             # watched for a late last will (_reassert); a broker's ACL may refuse it: no error
             await client.subscribe(self.availability, qos=1, timeout=self.config.timeout_s)
         self._client = client
+        self._connections += 1
+        made, self._new_connection = self._new_connection, asyncio.Event()
         self._connected.set()
+        made.set()
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
 
     async def _reassert(self, client: MqttClient, message: aiomqtt.Message) -> None:
