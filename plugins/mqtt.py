@@ -7,7 +7,8 @@ an earlier connection's late will, is answered with ``online``), watches the con
 reconnects with jittered backoff when the broker goes away. ``send`` waits up to ``timeout_s``
 for a connection, publishes under the same timeout and raises ``SinkError`` on any failure, so
 the record stays in the outbox and the dispatcher retries it. A clean shutdown publishes
-``offline`` first.
+``offline`` first (stopped while disconnected, on one short connection of its own); ``ready``
+tells the dispatcher when a failed turn's retry can go (a connection made again).
 
 It speaks MQTT 5 (falling back to 3.1.1, once, for a broker that refuses 5) because only MQTT 5
 tells the client the broker's Maximum Packet Size (in CONNACK): a record whose PUBLISH would
@@ -68,6 +69,7 @@ ONLINE: Final = "online"
 OFFLINE: Final = "offline"
 RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 30.0
+OFFLINE_AT_EXIT_S: Final = 2.0  # a stop while disconnected tries this long to say offline
 STABLE_S: Final = 10.0  # a connection up this long resets the reconnect backoff
 
 
@@ -204,11 +206,18 @@ class MqttSink:
         import aiomqtt
 
         self._closing = True        # our own 'offline' is not a stale will (_reassert)
-        client = self._client
+        client, said = self._client, False
         if client is not None and self._connected.is_set() and self.availability:
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(self.availability, OFFLINE, qos=1, retain=True,
                                      timeout=self.config.timeout_s)
+                said = True
+        await self._stop_connecting()
+        if self.availability and self._connections and not said:
+            await self._offline_unconnected()
+
+    async def _stop_connecting(self) -> None:
+        """End the connection task (and with it the connection, cleanly: no last will)."""
         if self._task is not None:
             self._task.cancel()
             done, _ = await asyncio.wait([self._task], timeout=self.config.timeout_s)
@@ -218,6 +227,32 @@ class MqttSink:
                 self._task.cancel()
                 await asyncio.wait([self._task])
             self._task = None
+
+    async def _offline_unconnected(self) -> None:
+        """Stopped while not connected: one short connection to say ``offline`` (retained).
+
+        The ``online`` an earlier connection left stays retained when the broker went away
+        (its last will never fires: the broker itself was gone), so once the broker is back the
+        topic said ``online`` for as long as the daemon was stopped. Bounded by
+        ``OFFLINE_AT_EXIT_S``; a broker still away is named (the topic may still say online).
+        """
+        import aiomqtt
+
+        client = self._new_client()
+        try:
+            async with asyncio.timeout(min(self.config.timeout_s, OFFLINE_AT_EXIT_S)), client:
+                await client.deliver(self.availability, OFFLINE, qos=1, retain=True,
+                                     within=self.config.timeout_s)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            why = describe(exc) if isinstance(exc, aiomqtt.MqttError) else \
+                f"no answer within {min(self.config.timeout_s, OFFLINE_AT_EXIT_S):g} s"
+            log.warning("mqtt.offline_unsaid", sink=self.name, broker=self._where, error=why,
+                        effect=f"{self.availability!r} may still say online (retained)")
+            return
+        finally:
+            release(client)
+        log.info("mqtt.offline_said", sink=self.name, broker=self._where,
+                 reason="stopped while the connection was down")
 
     @property
     def connected(self) -> bool:

@@ -193,3 +193,55 @@ async def first_connect_error(table: dict[str, Any]) -> str:
             await watch.until(lambda entries: any(
                 e["event"] == "mqtt.connect_failed" for e in entries))
     return next(str(e["error"]) for e in watch.entries if e["event"] == "mqtt.connect_failed")
+
+
+class TestStatusAtStop:
+    async def test_a_stop_while_reconnecting_replaces_the_retained_online(
+            self, broker: Mosquitto) -> None:
+        """The broker went away (keeping the retained 'online': its will never fired) and is
+        back before the sink reconnects; the daemon stops then. The stop makes one short
+        connection to say 'offline': the status said 'online' for as long as it was stopped."""
+        watch = LogWatch()
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2})
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST):
+                await watch.until(lambda logs: any(e["event"] == "mqtt.connected" for e in logs))
+                broker.stop()               # persistence keeps the retained 'online'
+                await watch.until(lambda logs: any(e["event"] == "mqtt.disconnected"
+                                                   for e in logs))
+                broker.start()              # blocks the loop: the sink cannot reconnect first
+        assert [e["event"] for e in watch.entries][-1] == "mqtt.offline_said"
+        async with Subscriber(broker, STATUS) as late:
+            retained = await late.next()
+        assert (retained.payload, retained.retain) == (b"offline", True)
+
+    async def test_a_stop_while_the_broker_is_away_says_the_status_may_be_stale(
+            self, broker: Mosquitto) -> None:
+        """Stopped while the broker is still away: nothing can be said there; the log names
+        the topic that may still say 'online', within the short bound."""
+        watch = LogWatch()
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2})
+        with watch.active():
+            async with asyncio.timeout(10):
+                async with MqttSink("bus", cfg, HOST):
+                    await watch.until(lambda logs: any(e["event"] == "mqtt.connected"
+                                                       for e in logs))
+                    broker.stop()
+        [unsaid] = [e for e in watch.entries if e["event"] == "mqtt.offline_unsaid"]
+        assert unsaid["effect"] == f"{STATUS!r} may still say online (retained)"
+        assert "refused" in unsaid["error"].lower()
+
+    async def test_a_sink_that_never_connected_says_nothing_at_stop(
+            self, broker: Mosquitto) -> None:
+        """No 'online' was ever published by it: no connection is tried at the stop."""
+        broker.stop()
+        watch = LogWatch()
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2})
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST):
+                await watch.until(lambda logs: any(e["event"] == "mqtt.connect_failed"
+                                                   for e in logs))
+        assert not [e for e in watch.entries if e["event"].startswith("mqtt.offline_")]
