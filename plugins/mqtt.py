@@ -86,8 +86,11 @@ class MqttSink:
         self._connected = asyncio.Event()
         self._connections = 0       # connections made so far
         self._new_connection = asyncio.Event()  # set (and replaced) when one is made
-        self._failed_on = 0         # ``_connections`` when a send last failed
+        self._failed_on = 0         # the connection (its number) a send last failed on
+        self._sending_on = 0
         self._last_error = "not connected yet"
+        self._short_reason: str | None = None   # why the last connection ended early, if so
+        self._unlogged = 0          # early ends for that reason since, not logged
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -168,16 +171,18 @@ class MqttSink:
 
     async def send(self, record: TurnRecord) -> None:
         """Publish one turn; raise ``SinkError`` when not connected or the publish fails."""
+        self._sending_on = self._connections
         try:
             await self._publish(record)
         except SinkError:
-            self._failed_on = self._connections
+            self._failed_on = self._sending_on
             raise
 
     async def _publish(self, record: TurnRecord) -> None:
         import aiomqtt
 
         client = await self._ready_client()
+        self._sending_on = self._connections        # the connection this send fails on
         topic = self.config.topic.format(host=topic_value(record.host),
                                          session_id=topic_value(record.session_id))
         payload = record.to_json().encode()
@@ -223,6 +228,7 @@ class MqttSink:
             error, uptime = await self._session()
             if error is None:
                 continue                            # protocol fallback: again at once
+            reason = error
             if uptime is not None and uptime >= STABLE_S:
                 delay = RECONNECT_INITIAL_S
             elif uptime is not None and self.config.client_id:
@@ -232,8 +238,7 @@ class MqttSink:
             wait = delay * (0.5 + random.random())
             if uptime is not None:
                 said.clear()
-                log.warning("mqtt.disconnected", sink=self.name, broker=self._where,
-                            error=error, retry_in_s=round(wait, 2))
+                self._note_end(reason, error, uptime, wait)
             elif error not in said:         # once per reason: a broker up again may refuse us
                 said.add(error)
                 log.warning("mqtt.connect_failed", sink=self.name, broker=self._where,
@@ -241,16 +246,48 @@ class MqttSink:
             await asyncio.sleep(wait)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
+    def _note_end(self, reason: str, error: str, uptime: float, wait: float) -> None:
+        """Log a connection's end, once per ``reason`` while connections keep ending early.
+
+        A broker that drops each connection within ``STABLE_S`` (another client with our
+        ``client_id``, an ACL that disconnects) logged two lines per connection, every 15-45 s,
+        for as long as it lasted. Connections of such a run after the first are counted (and
+        logged at debug) and said with the next line: a connection that lasts
+        (``mqtt.connected``) or another reason.
+        """
+        if uptime < STABLE_S and reason == self._short_reason:
+            self._unlogged += 1                 # shown at log.level = "debug" only
+            log.debug("mqtt.disconnected", sink=self.name, broker=self._where, error=error,
+                      retry_in_s=round(wait, 2), repeated=True)
+            return
+        log.warning("mqtt.disconnected", sink=self.name, broker=self._where, error=error,
+                    retry_in_s=round(wait, 2), **self._run_so_far())
+        self._short_reason = reason if uptime < STABLE_S else None
+
+    def _run_so_far(self) -> dict[str, int]:
+        """``short_connections_not_logged`` (then reset) when some were not logged."""
+        unlogged, self._unlogged = self._unlogged, 0
+        return {"short_connections_not_logged": unlogged} if unlogged else {}
+
+    def _lasted(self) -> None:
+        """A connection made in a run of early ends has lasted ``STABLE_S``: the run is over."""
+        self._short_reason = None
+        log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None,
+                 lasted_s=STABLE_S, **self._run_so_far())
+
     async def _session(self) -> tuple[str | None, float | None]:
         """One connection: (what ended it, how long it was up); (None, None): retry at once."""
         import aiomqtt
 
         loop = asyncio.get_running_loop()
         client, up_at = self._new_client(), None
+        lasted: asyncio.TimerHandle | None = None
         try:
             async with client:
                 await self._announce(client)
                 up_at = loop.time()
+                if self._short_reason is not None:  # in a run of early ends: said if it lasts
+                    lasted = loop.call_later(STABLE_S, self._lasted)
                 async for message in client.messages:   # ends with MqttError on disconnect
                     await self._reassert(client, message)
             error = "the connection ended"
@@ -267,6 +304,8 @@ class MqttSink:
             log.exception("mqtt.connection_crashed", sink=self.name, broker=self._where)
             error = "internal error (see log)"
         finally:
+            if lasted is not None:
+                lasted.cancel()
             self._connected.clear()
             self._client = None
             release(client)
@@ -291,7 +330,9 @@ class MqttSink:
         made, self._new_connection = self._new_connection, asyncio.Event()
         self._connected.set()
         made.set()
-        log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None)
+        if self._short_reason is None:      # else said once it lasts (_lasted)
+            log.info("mqtt.connected", sink=self.name, broker=self._where,
+                     tls=self._tls is not None)
 
     async def _reassert(self, client: MqttClient, message: aiomqtt.Message) -> None:
         """Say ``online`` again when ``offline`` appears while connected and not closing.

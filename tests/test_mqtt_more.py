@@ -10,9 +10,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import aiomqtt
 import pytest
 
-from plugins.mqtt import MqttConfig, MqttSink
+from daemon.errors import SinkError
+from plugins.mqtt import STABLE_S, MqttConfig, MqttSink
 from tests.mosquitto import Mosquitto, Subscriber, make_certs
 from tests.test_mqtt import LogWatch
 from tests.test_outbox import make_turn
@@ -245,3 +247,50 @@ class TestStatusAtStop:
                 await watch.until(lambda logs: any(e["event"] == "mqtt.connect_failed"
                                                    for e in logs))
         assert not [e for e in watch.entries if e["event"].startswith("mqtt.offline_")]
+
+
+class TestFlapping:
+    async def test_connections_the_broker_keeps_ending_are_logged_once(
+            self, broker: Mosquitto) -> None:
+        """Another client keeps taking our ``client_id``: each of our connections ends at
+        once. The first end is logged, the next ones of the run only counted; a connection
+        that lasts says so, with the count (two lines per connection, for as long as it went
+        on, every 15-45 s, before)."""
+        watch = LogWatch()
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2,
+                                         "client_id": "desk", "availability_topic": ""})
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST) as sink:
+                async with asyncio.timeout(10):
+                    await sink.ready()                  # connected
+                for _ in range(4):
+                    async with aiomqtt.Client(broker.host, broker.port, identifier="desk"):
+                        pass                            # takes the id over: the sink is off
+                    await _on_a_new_connection(sink)
+                await watch.until(lambda logs: len(_events(logs, "mqtt.connected")) == 2,
+                                  within=STABLE_S + 5)
+        first, lasted = _events(watch.entries, "mqtt.connected")
+        assert "short_connections_not_logged" not in first
+        assert lasted["short_connections_not_logged"] == 3
+        assert lasted["lasted_s"] == STABLE_S
+        [ended] = _events(watch.entries, "mqtt.disconnected")
+        assert "is another client connected with client_id 'desk'?" in ended["error"]
+
+
+async def _on_a_new_connection(sink: MqttSink) -> None:
+    """Wait until ``sink`` is connected again after its connection was taken over.
+
+    A send fails on the connection taken over (then ``ready()`` waits for the next one), or
+    goes through on the next one, made already.
+    """
+    async with asyncio.timeout(10):
+        try:
+            await sink.send(make_turn(1))
+        except SinkError:
+            await sink.ready()
+
+
+def _events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    """``name``'s lines above debug: what a log at the default level shows."""
+    return [e for e in logs if e["event"] == name and e["log_level"] != "debug"]
