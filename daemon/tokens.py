@@ -97,6 +97,11 @@ class TokenProvider:
 
     def _token_from(self, status: int, reply: _Reply) -> str:
         detail = reply.service or reply.reason
+        if status == 403 and reply.service is None:    # not the service's JSON error
+            raise TokenError(f"token endpoint answered 403 ({detail}) without the service's "
+                             f"error body ({reply.content_type}): a proxy, firewall or CDN in "
+                             "the way? retried, not taken as a rejected key",
+                             retry_after=reply.retry_after)
         if status in (401, 403):
             raise TokenError(
                 f"token endpoint rejected the API key ({status}: {detail})", rejected=True

@@ -68,3 +68,22 @@ async def test_400_from_something_else_is_transient(fake: FakeAssemblyAI) -> Non
     with pytest.raises(TokenError, match="answered 400"):
         await mint(fake)
     assert await mint(fake)                 # the next request is answered
+
+
+async def test_403_from_the_service_rejects_the_key(fake: FakeAssemblyAI) -> None:
+    """The service's own 403 (its JSON error) refuses the key: it counts toward exit 77."""
+    fake.faults.token_status = [403]
+    with pytest.raises(TokenError, match="rejected the API key") as info:
+        await mint(fake)
+    assert info.value.rejected
+
+
+async def test_403_from_something_else_is_transient(fake: FakeAssemblyAI) -> None:
+    """A CDN's or firewall's HTML 403 says nothing about the key: retried, never exit 77 (a
+    daemon that systemd does not restart, on a key that works)."""
+    fake.faults.token_status = [403]
+    fake.faults.token_raw_body = "<html><body>Access denied</body></html>"
+    with pytest.raises(TokenError, match=r"answered 403 \(Forbidden\) without the service's "
+                                         r"error body \(.*text/html.*\): a proxy, firewall"):
+        await mint(fake)
+    assert await mint(fake)                 # the next request is answered
