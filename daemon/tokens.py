@@ -36,7 +36,7 @@ _TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")      # visible ASCII: what a U
 
 
 class TokenError(DaemonError):
-    """A token could not be had; ``rejected`` means the key itself was refused (401/403)."""
+    """A token could not be had; ``rejected``: the service refused the key (401, its own 403)."""
 
     def __init__(
         self, message: str, *, rejected: bool = False, retry_after: float | None = None
@@ -65,7 +65,7 @@ class TokenProvider:
 
         Raises:
             TokenError: transient (network, timeout, 429, 5xx, a reply that is not a token) or
-                ``rejected`` (401/403).
+                ``rejected`` (401, or a 403 with the service's JSON error).
             ConfigError: the endpoint refused our parameters (the service's own 400).
         """
         session_cap = max_session_seconds or self._config.max_session_seconds
