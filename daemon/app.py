@@ -309,13 +309,18 @@ async def _beating(
     chunks: AsyncIterator[AudioChunk], heartbeat: Heartbeat, listener: Listener, within: float,
     ended: Callable[[], None],
 ) -> AsyncIterator[AudioChunk]:
-    """Pass chunks through, beating the capture heartbeat and counting them for ``listener``."""
+    """Pass chunks through, beating the capture heartbeat and counting them for ``listener``.
+
+    The next chunk is owed only while the engine asks for one: a file run's engine holds a chunk
+    while its backlog is full (an outage), and the watchdog then restarted a waiting daemon.
+    """
     try:
         async for chunk in chunks:
-            heartbeat.beat(within)
+            heartbeat.idle()
             listener.meter.count(chunk)
             listener.audio_read()
             yield chunk
+            heartbeat.beat(within)
     finally:
         ended()
         heartbeat.idle()
@@ -350,7 +355,8 @@ async def _run_engine(
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         reporter.stop(f"{signal.Signals(signum).name} received")
         source.stop()
-        stop = getattr(engine, "stop", None)    # the local engine: its session ends "stopped"
+        stop = getattr(engine, "stop", None)    # local: its session ends "stopped"; cloud: a
+                                                # file waiting for room in the backlog stops
         if stop is not None:
             stop()
         stopping.append(loop.call_later(SHUTDOWN_DEADLINE_S, deadline, task))

@@ -21,10 +21,16 @@ log = structlog.get_logger("daemon.filesource")
 # WAV decode block, read and converted in one thread hop (each hop wakes an executor thread and
 # the loop's self-pipe); 2 s of 48 kHz stereo float is 0.8 MB.
 _READ_SECONDS: Final = 2.0
+# A consumer that takes a chunk this much later than it was due paused the file (the cloud engine
+# waits while its backlog is full): the file goes on at real time from then, not in a burst.
+_PAUSED_AFTER_S: Final = 1.0
 
 
 class WavFileSource:
     """Streams a WAV file as exact chunks, at real-time pace or as fast as it is consumed.
+
+    At real-time pace, a consumer that pauses the file (takes the next chunk over a second late)
+    gets the rest at real time from then on; ``captured_at`` stays the start plus the offset.
 
     Args:
         path: any PCM (8/16/24/32-bit) or float WAV, any rate and channel count.
@@ -94,11 +100,15 @@ class WavFileSource:
         played = 0
         async for chunk in self._converted(start_wall):
             played += len(chunk.pcm) // 2
-            if self.realtime and not await self._wait_until(start_loop + played / self.sample_rate):
+            due = start_loop + played / self.sample_rate
+            if self.realtime and not await self._wait_until(due):
                 return
             if self._stopped.is_set():
                 return
             yield chunk
+            paused = loop.time() - due
+            if self.realtime and paused > _PAUSED_AFTER_S:
+                start_loop += paused        # re-anchored: what the pause "owes" is not burst
 
     async def _converted(self, start_wall: float) -> AsyncIterator[AudioChunk]:
         """Decode, convert and re-chunk the file block by block, off the event loop."""

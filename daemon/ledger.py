@@ -3,6 +3,7 @@
 Positions are absolute sample indexes since the daemon started (``start`` of the first chunk is 0),
 so a word's time in any session maps back to the exact audio and its wall-clock capture time.
 The ledger is bounded by ``backlog_seconds``: beyond it the oldest audio is dropped and counted.
+A writer that can wait (a file) asks ``full`` first and waits with ``wait_for_room``.
 
 A ``Timeline`` belongs to one session and maps that session's audio offsets (what word times are
 relative to) back to ledger positions and wall-clock times, across gaps and skipped silence.
@@ -49,6 +50,8 @@ class Ledger:
         self._changed = asyncio.Event()
         self.ended = asyncio.Event()  # set by ``finish``: no more audio will come
         self.dropped_samples = 0  # total audio dropped because the backlog was full
+        self.starved = 0  # readers waiting for audio beyond the end (all held audio is sent)
+        self._room = asyncio.Event()  # audio was covered, a reader starved, or ``wake``
 
     # -- writer side ----------------------------------------------------------------------
 
@@ -68,11 +71,28 @@ class Ledger:
         self.ended.set()
         self._changed.set()
 
+    def full(self, samples: int) -> bool:
+        """Appending ``samples`` more would drop the oldest audio."""
+        return bool(self._pieces) and self._next + samples - self.head > self._max_samples
+
+    async def wait_for_room(self) -> None:
+        """Wait until audio is covered, a reader starts waiting beyond the end, or ``wake``.
+
+        The caller checks ``full`` (and whatever else it waits on) before each wait.
+        """
+        self._room.clear()
+        await self._room.wait()
+
+    def wake(self) -> None:
+        """Wake a writer in ``wait_for_room`` (to look at something else it waits on)."""
+        self._room.set()
+
     def cover(self, position: int) -> None:
         """Audio before ``position`` is covered by finished turns (or known silence): forget it."""
         if position <= self._covered:
             return
         self._covered = position
+        self._room.set()
         while self._pieces and self._pieces[0].end <= position:
             self._pieces.popleft()
         if self._pieces and self._pieces[0].start < position:
@@ -145,7 +165,12 @@ class Ledger:
         """Wait until audio exists at ``position`` or the input has ended."""
         while position >= self._next and not self.eof:
             self._changed.clear()
-            await self._changed.wait()
+            self.starved += 1
+            self._room.set()        # a writer waiting for room: this reader has sent it all
+            try:
+                await self._changed.wait()
+            finally:
+                self.starved -= 1
 
 
 def rms(pcm: bytes) -> float:

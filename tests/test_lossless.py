@@ -198,21 +198,25 @@ class TestSingleFaults:
         assert len(result.events("session.closed_without_termination")) == 1
         assert len(fake.sessions) == 1
 
-    async def test_outage_longer_than_backlog(self, fake: FakeAssemblyAI,
-                                              tmp_path: Path) -> None:
-        """Beyond backlog_seconds the oldest audio is dropped, and the loss is reported exactly."""
+    async def test_outage_longer_than_backlog(self, fake: FakeAssemblyAI) -> None:
+        """Beyond backlog_seconds a microphone's oldest audio is dropped, and the loss is
+        reported exactly. (A file waits instead: tests/test_file_outage.py.)"""
         fake.faults.token_status = [429, 429]          # each answer asks for Retry-After: 1 s
-        extra = "[reconnect]\nbacklog_seconds = 1.0\n"
-        config_text = cloud_config(tmp_path, fake, SPEECH_DIR / S2).read_text()
-        config = tmp_path / "config.toml"
-        config.write_text(config_text.replace("[reconnect]\n", extra))
-        result = await run_daemon("run", "--config", str(config), limit_s=60)
-        assert result.code == 0, result.stderr[-3000:]
-        [loss] = result.events("stream.backlog_dropped")
-        got, expected = delivered(tmp_path), words(TRANSCRIPTS[S2])
+        pcm = _samples(SPEECH_DIR / S2)
+        listener = TurnsListener()
+        async with httpx.AsyncClient() as client:
+            config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                                      token_url=fake.token_url)
+            engine = AssemblyAIEngine(config, ReconnectConfig(backlog_seconds=1.0),
+                                      TokenProvider(config, client), sample_rate=16000,
+                                      chunk_ms=100, source="microphone", host="h")
+            with structlog.testing.capture_logs() as logs:
+                async with asyncio.timeout(60):
+                    await engine.run(_captured(pcm), listener)
+        [loss] = [e for e in logs if e["event"] == "stream.backlog_dropped"]
+        got = [w for turn in listener.turns for w in words(turn.transcript)]
+        expected = words(TRANSCRIPTS[S2])
         assert got and got == expected[len(expected) - len(got):]      # the newest words survive
-        with wave.open(str(SPEECH_DIR / S2)) as wav:
-            pcm = wav.readframes(wav.getnframes())
         first = bytes(fake.sessions[0].audio[:3200])
         offset_samples = pcm.find(first) // 2
         # the first audio sent is exactly where the dropped audio ends (or, if the replay
@@ -237,7 +241,8 @@ async def test_outage_loss_reported_when_stopped_during_it() -> None:
                                   token_url=fake.token_url)
         reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
         engine = AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
-                                  sample_rate=16000, chunk_ms=100, source="file", host="h")
+                                  sample_rate=16000, chunk_ms=100, source="microphone",
+                                  host="h")
         with structlog.testing.capture_logs() as logs:
             running = asyncio.create_task(engine.run(_captured(_samples(SPEECH_DIR / S2)),
                                                      TurnsListener()))
