@@ -345,7 +345,7 @@ class Dispatcher:
                 if wait is None:
                     return await self._give_up(runner, delivery, f"gave up after "
                                                f"{retry.max_s:g} s: {failure_reason(exc)}")
-                if not await retry_wait(runner, wait, self.send_limit_s):
+                if not await retry_wait(runner, wait, self.send_limit_s, retry):
                     return False
                 continue
             note_delivery(runner, delivery)

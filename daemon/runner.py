@@ -70,6 +70,8 @@ class Retry:
     max_s: float | None                 # the sink's ``retry_max_s``: give up after this long
     first_failure: float | None = None
     delay: float = 0.2
+    early: int = 0                      # retries made early (the sink's ``ready()``) so far
+    ready_failed: bool = False          # its ``ready()`` raised (said once per record)
 
     def next_wait(self, asked: float | None) -> float:
         """Jittered exponential backoff, or the sink's ``Retry-After`` when that is longer.
@@ -149,16 +151,19 @@ async def wait_backoff(runner: SinkRunner, delay: float, send_limit_s: float,
     return not runner.retiring.is_set()
 
 
-async def retry_wait(runner: SinkRunner, delay: float, send_limit_s: float) -> bool:
+async def retry_wait(runner: SinkRunner, delay: float, send_limit_s: float,
+                     retry: Retry) -> bool:
     """The backoff before a failed record's retry, cut short when the sink's ``ready()`` returns.
 
     A sink may say when a retry is worth making before its backoff ends (the MQTT sink: when
     its broker connection is made again), so the first turn after a long outage goes at once,
-    not up to 45 s later. Never sooner than ``EARLY_RETRY_MIN_S`` after the failure, so a
-    ``ready()`` that returns at once makes no tight loop; False if the sink retired.
+    not up to 45 s later. Never sooner than ``EARLY_RETRY_MIN_S`` after the failure, doubled for
+    each early retry of the record that failed again, so a ``ready()`` that returns at once (up,
+    but the far end still failing) makes no tight loop; False if the sink retired.
     """
     ready = getattr(runner.sink, "ready", None)
-    if not asyncio.iscoroutinefunction(ready) or delay <= EARLY_RETRY_MIN_S:
+    floor = EARLY_RETRY_MIN_S * 2 ** min(retry.early, 16)
+    if not inspect.iscoroutinefunction(ready) or delay <= floor:
         return await wait_backoff(runner, delay, send_limit_s)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -168,10 +173,19 @@ async def retry_wait(runner: SinkRunner, delay: float, send_limit_s: float) -> b
             return False
     finally:
         waiter.cancel()
-    failed = waiter.exception() if waiter.done() and not waiter.cancelled() else None
-    if failed is not None:
+        waiter.add_done_callback(_retrieved)
+    said = waiter.done() and not waiter.cancelled() and waiter.exception() is None
+    if waiter.done() and not waiter.cancelled() and not said and not retry.ready_failed:
+        retry.ready_failed = True           # once per record, not at every backoff
+        failed = waiter.exception()
         log.warning("sink.ready_failed", error=str(failed) or type(failed).__name__,
-                    effect="the retry waits out its backoff")
-    said = waiter.done() and not waiter.cancelled() and failed is None
-    rest = start + (EARLY_RETRY_MIN_S if said else delay) - loop.time()
+                    effect="its retries wait out their backoff")
+    retry.early += said
+    rest = start + (floor if said else delay) - loop.time()
     return rest <= 0 or await wait_backoff(runner, rest, send_limit_s)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """A ``ready()`` that failed after its wait ended: retrieved, not printed by asyncio."""
+    if not task.cancelled():
+        task.exception()

@@ -85,6 +85,7 @@ class MqttSink:
         self._logger = client_logger(name, self._where)
         self._connected = asyncio.Event()
         self._connections = 0       # connections made so far
+        self._online_said = False   # an ``online`` may be retained at the broker by us
         self._new_connection = asyncio.Event()  # set (and replaced) when one is made
         self._failed_on = 0         # the connection (its number) a send last failed on
         self._sending_on = 0
@@ -97,6 +98,7 @@ class MqttSink:
     async def __aenter__(self) -> Self:
         """Start connecting in the background; never fails because the broker is down."""
         self._closing = False       # entered again when the dispatcher restarts its worker
+        self._short_reason, self._unlogged = None, 0    # a run of early ends starts afresh
         self._task = asyncio.create_task(self._maintain(), name=f"mqtt:{self.name}")
         return self
 
@@ -113,7 +115,7 @@ class MqttSink:
                                      timeout=self.config.timeout_s)
                 said = True
         await self._stop_connecting()
-        if self.availability and self._connections and not said:
+        if self.availability and self._online_said and not said:
             await self._offline_unconnected()
 
     async def _stop_connecting(self) -> None:
@@ -138,17 +140,22 @@ class MqttSink:
         """
         import aiomqtt
 
-        client = self._new_client()
+        bound = min(self.config.timeout_s, OFFLINE_AT_EXIT_S)
+        client, delivered = self._new_client(), False
+        client.connect_within(bound)    # paho's TCP connect runs in a thread the bound can't end
         try:
-            async with asyncio.timeout(min(self.config.timeout_s, OFFLINE_AT_EXIT_S)), client:
+            async with asyncio.timeout(bound), client:
                 await client.deliver(self.availability, OFFLINE, qos=1, retain=True,
-                                     within=self.config.timeout_s)
+                                     within=bound)
+                delivered = True
         except (aiomqtt.MqttError, TimeoutError) as exc:
-            why = describe(exc) if isinstance(exc, aiomqtt.MqttError) else \
-                f"no answer within {min(self.config.timeout_s, OFFLINE_AT_EXIT_S):g} s"
-            log.warning("mqtt.offline_unsaid", sink=self.name, broker=self._where, error=why,
-                        effect=f"{self.availability!r} may still say online (retained)")
-            return
+            if not delivered:   # else only the disconnect was slow: said
+                why = describe(exc) if isinstance(exc, aiomqtt.MqttError) else \
+                    f"no answer within {bound:g} s"
+                log.warning("mqtt.offline_unsaid", sink=self.name, broker=self._where,
+                            error=why, effect=f"{self.availability!r} may say online (retained) "
+                            "until the sink connects there again")
+                return
         finally:
             release(client)
         log.info("mqtt.offline_said", sink=self.name, broker=self._where,
@@ -174,7 +181,7 @@ class MqttSink:
         self._sending_on = self._connections
         try:
             await self._publish(record)
-        except SinkError:
+        except Exception:   # any failure: ready() waits for a newer connection
             self._failed_on = self._sending_on
             raise
 
@@ -241,8 +248,9 @@ class MqttSink:
                 self._note_end(reason, error, uptime, wait)
             elif error not in said:         # once per reason: a broker up again may refuse us
                 said.add(error)
+                self._short_reason = None   # a run of early ends is over: connects fail now
                 log.warning("mqtt.connect_failed", sink=self.name, broker=self._where,
-                            error=error, retry_in_s=round(wait, 2))
+                            error=error, retry_in_s=round(wait, 2), **self._run_so_far())
             await asyncio.sleep(wait)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -321,6 +329,7 @@ class MqttSink:
 
     async def _announce(self, client: MqttClient) -> None:
         if self.availability:
+            self._online_said = True    # from here it may be retained, even if we hear no ack
             await client.deliver(self.availability, ONLINE, qos=1, retain=True,
                                  within=self.config.timeout_s)
             # watched for a late last will (_reassert); a broker's ACL may refuse it: no error

@@ -50,6 +50,9 @@ if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
         def abandon(self, why: str) -> None:
             """End the connection now, ``why`` being how it ended."""
 
+        def connect_within(self, seconds: float) -> None:
+            """Bound the TCP connect (paho's own timeout, in the thread aiomqtt runs it in)."""
+
 log = structlog.get_logger("plugins.mqtt")
 
 _AUTH_REFUSED: Final = frozenset({4, 5, 134, 135})  # CONNACK codes, MQTT 3.1.1 and 5
@@ -137,6 +140,13 @@ def client_class() -> type[MqttClient]:
                 await publish
                 return
             await _deliver(cast("MqttClient", self), ended, publish, within)
+
+        def connect_within(self, seconds: float) -> None:
+            """Bound the TCP connect, which a cancelled ``__aenter__`` leaves running.
+
+            aiomqtt runs paho's connect in a thread, for paho's ``connect_timeout`` (5 s).
+            """
+            self._client.connect_timeout = seconds
 
         def abandon(self, why: str) -> None:
             """End a connection the broker stopped answering on (no PUBACK in time), now.

@@ -105,11 +105,11 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
 
 
 def _ca_digest(ca_file: str) -> str:
-    """SHA-256 (hex) of the bytes of ``ca_file``, which ``_tls_context`` loaded a moment ago."""
+    """SHA-256 (hex) of the bytes of ``ca_file``, which ``tls_context`` loaded a moment ago."""
     path = Path(ca_file).expanduser()
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:              # gone or unreadable since: the message _tls_context gives
+    except OSError as exc:              # gone or unreadable since: the message tls_context gives
         raise _unloadable(str(path), exc) from None
 
 

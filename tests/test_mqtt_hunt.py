@@ -330,3 +330,22 @@ class TestStatusOnStop:
         events = [e["event"] for e in watch.entries if e["log_level"] == "warning"]
         assert events == ["mqtt.disconnected"]      # the second, ended alike, is only counted
         assert drops(watch.entries)[0] == "the broker sent DISCONNECT: Server shutting down (139)"
+
+    async def test_an_online_sent_without_its_ack_is_replaced_at_stop(self) -> None:
+        """The first connection ends after the broker got 'online' but before it acknowledged
+        it (retained there all the same); stopped then, the sink connects once more to say
+        'offline'. It counted only connections whose 'online' was acknowledged, and left
+        'online' standing."""
+        def first_online_unacked(number: int, topic: str, payload: bytes) -> bytes | None:
+            return b"" if number == 1 else None     # connection 1: closed, no PUBACK
+
+        async with ScriptedBroker(answer=first_online_unacked) as broker:
+            cfg = mqtt_config(broker.port, availability_topic="transcribed/{host}/status",
+                              timeout_s=2)
+            watch = LogWatch()
+            with watch.active():
+                async with MqttSink("bus", cfg, HOST):
+                    await watch.until(lambda entries: len(drops(entries)) >= 1)
+        assert broker.published[-1:] == [("transcribed/testhost/status", b"offline")]
+        assert [e["event"] for e in watch.entries][-1] == "mqtt.offline_said"
+

@@ -221,7 +221,7 @@ class TestStatusAtStop:
     async def test_a_stop_while_the_broker_is_away_says_the_status_may_be_stale(
             self, broker: Mosquitto) -> None:
         """Stopped while the broker is still away: nothing can be said there; the log names
-        the topic that may still say 'online', within the short bound."""
+        the topic that may still say 'online'."""
         watch = LogWatch()
         cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
                                          "port": broker.port, "timeout_s": 2})
@@ -232,7 +232,8 @@ class TestStatusAtStop:
                                                        for e in logs))
                     broker.stop()
         [unsaid] = [e for e in watch.entries if e["event"] == "mqtt.offline_unsaid"]
-        assert unsaid["effect"] == f"{STATUS!r} may still say online (retained)"
+        assert unsaid["effect"] == (f"{STATUS!r} may say online (retained) until the sink "
+                                    "connects there again")
         assert "refused" in unsaid["error"].lower()
 
     async def test_a_sink_that_never_connected_says_nothing_at_stop(
@@ -276,6 +277,33 @@ class TestFlapping:
         assert lasted["lasted_s"] == STABLE_S
         [ended] = _events(watch.entries, "mqtt.disconnected")
         assert "is another client connected with client_id 'desk'?" in ended["error"]
+
+
+    async def test_a_run_of_early_ends_is_over_when_connects_fail(
+            self, broker: Mosquitto) -> None:
+        """Early ends, then the broker goes away: the count is said, and the connection made
+        when it is back is logged at once, not only if it lasts (the log said 'connect_failed'
+        and then nothing while the sink was connected)."""
+        watch = LogWatch()
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "timeout_s": 2,
+                                         "client_id": "desk", "availability_topic": ""})
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST) as sink:
+                async with asyncio.timeout(10):
+                    await sink.ready()
+                for _ in range(3):
+                    async with aiomqtt.Client(broker.host, broker.port, identifier="desk"):
+                        pass
+                    await _on_a_new_connection(sink)
+                broker.stop()
+                await watch.until(lambda logs: bool(_events(logs, "mqtt.connect_failed")))
+                broker.start()
+                await _on_a_new_connection(sink)
+        shown = [e["event"] for e in watch.entries if e["log_level"] != "debug"]
+        assert shown[-2:] == ["mqtt.connect_failed", "mqtt.connected"]
+        counted = sum(e.get("short_connections_not_logged", 0) for e in watch.entries)
+        assert counted in (2, 3)    # 3: the stop's end alike (closed without a DISCONNECT)
 
 
 async def _on_a_new_connection(sink: MqttSink) -> None:

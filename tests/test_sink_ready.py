@@ -136,10 +136,12 @@ async def _send_until_it_fails(sink: MqttSink) -> None:
 
 
 class Flaky:
-    """A third-party sink: fails once asking for a minute's wait; ``ready`` is the test's."""
+    """A third-party sink: fails ``failures`` times asking for a minute's wait; ``ready`` is
+    the test's."""
 
-    def __init__(self, ready: object) -> None:
+    def __init__(self, ready: object, failures: int = 1) -> None:
         self.ready = ready
+        self.failures = failures
         self.attempts: list[float] = []
         self.delivered = asyncio.Event()
 
@@ -151,7 +153,7 @@ class Flaky:
 
     async def send(self, record: TurnRecord) -> None:
         self.attempts.append(time.monotonic())
-        if len(self.attempts) == 1:
+        if len(self.attempts) <= self.failures:
             raise SinkError("the far end is away", retry_after=LONG_WAIT_S)
         self.delivered.set()
 
@@ -175,15 +177,17 @@ async def _delivered(sink: Flaky, tmp_path: Path, within: float) -> bool:
 
 
 async def test_a_ready_that_returns_at_once_still_waits_the_floor(tmp_path: Path) -> None:
-    """A ``ready()`` that is always ready makes no tight loop: the retry comes
-    ``EARLY_RETRY_MIN_S`` after the failure, not at once."""
+    """A ``ready()`` that is always ready (the sink is up, the far end still failing) makes no
+    tight loop: the retry comes ``EARLY_RETRY_MIN_S`` after the failure, the next early one
+    twice that after the next failure, ..., not at once (nor at 1 s for ever)."""
     async def always() -> None:
         return None
 
-    sink = Flaky(always)
+    sink = Flaky(always, failures=2)
     assert await _delivered(sink, tmp_path, within=10)
-    first, second = sink.attempts
+    first, second, third = sink.attempts
     assert second - first >= EARLY_RETRY_MIN_S * 0.99
+    assert third - second >= 2 * EARLY_RETRY_MIN_S * 0.99
 
 
 async def test_a_ready_that_raises_or_is_not_async_leaves_the_backoff_alone(
