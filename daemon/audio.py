@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # PortAudio loads only when the microphone is opened
 
 from daemon.audio_noise import stderr_silenced
 from daemon.backoff import backoff
-from daemon.capture import CaptureBridge
+from daemon.capture import QUEUE_S, CaptureBridge, queue_chunks_for
 from daemon.devices import (
     AmbiguousDevice,
     DeviceInfo,
@@ -75,7 +75,8 @@ class MicrophoneSource:
         sample_rate: output rate; the device is opened at it when supported, else at its
             default rate and resampled (streaming, seamless across chunks).
         chunk_ms: output chunk length.
-        queue_chunks: chunks held for a slow consumer before the oldest are dropped.
+        queue_s: seconds of audio held for a slow (or frozen) consumer before the oldest
+            chunks are dropped, whatever ``chunk_ms`` is.
         stall_seconds: no audio for this long counts as a stalled device.
         heartbeat: beaten on every chunk and every reopen attempt (see :mod:`daemon.health`).
         recover: on a capture error or stall, reopen the device with backoff and keep going
@@ -91,7 +92,7 @@ class MicrophoneSource:
         *,
         sample_rate: int = 16000,
         chunk_ms: int = 100,
-        queue_chunks: int = 50,
+        queue_s: float = QUEUE_S,
         stall_seconds: float = 5.0,
         heartbeat: Heartbeat | None = None,
         recover: bool = True,
@@ -99,7 +100,7 @@ class MicrophoneSource:
         self.device = device
         self.sample_rate = sample_rate
         self.chunk_ms = chunk_ms
-        self.queue_chunks = queue_chunks
+        self.queue_s = queue_s
         self.stall_seconds = stall_seconds
         self.device_info: DeviceInfo | None = None
         self.capture_format: PcmFormat | None = None
@@ -306,7 +307,7 @@ class MicrophoneSource:
                 fmt,
                 sample_rate=self.sample_rate,
                 chunk_ms=self.chunk_ms,
-                queue_chunks=self.queue_chunks,
+                queue_chunks=queue_chunks_for(self.queue_s, self.chunk_ms),
                 label=f"microphone {info.name!r}",
             )
         else:

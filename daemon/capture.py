@@ -1,8 +1,9 @@
 """The microphone's capture bridge: PortAudio's callback thread → the event loop.
 
 PortAudio calls :meth:`CaptureBridge.on_audio` on its own thread for every buffer; the bridge
-only stamps it and schedules the rest on the loop (convert, re-chunk, queue: bounded, dropping
-the oldest, every loss counted and logged). :class:`daemon.audio.MicrophoneSource` owns one.
+only stamps it (PortAudio's ADC time, else the samples counted since the last buffer it timed)
+and schedules the rest on the loop (convert, re-chunk, queue: bounded, dropping the oldest,
+every loss counted and logged). :class:`daemon.audio.MicrophoneSource` owns one.
 """
 
 from __future__ import annotations
@@ -26,20 +27,72 @@ _PA_COMPLETE: Final = 1   # pyaudio.paComplete
 _PA_INPUT_OVERFLOW: Final = 2  # pyaudio.paInputOverflow: input was lost before the callback
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 LATE_S: Final = 1.0  # a stall timer this late means the daemon was frozen, not the device
+ADC_AGE_LIMIT_S: Final = 10.0  # an ADC time older than this (or negative) is not believed
+QUEUE_S: Final = 60.0  # audio the capture queue holds (about 2 MB at 16 kHz): see queue_chunks_for
 
 
-def _capture_time(time_info: Mapping[str, float], frames: int, rate: int) -> float:
-    """Wall-clock time of a callback buffer's first sample.
+def queue_chunks_for(seconds: float, chunk_ms: int) -> int:
+    """The number of ``chunk_ms`` chunks that hold ``seconds`` of audio (at least one).
 
-    PortAudio's ADC time is on its own clock, so only its age relative to ``current_time`` is
-    used; without a usable ADC time, assume the buffer just filled up.
+    The queue is sized in time, not chunks: what it must hold is the audio a sound server kept
+    for a daemon that was frozen (SIGSTOP, swapping, a debugger), delivered at once on waking;
+    PulseAudio keeps about 131 s of it at 16 kHz mono (4 MiB, measured), then drops the rest.
+    """
+    return max(1, math.ceil(seconds * 1000 / chunk_ms))
+
+
+def _capture_time(
+    time_info: Mapping[str, float], frames: int, rate: int
+) -> tuple[float, float | None]:
+    """Wall-clock times of a callback buffer's first sample: (filled up, ADC).
+
+    The first assumes the buffer just filled up; the second is by PortAudio's ADC time, None
+    if it gives no usable one. That is on PortAudio's own clock, so only its age relative to
+    ``current_time`` is used, and only up to :data:`ADC_AGE_LIMIT_S`.
     """
     now = time.time()
+    filled = now - frames / rate
     adc = time_info.get("input_buffer_adc_time", 0.0)
     current = time_info.get("current_time", 0.0)
-    if adc > 0 and current > 0 and 0 <= current - adc < 10:
-        return now - (current - adc)
-    return now - frames / rate
+    if adc > 0 and current > 0 and 0 <= current - adc < ADC_AGE_LIMIT_S:
+        return filled, now - (current - adc)
+    return filled, None
+
+
+class _StreamClock:
+    """Stamps one continuous stream's callback buffers (PortAudio's thread only).
+
+    A buffer with a usable ADC time is stamped by it and becomes the anchor, unless it is part
+    of a burst (here less than half its length after the one before: the audio a frozen
+    daemon's sound server kept, all arriving on waking). A burst's buffers, and any without a
+    usable ADC time, are stamped by the frames counted since the anchor, never later than they
+    filled up: no input is lost between buffers unless PortAudio flags an overflow (the anchor
+    is dropped) or the device is reopened (a new clock). Measured on PulseAudio, the ADC time
+    of a burst is right until the server drops some of what it kept (past 131 s at 16 kHz
+    mono): then it is the age of what is left, too young; the count is not.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._anchor: float | None = None
+        self._frames = 0  # frames since the anchor's first sample
+        self._last = -math.inf  # when the previous buffer arrived
+
+    def stamp(self, time_info: Mapping[str, float], frames: int, overflowed: bool) -> float:
+        """The wall-clock time of this buffer's first sample."""
+        filled, adc = _capture_time(time_info, frames, self._rate)
+        length = frames / self._rate
+        in_burst, self._last = filled + length - self._last < length / 2, filled + length
+        if overflowed:
+            self._anchor = None
+        if adc is not None and (self._anchor is None or not in_burst):
+            at, self._anchor, self._frames = adc, adc, 0
+        elif self._anchor is not None:
+            at = min(filled, self._anchor + self._frames / self._rate)
+        else:
+            at = filled
+        self._frames += frames
+        return at
 
 
 class _Tally:
@@ -85,8 +138,10 @@ class CaptureBridge:
     :meth:`on_audio` is the pyaudio stream callback. It runs on PortAudio's thread and only
     schedules :meth:`_offer` on the loop, which converts, re-chunks and queues the audio.
     Both losses are counted and logged: chunks dropped as the consumer lags
-    (``audio.chunks_dropped``), input PortAudio lost before the callback
-    (``audio.input_overflow``, e.g. an ALSA overrun).
+    (``audio.chunks_dropped``, with the queue's size in chunks and seconds), input PortAudio
+    lost before the callback (``audio.input_overflow``, e.g. an ALSA overrun). Each buffer is
+    stamped on PortAudio's thread (:class:`_StreamClock`), so a burst keeps the times it was
+    recorded at.
     """
 
     def __init__(
@@ -103,7 +158,7 @@ class CaptureBridge:
         self._sample_rate, self._chunk_ms, self._label = sample_rate, chunk_ms, label
         self._queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue(queue_chunks)
         self._drops = _Tally(loop, "audio.chunks_dropped", "dropped", source=label,
-                             queue_chunks=queue_chunks)
+                             queue_chunks=queue_chunks, queue_s=queue_chunks * chunk_ms / 1000)
         self._overflows = _Tally(loop, "audio.input_overflow", "overflows", source=label)
         self._ended = False
         self._error: AudioError | None = None
@@ -114,16 +169,16 @@ class CaptureBridge:
         self._fmt = fmt
         self._converter = Converter(fmt, self._sample_rate)
         self._rechunker = Rechunker(self._sample_rate, self._chunk_ms)
+        self._clock = _StreamClock(fmt.rate)
 
     def on_audio(
         self, data: bytes | None, frames: int, time_info: Mapping[str, float], status: int
     ) -> tuple[None, int]:
         """The PortAudio callback: stamp the buffer and hand it to the loop, nothing else."""
-        captured_at = _capture_time(time_info, frames, self._fmt.rate)
+        overflowed = bool(status & _PA_INPUT_OVERFLOW)
+        captured_at = self._clock.stamp(time_info, frames, overflowed)
         try:
-            self._loop.call_soon_threadsafe(
-                self._offer, data or b"", captured_at, bool(status & _PA_INPUT_OVERFLOW)
-            )
+            self._loop.call_soon_threadsafe(self._offer, data or b"", captured_at, overflowed)
         except RuntimeError:  # the loop has closed: end the stream instead of raising in C
             return None, _PA_COMPLETE
         return None, _PA_CONTINUE

@@ -7,18 +7,23 @@ hung broker or receiver): its sockets stay open and the kernel goes on accepting
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
 
 from daemon import capture
+from daemon.audio import MicrophoneSource
 from daemon.capture import CaptureBridge
 from daemon.dispatch import Dispatcher
 from daemon.events import TurnRecord
@@ -288,3 +293,107 @@ class TestFrozenDaemon:
             await logs.until(lambda entries: sum(dropped(entries)) == 4, within=5)
         assert dropped(logs.entries) == [1, 3]
         bridge.finish()
+
+    async def test_a_daemon_frozen_longer_than_the_old_queue_loses_no_audio_nor_its_times(
+        self, vmic: VirtualMic, tmp_path: Path
+    ) -> None:
+        """The daemon stopped for 11 s while a sentence is spoken into the microphone, right at
+        the start. The sound server keeps it all and hands it over at once on waking. The
+        capture queue held 50 chunks (5 s at 100 ms): the oldest 6 s, the sentence with them,
+        were dropped (``audio.chunks_dropped``). And PortAudio's ADC time is not believed that
+        old, so the burst was stamped as it arrived, squeezed into the moment of waking: an
+        ``audio.gap`` of the whole freeze was logged and the turn's ``started_at`` was the
+        wake-up, not when it was said."""
+        loop = asyncio.get_running_loop()
+        async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1), heartbeat_s=1.0) as fake:
+            daemon = await Daemon.start("run", "--config", str(cloud_config(tmp_path, fake, None)),
+                                        env=vmic.env())
+            try:
+                session = await asyncio.wait_for(fake.wait_for_session(0), 15)
+                async with asyncio.timeout(15):
+                    await session.wait_for(lambda s: s.audio_ms >= 500)
+                with frozen(daemon.process.pid):
+                    spoken = time.time()
+                    await asyncio.wait_for(vmic.play_pcm(_samples(SPEECH_DIR / S1)
+                                                         + _silence(8.0)), 30)
+                with contextlib.suppress(TimeoutError):     # a sentence lost fails below
+                    async with asyncio.timeout(10):
+                        await session.wait_for(lambda _: finals(fake) > 0)
+                daemon.signal(signal.SIGTERM)
+                assert session.began_at is not None
+                wall_s = loop.time() - session.began_at
+                result = await daemon.finish(20)
+            finally:
+                await daemon.kill_if_running()
+            received_s = sum(s.audio_ms for s in fake.sessions) / 1000
+        assert result.code == 0, result.stderr[-3000:]
+        assert result.events("audio.chunks_dropped") == []
+        skipped_s = sum(e["silence_skipped_s"] for e in result.events("session.ended"))
+        assert received_s + skipped_s > wall_s - 1.0, (received_s, skipped_s, wall_s)
+        assert delivered(tmp_path) == words(TRANSCRIPTS[S1])
+        [turn] = read_turns(tmp_path / "turns.jsonl")
+        started = datetime.fromisoformat(turn["started_at"]).timestamp()
+        assert spoken < started < spoken + 1.5, f"said at {spoken:.2f}, stamped {started:.2f}"
+        assert result.events("audio.gap") == []
+
+    async def test_buffers_without_a_usable_adc_time_are_stamped_by_their_samples(self) -> None:
+        """On waking, the audio the sound server kept arrives at once, most of it with an ADC
+        time too old to be believed (10 s or more) and each such buffer was stamped as it
+        arrived, all within a millisecond of each other. A burst's buffers are stamped by the
+        samples counted since the last buffer PortAudio timed: one buffer apart, as they were
+        recorded; an ADC time within the burst (a sound server that dropped some of what it
+        kept gives one too young) does not override the count. An overflow PortAudio flags
+        ends the count: that buffer is stamped as it arrived."""
+        bridge = CaptureBridge(asyncio.get_running_loop(), PcmFormat(16000, 1, 2),
+                               sample_rate=16000, chunk_ms=100, queue_chunks=100)
+
+        def buffer(age: float | None, status: int = 0) -> None:
+            times = {} if age is None else {"current_time": 500.0,
+                                            "input_buffer_adc_time": 500.0 - age}
+            bridge.on_audio(bytes(3200), 1600, times, status)
+
+        timed = time.time() - 9.0
+        buffer(9.0)                             # the last buffer PortAudio timed: the anchor
+        for age in (12.0, 8.0, None, -1.0, 10.0):       # a burst; not believed, or none
+            buffer(age)
+        buffer(None, status=2)                  # paInputOverflow
+        stamps = [await stamp_of_next(bridge) for _ in range(7)]
+        bridge.finish()
+        steps = [round(b - a, 3) for a, b in itertools.pairwise(stamps)]
+        assert steps[:5] == [0.1] * 5, steps
+        assert stamps[0] == pytest.approx(timed, abs=0.05)
+        assert stamps[-1] == pytest.approx(time.time() - 0.1, abs=0.05)  # as it arrived
+
+    async def test_the_capture_queue_holds_seconds_not_chunks(self, vmic: VirtualMic) -> None:
+        """The queue held 50 chunks whatever ``chunk_ms`` was: 2.5 s at 50 ms. The event loop
+        blocked for 4 s (the fault itself: a callback that does not return), what PortAudio
+        captured meanwhile is queued at once when it runs again: none of it is dropped and the
+        chunks are 50 ms apart throughout."""
+        with vmic.activated():
+            async with MicrophoneSource(chunk_ms=50, recover=False) as mic:
+                chunks = mic.chunks()
+                stamps = [(await anext(chunks)).captured_at for _ in range(3)][1:]  # settled
+                time.sleep(4.0)   # noqa: ASYNC251 -- the loop blocked is the fault under test
+                woke = time.time()
+                async with asyncio.timeout(5):
+                    while stamps[-1] < woke:
+                        stamps.append((await anext(chunks)).captured_at)
+                mic.stop()
+                async for _ in chunks:          # what is left, up to the end
+                    pass
+        assert mic.dropped_chunks == 0
+        steps = [b - a for a, b in itertools.pairwise(stamps)]
+        assert len(stamps) > 4 / 0.05
+        assert max(abs(step - 0.05) for step in steps) < 0.03, steps
+
+
+async def stamp_of_next(bridge: CaptureBridge) -> float:
+    """``captured_at`` of the next chunk ``bridge`` queues."""
+    chunk = await bridge.get(5)
+    assert chunk is not None
+    return chunk.captured_at
+
+
+def finals(fake: FakeAssemblyAI) -> int:
+    """End-of-turn messages the fake has sent, all sessions."""
+    return sum(len(s.finals()) for s in fake.sessions)
