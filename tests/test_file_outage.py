@@ -23,19 +23,18 @@ import pytest
 import structlog
 
 from daemon.app import Listener, _beating
-from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.dispatch import Dispatcher
 from daemon.events import AudioChunk, SourceName
 from daemon.filesource import WavFileSource
 from daemon.health import Heartbeat
 from daemon.plugins import load_plugins
 from daemon.stream import AssemblyAIEngine
-from daemon.tokens import TokenProvider
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.listeners import TurnsListener
+from tests.test_lossless import outage_engine
 
 SENTENCES = ("espeak-s1.wav", "espeak-s3.wav", "espeak-s5.wav")     # 3.4 to 3.8 s each
 GAP_S = 0.8
@@ -163,12 +162,7 @@ async def _outage(source: SourceName
     deadline) after three token requests: the engine, its log and the chunks it took."""
     pulled = [0]
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
-        fake.faults.token_status = [500] * 100
-        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
-                                  token_url=fake.token_url)
-        reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
-        engine = AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
-                                  sample_rate=16000, chunk_ms=100, source=source, host="h")
+        engine = outage_engine(fake, client, source)
         with structlog.testing.capture_logs() as logs:
             running = asyncio.create_task(engine.run(
                 _captured(samples(SPEECH_DIR / "espeak-s2.wav"), pulled), TurnsListener()))
@@ -222,12 +216,7 @@ async def test_a_stop_ends_the_input_of_a_waiting_file() -> None:
     ends at once (the file is read no further, nothing is dropped); the engine then runs into
     the shutdown deadline as any stopped run in an outage, reporting the held speech."""
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
-        fake.faults.token_status = [500] * 100
-        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
-                                  token_url=fake.token_url)
-        reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
-        engine = AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
-                                  sample_rate=16000, chunk_ms=100, source="file", host="h")
+        engine = outage_engine(fake, client, "file")
         source = WavFileSource(SPEECH_DIR / "espeak-s2.wav", realtime=False)
         with structlog.testing.capture_logs() as logs:
             running = asyncio.create_task(engine.run(file_chunks(source), TurnsListener()))

@@ -20,7 +20,7 @@ import structlog
 
 from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.dispatch import Dispatcher
-from daemon.events import AudioChunk
+from daemon.events import AudioChunk, SourceName
 from daemon.metrics import AudioMeter, MetricsRenderer, snapshot_of
 from daemon.stream import AssemblyAIEngine
 from daemon.tokens import TokenProvider
@@ -231,18 +231,24 @@ async def _captured(pcm: bytes) -> AsyncIterator[AudioChunk]:
         yield AudioChunk(pcm[offset:offset + 3200], now)
 
 
+def outage_engine(fake: FakeAssemblyAI, client: httpx.AsyncClient,
+                  source: SourceName) -> AssemblyAIEngine:
+    """An engine with a 1 s backlog whose every token request ``fake`` refuses (500), retried
+    every 0.05-0.2 s."""
+    fake.faults.token_status = [500] * 100
+    config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
+                              token_url=fake.token_url)
+    reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
+    return AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
+                            sample_rate=16000, chunk_ms=100, source=source, host="h")
+
+
 async def test_outage_loss_reported_when_stopped_during_it() -> None:
     """Stopped (the shutdown deadline) while the outage lasts: the audio the full backlog
     dropped is still reported, exactly, as ``stream.backlog_dropped``. (It was reported only on
     reconnecting, so this loss went unsaid: ``stream.untranscribed`` counts what is held.)"""
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
-        fake.faults.token_status = [500] * 100
-        config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
-                                  token_url=fake.token_url)
-        reconnect = ReconnectConfig(initial_delay=0.05, max_delay=0.2, backlog_seconds=1.0)
-        engine = AssemblyAIEngine(config, reconnect, TokenProvider(config, client),
-                                  sample_rate=16000, chunk_ms=100, source="microphone",
-                                  host="h")
+        engine = outage_engine(fake, client, "microphone")
         with structlog.testing.capture_logs() as logs:
             running = asyncio.create_task(engine.run(_captured(_samples(SPEECH_DIR / S2)),
                                                      TurnsListener()))

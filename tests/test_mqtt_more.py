@@ -258,17 +258,9 @@ class TestFlapping:
         that lasts says so, with the count (two lines per connection, for as long as it went
         on, every 15-45 s, before)."""
         watch = LogWatch()
-        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
-                                         "port": broker.port, "timeout_s": 2,
-                                         "client_id": "desk", "availability_topic": ""})
         with watch.active():
-            async with MqttSink("bus", cfg, HOST) as sink:
-                async with asyncio.timeout(10):
-                    await sink.ready()                  # connected
-                for _ in range(4):
-                    async with aiomqtt.Client(broker.host, broker.port, identifier="desk"):
-                        pass                            # takes the id over: the sink is off
-                    await _on_a_new_connection(sink)
+            async with MqttSink("bus", _desk(broker), HOST) as sink:
+                await _taken_over(broker, sink, times=4)
                 await watch.until(lambda logs: len(_events(logs, "mqtt.connected")) == 2,
                                   within=STABLE_S + 5)
         first, lasted = _events(watch.entries, "mqtt.connected")
@@ -285,17 +277,9 @@ class TestFlapping:
         when it is back is logged at once, not only if it lasts (the log said 'connect_failed'
         and then nothing while the sink was connected)."""
         watch = LogWatch()
-        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
-                                         "port": broker.port, "timeout_s": 2,
-                                         "client_id": "desk", "availability_topic": ""})
         with watch.active():
-            async with MqttSink("bus", cfg, HOST) as sink:
-                async with asyncio.timeout(10):
-                    await sink.ready()
-                for _ in range(3):
-                    async with aiomqtt.Client(broker.host, broker.port, identifier="desk"):
-                        pass
-                    await _on_a_new_connection(sink)
+            async with MqttSink("bus", _desk(broker), HOST) as sink:
+                await _taken_over(broker, sink, times=3)
                 broker.stop()
                 await watch.until(lambda logs: bool(_events(logs, "mqtt.connect_failed")))
                 broker.start()
@@ -304,6 +288,24 @@ class TestFlapping:
         assert shown[-2:] == ["mqtt.connect_failed", "mqtt.connected"]
         counted = sum(e.get("short_connections_not_logged", 0) for e in watch.entries)
         assert counted in (2, 3)    # 3: the stop's end alike (closed without a DISCONNECT)
+
+
+def _desk(broker: Mosquitto) -> MqttConfig:
+    """A sink with ``client_id`` "desk" and no availability topic."""
+    return MqttConfig.model_validate({"type": "mqtt", "host": broker.host, "port": broker.port,
+                                      "timeout_s": 2, "client_id": "desk",
+                                      "availability_topic": ""})
+
+
+async def _taken_over(broker: Mosquitto, sink: MqttSink, times: int) -> None:
+    """Once ``sink`` is connected, another client takes its id ``times`` times, each time
+    after the sink has connected again."""
+    async with asyncio.timeout(10):
+        await sink.ready()
+    for _ in range(times):
+        async with aiomqtt.Client(broker.host, broker.port, identifier="desk"):
+            pass                            # takes the id over: the sink is off
+        await _on_a_new_connection(sink)
 
 
 async def _on_a_new_connection(sink: MqttSink) -> None:
