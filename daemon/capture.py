@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 import structlog
@@ -28,6 +28,7 @@ _PA_INPUT_OVERFLOW: Final = 2  # pyaudio.paInputOverflow: input was lost before 
 _DROP_LOG_INTERVAL: Final = 5.0  # seconds between two ``audio.chunks_dropped`` lines
 LATE_S: Final = 1.0  # a stall timer this late means the daemon was frozen, not the device
 ADC_AGE_LIMIT_S: Final = 10.0  # an ADC time older than this (or negative) is not believed
+HELD_MAX_S: Final = 300.0  # a count this far behind arrival is not believed (PulseAudio: 131 s)
 QUEUE_S: Final = 60.0  # audio the capture queue holds (about 2 MB at 16 kHz): see queue_chunks_for
 
 
@@ -42,7 +43,7 @@ def queue_chunks_for(seconds: float, chunk_ms: int) -> int:
 
 
 def _capture_time(
-    time_info: Mapping[str, float], frames: int, rate: int
+    time_info: Mapping[str, float], frames: int, rate: int, now: float
 ) -> tuple[float, float | None]:
     """Wall-clock times of a callback buffer's first sample: (filled up, ADC).
 
@@ -50,7 +51,6 @@ def _capture_time(
     if it gives no usable one. That is on PortAudio's own clock, so only its age relative to
     ``current_time`` is used, and only up to :data:`ADC_AGE_LIMIT_S`.
     """
-    now = time.time()
     filled = now - frames / rate
     adc = time_info.get("input_buffer_adc_time", 0.0)
     current = time_info.get("current_time", 0.0)
@@ -72,23 +72,26 @@ class _StreamClock:
     mono): then it is the age of what is left, too young; the count is not.
     """
 
-    def __init__(self, rate: int) -> None:
-        self._rate = rate
+    def __init__(self, rate: int, clock: Callable[[], float] = time.time) -> None:
+        self._rate, self._clock = rate, clock
         self._anchor: float | None = None
         self._frames = 0  # frames since the anchor's first sample
         self._last = -math.inf  # when the previous buffer arrived
 
     def stamp(self, time_info: Mapping[str, float], frames: int, overflowed: bool) -> float:
         """The wall-clock time of this buffer's first sample."""
-        filled, adc = _capture_time(time_info, frames, self._rate)
+        filled, adc = _capture_time(time_info, frames, self._rate, self._clock())
         length = frames / self._rate
         in_burst, self._last = filled + length - self._last < length / 2, filled + length
         if overflowed:
             self._anchor = None
-        if adc is not None and (self._anchor is None or not in_burst):
+        counted = None if self._anchor is None else self._anchor + self._frames / self._rate
+        if counted is not None and filled - counted > HELD_MAX_S:
+            self._anchor = counted = None   # no server holds that much: input was lost unsaid
+        if adc is not None and (counted is None or not in_burst):
             at, self._anchor, self._frames = adc, adc, 0
-        elif self._anchor is not None:
-            at = min(filled, self._anchor + self._frames / self._rate)
+        elif counted is not None:
+            at = min(filled, counted)
         else:
             at = filled
         self._frames += frames

@@ -75,6 +75,18 @@ class Ledger:
         """Appending ``samples`` more would drop the oldest audio."""
         return bool(self._pieces) and self._next + samples - self.head > self._max_samples
 
+    def overflow(self, samples: int) -> int:
+        """How much of the oldest audio appending ``samples`` more would drop."""
+        return max(0, self._next + samples - self.head - self._max_samples)
+
+    def release(self, samples: int) -> None:
+        """Forget the oldest audio so that ``samples`` more fit, not counted as dropped.
+
+        For a writer that waited (a file) when nothing else can free room: what goes was sent
+        already, to a session that may still transcribe it.
+        """
+        self.cover(self.head + self.overflow(samples))
+
     async def wait_for_room(self) -> None:
         """Wait until audio is covered, a reader starts waiting beyond the end, or ``wake``.
 

@@ -14,7 +14,7 @@ a hard deadline), and the old one is terminated and drained in the background.
 
 A file can wait, a microphone cannot: while the ledger is full (an outage longer than
 ``reconnect.backlog_seconds``) a file run stops reading the file until finished turns free room,
-where a microphone run drops the oldest audio (``_room_for``).
+where a microphone run drops the oldest audio (``daemon.filegate``).
 
 Catch-up is parallel (``daemon.catchup``): a (re)connect far behind live starts the live session
 at a silence close to live and replays the older backlog in a second session, each in its own
@@ -24,7 +24,6 @@ at a silence close to live and replays the older backlog in a second session, ea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Final
@@ -40,6 +39,7 @@ from daemon.config import AssemblyAIConfig, ReconnectConfig
 from daemon.engine import EngineListener
 from daemon.errors import AuthError, ConfigError
 from daemon.events import AudioChunk, SourceName
+from daemon.filegate import FileGate
 from daemon.ledger import Ledger
 from daemon.outcome import Outcome, auth_message, close_of, refused_after_begin, token_failed
 from daemon.pieces import SILENCE_RMS
@@ -66,11 +66,6 @@ log = structlog.get_logger("daemon.stream")
 # heartbeats (one per 5 s) pile up; had reading stopped, the keepalive pong would go unread
 # and the connection be closed just before it was needed.
 MAX_QUEUE: Final = 64
-
-# A file waits for room in a full ledger; when the live session has sent all of it and no replay
-# is running, only the service's last finals can free any (a turn longer than the backlog ends
-# only with audio after it): after this long the oldest audio, sent already, is dropped.
-STUCK_GRACE_S: Final = 2.0
 
 
 class _Failed(Exception):
@@ -113,8 +108,8 @@ class AssemblyAIEngine:
         self._listener: EngineListener | None = None     # the caller's (replay sessions use it)
         self._replaying: set[asyncio.Task[Outcome]] = set()   # replay sessions still running
         self._dropped_reported = 0
-        self._stopping = False           # ``stop``: a file waiting for room reads no further
-        self._forcing = False            # a file is dropping the oldest audio (``_room_for``)
+        self._gate = FileGate(self.ledger, self.chunk_samples, reconnect.backlog_seconds,
+                              lambda: self.catch_up is not None)
 
     @property
     def live(self) -> bool:
@@ -145,8 +140,7 @@ class AssemblyAIEngine:
 
     def stop(self) -> None:
         """The input is stopping (SIGTERM): a file waiting for room in the ledger reads no more."""
-        self._stopping = True
-        self.ledger.wake()
+        self._gate.stop()
 
     def cover(self, position: int, *, replay: bool) -> None:
         """A session's finished turns cover the ledger before ``position``."""
@@ -172,45 +166,13 @@ class AssemblyAIEngine:
     async def _pump(self, chunks: AsyncIterator[AudioChunk]) -> None:
         try:
             async for chunk in chunks:
-                if self.source != "file" or await self._room_for(len(chunk.pcm) // 2):
-                    self.ledger.append(chunk)
+                samples = len(chunk.pcm) // 2
+                if self.source == "file" and self.ledger.full(samples) \
+                        and not await self._gate.room_for(samples):
+                    continue
+                self.ledger.append(chunk)
         finally:
             self.ledger.finish()
-
-    async def _room_for(self, samples: int) -> bool:
-        """Wait while the ledger is full; False if stopped meanwhile (the chunk is not kept).
-
-        Finished turns free room as they cover audio. Only one case frees none: the live session
-        has sent all the ledger holds, no replay is running, and the service waits for audio
-        after it (a turn longer than the backlog). Then, after ``STUCK_GRACE_S`` for the last
-        finals, the oldest audio (sent already) is dropped as a microphone's is, until there is
-        room again.
-        """
-        stuck_since: float | None = None
-        while self.ledger.full(samples):
-            if self._stopping:
-                return False
-            if self.catch_up is not None or not self.ledger.starved:
-                stuck_since = None
-                await self.ledger.wait_for_room()
-                continue
-            now = time.monotonic()
-            stuck_since = now if stuck_since is None else stuck_since
-            if self._forcing or now - stuck_since >= STUCK_GRACE_S:
-                self._force_room()
-                return True
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STUCK_GRACE_S - (now - stuck_since)):
-                    await self.ledger.wait_for_room()
-        self._forcing = False
-        return True
-
-    def _force_room(self) -> None:
-        if not self._forcing:
-            self._forcing = True
-            log.warning("stream.backlog_full", backlog_seconds=self._reconnect.backlog_seconds,
-                        effect="a turn longer than the backlog: its oldest audio, sent already, "
-                               "is dropped from the backlog (lost if this session fails)")
 
     def _done(self, stop: int | None) -> bool:
         if stop is not None:
@@ -317,6 +279,7 @@ class AssemblyAIEngine:
                  held_turns=len(held), records_lag_s=round(lag, 2))
         for record in held:
             listener.turn(record)
+        self.ledger.wake()              # a file waiting for room: the replay no longer holds any
 
     def _report_backlog_loss(self) -> None:
         """Once per outage: how much audio the full backlog forced us to drop."""

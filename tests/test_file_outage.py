@@ -25,8 +25,10 @@ import structlog
 from daemon.app import Listener, _beating
 from daemon.dispatch import Dispatcher
 from daemon.events import AudioChunk, SourceName
+from daemon.filegate import STUCK_GRACE_S, FileGate
 from daemon.filesource import WavFileSource
 from daemon.health import Heartbeat
+from daemon.ledger import Ledger
 from daemon.plugins import load_plugins
 from daemon.stream import AssemblyAIEngine
 from tests.conftest import SPEECH_DIR, TRANSCRIPTS
@@ -80,6 +82,14 @@ def file_config(tmp_path: Path, fake: FakeAssemblyAI, wav: Path, backlog_s: floa
 
 def at(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+async def aenumerate(chunks: AsyncIterator[AudioChunk]) -> AsyncIterator[tuple[int, AudioChunk]]:
+    """``enumerate`` from 1, for an async iterator."""
+    number = 0
+    async for chunk in chunks:
+        number += 1
+        yield number, chunk
 
 
 async def file_chunks(source: WavFileSource) -> AsyncIterator[AudioChunk]:
@@ -146,6 +156,51 @@ async def test_a_turn_longer_than_the_backlog_does_not_hang_the_file(
     assert result.code == 0, result.stderr[-3000:]
     assert delivered(tmp_path) == words(TRANSCRIPTS[SENTENCES[0]])
     assert len(result.events("stream.backlog_full")) == 1
+
+
+async def test_a_long_turns_audio_let_go_is_not_counted_as_dropped() -> None:
+    """The live session has sent a full backlog of speech and waits for more: after the grace
+    the oldest is let go, said once (``stream.backlog_full``), and not counted as dropped, which
+    is audio never sent (``/metrics``, ``stream.backlog_dropped``: it was, for this)."""
+    ledger = Ledger(16000, backlog_seconds=1.0)
+    speech = samples(SPEECH_DIR / SENTENCES[0])[16000:48000]       # 1 s, inside the sentence
+    for offset in range(0, len(speech), 3200):
+        ledger.append(AudioChunk(speech[offset:offset + 3200], time.time()))
+    sender = asyncio.ensure_future(ledger.wait_beyond(ledger.end))  # sent it all: waits
+    gate = FileGate(ledger, 1600, 1.0, replaying=lambda: False)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(STUCK_GRACE_S + 5):
+                assert await gate.room_for(1600)
+    finally:
+        sender.cancel()
+    assert not ledger.full(1600)
+    assert ledger.dropped_samples == 0
+    assert [e["event"] for e in logs] == ["stream.backlog_full"]
+
+
+async def test_silence_longer_than_a_short_backlog_is_let_go_at_once(tmp_path: Path) -> None:
+    """A 4.5 s backlog and 6 s of silence between two sentences, no outage: the session covers
+    silence only 5 s back, so the backlog fills with silence it has sent. That silence is let go
+    at once, quietly (it stalled the file 2 s and warned of a turn longer than the backlog)."""
+    path = tmp_path / "pause.wav"
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(samples(SPEECH_DIR / SENTENCES[0]) + bytes(2 * 16000 * 6)
+                        + samples(SPEECH_DIR / SENTENCES[1]))
+    async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, *SENTENCES[:2])) as fake:
+        result = await run_daemon("run", "--config",
+                                  str(file_config(tmp_path, fake, path, backlog_s=4.5)),
+                                  limit_s=60)
+    assert result.code == 0, result.stderr[-3000:]
+    assert delivered(tmp_path) == [w for name in SENTENCES[:2] for w in words(TRANSCRIPTS[name])]
+    assert not result.events("stream.backlog_full")
+    assert not result.events("stream.backlog_dropped")
+    [ended] = result.events("session.ended")
+    audio_s = (len(samples(path)) // 2) / 16000
+    assert ended["duration_s"] < audio_s + 1.5      # no 2 s stall (plus the session's ends)
 
 
 async def _captured(pcm: bytes, pulled: list[int]) -> AsyncIterator[AudioChunk]:
@@ -217,11 +272,18 @@ async def test_a_stop_ends_the_input_of_a_waiting_file() -> None:
     the shutdown deadline as any stopped run in an outage, reporting the held speech."""
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
         engine = outage_engine(fake, client, "file")
-        source = WavFileSource(SPEECH_DIR / "espeak-s2.wav", realtime=False)
+        source, held = WavFileSource(SPEECH_DIR / "espeak-s2.wav", realtime=False), asyncio.Event()
+
+        async def eleven_then_held() -> AsyncIterator[AudioChunk]:
+            async for number, chunk in aenumerate(file_chunks(source)):
+                if number == 11:            # the backlog holds 10: this one waits for room
+                    held.set()
+                yield chunk
+
         with structlog.testing.capture_logs() as logs:
-            running = asyncio.create_task(engine.run(file_chunks(source), TurnsListener()))
+            running = asyncio.create_task(engine.run(eleven_then_held(), TurnsListener()))
             async with asyncio.timeout(20):
-                await fake.wait_for_token_requests(3)
+                await held.wait()
                 source.stop()
                 engine.stop()
                 await engine.ledger.ended.wait()

@@ -356,13 +356,28 @@ class TestFrozenDaemon:
         buffer(9.0)                             # the last buffer PortAudio timed: the anchor
         for age in (12.0, 8.0, None, -1.0, 10.0):       # a burst; not believed, or none
             buffer(age)
+        arrived = time.time()
         buffer(None, status=2)                  # paInputOverflow
         stamps = [await stamp_of_next(bridge) for _ in range(7)]
         bridge.finish()
         steps = [round(b - a, 3) for a, b in itertools.pairwise(stamps)]
         assert steps[:5] == [0.1] * 5, steps
         assert stamps[0] == pytest.approx(timed, abs=0.05)
-        assert stamps[-1] == pytest.approx(time.time() - 0.1, abs=0.05)  # as it arrived
+        assert stamps[-1] == pytest.approx(arrived - 0.1, abs=0.05)  # as it arrived
+
+    def test_a_count_no_sound_server_could_hold_is_not_believed(self) -> None:
+        """Buffers without an ADC time are counted from the last one PortAudio timed, but not
+        from one so old that no sound server holds that much (a resume after a suspend whose
+        loss PortAudio did not flag): such a buffer is stamped as it arrived, not hours early."""
+        now = [1000.0]
+        clock = capture._StreamClock(16000, clock=lambda: now[0])
+        timed = {"current_time": 50.0, "input_buffer_adc_time": 49.9}
+        assert clock.stamp(timed, 1600, False) == pytest.approx(999.9)    # the anchor
+        now[0] += 0.1
+        assert clock.stamp({}, 1600, False) == pytest.approx(1000.0)      # counted
+        now[0] += capture.HELD_MAX_S + 60
+        late = clock.stamp({}, 1600, False)
+        assert late == pytest.approx(now[0] - 0.1)                       # as it arrived
 
     async def test_the_capture_queue_holds_seconds_not_chunks(self, vmic: VirtualMic) -> None:
         """The queue held 50 chunks whatever ``chunk_ms`` was: 2.5 s at 50 ms. The event loop
