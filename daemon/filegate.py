@@ -24,6 +24,7 @@ log = structlog.get_logger("daemon.stream")
 # service's last finals can free room (a turn longer than the backlog ends only with audio after
 # it): after this long the oldest audio, sent already, is let go.
 STUCK_GRACE_S: Final = 2.0
+SAY_PAUSED_AFTER_S: Final = 1.0  # a wait this long is said (``stream.input_paused``/``_resumed``)
 
 
 class FileGate:
@@ -35,6 +36,7 @@ class FileGate:
         self._replaying = replaying     # a replay session is catching up (it frees room)
         self._stopping = False          # ``stop``: the file is read no further
         self._forcing = False           # letting go of a long turn's oldest audio
+        self._paused_at: float | None = None    # when a pause that was said began (loop time)
 
     def stop(self) -> None:
         """The input is stopping (SIGTERM): a chunk waiting for room is not kept."""
@@ -50,6 +52,28 @@ class FileGate:
         than the 5 s the session waits before it covers silence), else, a turn longer than the
         backlog, after ``STUCK_GRACE_S`` for the last finals and with ``stream.backlog_full``.
         """
+        loop = asyncio.get_running_loop()
+        say = None if self._paused_at is not None else \
+            loop.call_later(SAY_PAUSED_AFTER_S, self._say_paused, loop.time())
+        try:
+            return await self._wait(samples)
+        finally:
+            if say is not None:
+                say.cancel()
+
+    def flowing(self) -> None:
+        """A chunk went in without waiting: a pause that was said is over."""
+        if self._paused_at is not None:
+            log.info("stream.input_resumed",
+                     paused_s=round(asyncio.get_running_loop().time() - self._paused_at, 2))
+            self._paused_at = None
+
+    def _say_paused(self, since: float) -> None:
+        self._paused_at = since
+        log.info("stream.input_paused", backlog_seconds=self._backlog_s,
+                 reason="the backlog is full: the file is read on as turns free room")
+
+    async def _wait(self, samples: int) -> bool:
         ledger, stuck_since = self._ledger, None
         while ledger.full(samples):
             if self._stopping:

@@ -167,9 +167,11 @@ class AssemblyAIEngine:
         try:
             async for chunk in chunks:
                 samples = len(chunk.pcm) // 2
-                if self.source == "file" and self.ledger.full(samples) \
-                        and not await self._gate.room_for(samples):
-                    continue
+                if self.source == "file":
+                    if not self.ledger.full(samples):
+                        self._gate.flowing()
+                    elif not await self._gate.room_for(samples):
+                        continue
                 self.ledger.append(chunk)
         finally:
             self.ledger.finish()

@@ -120,6 +120,9 @@ async def test_outage_longer_than_the_backlog_loses_nothing(fake: FakeAssemblyAI
     assert len(failed) == 8
     assert at(began[0]) - at(failed[0]) > 5 + 2       # the outage outlasted the backlog
     assert max(e["behind_live_s"] for e in began) == 5.0   # the file waited at a full backlog
+    [paused] = result.events("stream.input_paused")                      # said, once
+    [resumed] = result.events("stream.input_resumed")
+    assert at(paused) < at(began[0]) < at(resumed) and resumed["paused_s"] > 2
     assert all(s.close_code not in (3007, 3008) for s in fake.sessions)
 
 
