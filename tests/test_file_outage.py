@@ -179,7 +179,7 @@ async def test_a_long_turns_audio_let_go_is_not_counted_as_dropped() -> None:
         sender.cancel()
     assert not ledger.full(1600)
     assert ledger.dropped_samples == 0
-    assert [e["event"] for e in logs] == ["stream.backlog_full"]
+    assert [e["event"] for e in logs] == ["stream.input_paused", "stream.backlog_full"]
 
 
 async def test_silence_longer_than_a_short_backlog_is_let_go_at_once(tmp_path: Path) -> None:
