@@ -369,7 +369,8 @@ class AssemblyAIEngine:
                 first = await ws.recv()
         except InvalidStatus as exc:
             status = exc.response.status_code
-            kind = CloseKind.AUTH if status in (401, 403) else CloseKind.TRANSIENT
+            kind = CloseKind.AUTH if status in (401, 403) else \
+                CloseKind.RATE if status == 429 else CloseKind.TRANSIENT    # as a 3009 close
             raise _Failed(Outcome(kind, f"handshake answered HTTP {status}")) from None
         except ConnectionClosed as exc:
             close = close_of(exc)

@@ -147,6 +147,19 @@ class TestFailures:
         assert retry["kind"] == "transient" and retry["reason"] == "handshake answered HTTP 503"
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
+    async def test_upgrade_refused_429_waits_as_a_rate_limit(self, fake: FakeAssemblyAI,
+                                                             tmp_path: Path) -> None:
+        """A 429 on the upgrade (too many connections) waits ``reconnect.max_delay`` as a
+        rate-limit close does; it was retried after the first step of the backoff."""
+        fake.faults.http_status_on_upgrade = [429]
+        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
+        result = await run_daemon("run", "--config", str(config), limit_s=30)
+        assert result.code == 0, result.stderr
+        [retry] = result.events("stream.reconnecting")
+        assert retry["kind"] == "rate" and retry["reason"] == "handshake answered HTTP 429"
+        assert retry["retry_in_s"] == 0.2                       # max_delay in cloud_config
+        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+
     async def test_the_end_of_input_cuts_a_long_backoff_short(self, fake: FakeAssemblyAI,
                                                             tmp_path: Path) -> None:
         """Connections fail and the backoff grows long (``initial_delay = 60``): when
