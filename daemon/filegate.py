@@ -62,7 +62,12 @@ class FileGate:
                 say.cancel()
 
     def flowing(self) -> None:
-        """A chunk went in without waiting: a pause that was said is over."""
+        """A chunk went in without waiting: a pause that was said is over.
+
+        So is a long turn's letting go: its finals freed room, and a later turn longer than the
+        backlog waits ``STUCK_GRACE_S`` for its own finals, and is said, again.
+        """
+        self._forcing = False
         if self._paused_at is not None:
             log.info("stream.input_resumed",
                      paused_s=round(asyncio.get_running_loop().time() - self._paused_at, 2))
