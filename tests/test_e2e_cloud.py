@@ -135,29 +135,23 @@ class TestFailures:
         assert [status for _headers, status in fake.upgrade_requests] == [401, 401]
         assert len(fake.token_requests) == 2 and not fake.sessions
 
-    async def test_upgrade_refused_503_is_retried(self, fake: FakeAssemblyAI,
-                                                 tmp_path: Path) -> None:
+    @pytest.mark.parametrize(("status", "kind", "retry_in_s"), [
+        (503, "transient", None), (429, "rate", 0.2)])
+    async def test_upgrade_refused_for_now_is_retried(
+            self, fake: FakeAssemblyAI, tmp_path: Path, status: int, kind: str,
+            retry_in_s: float | None) -> None:
         """A 503 on the upgrade (a service or proxy overloaded) is transient: the daemon
-        reconnects after a backoff and the speech arrives once."""
-        fake.faults.http_status_on_upgrade = [503]
+        reconnects after a backoff and the speech arrives once. A 429 (too many connections)
+        waits ``reconnect.max_delay`` (0.2 s in cloud_config), as a rate-limit close does; it
+        was retried after the first step of the backoff."""
+        fake.faults.http_status_on_upgrade = [status]
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
         result = await run_daemon("run", "--config", str(config), limit_s=30)
         assert result.code == 0, result.stderr
         [retry] = result.events("stream.reconnecting")
-        assert retry["kind"] == "transient" and retry["reason"] == "handshake answered HTTP 503"
-        assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
-
-    async def test_upgrade_refused_429_waits_as_a_rate_limit(self, fake: FakeAssemblyAI,
-                                                             tmp_path: Path) -> None:
-        """A 429 on the upgrade (too many connections) waits ``reconnect.max_delay`` as a
-        rate-limit close does; it was retried after the first step of the backoff."""
-        fake.faults.http_status_on_upgrade = [429]
-        config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
-        result = await run_daemon("run", "--config", str(config), limit_s=30)
-        assert result.code == 0, result.stderr
-        [retry] = result.events("stream.reconnecting")
-        assert retry["kind"] == "rate" and retry["reason"] == "handshake answered HTTP 429"
-        assert retry["retry_in_s"] == 0.2                       # max_delay in cloud_config
+        assert retry["kind"] == kind and retry["reason"] == f"handshake answered HTTP {status}"
+        if retry_in_s is not None:
+            assert retry["retry_in_s"] == retry_in_s
         assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
 
     async def test_the_end_of_input_cuts_a_long_backoff_short(self, fake: FakeAssemblyAI,
