@@ -18,6 +18,9 @@ Only the status line and headers of an answer decide; its body is read and disca
 ``BODY_READ_MAX`` bytes within ``timeout_s`` (so a normal connection can be reused) and a longer,
 endless, slow or broken-off body is not read on: the connection is closed instead, so a receiver
 cannot grow the daemon's memory, and the status it sent still counts.
+
+After a send that nothing took (refused, no route, a connect timeout), ``ready()`` probes the
+server's port (``plugins.webhook_probe``) so the dispatcher retries as soon as it is back.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from plugins.webhook_answers import (
     printable,
     transport_problem,
 )
+from plugins.webhook_probe import PROBE_EVERY_S, proxied, until_it_connects
 
 log = structlog.get_logger("plugins.webhook")
 
@@ -266,6 +270,9 @@ class WebhookSink:
         self._owns_client = client is None
         url = httpx.URL(config.url)
         self._where = f"{url.scheme}://{url.netloc.decode()}"  # never the path: it may be a secret
+        self._host, self._port = url.host, url.port or (443 if url.scheme == "https" else 80)
+        self._probe = not proxied(url)      # a proxy would take the connection itself
+        self._unreachable = False           # the last send found nothing to connect to
 
     async def __aenter__(self) -> Self:
         """Open an HTTP client unless one was injected."""
@@ -279,6 +286,16 @@ class WebhookSink:
         if self._owns_client and self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    async def ready(self) -> None:
+        """Return once the server takes a TCP connection, after a send found none to connect to.
+
+        A server that answered (a 5xx, a ``Retry-After``) is left to the dispatcher's backoff,
+        and so is one behind a proxy: then this never returns (the backoff ends it).
+        """
+        if not (self._unreachable and self._probe):
+            await asyncio.Event().wait()
+        await until_it_connects(self._host, self._port, min(self.config.timeout_s, PROBE_EVERY_S))
 
     async def send(self, record: TurnRecord) -> None:
         """POST one turn; raise ``SinkError`` (transient) or ``PermanentSinkError``."""
@@ -310,14 +327,17 @@ class WebhookSink:
         request = client.build_request(
             "POST", self.config.url, content=body, headers=self._headers(msg_id, body),
             timeout=self.config.timeout_s, extensions={"trace": fresh.trace})
+        self._unreachable = False
         try:
             async with asyncio.timeout_at(deadline):
                 return await client.send(request, stream=True)
-        except (httpx.TimeoutException, TimeoutError):
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            self._unreachable = isinstance(exc, httpx.ConnectTimeout)
             raise SinkError(
                 f"webhook {self._where} timed out after {self.config.timeout_s:g} s"
             ) from None
         except httpx.TransportError as exc:
+            self._unreachable = isinstance(exc, httpx.ConnectError)    # refused, no route, DNS
             if bad_location(exc):       # the answer was a redirect: permanent, never re-sent
                 raise PermanentSinkError(
                     f"webhook {self._where} answered a redirect whose Location is not a URL: "

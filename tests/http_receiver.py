@@ -72,14 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
 class HttpReceiver:
     """Async context manager running the server; ``url``, ``script()``, ``next()``, ``received``."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """A receiver on 127.0.0.1:``port`` (0: any free port)."""
         self._script: deque[Reply] = deque()
         self._lock = threading.Lock()
         self._release = threading.Event()
         self.received: list[Received] = []
         self._queue: asyncio.Queue[Received] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.receiver = self
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

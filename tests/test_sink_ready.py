@@ -1,9 +1,10 @@
 """A failed turn's retry goes when its sink says it is ready again, not when the backoff ends.
 
 After a long outage a retry backoff has grown to 30 s (45 s with jitter); the MQTT sink's
-``ready()`` returns when its broker takes a connection again, and the dispatcher then retries at
-once (never sooner than ``EARLY_RETRY_MIN_S`` after the failure). Real dispatcher, outbox,
-mosquitto and MQTT sink; the long backoff is played by a ``Retry-After`` that a wrapper of the
+``ready()`` returns when its broker takes a connection again, the webhook sink's when a server
+listens at its port again (after a send nothing took), and the dispatcher then retries at once
+(never sooner than ``EARLY_RETRY_MIN_S`` after the failure). Real dispatcher, outbox, mosquitto,
+HTTP server and sinks; the long backoff is played by a ``Retry-After`` that a wrapper of the
 test's own puts on the first failure.
 """
 
@@ -29,7 +30,10 @@ from daemon.queues import MemoryQueue
 from daemon.runner import EARLY_RETRY_MIN_S, SinkRunner
 from plugins.mqtt import MqttConfig, MqttSink
 from plugins.mqtt import transcribed_sink_types as mqtt_types
-from tests.mosquitto import Mosquitto, Subscriber
+from plugins.webhook import WebhookConfig, WebhookSink
+from plugins.webhook import transcribed_sink_types as webhook_types
+from tests.http_receiver import HttpReceiver, Reply
+from tests.mosquitto import Mosquitto, Subscriber, free_port
 from tests.test_outbox import make_turn
 
 LONG_WAIT_S = 60.0  # the backoff a retry would sit out without ready(): past every timeout here
@@ -44,9 +48,9 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 class LongBackoff:
-    """A real MQTT sink whose first failure asks for a minute's wait (a grown backoff)."""
+    """A real sink whose first failure asks for a minute's wait (a grown backoff)."""
 
-    def __init__(self, sink: MqttSink) -> None:
+    def __init__(self, sink: MqttSink | WebhookSink) -> None:
         self.sink = sink
         self.failed = asyncio.Event()
 
@@ -96,6 +100,50 @@ async def test_the_first_turn_after_a_broker_outage_goes_when_the_sink_reconnect
     box.close()
     events = [e["event"] for e in logs]
     assert events.index("mqtt.connected") < events.index("sink.recovered")
+
+
+async def test_a_turn_for_a_webhook_that_was_down_goes_when_it_is_back(tmp_path: Path) -> None:
+    """Nothing listens at the webhook's port when the turn comes; its retry would wait a
+    minute. A server started there gets the turn within seconds (the sink probes the port)."""
+    port = free_port()
+    cfg = WebhookConfig.model_validate({"type": "webhook", "timeout_s": 2,
+                                        "url": f"http://127.0.0.1:{port}/hook"})
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    sink = LongBackoff(WebhookSink("hook", cfg))
+    dispatcher = Dispatcher([SinkRunner("hook", webhook_types()[0], cfg, sink,
+                                        box.queue("hook"))],
+                            dead_letter_dir=tmp_path / "dead-letter")
+    async with asyncio.TaskGroup() as group:
+        dispatcher.start(group)
+        dispatcher.dispatch(make_turn(1))
+        async with asyncio.timeout(10):
+            await sink.failed.wait()            # connection refused
+        async with HttpReceiver(port=port) as receiver:
+            request = await receiver.next(within=10)
+            await dispatcher.close(flush_s=5)
+    box.close()
+    assert request.headers["webhook-id"] == "sess:1"
+
+
+async def test_a_webhook_that_answered_is_left_to_its_backoff(tmp_path: Path) -> None:
+    """A server that answers 503 with ``Retry-After: 60`` is up: its wait is not cut short
+    (the probe is for a server nothing answered for)."""
+    async with HttpReceiver() as receiver:
+        receiver.script(Reply(503, {"retry-after": "60"}))
+        cfg = WebhookConfig.model_validate({"type": "webhook", "timeout_s": 2,
+                                            "url": f"{receiver.url}/hook"})
+        box = Outbox(tmp_path / "outbox.sqlite3")
+        dispatcher = Dispatcher([SinkRunner("hook", webhook_types()[0], cfg,
+                                            WebhookSink("hook", cfg), box.queue("hook"))],
+                                dead_letter_dir=tmp_path / "dead-letter")
+        async with asyncio.TaskGroup() as group:
+            dispatcher.start(group)
+            dispatcher.dispatch(make_turn(1))
+            assert (await receiver.next(within=10)).status == 503
+            with pytest.raises(TimeoutError):   # not again within 2 floors of the early retry
+                await receiver.next(within=2 * EARLY_RETRY_MIN_S + 1)
+            await dispatcher.close(flush_s=0.1)
+        box.close()
 
 
 async def test_ready_returns_only_for_a_connection_newer_than_the_failed_send(

@@ -1,0 +1,47 @@
+"""Whether a webhook's server takes connections again: a TCP connect, no request.
+
+A turn that could not be sent because nothing took the connection (refused, no route, a connect
+timeout) waits out a retry backoff that grows to 30 s (45 s jittered) in a long outage; the
+sink's ``ready()`` probes the server's port instead, so the turn goes within ``PROBE_EVERY_S`` of
+the server's return. A server behind a proxy is not probed (the proxy would take the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.request
+from typing import Final
+
+import httpx
+
+PROBE_EVERY_S: Final = 2.0  # while the server cannot be reached, one TCP connect this often
+
+
+def proxied(url: httpx.URL) -> bool:
+    """Whether requests to ``url`` go through a proxy from the environment (as httpx's do)."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.host)
+
+
+async def connects(host: str, port: int, within: float) -> bool:
+    """Whether a TCP connection to ``host:port`` is taken within ``within`` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def until_it_connects(host: str, port: int, within: float) -> None:
+    """Probe ``host:port`` every ``PROBE_EVERY_S`` until a connection is taken."""
+    while True:
+        if await connects(host, port, within):
+            return
+        await asyncio.sleep(PROBE_EVERY_S)     # a probe's pace, not a wait for an event
