@@ -73,7 +73,7 @@ class Ledger:
 
     def full(self, samples: int) -> bool:
         """Appending ``samples`` more would drop the oldest audio."""
-        return bool(self._pieces) and self._next + samples - self.head > self._max_samples
+        return bool(self._pieces) and self.overflow(samples) > 0
 
     def overflow(self, samples: int) -> int:
         """How much of the oldest audio appending ``samples`` more would drop."""

@@ -174,10 +174,11 @@ async def retry_wait(runner: SinkRunner, delay: float, send_limit_s: float,
     finally:
         waiter.cancel()
         waiter.add_done_callback(_retrieved)
-    said = waiter.done() and not waiter.cancelled() and waiter.exception() is None
-    if waiter.done() and not waiter.cancelled() and not said and not retry.ready_failed:
+    finished = waiter.done() and not waiter.cancelled()
+    failed = waiter.exception() if finished else None
+    said = finished and failed is None
+    if failed is not None and not retry.ready_failed:
         retry.ready_failed = True           # once per record, not at every backoff
-        failed = waiter.exception()
         log.warning("sink.ready_failed", error=str(failed) or type(failed).__name__,
                     effect="its retries wait out their backoff")
     retry.early += said

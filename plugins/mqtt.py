@@ -280,8 +280,11 @@ class MqttSink:
     def _lasted(self) -> None:
         """A connection made in a run of early ends has lasted ``STABLE_S``: the run is over."""
         self._short_reason = None
+        self._say_connected(lasted_s=STABLE_S, **self._run_so_far())
+
+    def _say_connected(self, **more: float) -> None:
         log.info("mqtt.connected", sink=self.name, broker=self._where, tls=self._tls is not None,
-                 lasted_s=STABLE_S, **self._run_so_far())
+                 **more)
 
     async def _session(self) -> tuple[str | None, float | None]:
         """One connection: (what ended it, how long it was up); (None, None): retry at once."""
@@ -340,8 +343,7 @@ class MqttSink:
         self._connected.set()
         made.set()
         if self._short_reason is None:      # else said once it lasts (_lasted)
-            log.info("mqtt.connected", sink=self.name, broker=self._where,
-                     tls=self._tls is not None)
+            self._say_connected()
 
     async def _reassert(self, client: MqttClient, message: aiomqtt.Message) -> None:
         """Say ``online`` again when ``offline`` appears while connected and not closing.
