@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import wave
 from collections.abc import AsyncIterator, MutableMapping
@@ -36,20 +35,10 @@ from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.listeners import TurnsListener
-from tests.test_lossless import outage_engine
+from tests.test_lossless import outage_engine, samples, words
 
 SENTENCES = ("espeak-s1.wav", "espeak-s3.wav", "espeak-s5.wav")     # 3.4 to 3.8 s each
 GAP_S = 0.8
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
-
-
-def samples(path: Path) -> bytes:
-    with wave.open(str(path)) as wav:
-        pcm: bytes = wav.readframes(wav.getnframes())
-    return pcm
 
 
 def three_sentences(tmp_path: Path) -> Path:

@@ -29,7 +29,8 @@ from tests.conftest import SPEECH_DIR, TRANSCRIPTS
 from tests.daemon_proc import Daemon, Finished, read_turns
 from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
 from tests.fake_assemblyai_speech import load_speech_references
-from tests.test_file_outage import delivered, file_config, samples, words
+from tests.test_file_outage import delivered, file_config
+from tests.test_lossless import samples, words
 
 SENTENCES = ("espeak-s1.wav", "espeak-s3.wav", "espeak-s5.wav", "espeak-s4.wav")
 RATE = 16000

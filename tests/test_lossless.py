@@ -170,7 +170,7 @@ class TestSingleFaults:
         notices from the heartbeats, reconnects and replays what it did not answer. (Before,
         audio over 5 s old with no turn open counted as heard: the second sentence, sent to the
         stopped service and followed by silence, was lost without a word.)"""
-        s1, s2 = _samples(SPEECH_DIR / S1), _samples(SPEECH_DIR / S2)
+        s1, s2 = samples(SPEECH_DIR / S1), samples(SPEECH_DIR / S2)
         wav = tmp_path / "two.wav"
         _write(wav, s1 + _silence(2.0) + s2 + _silence(6.5))
         refs = load_speech_references(SPEECH_DIR, S1, S2)
@@ -202,7 +202,7 @@ class TestSingleFaults:
         """Beyond backlog_seconds a microphone's oldest audio is dropped, and the loss is
         reported exactly. (A file waits instead: tests/test_file_outage.py.)"""
         fake.faults.token_status = [429, 429]          # each answer asks for Retry-After: 1 s
-        pcm = _samples(SPEECH_DIR / S2)
+        pcm = samples(SPEECH_DIR / S2)
         listener = TurnsListener()
         async with httpx.AsyncClient() as client:
             config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
@@ -250,7 +250,7 @@ async def test_outage_loss_reported_when_stopped_during_it() -> None:
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
         engine = outage_engine(fake, client, "microphone")
         with structlog.testing.capture_logs() as logs:
-            running = asyncio.create_task(engine.run(_captured(_samples(SPEECH_DIR / S2)),
+            running = asyncio.create_task(engine.run(_captured(samples(SPEECH_DIR / S2)),
                                                      TurnsListener()))
             async with asyncio.timeout(20):
                 await fake.wait_for_token_requests(3)
@@ -276,7 +276,7 @@ async def test_newest_audio_under_50_ms_is_not_padded(chunk_ms: int) -> None:
     after the pad, so the next chunk's first samples were never sent, and the session counted
     the silence as audio."""
     chunk = 16 * chunk_ms
-    pcm = _samples(SPEECH_DIR / S1)[32000:32000 + 2 * chunk * 6]       # 6 chunks of speech
+    pcm = samples(SPEECH_DIR / S1)[32000:32000 + 2 * chunk * 6]       # 6 chunks of speech
     async with FakeAssemblyAI({}) as fake, httpx.AsyncClient() as client:
         config = AssemblyAIConfig(api_key=fake.api_key, streaming_url=fake.streaming_url,
                                   token_url=fake.token_url)
@@ -342,7 +342,8 @@ async def test_three_failures_and_12_second_sessions(fake: FakeAssemblyAI,
     assert times == sorted(times) and all(a < b for a, b in times)
 
 
-def _samples(path: Path) -> bytes:
+def samples(path: Path) -> bytes:
+    """The 16-bit PCM frames of the WAV at ``path``."""
     with wave.open(str(path)) as wav:
         pcm: bytes = wav.readframes(wav.getnframes())
     return pcm
