@@ -43,7 +43,7 @@ from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.mosquitto import Mosquitto, Subscriber
-from tests.test_lossless import _samples, _silence, _write, delivered, words
+from tests.test_lossless import _silence, _write, delivered, samples, words
 from tests.test_mqtt import LogWatch
 from tests.test_outbox import make_turn
 from tests.vmic import VirtualMic
@@ -228,7 +228,7 @@ class TestFrozenService:
         even heartbeats. Noticed after three heartbeat periods and a second, the session is
         closed within its close timeout and what it was sent is replayed: every word once."""
         wav = tmp_path / "s1.wav"
-        _write(wav, _samples(SPEECH_DIR / S1) + _silence(7.0))   # noticed before it ends
+        _write(wav, samples(SPEECH_DIR / S1) + _silence(7.0))   # noticed before it ends
         async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1), heartbeat_s=1.0) \
                 as fake:
             fake.faults.freeze_after_audio_ms(2500)   # mid-sentence, after two heartbeats
@@ -314,7 +314,7 @@ class TestFrozenDaemon:
                     await session.wait_for(lambda s: s.audio_ms >= 500)
                 with frozen(daemon.process.pid):
                     spoken = time.time()
-                    await asyncio.wait_for(vmic.play_pcm(_samples(SPEECH_DIR / S1)
+                    await asyncio.wait_for(vmic.play_pcm(samples(SPEECH_DIR / S1)
                                                          + _silence(8.0)), 30)
                 with contextlib.suppress(TimeoutError):     # a sentence lost fails below
                     async with asyncio.timeout(10):
