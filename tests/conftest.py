@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,18 @@ SPEECH_DIR = REPO / "tests" / "data" / "speech"
 TRANSCRIPTS: dict[str, str] = json.loads((SPEECH_DIR / "transcripts.json").read_text())
 TRANSCRIBED = [sys.executable, "-m", "daemon"]
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Programs the tests start hear Ctrl-C (SIGINT) as from a terminal.
+
+    A suite started in the background by a shell without job control (``scripts/test.sh &``
+    in a script) inherits SIGINT ignored, and so would every daemon it starts: the tests that
+    send SIGINT would see it ignored. An ignored signal is inherited across ``exec``, a handled
+    one is reset to the default, so handling it here gives the children the default.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.cache
