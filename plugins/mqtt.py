@@ -46,6 +46,7 @@ from plugins.mqtt_client import (
 from plugins.mqtt_config import MqttConfig as MqttConfig  # re-exported: the type's table
 from plugins.mqtt_config import tls_context
 from plugins.mqtt_topics import topic_value
+from plugins.tcp_probe import PROBE_EVERY_S, until_it_connects
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
     import aiomqtt
@@ -60,6 +61,9 @@ RECONNECT_INITIAL_S: Final = 0.1
 RECONNECT_MAX_S: Final = 30.0
 OFFLINE_AT_EXIT_S: Final = 2.0  # a stop while disconnected tries this long to say offline
 STABLE_S: Final = 10.0  # a connection up this long resets the reconnect backoff
+# connect errors that mean nothing took the TCP connection: the broker is down or restarting
+NOTHING_TOOK: Final = (*(f"[Errno {code}]" for code in (
+    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)), "timed out")
 
 
 class MqttSink:
@@ -251,8 +255,24 @@ class MqttSink:
                 self._short_reason = None   # a run of early ends is over: connects fail now
                 log.warning("mqtt.connect_failed", sink=self.name, broker=self._where,
                             error=error, retry_in_s=round(wait, 2), **self._run_so_far())
-            await asyncio.sleep(wait)
+            await self._back_off(wait, probe=uptime is None and reason.startswith(NOTHING_TOOK))
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _back_off(self, wait: float, *, probe: bool) -> None:
+        """Wait ``wait`` s before connecting again; with ``probe``, less if the broker is back.
+
+        ``probe``: nothing took the last connect (the broker down or restarting). The wait then
+        ends once the broker's port takes a TCP connection, probed every ``PROBE_EVERY_S``:
+        turns queued in a long outage go within seconds of the broker's return, not after a
+        backoff grown to 30 s (45 s jittered).
+        """
+        if not probe:
+            await asyncio.sleep(wait)
+            return
+        within = min(self.config.timeout_s, PROBE_EVERY_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await until_it_connects(self.config.host, self.config.port, within)
 
     def _note_end(self, reason: str, error: str, uptime: float, wait: float) -> None:
         """Log a connection's end, once per ``reason`` while connections keep ending early.

@@ -20,7 +20,7 @@ endless, slow or broken-off body is not read on: the connection is closed instea
 cannot grow the daemon's memory, and the status it sent still counts.
 
 After a send that nothing took (refused, no route, a connect timeout), ``ready()`` probes the
-server's port (``plugins.webhook_probe``) so the dispatcher retries as soon as it is back.
+server's port (``plugins.tcp_probe``) so the dispatcher retries as soon as it is back.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc, json_line
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+from plugins.tcp_probe import PROBE_EVERY_S, proxied, until_it_connects
 from plugins.webhook_answers import (
     REASON_MAX,
     bad_location,
@@ -64,7 +65,6 @@ from plugins.webhook_answers import (
     printable,
     transport_problem,
 )
-from plugins.webhook_probe import PROBE_EVERY_S, proxied, until_it_connects
 
 log = structlog.get_logger("plugins.webhook")
 

@@ -1,4 +1,5 @@
-"""The MQTT sink's availability topic when a connection dies on one side only."""
+"""The MQTT sink's availability topic when a connection dies on one side only; its connect
+errors, reconnects and flapping connections."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any, Self
 import aiomqtt
 import pytest
 
+import plugins.mqtt
 from daemon.errors import SinkError
 from plugins.mqtt import STABLE_S, MqttConfig, MqttSink
+from plugins.tcp_probe import PROBE_EVERY_S
 from tests.mosquitto import Mosquitto, Subscriber, make_certs
 from tests.test_mqtt import LogWatch
 from tests.test_outbox import make_turn
@@ -288,6 +291,50 @@ class TestFlapping:
         assert shown[-2:] == ["mqtt.connect_failed", "mqtt.connected"]
         counted = sum(e.get("short_connections_not_logged", 0) for e in watch.entries)
         assert counted in (2, 3)    # 3: the stop's end alike (closed without a DISCONNECT)
+
+
+class TestBrokerBack:
+    """A backoff grown in a long outage (here the first wait: 15-45 s) does not hold the
+    reconnect once the broker is back, unless the broker itself refused the connection."""
+
+    @pytest.fixture(autouse=True)
+    def _long_backoff(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(plugins.mqtt, "RECONNECT_INITIAL_S", 30.0)
+
+    async def test_a_broker_back_is_connected_to_within_a_probe(self, tmp_path: Path) -> None:
+        """Refused (the broker down), then the broker starts: the sink is connected within
+        seconds, not when its 15-45 s wait runs out (the first turn after a long outage
+        waited up to 45 s for it)."""
+        broker = Mosquitto(tmp_path / "late")
+        cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
+                                         "port": broker.port, "availability_topic": ""})
+        watch = LogWatch()
+        with watch.active():
+            async with MqttSink("bus", cfg, HOST) as sink:
+                await watch.until(lambda logs: bool(_events(logs, "mqtt.connect_failed")))
+                with broker:
+                    async with asyncio.timeout(PROBE_EVERY_S + 3):
+                        await sink.ready()
+        [failed] = _events(watch.entries, "mqtt.connect_failed")
+        assert "Connection refused" in failed["error"] and failed["retry_in_s"] >= 15
+
+    async def test_a_broker_that_refuses_us_is_not_probed(self, tmp_path: Path) -> None:
+        """A wrong password: the broker takes the TCP connection, so a probe would always
+        succeed; the sink waits out its backoff instead of reconnecting in a tight loop."""
+        with Mosquitto(tmp_path / "strict", users={"daemon": "s3cret-pw"}) as broker:
+            async with HalfOpenProxy(broker) as proxy:
+                cfg = MqttConfig.model_validate({
+                    "type": "mqtt", "host": "127.0.0.1", "port": proxy.port,
+                    "username": "daemon", "password": "wr0ng-pw", "availability_topic": ""})
+                watch = LogWatch()
+                with watch.active():
+                    async with MqttSink("bus", cfg, HOST):
+                        await watch.until(lambda logs: bool(_events(logs, "mqtt.connect_failed")))
+                        proxy.connected.clear()
+                        with pytest.raises(TimeoutError):
+                            async with asyncio.timeout(PROBE_EVERY_S + 1):
+                                await proxy.connected.wait()
+                assert proxy.connections == 1
 
 
 def _desk(broker: Mosquitto) -> MqttConfig:

@@ -1,9 +1,10 @@
-"""Whether a webhook's server takes connections again: a TCP connect, no request.
+"""Whether a server takes connections again: a TCP connect, no request.
 
-A turn that could not be sent because nothing took the connection (refused, no route, a connect
-timeout) waits out a retry backoff that grows to 30 s (45 s jittered) in a long outage; the
-sink's ``ready()`` probes the server's port instead, so the turn goes within ``PROBE_EVERY_S`` of
-the server's return. A server behind a proxy is not probed (the proxy would take the connection).
+A sink whose server could not be reached (refused, no route, a connect timeout) would otherwise
+wait out a backoff that grows to 30 s (45 s jittered) in a long outage. The webhook sink's
+``ready()`` and the MQTT sink's reconnect backoff probe the server's port instead, so turns go
+within ``PROBE_EVERY_S`` of the server's return. A server behind a proxy is not probed (the proxy
+would take the connection).
 """
 
 from __future__ import annotations
