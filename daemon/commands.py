@@ -20,7 +20,7 @@ import structlog
 
 from daemon.config import Settings, find_config, load_settings
 from daemon.errors import EX_CONFIG, EX_FAILURE, EX_OK, ConfigError, DaemonError
-from daemon.events import TurnRecord, Word
+from daemon.events import EngineName, TurnRecord, Word
 from daemon.masking import MASK, masked_dict, secret_values
 from daemon.notify import last_status
 
@@ -251,7 +251,10 @@ def devices(_args: argparse.Namespace) -> int:
 def test_sinks(args: argparse.Namespace) -> int:
     """``transcribed test-sinks``: one synthetic turn through every enabled sink, reported per sink.
 
-    Sinks configured but none enabled: one line saying so, exit 1 (nothing was tested).
+    A disabled sink is reported as skipped; sinks configured but none enabled: one line saying
+    so, exit 1 (nothing was tested). The sinks' own log lines show only at ``log.level =
+    "debug"`` (errors always): their connects and retries are the daemon's, the report says
+    each sink's outcome.
     """
     from daemon import logs
     from daemon.plugins import SinkContext
@@ -261,7 +264,8 @@ def test_sinks(args: argparse.Namespace) -> int:
         settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
-    masker = logs.configure(level=settings.log.level, fmt=settings.log.format,  # stderr, masked
+    level = "debug" if settings.log.level == "debug" else "error"
+    masker = logs.configure(level=level, fmt=settings.log.format,  # stderr, masked
                             secrets=secret_values(settings,
                                                   {n: c for n, (_t, c) in validated.items()}))
     if disabled := none_enabled(validated):
@@ -269,9 +273,12 @@ def test_sinks(args: argparse.Namespace) -> int:
               "enabled = false)", file=sys.stderr)
         return EX_FAILURE
     context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
-    record = synthetic_turn(context.host)
+    record = synthetic_turn(context.host, settings.engine_name())
     failures = 0
-    for name, (sink_type, config) in enabled_sinks(validated).items():
+    for name, (sink_type, config) in validated.items():
+        if name not in enabled_sinks(validated):
+            print(f"{name} ({sink_type.name}): skipped (enabled = false)")
+            continue
         sink = sink_type.factory(name, config, context)
         error = asyncio.run(_try_send(sink, record))
         failures += error is not None
@@ -292,8 +299,8 @@ async def _try_send(sink: Any, record: TurnRecord, limit_s: float = 15.0) -> str
     return None
 
 
-def synthetic_turn(host: str) -> TurnRecord:
-    """The record ``test-sinks`` sends: clearly marked as a test."""
+def synthetic_turn(host: str, engine: EngineName = "local") -> TurnRecord:
+    """The record ``test-sinks`` sends: clearly marked as a test, from the configured engine."""
     now = datetime.now(UTC)
     text = "This is a test turn from transcribed."
     words = tuple(Word(w, i * 300, i * 300 + 250, 1.0) for i, w in enumerate(text.split()))
@@ -306,7 +313,7 @@ def synthetic_turn(host: str) -> TurnRecord:
         end_of_turn_confidence=1.0,
         words=words,
         language_code="en",
-        engine="local",
+        engine=engine,
         source="test",
         host=host,
     )

@@ -98,6 +98,8 @@ class MqttSink:
         self._unlogged = 0          # early ends for that reason since, not logged
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._test = test
+        self._tried = asyncio.Event()   # a connect made or failed: test-sinks waits on that
 
     async def __aenter__(self) -> Self:
         """Start connecting in the background; never fails because the broker is down."""
@@ -217,7 +219,8 @@ class MqttSink:
     async def _ready_client(self) -> MqttClient:
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                await self._connected.wait()
+                # test-sinks retries nothing: its send fails on the first failed connect
+                await (self._tried if self._test else self._connected).wait()
         except TimeoutError:
             raise SinkError(f"mqtt broker {self._where} not connected: {self._last_error}") \
                 from None
@@ -246,6 +249,7 @@ class MqttSink:
                 error += (f" (closed {uptime:.1f} s after connecting: is another client "
                           f"connected with client_id {self.config.client_id!r}?)")
             self._last_error = error
+            self._tried.set()
             wait = delay * (0.5 + random.random())
             if uptime is not None:
                 said.clear()
@@ -361,6 +365,7 @@ class MqttSink:
         self._connections += 1
         made, self._new_connection = self._new_connection, asyncio.Event()
         self._connected.set()
+        self._tried.set()
         made.set()
         if self._short_reason is None:      # else said once it lasts (_lasted)
             self._say_connected()
