@@ -351,12 +351,16 @@ def _root_hint(exc: OSError, system: bool) -> str:
 
 def tail(args: argparse.Namespace) -> int:
     """``transcribed tail``: follow the running daemon's live feed (``[http]`` from the config)."""
+    from daemon.envvars import problem_origin
+    from daemon.problems import path_text
     from daemon.tail import tail_main
     from daemon.web import check_http, feed_url
 
     try:
-        http = load_settings(find_config(args.config)).http
-        problems = check_http(http)
+        path = find_config(args.config)
+        http = load_settings(path).http
+        where = f"{path_text(path)}: " if path else ""
+        problems = [problem_origin(line, where, os.environ) + line for line in check_http(http)]
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

@@ -177,6 +177,18 @@ class TestStateDirThatCannotBeMade:
                 f"{tmp_path / 'file'} is not a directory\n") in done.stderr
 
 
+def test_tail_names_the_file_of_its_config_error(tmp_path: Path) -> None:
+    """``tail``'s config errors name the file (or the variable) like every other command's:
+    it said only ``http.listen: …``."""
+    config = tmp_path / "config.toml"
+    config.write_text('[http]\nlisten = "0.0.0.0:8765"\n')
+    done = subprocess.run([*TRANSCRIBED, "tail", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.startswith(f"transcribed: config error: {config}: http.listen: "), \
+        done.stderr
+
+
 def _fill(address: str, most: int = 1000) -> list[socket.socket]:
     """Fill the queue of the datagram socket at ``address`` (``net.unix.max_dgram_qlen``: 10
     by default, 512 where systemd sets it): senders until a fresh one cannot add a datagram
