@@ -86,6 +86,7 @@ async def test_demo_config_on_a_file(tmp_path: Path) -> None:
         statuses
     [record] = read_turns(turns)
     assert record["transcript"] in result.stdout               # the console sink printed it
+    assert record["transcript"] not in result.stderr           # and only it (log.transcripts)
     error = jiwer.wer(normalise(TRANSCRIPTS["espeak-s5.wav"]), normalise(record["transcript"]))
     assert error <= 0.1, record["transcript"]
 
