@@ -92,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
 def _run_logged(args: argparse.Namespace, settings: Settings, path: Path | None,
                 masker: SecretMasker, plugins: PluginHost, sinks: ValidatedSinks) -> int:
     from daemon import app, logs
+    from daemon.secretmodes import exposed_files
 
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
+    for exposed in exposed_files(settings, path, sinks):
+        log.warning("config.secret_readable", file=str(exposed.file), mode=exposed.mode,
+                    holds=exposed.keys, fix=f"chmod o-rwx {shlex.quote(str(exposed.file))}")
     for plugin, why in plugins.failed.items():      # one no sink uses would go unnoticed
         log.warning("plugin.unavailable", plugin=plugin, error=why)
     try:
@@ -180,6 +184,7 @@ def check_config(args: argparse.Namespace) -> int:
     """
     import tomli_w
 
+    from daemon.secretmodes import exposed_files
     from daemon.sinktables import none_enabled
 
     try:
@@ -196,6 +201,8 @@ def check_config(args: argparse.Namespace) -> int:
     )
     if none_enabled(validated):
         print("# no sink is enabled: turns are delivered to no sink")
+    for exposed in exposed_files(settings, path, validated):
+        print(f"transcribed: warning: {exposed.line()}", file=sys.stderr)
     print(tomli_w.dumps(_tomlable(data)), end="")
     return EX_OK
 

@@ -148,6 +148,12 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
     cloud = settings.assemblyai
     found = [cloud.api_key.get_secret_value(), settings.http.token.get_secret_value(),
              *service_url_secrets(cloud.streaming_url), *service_url_secrets(cloud.token_url)]
+    return [s for s in found + table_secrets(dict(sinks)) if s]
+
+
+def table_secrets(table: Mapping[str, Any]) -> list[str]:
+    """The secret strings in a table of values (sink configs, or a key's value in one)."""
+    found: list[str] = []
 
     def walk(value: Any, key: str = "") -> None:
         if isinstance(value, SecretStr):
@@ -170,5 +176,5 @@ def secret_values(settings: Settings, sinks: Mapping[str, Any]) -> list[str]:
         elif (url := _url_text(key, value)) is not None:
             found.extend(url_log_secrets(url))
 
-    walk(dict(sinks))
+    walk(dict(table))
     return [s for s in found if s]
