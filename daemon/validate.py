@@ -126,9 +126,11 @@ def _audio_file_problems(text: str) -> list[str]:
     """The file source's ``audio.path``: a file, a WAV ``run`` would take."""
     path = Path(text).expanduser()
     try:
-        if not look(path, "audio.path"):
-            what = "is not a file" if path.exists() else "no such file"
-            return [f"audio.path: {what}: {path_text(text)}"]
+        if not look(path, "audio.path"):        # worded as _wav_problems: "audio.path: X: why"
+            what = ("no such file" if not path.exists()
+                    else "a directory, not a WAV file" if path.is_dir()
+                    else "not a regular file (a device, FIFO or socket)")
+            return [f"audio.path: {path_text(path)}: {what}"]
     except ConfigError as exc:
         return exc.problems
     return _wav_problems(path)

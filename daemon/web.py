@@ -53,10 +53,16 @@ _WS_LOGGER.setLevel(logging.WARNING)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[::1]:8765`` for IPv6); errors name ``http.listen``."""
+    """Split ``HOST:PORT`` (``[::1]:8765`` for IPv6); errors name ``http.listen``.
+
+    Port 0 (any free port) passes here, for the server's own use; a config refuses it
+    (:func:`check_http`).
+    """
     host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+    if not sep or not (port_text.isascii() and port_text.isdigit()):   # "²" is a digit too
         raise ConfigError(f"http.listen: expected HOST:PORT, got {listen!r}")
+    if int(port_text) > 65535:
+        raise ConfigError(f"http.listen: port {int(port_text)} is out of range (1-65535)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
@@ -80,12 +86,15 @@ def check_http(config: HttpConfig) -> list[str]:
     if not config.enabled:
         return []
     try:
-        host, _port = parse_listen(config.listen)
+        host, port = parse_listen(config.listen)
     except ConfigError as exc:
         return exc.problems
     if not is_loopback(host) and not config.token.get_secret_value():
         return [f"http.listen: {config.listen} is not a loopback address; set http.token "
                 "to serve beyond this machine"]
+    if port == 0:   # a port picked at random: tail, a browser, a health check could not find it
+        return ["http.listen: port 0 is out of range (1-65535; 0 would be a random port that "
+                "transcribed tail could not find)"]
     return []
 
 

@@ -581,14 +581,15 @@ class TestCheckConfigCommand:
             result = self.run(command, "--config", str(path))
             assert result.returncode == 78, result.stderr
             assert result.stderr.strip().splitlines() == [
-                f"transcribed: config error: {path}: audio.path: {audio}: not a usable WAV "
-                "file (file does not start with RIFF id)"]
+                f"transcribed: config error: {path}: audio.path: {audio}: not a WAV file (it "
+                "does not start with 'RIFF')"]
         folder = tmp_path / "recordings"
         folder.mkdir()
         path.write_text(f'[audio]\nsource = "file"\npath = "{folder}"\n')
         result = self.run("check-config", "--config", str(path))
         assert result.stderr.strip().splitlines() == [
-            f"transcribed: config error: {path}: audio.path: is not a file: {folder}"]
+            f"transcribed: config error: {path}: audio.path: {folder}: a directory, not a WAV "
+            "file"]
 
     def test_files_that_would_hang_or_flood(self, tmp_path: Path) -> None:
         """A secret file that is a FIFO (it blocked check-config and a reload forever), a device
@@ -626,8 +627,7 @@ class TestCheckConfigCommand:
             result = self.run(command, "--config", str(path))
             assert result.returncode == 78, result.stderr
             assert result.stderr.strip().endswith(
-                "local.model: " + str(tmp_path / "nope") + " is not a CTranslate2 Whisper "
-                "model directory (missing model.bin, config.json, tokenizer.json)")
+                "local.model: " + str(tmp_path / "nope") + ": no such directory")
 
     def test_an_unknown_option_shows_the_commands_usage(self) -> None:
         """``transcribed run --bogus`` exits 2 with ``run``'s usage (its options), not the top

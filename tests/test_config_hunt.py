@@ -87,7 +87,7 @@ def test_a_file_name_with_a_line_break_is_one_line(tmp_path: Path,
     path.write_text(f'[audio]\nsource = "file"\npath = {json.dumps(str(audio))}\n'
                     f"[state]\ndir = {json.dumps(str(state))}\n")
     assert _problems(str(path), capsys) == [
-        f"{str(path)!r}: audio.path: no such file: {str(audio)!r}",
+        f"{str(path)!r}: audio.path: {str(audio)!r}: no such file",
         f"{str(path)!r}: state.dir: {str(state)!r} exists and is not a directory"]
 
 

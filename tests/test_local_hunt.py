@@ -79,8 +79,7 @@ class TestWhatIsNoModelDirectory:
         where it was looked for and that nothing is fetched."""
         config = config_for(tmp_path, "tiny.en")
         assert check_config(config, capsys) == (78, [
-            f"{PREFIX}{config}: local.model: tiny.en is not a CTranslate2 Whisper model "
-            "directory (missing model.bin, config.json, tokenizer.json; a relative path is "
+            f"{PREFIX}{config}: local.model: tiny.en: no such directory (a relative path is "
             f"taken from {Path.cwd()}, and model names are not downloaded)"])
 
     def test_a_symlink_loop_is_named(
