@@ -2,9 +2,10 @@
 
 Lookup when no path is given (SPEC "Command line"): ``$TRANSCRIBED_CONFIG``, then
 ``$XDG_CONFIG_HOME/transcribed/config.toml`` (``~/.config`` when it is unset or relative), then
-``/etc/transcribed/config.toml``; with none, built-in defaults. Unknown keys are errors. Every
-problem becomes one line naming the key (``sinks.alerts.url: …``) and, where there is one, the
-file.
+``/etc/transcribed/config.toml``; with none, built-in defaults. Unknown keys are errors, and so
+is a value in the file of the wrong TOML type (``chunk_ms = "100"``: ``daemon.tomltypes``; the
+environment's values are text, converted as before). Every problem becomes one line naming the
+key (``sinks.alerts.url: …``) and, where there is one, the file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import sys
 import tomllib
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
@@ -35,10 +37,17 @@ from pydantic_settings import (
 )
 
 from daemon.credentials import HeaderSecret, resolve_secrets
-from daemon.envvars import ENV_PREFIX, problem_origin, unknown_variables, unparsable_line
+from daemon.envvars import (
+    ENV_PREFIX,
+    key_variables,
+    problem_origin,
+    unknown_variables,
+    unparsable_line,
+)
 from daemon.errors import ConfigError
 from daemon.paths import look, read_config_text, xdg_home
-from daemon.problems import path_text, validation_lines
+from daemon.problems import located, path_text, validation_lines
+from daemon.tomltypes import Loc, type_problems
 
 DEFAULT_TOKEN_URL: Final = "https://streaming.assemblyai.com/v3/token"
 SERVICE_MIN_SESSION_S: Final = 60   # the shortest session cap the real token endpoint grants
@@ -316,16 +325,16 @@ def read_settings(path: Path | None) -> tuple[Settings | None, frozenset[str], l
 
 def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]]:
     where = f"{path_text(path)}: " if path else ""
-    if path is not None:
-        _check_toml(path)
+    toml = _check_toml(path) if path is not None else {}
     failed: frozenset[str] = frozenset()
     problems: list[str] = []
     try:
         settings = _settings(path)
     except ValidationError as exc:
+        lines = validation_lines(exc, sections=Settings.model_fields, env=os.environ,
+                                 model=Settings, toml=_from_file) + _type_lines(toml, exc)
         problems = [problem_origin(line, where, os.environ) + line
-                    for line in validation_lines(exc, sections=Settings.model_fields,
-                                                 env=os.environ)]
+                    for line in sorted(lines, key=_section_order)]
         failed = frozenset(str(error["loc"][0]) for error in exc.errors() if error["loc"])
         defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True)
                     for name in failed if name in Settings.model_fields and name != "sinks"}
@@ -337,11 +346,14 @@ def _read(path: Path | None) -> tuple[Settings | None, frozenset[str], list[str]
             return None, failed, problems
     except SettingsError as exc:
         found = re.search(r'field "([^"]+)"', str(exc))
-        return None, failed, [unparsable_line(found.group(1) if found else None, exc.__cause__,
-                                              os.environ, Settings)]
+        line = unparsable_line(found.group(1) if found else None, exc.__cause__, os.environ,
+                               Settings)
+        return None, failed, [line, *(where + typed for typed in _type_lines(toml, None))]
     except RecursionError:      # a variable's JSON nested too deeply for the settings source
-        return None, failed, [unparsable_line(None, ValueError("nested too deeply"), os.environ,
-                                              Settings)]
+        line = unparsable_line(None, ValueError("nested too deeply"), os.environ, Settings)
+        return None, failed, [line, *(where + typed for typed in _type_lines(toml, None))]
+    else:
+        problems = [where + typed for typed in _type_lines(toml, None)]
     if "assemblyai" not in failed:
         try:
             settings = resolve_secrets(settings, where, os.environ)
@@ -360,9 +372,44 @@ def _settings(path: Path | None, **sections: Any) -> Settings:
         Settings._toml_path = None
 
 
-def _check_toml(path: Path) -> None:
+def _from_file(loc: Loc) -> bool:
+    """Whether the value at ``loc`` (``section, key, …``) came from the file: no variable set it."""
+    return not key_variables([str(part) for part in loc], os.environ)
+
+
+def _set_elsewhere(section: str, loc: Loc) -> bool:
+    return not _from_file((section, *loc))
+
+
+def _section_order(line: str) -> int:
+    """Where the section a problem line names is in ``Settings`` (one section's lines together)."""
+    names = list(Settings.model_fields)
+    section = line.split(":", 1)[0].split(".", 1)[0]
+    return names.index(section) if section in names else len(names)
+
+
+def _type_lines(toml: Mapping[str, Any], exc: ValidationError | None) -> list[str]:
+    """The file's values of a wrong TOML type the (lax) validation took: ``chunk_ms = "100"``.
+
+    ``exc``: the lax validation's error (a value it calls the wrong type is named there).
+    """
+    errors = exc.errors(include_url=False) if exc is not None else []
+    lines = []
+    for name, field in Settings.model_fields.items():
+        table, model = toml.get(name), field.annotation
+        if not isinstance(table, dict) or not isinstance(model, type) \
+                or not issubclass(model, BaseModel):
+            continue
+        found = type_problems(model, table, lax=errors, at=(name,),
+                              skip=partial(_set_elsewhere, name))
+        lines += [located(name, loc, message) for loc, message in found.items()]
+    return lines
+
+
+def _check_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML; ``ConfigError`` if it is none."""
     try:
-        tomllib.loads(read_config_text(path))
+        return tomllib.loads(read_config_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path_text(path)}: invalid TOML: {exc}") from None
     except RecursionError:

@@ -27,8 +27,17 @@ from daemon.envvars import (
 )
 from daemon.errors import ConfigError
 from daemon.plugins import PluginHost, SinkConfig, SinkType
-from daemon.problems import PLAIN_KEY, Problem, key_text, validation_lines
+from daemon.problems import (
+    PLAIN_KEY,
+    Problem,
+    did_you_mean,
+    key_text,
+    located,
+    model_keys,
+    validation_lines,
+)
 from daemon.supervise import error_line
+from daemon.tomltypes import Loc, type_problems
 
 SINK_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]*")
 LOOK_AT_PATHS: Final = "look_at_paths"
@@ -78,6 +87,7 @@ def sink_problems(host: PluginHost, tables: Mapping[str, Mapping[str, Any]],
             problems.append((f"sinks.{name}: must be a table", ()))
         elif not isinstance(table.get("type"), str) or table["type"] not in known:
             problems.append((_type_problem(host, name, table.get("type")), ()))
+            problems += _stray_keys(known, name, table)
         else:
             from_env = {k[2] for k in keys if k[1] == name}
             checked = _validated(known[table["type"]], name, table, from_env, env)
@@ -101,10 +111,19 @@ def _type_problem(host: PluginHost, name: str, type_name: Any) -> str:
 def _validated(sink_type: SinkType, name: str, table: Mapping[str, Any],
                from_env: AbstractSet[str], env: Mapping[str, str]
                ) -> SinkConfig | list[Problem]:
-    """The table validated by its type's model, or its problems."""
+    """The table validated by its type's model, or its problems.
+
+    A value of the wrong TOML type that the model's (lax) validation converted is a problem
+    too (``fsync = 0``), unless the environment set it (its values are text).
+    """
     values, unparsed = _json_values(sink_type, table, from_env)
+    model, context = sink_type.config_model, {LOOK_AT_PATHS: True}
+
+    def set_by_env(loc: Loc) -> bool:
+        return bool(key_variables(["sinks", name, *map(str, loc)], env))
+
     try:
-        return sink_type.config_model.model_validate(values, context={LOOK_AT_PATHS: True})
+        config = model.model_validate(values, context=context)
     except ValidationError as exc:
         # text from the environment that was not JSON, where the model wanted a list or
         # table (a webhook's ``secret`` also takes plain text): say how to write it
@@ -114,27 +133,52 @@ def _validated(sink_type: SinkType, name: str, table: Mapping[str, Any],
         unknown = [str(e["loc"][0]) for e in exc.errors()
                    if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
         lines = [f"sinks.{name}.{key}: {problem}" for key, problem in wrong.items()]
-        lines += validation_lines(exc, prefix=f"sinks.{name}", skip={*wrong, *unknown})
+        lines += validation_lines(exc, prefix=f"sinks.{name}", skip={*wrong, *unknown},
+                                  toml=lambda loc: not set_by_env(loc))
+        typed = type_problems(model, values, lax=exc.errors(), skip=set_by_env,
+                              context=context)
+        lines += [located(f"sinks.{name}", loc, message) for loc, message in typed.items()
+                  if str(loc[0]) not in {*wrong, *unknown}]
         return [(line, ()) for line in lines] \
-            + [_unknown_key(name, key, sink_type.name, env) for key in unknown]
+            + [_unknown_key(name, key, sink_type, env) for key in unknown]
     except ConfigError as exc:
         return [(f"sinks.{name}.{p}", ()) for p in exc.problems]
     except Exception as exc:  # supervision boundary: a plugin's validator has a bug
         return [(f"sinks.{name}: the config model of sink type {sink_type.name!r} failed "
                  f"(a bug in its plugin): {error_line(exc)}", ())]
+    typed = type_problems(model, values, skip=set_by_env, context=context)
+    return [(located(f"sinks.{name}", loc, message), ()) for loc, message in typed.items()] \
+        or config
 
 
-def _unknown_key(name: str, key: str, type_name: str, env: Mapping[str, str]) -> Problem:
+def _unknown_key(name: str, key: str, sink_type: SinkType, env: Mapping[str, str]) -> Problem:
     """A key the sink's type does not have: found by comparing it with ``type``, both read.
 
-    Where the environment set either, the type is named: the file may show another.
+    Where the environment set either, the type is named: the file may show another. A key
+    close to one the type has gets a "did you mean" (``fsnyc``: ``'fsync'``).
     """
     read = (f"sinks.{name}.{key}", f"sinks.{name}.type")
     if not PLAIN_KEY.fullmatch(key):        # not a dotted key part: the line's own origin
         return f"sinks.{name}.{key_text(key)}: unknown key", ()
+    mean = did_you_mean(key, model_keys(sink_type.config_model))
     if any(key_variables(dotted.split("."), env) for dotted in read):
-        return f"sinks.{name}.{key}: unknown key for type {type_name!r}", read
-    return f"sinks.{name}.{key}: unknown key", read
+        return f"sinks.{name}.{key}: unknown key for type {sink_type.name!r}{mean}", read
+    return f"sinks.{name}.{key}: unknown key{mean}", read
+
+
+def _stray_keys(known: Mapping[str, SinkType], name: str, table: Mapping[str, Any]
+                ) -> list[Problem]:
+    """Keys no sink type has, in a table without a (known) type: ``typ = "file"`` is named.
+
+    Which keys a table may have depends on its type; a key none of the types has is wrong
+    whatever the type is to be (none when a type takes any key).
+    """
+    models = [sink_type.config_model for sink_type in known.values()]
+    if any(model.model_config.get("extra") != "forbid" for model in models):
+        return []
+    keys = set(model_keys(SinkConfig)).union(*map(model_keys, models))
+    return [(f"sinks.{name}.{key_text(key)}: unknown key{did_you_mean(str(key), keys)}", ())
+            for key in table if key not in keys]
 
 
 def enabled_sinks(sinks: ValidatedSinks) -> ValidatedSinks:
