@@ -74,6 +74,11 @@ def located(prefix: str, loc: Sequence[str | int], message: str) -> str:
     return f"{key}: {items}: {message}" if items else f"{key}: {message}"
 
 
+_CONTAINERS: Final = {"dict_type": "table", "model_type": "table", "list_type": "array",
+                      "tuple_type": "array"}
+"""pydantic's error types that say a table or a list was wanted, and the TOML type wanted."""
+
+
 def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection[str] = (),
                      sections: Collection[str] = (), env: Mapping[str, str] | None = None,
                      model: type[BaseModel] | None = None,
@@ -115,6 +120,8 @@ def _message(error: ErrorDetails, sections: Collection[str], env: Mapping[str, s
         message = f"expected tables [sinks.<name>], one per sink, found {found_text(value)}"
     elif kind in EXPECTED and toml is not None and toml(tuple(loc)):
         message = type_message({EXPECTED[kind]}, value)
+    elif kind in _CONTAINERS and toml is not None and toml(tuple(loc)):
+        message = type_message({_CONTAINERS[kind]}, value)
     elif kind == "missing":
         message = "required key is missing"
     elif kind in ("value_error", "assertion_error"):

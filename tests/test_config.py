@@ -497,7 +497,7 @@ class TestEveryProblemOnce:
         path = write(tmp_path / "c.toml", '[nosuch]\nx = 1\n[sinks]\nx = 1\n'
                      '[sinks.hook]\ntype = "webhook"\n[sinks.j]\ntype = "file"\npath = ""\n')
         [table, unknown, sink] = _problems(path, capsys)
-        assert table == f"{path}: sinks.x: Input should be a valid dictionary"
+        assert table == f"{path}: sinks.x: expected a table, found an integer"
         assert unknown.startswith(f"{path}: nosuch: unknown section (the sections are")
         assert sink == f"{path}: sinks.j.path: must name a file"
 

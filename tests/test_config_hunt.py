@@ -133,8 +133,8 @@ def test_a_section_that_is_not_a_table_names_no_class(tmp_path: Path,
     path = tmp_path / "c.toml"
     path.write_text('log = 3\n[[audio]]\nsource = "file"\n')
     assert _problems(str(path), capsys) == [
-        f"{path}: audio: Input should be a valid dictionary",
-        f"{path}: log: Input should be a valid dictionary"]
+        f"{path}: audio: expected a table, found an array",
+        f"{path}: log: expected a table, found an integer"]
 
 
 def test_odd_but_valid_files_still_load(tmp_path: Path) -> None:

@@ -136,8 +136,8 @@ class TestFromTheEnvironment:
             self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """The JSON hint is for the environment: a table written as text in the file is not."""
         path = write(tmp_path / "c.toml", HOOK + 'headers = "X-Team: ops"\n')
-        assert problems(path, capsys) == [f"{path}: sinks.hook.headers: Input should be a "
-                                          "valid dictionary"]
+        assert problems(path, capsys) == [f"{path}: sinks.hook.headers: expected a table, "
+                                          "found a string"]
 
 
 class TestDisabled:

@@ -121,6 +121,20 @@ class TestWrongTypesInTheFile:
                          "(put it in quotes)"]
         assert "98765432123" not in "".join(lines) and "fast" not in "".join(lines)
 
+    def test_a_table_or_a_list_of_the_wrong_type_is_worded_the_same(self, tmp_path: Path
+                                                                     ) -> None:
+        """A section, a sink's table or a list written as something else said pydantic's
+        "Input should be a valid dictionary" (or list): the config's own words now."""
+        path = write(tmp_path / "c.toml", 'log = 3\n[assemblyai]\nkeyterms = "hello"\n'
+                     f'[state]\ndir = "{tmp_path / "state"}"\n'
+                     '[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/in"\n'
+                     'headers = "X-Team: ops"\n')
+        status, lines = check_config(path)
+        assert status == 78
+        assert lines == [f"{path}: assemblyai.keyterms: expected an array, found a string",
+                         f"{path}: log: expected a table, found an integer",
+                         f"{path}: sinks.hook.headers: expected a table, found a string"]
+
     def test_environment_values_stay_lax(self, tmp_path: Path) -> None:
         """Variables are text: ``TRANSCRIBED_AUDIO__CHUNK_MS=200`` is right, and overrides the
         file's quoted value (which is not in force)."""
