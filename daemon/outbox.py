@@ -18,6 +18,13 @@ delivered once more after it: a duplicate (receivers deduplicate on ``id``), nev
 two network sinks this is one fsync per turn instead of three, and the fsyncs of the deletes no
 longer hold up the event loop (and the file sink) after every delivery.
 
+A delete the disk refuses (full: SQLite needs room in the WAL even to delete) is done later: the
+record counts as delivered, is never handed out again by this run, and its delete is tried again
+before the next write (``outbox.delete_deferred`` once, ``outbox.deletes_done`` when done). Were it
+raised instead, the sink's worker would crash and send the same record again at every restart for
+as long as the disk stays full, with every later turn waiting behind it. A stop before the disk
+has room leaves those records to be delivered once more at the next start (a duplicate).
+
 Only one process may use an outbox at a time (an ``flock`` on ``<path>.lock`` and on the
 database file: ``daemon.outboxdb``): two daemons sharing a state directory would deliver every
 turn twice.
@@ -67,6 +74,7 @@ class Outbox:
         self._carried: list[tuple[object, ...]] | None = None  # a deleted file's records
         self._queues: dict[str, OutboxQueue] = {}
         self._batched: list[OutboxQueue] | None = None   # appended in the open batch
+        self._undeleted: dict[str, set[int]] = {}   # delivered; their delete the disk refused
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
 
     def queue(self, sink: str, *, fresh: bool = False) -> OutboxQueue:
@@ -105,6 +113,7 @@ class Outbox:
             yield
             return
         self._recreate_if_deleted()
+        self._retry_deletes()
         with _sqlite_errors(self.path, "write to"):
             self._db.execute("BEGIN IMMEDIATE")
         self._batched = batched = list[OutboxQueue]()
@@ -138,6 +147,11 @@ class Outbox:
             return
         if self._carried is None and not same_file(self.path, self._lock_fds[1]):
             self._set_aside_stranded()
+        self._retry_deletes()
+        if any(self._undeleted.values()):
+            log.warning("outbox.delete_deferred", path=str(self.path),
+                        records=sum(map(len, self._undeleted.values())),
+                        effect="delivered once more at the next start: their delete was refused")
         self._db.close()
         release(self._lock_fds)
         self._lock_fds = ()
@@ -178,7 +192,9 @@ class Outbox:
                               "restart the daemon")
         if self._carried is None:
             with _sqlite_errors(self.path, "read"):
-                self._carried = self._db.execute("SELECT * FROM outbox").fetchall()
+                self._carried = [row for row in self._db.execute("SELECT * FROM outbox")
+                                 if row[1] not in self._undeleted.get(row[0], ())]
+            self._undeleted.clear()         # not carried: delivered
             self._db.close()        # it checkpoints into the deleted file: then its WAL is stale
             for suffix in ("-wal", "-shm"):
                 self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
@@ -207,6 +223,7 @@ class Outbox:
                               f"turn {record.id} was not queued")
         if self._batched is None:
             self._recreate_if_deleted()
+            self._retry_deletes()
         seq = self._next_seq.get(sink, 1)
         row = (sink, seq, record.id, record.to_json(), time.time())
         with _sqlite_errors(self.path, "append to"):
@@ -226,17 +243,64 @@ class Outbox:
         return None if row is None else (int(row[0]), str(row[1]))
 
     def _delete(self, sink: str, seq: int) -> None:
-        """Forget a delivered record, without an fsync of its own (module docstring)."""
-        with _sqlite_errors(self.path, "delete from"):
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                deleted = self._db.execute(
-                    "DELETE FROM outbox WHERE sink = ? AND seq = ?", (sink, seq)
-                ).rowcount
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+        """Forget a delivered record, without an fsync of its own (module docstring).
+
+        One the disk refuses to delete is kept to be deleted later (module docstring).
+        """
+        if self._delivered(sink, seq):
+            return
+        self._retry_deletes()
+        try:
+            deleted = self._execute_deletes([(sink, seq)])
+        except sqlite3.Error as exc:
+            if not any(self._undeleted.values()):       # once per outage of the disk
+                log.warning("outbox.delete_deferred", path=str(self.path), sink=sink,
+                            error=str(exc), effect="the record counts as delivered; its delete "
+                            "is tried again before the next write")
+            self._undeleted.setdefault(sink, set()).add(seq)
+            deleted = 1
         if deleted:
             self._depths[sink] = max(0, self._depths.get(sink, 0) - deleted)
+
+    def _retry_deletes(self) -> None:
+        """Delete what an earlier delete left (the disk refused it); quiet while it still does."""
+        rows = [(sink, seq) for sink, seqs in self._undeleted.items() for seq in sorted(seqs)]
+        if not rows or self._db.in_transaction:
+            return
+        try:
+            self._execute_deletes(rows)
+        except sqlite3.Error:
+            return
+        self._undeleted.clear()
+        log.info("outbox.deletes_done", path=str(self.path), records=len(rows))
+
+    def _execute_deletes(self, rows: list[tuple[str, int]]) -> int:
+        """Delete ``rows`` (sink, seq) in one transaction with ``synchronous=NORMAL``; how many.
+
+        Raises:
+            sqlite3.Error: nothing was deleted.
+        """
+        own = len(rows) > 1 and not self._db.in_transaction   # one: a statement is atomic
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            if own:
+                self._db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = sum(self._db.execute("DELETE FROM outbox WHERE sink = ? AND seq = ?",
+                                               row).rowcount for row in rows)
+                if own:
+                    self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if own and self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+        return deleted
+
+    def _delivered(self, sink: str, seq: int) -> bool:
+        """Whether the record was delivered and only its delete is still to be done."""
+        return seq in self._undeleted.get(sink, ())
 
     def _load_counters(self) -> tuple[dict[str, int], dict[str, int]]:
         with _sqlite_errors(self.path, "read"):
@@ -283,6 +347,8 @@ class OutboxQueue:
             row = self._outbox._first_after(self.sink, self._cursor)
             if row is not None:
                 self._cursor, body = row
+                if self._outbox._delivered(self.sink, self._cursor):
+                    continue
                 record = self._decode(body)
                 if record is not None:
                     return Delivery(record, key=self._cursor)
