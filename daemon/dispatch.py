@@ -22,7 +22,7 @@ from daemon.deadletter import append_dead_letter, dead_letter_file
 from daemon.errors import DaemonError, PermanentSinkError, SinkError
 from daemon.events import TurnRecord
 from daemon.health import Heartbeat
-from daemon.queues import BatchError, Delivery, MemoryQueue, hand_over
+from daemon.queues import Delivery, MemoryQueue, hand_over
 from daemon.runner import (
     Retry,
     SinkRunner,
@@ -66,18 +66,13 @@ class Dispatcher:
         The durable sinks' queues share one outbox: their appends are one transaction, so a turn
         costs one fsync however many of them there are.
         """
-        try:
-            with ExitStack() as batches:
-                for runner in self.runners.values():
-                    try:
-                        batches.enter_context(runner.queue.batch())
-                        runner.queue.put(record)
-                    except Exception as exc:  # supervision boundary: one sink's queue must not
-                        self._not_queued(runner, record, exc)   # hurt the others
-        except BatchError as exc:         # the shared write failed: those sinks have nothing
+        with ExitStack() as batches:
             for runner in self.runners.values():
-                if any(runner.queue is queue for queue in exc.queues):
-                    self._not_queued(runner, record, exc)
+                try:
+                    batches.enter_context(runner.queue.batch())
+                    runner.queue.put(record)
+                except Exception as exc:  # supervision boundary: one sink's queue must not
+                    self._not_queued(runner, record, exc)   # hurt the others
 
     def _not_queued(self, runner: SinkRunner, record: TurnRecord, exc: Exception) -> None:
         """Never a silent drop: a turn a sink's queue refused lands in its dead-letter file."""

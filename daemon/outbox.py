@@ -25,6 +25,16 @@ raised instead, the sink's worker would crash and send the same record again at 
 as long as the disk stays full, with every later turn waiting behind it. A stop before the disk
 has room leaves those records to be delivered once more at the next start (a duplicate).
 
+A turn the disk refuses to store (full, or failing) is not lost: it waits in memory, behind any
+turn already waiting and in order, and is written as soon as the disk takes it (tried before
+every write, and every ``WAITING_RETRY_S`` by an idle sink's ``get``): ``outbox.waiting`` once,
+``outbox.caught_up`` when written. Until then it is not handed out (a network sink delivers its
+turns on disk first, then waits), and a crash or kill loses it, as it would any turn held in
+memory. Still waiting at ``close``, it goes to the sink's dead-letter file, or is named as lost
+(``sink.turn_lost``) when that cannot be written either (it is on the same full disk). At most
+``WAITING_MAX`` turns wait; beyond that ``put`` refuses, as it does for a sink over
+``max_records``.
+
 Only one process may use an outbox at a time (an ``flock`` on ``<path>.lock`` and on the
 database file: ``daemon.outboxdb``): two daemons sharing a state directory would deliver every
 turn twice.
@@ -37,8 +47,10 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import structlog
 
@@ -48,9 +60,20 @@ from daemon.events import TurnRecord
 from daemon.outboxdb import OutboxError as OutboxError
 from daemon.outboxdb import lock, open_database, release, relock, same_file
 from daemon.outboxdb import sqlite_errors as _sqlite_errors
-from daemon.queues import BatchError, Delivery
+from daemon.queues import Delivery
 
 log = structlog.get_logger("daemon.outbox")
+
+WAITING_MAX: Final = 10_000      # turns held in memory while the disk refuses them
+WAITING_RETRY_S: Final = 5.0     # an idle sink tries to write them this often
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A record accepted for ``queue``'s sink: in the open batch, or held (the disk refused)."""
+
+    queue: OutboxQueue
+    record: TurnRecord
+
 
 class Outbox:
     """An SQLite-backed store of per-sink FIFO queues.
@@ -73,7 +96,8 @@ class Outbox:
             raise
         self._carried: list[tuple[object, ...]] | None = None  # a deleted file's records
         self._queues: dict[str, OutboxQueue] = {}
-        self._batched: list[OutboxQueue] | None = None   # appended in the open batch
+        self._batched: list[Waiting] | None = None   # appended in the open batch
+        self._waiting: list[Waiting] = []           # accepted; the disk refused to store them
         self._undeleted: dict[str, set[int]] = {}   # delivered; their delete the disk refused
         log.info("outbox.opened", path=str(path), queued=sum(self._depths.values()))
 
@@ -102,39 +126,40 @@ class Outbox:
         """Make every append inside one transaction: one fsync for all of them.
 
         Leaving commits them (also when the body raised: what was appended is kept). If the
-        commit fails nothing of the batch is stored and ``BatchError`` names the queues that
-        lost their record. Nested calls join the open batch.
-
-        Raises:
-            OutboxError: the transaction could not be started (nothing was appended).
-            BatchError: the commit failed.
+        disk refuses the transaction or its commit, its records wait in memory (module
+        docstring). Nested calls join the open batch.
         """
         if self._batched is not None:
             yield
             return
         self._recreate_if_deleted()
         self._retry_deletes()
-        with _sqlite_errors(self.path, "write to"):
-            self._db.execute("BEGIN IMMEDIATE")
-        self._batched = batched = list[OutboxQueue]()
+        self._flush_waiting()
+        if not self._waiting:           # else its appends wait too, behind those (in order)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                self._refused(str(exc))
+        self._batched = batched = list[Waiting]()
         try:
             yield
         finally:
             self._batched = None
             self._commit(batched)
 
-    def _commit(self, batched: list[OutboxQueue]) -> None:
+    def _commit(self, batched: list[Waiting]) -> None:
+        """Commit the batch; appends the disk refuses wait in memory (module docstring)."""
+        if not self._db.in_transaction:   # never begun, or ended by SQLite (full, I/O error)
+            if batched:
+                self._refused("the disk's error ended the transaction")
+                self._waiting.extend(batched)
+            return
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass                    # the failed commit already ended the transaction
-            for queue in batched:
-                self._depths[queue.sink] = max(0, self._depths.get(queue.sink, 0) - 1)
-            raise BatchError(f"{self.path}: cannot append to the outbox database: {exc}",
-                             batched) from None
+            self._rollback()
+            self._refused(str(exc))
+            self._waiting.extend(batched)
 
     def close(self) -> None:
         """Close the database and release the lock. Undelivered records stay for the next run.
@@ -148,6 +173,8 @@ class Outbox:
         if self._carried is None and not same_file(self.path, self._lock_fds[1]):
             self._set_aside_stranded()
         self._retry_deletes()
+        self._flush_waiting()
+        self._spill_waiting()
         if any(self._undeleted.values()):
             log.warning("outbox.delete_deferred", path=str(self.path),
                         records=sum(map(len, self._undeleted.values())),
@@ -210,7 +237,8 @@ class Outbox:
 
     # -- used by OutboxQueue ----------------------------------------------------------------
 
-    def _append(self, queue: OutboxQueue, record: TurnRecord) -> int:
+    def _append(self, queue: OutboxQueue, record: TurnRecord) -> None:
+        """Store ``record`` (or hold it, in order, while the disk refuses: module docstring)."""
         sink = queue.sink
         depth = self._depths.get(sink, 0)
         if depth >= self.max_records:
@@ -218,21 +246,104 @@ class Outbox:
                 f"{self.path}: outbox is full for sink {sink!r} ({depth} undelivered records); "
                 f"turn {record.id} was not queued"
             )
-        if self._batched is not None and not self._db.in_transaction:
-            raise OutboxError(f"{self.path}: an earlier failure in this batch rolled it back; "
-                              f"turn {record.id} was not queued")
         if self._batched is None:
             self._recreate_if_deleted()
             self._retry_deletes()
-        seq = self._next_seq.get(sink, 1)
-        row = (sink, seq, record.id, record.to_json(), time.time())
-        with _sqlite_errors(self.path, "append to"):
-            self._db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)", row)
-        self._next_seq[sink] = seq + 1
+            self._flush_waiting()
+        entry = Waiting(queue, record)
+        in_batch = self._batched is not None
+        if in_batch and not self._db.in_transaction:     # SQLite ended it (full, I/O error)
+            self._undone("the disk's error ended the transaction")
+        if self._waiting or (in_batch and not self._db.in_transaction):
+            self._hold(entry)
+        else:
+            try:
+                self._insert(entry)
+            except sqlite3.Error as exc:
+                self._rollback()
+                self._undone(str(exc))
+                self._refused(str(exc))
+                self._hold(entry)
+            else:
+                if self._batched is not None:
+                    self._batched.append(entry)
         self._depths[sink] = depth + 1
-        if self._batched is not None:
-            self._batched.append(queue)
-        return seq
+
+    def _insert(self, entry: Waiting) -> None:
+        """INSERT one record (in the open transaction, if any)."""
+        sink, record = entry.queue.sink, entry.record
+        seq = self._next_seq.get(sink, 1)
+        self._db.execute("INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                         (sink, seq, record.id, record.to_json(), time.time()))
+        self._next_seq[sink] = seq + 1
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with suppress(sqlite3.Error):   # a failed statement may have ended it already
+                self._db.execute("ROLLBACK")
+
+    def _hold(self, entry: Waiting) -> None:
+        """Keep ``entry`` in memory, behind the turns already waiting."""
+        if len(self._waiting) >= WAITING_MAX:
+            raise OutboxError(f"{self.path}: the disk does not take the outbox's writes and "
+                              f"{len(self._waiting)} turns wait in memory; turn "
+                              f"{entry.record.id} was not queued")
+        self._waiting.append(entry)
+
+    def _undone(self, why: str) -> None:
+        """The open batch's transaction ended uncommitted: what it had written waits."""
+        if self._batched:
+            self._refused(why)
+            self._waiting.extend(self._batched)
+            self._batched.clear()
+
+    def _refused(self, why: str) -> None:
+        """Say once per outage of the disk that turns wait in memory."""
+        if not self._waiting:
+            log.warning("outbox.waiting", path=str(self.path), error=why,
+                        effect="turns wait in memory until the disk takes them (a kill or "
+                        "crash meanwhile loses them); network sinks deliver them after that")
+
+    def _flush_waiting(self) -> bool:
+        """Write the waiting turns, in order, in one transaction; whether none waits now."""
+        if not self._waiting:
+            return True
+        if self._db.in_transaction:
+            return False
+        seqs = dict(self._next_seq)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for entry in self._waiting:
+                self._insert(entry)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._rollback()
+            self._next_seq = seqs
+            return False
+        log.info("outbox.caught_up", path=str(self.path), records=len(self._waiting))
+        queues = {entry.queue for entry in self._waiting}
+        self._waiting.clear()
+        for queue in queues:
+            queue.wake()
+        return True
+
+    def _waits_for(self, sink: str) -> bool:
+        return any(entry.queue.sink == sink for entry in self._waiting)
+
+    def _spill_waiting(self) -> None:
+        """At close, turns still waiting go to their dead-letter files, or are named lost."""
+        for entry in self._waiting:
+            sink, record = entry.queue.sink, entry.record
+            path = dead_letter_file(self.path.parent / DEAD_LETTERS, sink)
+            reason = f"{self.path}: the disk did not take it before the exit"
+            if append_dead_letter(path, {"sink": sink, "error": reason,
+                                         "record": record.to_dict()}):
+                log.error("sink.dead_lettered", sink=sink, record_id=record.id, error=reason,
+                          path=str(path))
+            else:
+                log.error("sink.turn_lost", sink=sink, record_id=record.id, error=reason)
+            self._depths[sink] = max(0, self._depths.get(sink, 0) - 1)
+        self._waiting.clear()
 
     def _first_after(self, sink: str, seq: int) -> tuple[int, str] | None:
         with _sqlite_errors(self.path, "read"):
@@ -329,12 +440,18 @@ class OutboxQueue:
     def put(self, record: TurnRecord) -> None:
         """Append ``record`` durably; once this returns the turn survives a crash.
 
-        Inside ``batch`` that holds once the batch has ended without ``BatchError``.
+        Inside ``batch`` that holds once the batch has ended. While the disk refuses writes the
+        turn waits in memory instead (module docstring).
 
         Raises:
-            OutboxError: the sink's queue is full or the database cannot be written.
+            OutboxError: the sink's queue is full, too many turns wait for the disk, or the
+                database was replaced under the daemon.
         """
         self._outbox._append(self, record)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Records were written for this queue: let a waiting ``get`` look."""
         self._wakeup.set()
 
     def batch(self) -> AbstractContextManager[object]:
@@ -352,6 +469,16 @@ class OutboxQueue:
                 record = self._decode(body)
                 if record is not None:
                     return Delivery(record, key=self._cursor)
+                continue
+            if self._outbox._waits_for(self.sink):     # turns the disk has not taken yet
+                if self._outbox._flush_waiting():
+                    continue
+                if self._closed:
+                    return None                         # the outbox's close deals with them
+                self._wakeup.clear()
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(WAITING_RETRY_S):
+                        await self._wakeup.wait()
                 continue
             if self._closed:
                 return None

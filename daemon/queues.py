@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -34,14 +34,6 @@ class Delivery:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-class BatchError(DaemonError):
-    """A batched write failed: the records ``put`` into ``queues`` inside it were not stored."""
-
-    def __init__(self, reason: str, queues: Sequence[SinkQueue]) -> None:
-        super().__init__(reason)
-        self.queues = tuple(queues)
-
-
 class SinkQueue(Protocol):
     """A per-sink FIFO. ``put`` never blocks; ``get`` returns ``None`` once closed and empty."""
 
@@ -51,8 +43,7 @@ class SinkQueue(Protocol):
     def batch(self) -> AbstractContextManager[object]:
         """Group the ``put``s made inside into one write with those of queues sharing storage.
 
-        One fsync per turn, not one per durable sink. Leaving it raises ``BatchError`` naming
-        the queues whose records could not be stored; nested batches join the outer one.
+        One fsync per turn, not one per durable sink; nested batches join the outer one.
         """
 
     async def get(self) -> Delivery | None:

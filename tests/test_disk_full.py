@@ -24,7 +24,7 @@ import structlog
 from daemon.dispatch import Dispatcher
 from daemon.errors import SinkError
 from daemon.events import TurnRecord
-from daemon.outbox import Outbox
+from daemon.outbox import WAITING_RETRY_S, Outbox
 from daemon.plugins import SinkContext
 from daemon.queues import MemoryQueue
 from daemon.runner import SinkRunner
@@ -203,13 +203,13 @@ async def test_a_stop_while_the_deletes_wait_delivers_those_turns_again_at_the_s
         box.close()
 
 
-async def test_turns_that_come_while_the_state_disk_is_full_are_named_as_lost(
+async def test_turns_that_come_while_the_state_disk_is_full_wait_and_lose_nothing(
         disk: Disk, tmp_path: Path) -> None:
     """The state disk is full and the webhook server down while turns come. Dispatch neither
     blocks nor raises (transcription goes on) and a sink elsewhere gets every turn. The turns
-    the outbox took before the disk filled, and those after it has room again, reach the
-    server in order once it is up; a turn it could not take, nor its dead-letter file, is
-    named in a ``sink.turn_lost`` line: lost, but never silently."""
+    the disk refused wait in memory (one line says so) and are written once it has room:
+    every turn reaches the server, in order (the two the disk refused were lost, each with
+    three error lines, before)."""
     box = Outbox(disk.root / "state" / "outbox.sqlite3")
     async with HttpReceiver() as receiver:
         url = receiver.url + "/hook"
@@ -232,13 +232,52 @@ async def test_turns_that_come_while_the_state_disk_is_full_are_named_as_lost(
                 disk.free()
                 dispatcher.dispatch(make_turn(4))
                 receiver.clear_script()
-                assert await received_ids(receiver, "sess:4") == ["sess:1", "sess:4"]
+                assert await received_ids(receiver, "sess:4") == [
+                    "sess:1", "sess:2", "sess:3", "sess:4"]
                 await dispatcher.close(flush_s=5)
     box.close()
-    lost = logs.named("sink.turn_lost")
-    assert [(e["sink"], e["record_id"]) for e in lost] == [("hook", "sess:2"), ("hook", "sess:3")]
+    [waiting] = logs.named("outbox.waiting")
+    assert waiting["path"] == str(box.path) and "full" in waiting["error"]
+    [caught_up] = logs.named("outbox.caught_up")
+    assert caught_up["records"] == 2
+    assert not logs.named("sink.turn_lost") and not logs.named("sink.enqueue_failed")
     assert [json.loads(line)["id"] for line in journal.read_text().splitlines()] == [
         "sess:1", "sess:2", "sess:3", "sess:4"]
+
+
+async def test_waiting_turns_go_once_there_is_room_without_another_turn(disk: Disk) -> None:
+    """No turn comes after the disk has room again (silence): the idle sink's ``get`` writes
+    the waiting turn itself (every ``WAITING_RETRY_S``) and hands it out."""
+    box = Outbox(disk.root / "state" / "outbox.sqlite3")
+    queue = box.queue("hook")
+    disk.fill()
+    queue.put(make_turn(1))
+    assert box.depth("hook") == 1 and box._first_after("hook", 0) is None
+    getter = asyncio.create_task(queue.get())
+    with pytest.raises(TimeoutError):           # tried, the disk still full: it waits
+        await asyncio.wait_for(asyncio.shield(getter), 0.5)
+    disk.free()
+    delivery = await asyncio.wait_for(getter, WAITING_RETRY_S + WITHIN_S)
+    assert delivery is not None and delivery.record.id == "sess:1"
+    box.close()
+
+
+async def test_a_stop_while_turns_wait_dead_letters_them(disk: Disk, tmp_path: Path) -> None:
+    """The daemon stops while the disk still refuses the outbox: the waiting turn goes to the
+    sink's dead-letter file (here on another disk), not lost."""
+    box = Outbox(disk.root / "state" / "outbox.sqlite3")
+    disk.fill()
+    with watch_logs() as logs:
+        box.queue("hook").put(make_turn(1))
+        dead = tmp_path / "dead-letter"
+        dead.mkdir()
+        (disk.root / "state" / "dead-letter").symlink_to(dead, target_is_directory=True)
+        box.close()
+    [entry] = (dead / "hook.jsonl").read_text().splitlines()
+    assert json.loads(entry)["record"]["id"] == "sess:1"
+    [said] = logs.named("sink.dead_lettered")
+    assert said["sink"] == "hook" and said["record_id"] == "sess:1"
+    assert not logs.named("sink.turn_lost")
 
 
 class Watched:
@@ -359,9 +398,10 @@ async def test_a_run_whose_state_disk_is_full_at_the_start_exits_naming_the_outb
 
 async def test_a_run_whose_state_disk_fills_transcribes_on_and_names_the_turn_it_loses(
         disk: Disk, tmp_path: Path) -> None:
-    """The state disk fills once the daemon runs: the file sink elsewhere still gets the turn,
-    the webhook's copy (neither the outbox nor its dead-letter file can take it) is named as
-    lost, and the run ends with exit 0."""
+    """The state disk fills once the daemon runs, and stays full to the end: the file sink
+    elsewhere still gets the turn; the webhook's copy waits in memory (one line) and, still
+    waiting at the exit with its dead-letter file on the same full disk, is named as lost;
+    the run ends with exit 0."""
     async with FakeAssemblyAI(load_speech_references(SPEECH_DIR, S1)) as fake, \
             HttpReceiver() as receiver:
         config = run_config(tmp_path, fake, receiver, disk.root / "state")
@@ -377,10 +417,10 @@ async def test_a_run_whose_state_disk_fills_transcribes_on_and_names_the_turn_it
             await daemon.kill_if_running()
     assert result.code == 0, result.stderr
     assert [t["transcript"] for t in read_turns(tmp_path / "turns.jsonl")] == [TRANSCRIPTS[S1]]
+    [waiting] = result.events("outbox.waiting")
+    assert "database or disk is full" in waiting["error"]
     [lost] = result.events("sink.turn_lost")
-    assert lost["sink"] == "hook"
-    [failed] = result.events("sink.enqueue_failed")
-    assert "database or disk is full" in failed["error"]
+    assert lost["sink"] == "hook" and "did not take it before the exit" in lost["error"]
     assert not receiver.received
 
 

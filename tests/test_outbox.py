@@ -22,7 +22,7 @@ from daemon.dispatch import Dispatcher
 from daemon.events import TurnRecord, Word
 from daemon.outbox import Outbox, OutboxError
 from daemon.plugins import SinkConfig, SinkType
-from daemon.queues import BatchError, Delivery, MemoryQueue, SinkQueue
+from daemon.queues import Delivery, MemoryQueue, SinkQueue
 from daemon.reload import SinkBuilder
 from daemon.runner import SinkRunner
 
@@ -245,10 +245,11 @@ class TestBatch:
         assert [s.split()[0] for s in statements] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]
         assert (outbox.depth("mqtt"), outbox.depth("hook"), memory.depth()) == (1, 1, 1)
 
-    async def test_failed_commit_dead_letters_each_durable_sink(self, outbox: Outbox,
-                                                                tmp_path: Path) -> None:
-        """A commit the database refuses: no durable sink holds the turn, each dead-letters it
-        with one line naming the file, the in-memory sink still gets it, the next turn is fine."""
+    async def test_a_refused_commit_waits_and_is_written_before_the_next_turn(
+            self, outbox: Outbox, tmp_path: Path) -> None:
+        """A commit the database refuses: the turn waits in memory for every durable sink (it
+        was dead-lettered, and lost with the dead-letter file on the same full disk), one line
+        says so, the in-memory sink gets it, and the next turn writes it first, in order."""
         memory = MemoryQueue()
         dispatcher = Dispatcher([null_runner("mqtt", outbox.queue("mqtt")),
                                  null_runner("file", memory),
@@ -263,22 +264,18 @@ class TestBatch:
         with capture_logs() as logs:
             dispatcher.dispatch(make_turn(1))
         outbox._db.set_authorizer(None)
-        failed = [e for e in logs if e["event"] == "sink.enqueue_failed"]
-        assert [e["sink"] for e in failed] == ["mqtt", "hook"]
-        assert all(e["error"].startswith(f"{outbox.path}: cannot append") for e in failed)
-        assert all("\n" not in e["error"] for e in failed)
-        for sink in ("mqtt", "hook"):
-            assert "sess:1" in (tmp_path / "dead" / f"{sink}.jsonl").read_text()
-            assert outbox.depth(sink) == 0
-        assert memory.depth() == 1
+        [waiting] = logs
+        assert (waiting["event"], waiting["path"]) == ("outbox.waiting", str(outbox.path))
+        assert not (tmp_path / "dead").exists()
+        assert (outbox.depth("mqtt"), outbox.depth("hook"), memory.depth()) == (1, 1, 1)
 
         dispatcher.dispatch(make_turn(2))
         for sink in ("mqtt", "hook"):
             queue = outbox.queue(sink)
-            assert queue.depth() == 1
+            assert queue.depth() == 2
             queue.close()
             got = [d.record.turn_order async for d in _drain(queue)]
-            assert got == [2]
+            assert got == [1, 2]
 
 
     async def test_a_record_with_a_lone_surrogate_is_queued(self, outbox: Outbox,
@@ -299,26 +296,27 @@ class TestBatch:
         delivery = await queue.get()
         assert delivery is not None and delivery.record.transcript == "caf\ud800e"
 
-    def test_rolled_back_batch_refuses_the_rest(self, outbox: Outbox) -> None:
-        """SQLite rolls a transaction back by itself on a full disk or an I/O error: later
-        appends in the batch are refused (never committed on their own) and the batch names
-        the queues whose records were lost with it."""
+    async def test_a_batch_the_disk_rolled_back_waits_in_memory(self, outbox: Outbox) -> None:
+        """SQLite rolls a transaction back by itself on a full disk or an I/O error: what the
+        batch had appended, and the later appends in it, wait in memory (they were refused
+        and lost before) and are written, in order, before the next turn."""
         mqtt, hook = outbox.queue("mqtt"), outbox.queue("hook")
-        batch = outbox.batch()
-        batch.__enter__()
-        mqtt.put(make_turn(1))
-        outbox._db.execute("ROLLBACK")                # what SQLITE_FULL / SQLITE_IOERR do
-        with pytest.raises(OutboxError, match="rolled it back; turn sess:1 was not queued"):
+        with capture_logs() as logs:
+            batch = outbox.batch()
+            batch.__enter__()
+            mqtt.put(make_turn(1))
+            outbox._db.execute("ROLLBACK")            # what SQLITE_FULL / SQLITE_IOERR do
             hook.put(make_turn(1))
-        with pytest.raises(BatchError) as info:
             batch.__exit__(None, None, None)
-        assert info.value.queues == (mqtt,)
-        assert str(info.value).startswith(f"{outbox.path}: cannot append")
-        assert (mqtt.depth(), hook.depth()) == (0, 0)
-        with outbox.batch():                          # the next turn is stored normally
-            mqtt.put(make_turn(2))
-            hook.put(make_turn(2))
-        assert (mqtt.depth(), hook.depth()) == (1, 1)
+            assert (mqtt.depth(), hook.depth()) == (1, 1)
+            assert outbox._first_after("mqtt", 0) is None       # not on disk yet
+            with outbox.batch():                      # the next turn: both written first
+                mqtt.put(make_turn(2))
+                hook.put(make_turn(2))
+        assert [e["event"] for e in logs] == ["outbox.waiting", "outbox.caught_up"]
+        for queue in (mqtt, hook):
+            firsts = [await queue.get(), await queue.get()]
+            assert [d.record.id for d in firsts if d is not None] == ["sess:1", "sess:2"]
 
 
 async def _drain(queue: SinkQueue) -> AsyncIterator[Delivery]:
