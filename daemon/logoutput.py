@@ -96,6 +96,21 @@ class LogOutput:
             return bool(self._stream.isatty())
         return False
 
+    def is_journal(self) -> bool:
+        """Whether the stream is systemd's journal.
+
+        ``$JOURNAL_STREAM`` (``DEVICE:INODE``) names the descriptor it writes to: systemd sets
+        it for a unit whose stderr goes there.
+        """
+        named = os.environ.get("JOURNAL_STREAM", "")
+        if not named or self._fd < 0:
+            return False
+        try:
+            held = os.fstat(self._fd)
+        except OSError:
+            return False
+        return named == f"{held.st_dev}:{held.st_ino}"
+
     def flush(self) -> None:
         """Nothing: every line is written (or queued) whole by :meth:`write`."""
 

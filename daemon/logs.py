@@ -1,9 +1,13 @@
 """structlog setup: JSON lines off a TTY, readable console lines on one, secrets always masked.
 
 Logs go to stderr (journald stores them under systemd); stdout is left to the console sink, so
-``transcribed run | jq`` sees turns only. Standard-library loggers (websockets, httpx, aiomqtt)
-are routed through the same processors. Both write through one :class:`LogOutput`: a line stderr
-refuses is counted, never raised, and ``run`` writes from a thread of its own.
+``transcribed run | jq`` sees turns only. A JSON line starts with its ``event`` and ``level``;
+when stderr is the journal (``$JOURNAL_STREAM`` names it) each line carries its syslog priority
+(``<3>`` for an error, as sd-daemon(3) prefixes), which journald takes off and stores, so
+``journalctl -p warning`` finds warnings and errors and shows them highlighted.
+Standard-library loggers (websockets, httpx, aiomqtt) are routed through the same processors.
+Both write through one :class:`LogOutput`: a line stderr refuses is counted, never raised, and
+``run`` writes from a thread of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _LEVELS: Final = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+_PRIORITIES: Final = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2,
+                      "exception": 3}
 _output: list[LogOutput] = []   # the one configure() made (a list: no `global`)
 _stuck: list[bool] = []         # say() found stderr not taking a line: it tries no more
 
@@ -105,6 +111,30 @@ class SecretMasker:
         return event_dict
 
 
+def _event_first(renderer: Processor) -> Processor:
+    """A JSON line reads ``{"event": …, "level": …, <fields>, "timestamp": …}``.
+
+    What happened first: where a person tailing the log looks.
+    """
+
+    def process(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+        ordered = {key: event_dict[key] for key in ("event", "level") if key in event_dict}
+        return renderer(logger, name, {**ordered, **event_dict})
+
+    return process
+
+
+def _with_priority(renderer: Processor) -> Processor:
+    """Prefix each line with its syslog priority for journald (``<4>`` for a warning)."""
+
+    def process(logger: WrappedLogger, name: str, event_dict: EventDict) -> Any:
+        priority = _PRIORITIES.get(str(event_dict.get("level", "")), 6)
+        line = renderer(logger, name, event_dict)
+        return f"<{priority}>{line}" if isinstance(line, str) else line
+
+    return process
+
+
 def _mask_rendered(masker: SecretMasker) -> Processor:
     """Mask the final rendered line too (tracebacks are rendered late)."""
 
@@ -152,8 +182,10 @@ def configure(
     renderer: Processor = (
         structlog.dev.ConsoleRenderer(colors=output.isatty())
         if use_console
-        else structlog.processors.JSONRenderer()
+        else _event_first(structlog.processors.JSONRenderer())
     )
+    if output.is_journal():
+        renderer = _with_priority(renderer)
     structlog.configure(
         processors=[*shared, renderer, _mask_rendered(masker)],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

@@ -6,8 +6,10 @@ import base64
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
+import pytest
 import structlog
 
 from daemon.logs import SecretMasker, configure
@@ -135,3 +137,40 @@ class TestMaskingWhatTheConfigDoesNotList:
         assert masker.mask("see https://u:p@h.example/x and mailto:a@b") == \
             "see https://********@h.example/x and mailto:a@b"
         assert masker.mask("http://h.example/p?email=a@b") == "http://h.example/p?email=a@b"
+
+
+class TestForAPersonTailing:
+    """``journalctl -f`` shows a JSON line as it is: the event came after every field, and
+    journald stored every line at priority 6 (info), so ``journalctl -p err`` found nothing."""
+
+    def test_a_json_line_starts_with_its_event_and_level(self) -> None:
+        out = io.StringIO()
+        configure(fmt="json", stream=out)
+        structlog.get_logger("t").warning("sink.send_failed", sink="hook", error="refused")
+        assert out.getvalue().startswith('{"event": "sink.send_failed", "level": "warning", ')
+
+    def test_lines_to_the_journal_carry_their_priority(self, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        with (tmp_path / "journal").open("w") as journal:
+            held = os.fstat(journal.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{held.st_dev}:{held.st_ino}")
+            configure(fmt="json", stream=journal)
+            log = structlog.get_logger("t")
+            log.info("daemon.ready")
+            log.warning("sink.send_failed")
+            log.error("sink.turn_lost")
+            logging.getLogger("websockets").error("from a library")
+        lines = (tmp_path / "journal").read_text().splitlines()
+        assert [line[:3] for line in lines] == ["<6>", "<4>", "<3>", "<3>"]
+        assert [json.loads(line[3:])["level"] for line in lines] == [
+            "info", "warning", "error", "error"]
+
+    def test_no_priority_elsewhere(self, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        """A journal named by the environment that is not this stream (a child of the unit
+        writing to a file or a pipe of its own) gets plain lines."""
+        monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+        with (tmp_path / "log").open("w") as elsewhere:
+            configure(fmt="json", stream=elsewhere)
+            structlog.get_logger("t").error("sink.turn_lost")
+        assert (tmp_path / "log").read_text().startswith('{"event": "sink.turn_lost"')
