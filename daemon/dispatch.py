@@ -206,9 +206,12 @@ class Dispatcher:
         pending = {t for t in workers if not t.done()}
         for task in pending:
             runner = tasks[task]
-            held = runner.holding is not None and isinstance(runner.queue, MemoryQueue)
+            in_memory = isinstance(runner.queue, MemoryQueue)
+            held = runner.holding is not None and in_memory
             log.warning("sink.flush_timeout", sink=runner.name, timeout_s=flush_s,
-                        queued=runner.queue.depth() + held)
+                        queued=runner.queue.depth() + held,
+                        effect="dead-lettered" if in_memory
+                        else "kept in the outbox: delivered at the next start")
             task.cancel()
         if pending:
             await asyncio.wait(pending)
@@ -228,9 +231,16 @@ class Dispatcher:
             return
         held, runner.holding = runner.holding, None
         reason = f"not delivered before exit ({runner.stats.last_error or 'sink too slow'})"
+        written: list[str] = []         # one line for them all: a day of turns is one line
         for delivery in ([held] if held is not None else []) + runner.queue.take_all():
-            if not self._dead_letter(runner, delivery, reason):
+            if self._dead_letter(runner, delivery, reason, say=False):
+                written.append(delivery.record.id)
+            else:
                 log.error("sink.turn_lost", sink=runner.name, record_id=delivery.record.id)
+        if written:
+            log.error("sink.dead_lettered", sink=runner.name, records=len(written),
+                      first_id=written[0], last_id=written[-1], error=reason,
+                      path=str(dead_letter_file(self._dead_letter_dir, runner.name)))
 
     async def _work(self, runner: SinkRunner) -> None:
         """Run a sink's worker; restart it (with backoff) whenever it crashes."""
@@ -378,15 +388,19 @@ class Dispatcher:
         timeout = getattr(runner.config, "timeout_s", None)
         return max(self.send_limit_s, 2 * float(timeout) + 10) if timeout else self.send_limit_s
 
-    def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str) -> bool:
+    def _dead_letter(self, runner: SinkRunner, delivery: Delivery, reason: str, *,
+                     say: bool = True) -> bool:
         """Append the record and the reason to ``<state>/dead-letter/<sink>.jsonl``.
 
-        False when it could not be written (``sink.dead_letter_failed`` names it).
+        False when it could not be written (``sink.dead_letter_failed`` names it). ``say``:
+        log it (else the caller says it for several at once).
         """
         path = dead_letter_file(self._dead_letter_dir, runner.name)
         if not append_dead_letter(path, {"sink": runner.name, "error": reason,
                                          "record": delivery.record.to_dict()}):
             return False
         runner.stats.dead_lettered += 1
-        log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason, path=str(path))
+        if say:
+            log.error("sink.dead_lettered", record_id=delivery.record.id, error=reason,
+                      path=str(path))
         return True

@@ -226,6 +226,27 @@ class TestFileSink:
         assert dead["error"] == f"not delivered before exit ({expected})"
 
 
+async def test_what_a_sink_holds_at_exit_is_dead_lettered_in_one_line(tmp_path: Path) -> None:
+    """A day of turns a file sink could not write went to its dead-letter file at exit with
+    one ``sink.dead_lettered`` line each; it is one line with the count, and the flush's
+    timeout says where the turns go."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    config = FileSinkConfig(type="file", path="/dev/full", fsync=False)
+    sink = FileSink("j", config, CONTEXT)
+    sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
+    dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
+                            dead_letter_dir=tmp_path / "dead")
+    with capture_logs() as logs:
+        await run_through(dispatcher, 5, flush_s=0.5)
+    [timeout] = [e for e in logs if e["event"] == "sink.flush_timeout"]
+    assert (timeout["queued"], timeout["effect"]) == (5, "dead-lettered")
+    [said] = [e for e in logs if e["event"] == "sink.dead_lettered"]
+    assert (said["records"], said["first_id"], said["last_id"]) == (5, "s:0", "s:4")
+    assert said["path"] == str(tmp_path / "dead" / "j.jsonl")
+    assert len((tmp_path / "dead" / "j.jsonl").read_text().splitlines()) == 5
+
+
 async def test_console_text_and_json() -> None:
     """The console sink writes a text line or a JSON line."""
     out = io.StringIO()
