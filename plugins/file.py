@@ -80,6 +80,7 @@ class FileSink:
         self.config = config
         self.path = Path(config.path).expanduser()
         self._handle: IO[bytes] | None = None
+        self._gone = ""         # why the open file was let go (moved away), until reopened
         self._rotate_failed = ""    # why the last rotation failed (logged once), or ""
         self._test = context.test   # test-sinks: never rotates a file a daemon may be writing
 
@@ -145,10 +146,14 @@ class FileSink:
 
     def _write(self, line: bytes) -> None:
         if self._handle is not None and (moved := self._moved(self._handle)):
-            log.warning("file.reopened", sink=self.name, path=str(self.path), reason=moved)
+            self._gone = moved
             self._close()
         if self._handle is None:
             self._open()
+            if self._gone:      # said once it is open again: a failed open is send_failed's
+                log.warning("file.reopened", sink=self.name, path=str(self.path),
+                            reason=self._gone)
+                self._gone = ""
         assert self._handle is not None
         limit = 0 if self._test else self.config.rotate_bytes  # test-sinks: the daemon rotates
         # the size, not tell(): a file truncated under us (copytruncate) keeps a stale offset

@@ -205,6 +205,7 @@ class TestFileSink:
         expected = f"cannot open {path}: {folder} is not a directory"
         failed = [e for e in logs if e["event"] == "sink.send_failed"]
         assert [e["error"] for e in failed] == [expected]
+        assert not [e for e in logs if e["event"] == "file.reopened"]   # it was not: said so
         dead = [json.loads(x) for x in (tmp_path / "dead" / "j.jsonl").read_text().splitlines()]
         assert [x["record"]["id"] for x in dead] == ["s:1"]
         assert dead[0]["error"] == f"not delivered before exit ({expected})"
