@@ -228,18 +228,22 @@ async def run(
             if loader is not None:
                 reloader = Reloader(loader, settings, dispatcher=dispatcher, sinks=parts.sinks,
                                     masker=masker, stopping=lambda: reporter.stopping)
-            await _serve(settings, engine, parts, reporter, reloader)
+            signalled = await _serve(settings, engine, parts, reporter, reloader)
     finally:
         notifier.close()
         for closer in parts.closers:
             closer.close()
-    log.info("daemon.stopped", turns=listener.turns, sessions=listener.sessions)
+    log.info("daemon.stopped", reason="signal" if signalled else "input ended",
+             turns=listener.turns, sessions=listener.sessions)
     return 0
 
 
 async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Reporter,
-                 reloader: Reloader | None) -> None:
-    """Run the live view (if enabled), sinks, reporter and engine; then flush the sinks."""
+                 reloader: Reloader | None) -> bool:
+    """Run the live view (if enabled), sinks, reporter and engine; then flush the sinks.
+
+    Returns True if a signal stopped it, False if the input ended.
+    """
     listener, dispatcher = parts.listener, parts.dispatcher
 
     def status() -> StatusSnapshot:
@@ -271,6 +275,7 @@ async def _serve(settings: Settings, engine: Engine, parts: _Parts, reporter: Re
                     log.info("sinks.flushing", queued=dispatcher.queued(), timeout_s=bound)
                     await dispatcher.close(bound)
                 reporting.cancel()
+    return signalled
 
 
 def _audio_flows(engine: Engine, listener: Listener) -> bool:

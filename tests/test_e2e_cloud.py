@@ -34,6 +34,8 @@ class TestHappyPath:
         config = cloud_config(tmp_path, fake, SPEECH_DIR / S1)
         result = await run_daemon("run", "--config", str(config))
         assert result.code == 0, result.stderr
+        [stopped] = result.events("daemon.stopped")
+        assert (stopped["reason"], stopped["turns"]) == ("input ended", 1)
         turns = read_turns(tmp_path / "turns.jsonl")
         assert [t["transcript"] for t in turns] == [TRANSCRIPTS[S1]]
         record = turns[0]

@@ -131,7 +131,7 @@ async def test_stopped_while_the_file_waits(fake: FakeAssemblyAI, tmp_path: Path
         await daemon.kill_if_running()
     assert result.code == 0, result.stderr[-3000:]
     [stopping], [stopped] = result.events("daemon.stopping"), result.events("daemon.stopped")
-    assert at(stopped) - at(stopping) < 12 + 3
+    assert at(stopped) - at(stopping) < 12 + 3 and stopped["reason"] == "signal"
     [lost] = result.events("stream.untranscribed")
     assert lost["level"] == "error" and 1 < lost["held_s"] <= 2.01
     assert not result.events("stream.backlog_dropped")
