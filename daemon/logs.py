@@ -172,7 +172,9 @@ def configure(
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # a terminal's reader wants the local time of day; a stored JSON line the UTC instant
+        structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False) if use_console
+        else structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if not use_console:     # the traceback as text, masked before JSON escapes a secret in it
         shared.append(structlog.processors.format_exc_info)
@@ -180,7 +182,8 @@ def configure(
         shared.append(_drop_transcripts)
     shared.append(masker)
     renderer: Processor = (
-        structlog.dev.ConsoleRenderer(colors=output.isatty())
+        # fields in the order the line gives them (what matters first), the event padded less
+        structlog.dev.ConsoleRenderer(colors=output.isatty(), sort_keys=False, pad_event_to=24)
         if use_console
         else _event_first(structlog.processors.JSONRenderer())
     )

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -79,11 +80,15 @@ def test_transcripts_hidden_when_switched_off() -> None:
 
 
 def test_console_format() -> None:
-    """format = console renders readable key=value lines."""
+    """format = console renders readable key=value lines: the local time of day (the UTC
+    instant to the microsecond took 28 columns), fields in the order the event gives them
+    (sorted, a turn's id came before its words)."""
     out = io.StringIO()
     configure(fmt="console", stream=out)
-    structlog.get_logger("t").info("session.began", session_id="abc")
-    assert "session.began" in out.getvalue() and "session_id=abc" in out.getvalue()
+    structlog.get_logger("t").info("turn.completed", transcript="Hi.", record_id="abc:1")
+    line = out.getvalue()
+    assert re.fullmatch(r"\d\d:\d\d:\d\d \[info +\] turn\.completed +transcript=Hi\. "
+                        r"record_id=abc:1\n", line), line
 
 
 class TestMaskingWhatTheConfigDoesNotList:
