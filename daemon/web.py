@@ -175,11 +175,14 @@ class LiveServer:
             )
         except OSError as exc:  # the live view is optional: capture goes on without it
             log.error("http.listen_failed", listen=f"{self._host}:{self._port}",
-                      error=exc.strerror or str(exc), key="http.listen")
+                      error=exc.strerror or str(exc), key="http.listen",
+                      effect="transcribing goes on without the live view, /healthz, /metrics "
+                      "and transcribed tail")
             return self
         self._bound = int(self._server.sockets[0].getsockname()[1])
         self._ticker = asyncio.create_task(self._tick(), name="live-ticker")
-        log.info("http.listening", url=self.url, token=bool(self._token))
+        log.info("http.listening", url=self.url,
+                 access="with http.token" if self._token else "open on loopback")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,

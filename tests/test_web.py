@@ -56,6 +56,7 @@ class TestListen:
         failed = [e for e in logs if e["event"] == "http.listen_failed"]
         assert failed and failed[0]["key"] == "http.listen"
         assert "already in use" in failed[0]["error"].lower()
+        assert "/healthz" in failed[0]["effect"]    # what the operator loses, said
         assert not [e for e in logs if e["event"] == "http.stopped"]   # it never started
 
 
