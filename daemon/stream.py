@@ -7,6 +7,8 @@ is lost across drops, errors, token failures or rollovers.
 Close codes are classified (``protocol.classify_close``): transient problems back off with jitter
 (the first retry after a healthy session is immediate), rejected credentials get one retry with a
 fresh token and then ``AuthError`` (exit 77), rejected settings raise ``ConfigError`` (exit 78).
+Attempts that fail in a row are one outage (``outcome.Outage``): a warning when it starts or its
+reason changes, the retries at debug, a summary every 5 minutes, a line when it is over.
 
 Rollover is make-before-break: ahead of ``Begin.expires_at`` (by a margin that scales with the
 session's length) the next session is opened; the audio switches to it at a turn boundary (or at
@@ -41,7 +43,18 @@ from daemon.errors import AuthError, ConfigError
 from daemon.events import AudioChunk, SourceName
 from daemon.filegate import FileGate
 from daemon.ledger import Ledger
-from daemon.outcome import Outcome, auth_message, close_of, refused_after_begin, token_failed
+from daemon.outcome import (
+    SUMMARY_EVERY_S,
+    Outage,
+    Outcome,
+    auth_message,
+    backlog_fields,
+    close_of,
+    connect_failed,
+    endpoint,
+    refused_after_begin,
+    token_failed,
+)
 from daemon.pieces import SILENCE_RMS
 from daemon.protocol import (
     Begin,
@@ -56,7 +69,7 @@ from daemon.protocol import (
 )
 from daemon.rollover import RolloverPlan, rollover_plan
 from daemon.session import StreamSession
-from daemon.supervise import error_line
+from daemon.shutdown import SHUTDOWN_DEADLINE_S
 from daemon.tokens import TokenError, TokenProvider
 
 log = structlog.get_logger("daemon.stream")
@@ -92,6 +105,7 @@ class AssemblyAIEngine:
         source: SourceName,
         host: str,
         delays: Callable[[], Iterator[float]] | None = None,
+        summary_every_s: float = SUMMARY_EVERY_S,
     ) -> None:
         self.config = config
         self._reconnect = reconnect
@@ -110,6 +124,7 @@ class AssemblyAIEngine:
         self._dropped_reported = 0
         self._gate = FileGate(self.ledger, self.chunk_samples, reconnect.backlog_seconds,
                               lambda: self.catch_up is not None)
+        self._outage = Outage(self._held, summary_every_s)
 
     @property
     def live(self) -> bool:
@@ -140,6 +155,7 @@ class AssemblyAIEngine:
 
     def stop(self) -> None:
         """The input is stopping (SIGTERM): a file waiting for room in the ledger reads no more."""
+        self._outage.stop_by = time.monotonic() + SHUTDOWN_DEADLINE_S
         self._gate.stop()
 
     def cover(self, position: int, *, replay: bool) -> None:
@@ -189,6 +205,7 @@ class AssemblyAIEngine:
         while not self._done(stop):
             try:
                 session = await self._open(listener, stop)
+                self._outage.recovered()
                 self._report_backlog_loss()
                 if stop is None:
                     self._maybe_split(group)
@@ -196,7 +213,9 @@ class AssemblyAIEngine:
                 auth_failures = refused_after_begin(outcome, auth_failures)
             except TokenError as exc:
                 auth_failures += exc.rejected
-                await self._pause(token_failed(exc, auth_failures, delays))
+                delay = token_failed(exc, auth_failures, delays)
+                self._outage.token_failed(exc, endpoint(self.config.token_url), delay)
+                await self._pause(delay)
                 continue
             except _Failed as failed:
                 outcome = failed.outcome
@@ -204,6 +223,7 @@ class AssemblyAIEngine:
                     auth_failures += 1
                     if auth_failures >= 2:
                         raise AuthError(auth_message(outcome.reason)) from None
+                    self._outage.counted(outcome.reason)
                     log.warning("stream.auth_rejected", reason=outcome.reason, retrying=True)
                     continue
             if outcome.finished:
@@ -216,10 +236,16 @@ class AssemblyAIEngine:
                 delays = self._delays()
             delay = self._delay_for(outcome, delays)
             self.reconnects += 1
-            log.info("stream.reconnecting", kind=outcome.kind.value, reason=outcome.reason,
-                     retry_in_s=round(delay, 2), backlog_s=round(self.ledger.seconds_held(), 2),
-                     lane="live" if stop is None else "replay")
+            held_s = round(self.ledger.seconds_held(), 2)
+            self._outage.reconnecting(outcome, delay, backlog_s=held_s,
+                                      lane="live" if stop is None else "replay")
             await self._pause(delay)
+
+    def _held(self) -> dict[str, object]:
+        """What the backlog holds during an outage (this outage's loss included)."""
+        lost_s = (self.ledger.dropped_samples - self._dropped_reported) / self.sample_rate
+        return backlog_fields(self.ledger.seconds_held(), lost_s,
+                              self._reconnect.backlog_seconds, file=self.source == "file")
 
     async def _pause(self, delay: float) -> None:
         """The wait before the next attempt, cut short once when the input ends.
@@ -236,7 +262,8 @@ class AssemblyAIEngine:
                 await self.ledger.ended.wait()
         except TimeoutError:
             return
-        log.info("stream.retrying_now", reason="the input ended",
+        log.info("stream.retrying_now",
+                 reason="stopping" if self._outage.stop_by is not None else "the input ended",
                  backlog_s=round(self.ledger.seconds_held(), 2))
 
     def _maybe_split(self, group: asyncio.TaskGroup) -> None:
@@ -378,8 +405,9 @@ class AssemblyAIEngine:
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             if ws is not None:      # no Begin in time: close it, or it stays open (and billed)
                 await ws.close()
-            raise _Failed(Outcome(CloseKind.TRANSIENT,
-                                  f"connect failed: {error_line(exc)}")) from None
+            raise _Failed(Outcome(CloseKind.TRANSIENT, connect_failed(
+                exc, endpoint(self.config.streaming_url), connected=ws is not None,
+                limit_s=self.config.connect_timeout))) from None
         try:
             begin = parse_message(first)
         except ProtocolError as exc:

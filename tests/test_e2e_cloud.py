@@ -351,7 +351,7 @@ class TestTimeoutsAndLimits:
         result = await daemon.finish(30)
         assert result.code == 0, result.stderr
         assert {r["kind"] for r in retries} == {"transient"}
-        assert retries[0]["reason"].startswith("connect failed: ConnectionRefusedError")
+        assert retries[0]["reason"] == f"connection refused by 127.0.0.1:{port}"
         assert retries[0]["retry_in_s"] == 0                # the first retry is immediate
         assert all(0 < r["retry_in_s"] <= 0.2 for r in retries[1:])  # max_delay = 0.2
         assert result.events("daemon.shutdown_deadline")
