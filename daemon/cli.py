@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:           # Ctrl-C where nothing handles it (run: while starting)
         from daemon import logs
 
-        logs.say("transcribed: interrupted")    # a stderr gone or stalled: the code still
+        # a stderr gone or stalled changes nothing: the exit code is still 130
+        logs.say("transcribed: interrupted", priority=4)
         code = EX_INTERRUPTED
     return code
 

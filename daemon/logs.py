@@ -245,20 +245,28 @@ def settled() -> bool:
     return not _output or _output[-1].settled
 
 
-def say(text: str) -> None:
+def say(text: str, priority: int = 3) -> None:
     """One plain line on stderr, after the log lines before it; an error is never raised.
 
     On the ``sys.stderr`` of now unless ``run``'s background writer is on: a command run again
-    in one process (tests) must not write to the stderr of an earlier configuration.
+    in one process (tests) must not write to the stderr of an earlier configuration. To the
+    journal each line carries ``priority`` (3: an error, why the command failed).
     """
     if _output and _output[-1].background:     # run's: in order after its log lines
-        _output[-1].write(text)
+        _output[-1].write(_prioritised(text, priority, _output[-1]))
     elif sys.stderr is not None and not _stuck:   # a stalled stderr waits a moment, once
         output = LogOutput(sys.stderr, own_fd=True)
         output.start_background()
-        output.write(text)
+        output.write(_prioritised(text, priority, output))
         output.release()
         _stuck[:] = [True] if output.gave_up else []
+
+
+def _prioritised(text: str, priority: int, output: LogOutput) -> str:
+    """``text`` with each line's syslog priority when ``output`` is the journal."""
+    if not output.is_journal():
+        return text
+    return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
 
 def rendered_line(event: str, **fields: object) -> bytes:

@@ -171,9 +171,10 @@ class Outbox:
         if not self._lock_fds:
             return
         if self._carried is None and not same_file(self.path, self._lock_fds[1]):
-            self._set_aside_stranded()
-        self._retry_deletes()
-        self._flush_waiting()
+            self._set_aside_stranded()      # and what waits in memory: not into that file
+        else:
+            self._retry_deletes()
+            self._flush_waiting()
         self._spill_waiting()
         if any(self._undeleted.values()):
             log.warning("outbox.delete_deferred", path=str(self.path),
@@ -187,8 +188,9 @@ class Outbox:
         """The records of a database no longer at the path (deleted, replaced) to dead letters."""
         try:
             with _sqlite_errors(self.path, "read"):
-                rows = self._db.execute("SELECT sink, body FROM outbox ORDER BY sink, seq"
-                                        ).fetchall()
+                rows = [(sink, body) for sink, seq, body in self._db.execute(
+                    "SELECT sink, seq, body FROM outbox ORDER BY sink, seq")
+                    if seq not in self._undeleted.get(sink, ())]    # those were delivered
         except OutboxError as exc:
             log.error("outbox.stranded", path=str(self.path), error=str(exc))
             return

@@ -252,8 +252,9 @@ class Outage:
         if self.started is None:
             self.started = self._summed_at = now
             self._reasons.clear()
-        new = reason not in self._reasons
-        if new and len(self._reasons) < _REASONS_MAX:
+        # past the cap (a server whose texts vary per attempt) a reason is no longer news
+        new = reason not in self._reasons and len(self._reasons) < _REASONS_MAX
+        if new:
             self._reasons.add(reason)
         self.reason = reason
         return new

@@ -141,6 +141,8 @@ def type_problems(model: type[BaseModel], table: Mapping[str, Any], *,
                if error["type"] not in _BOUNDS and tuple(error["loc"][:len(at)]) == at}
     groups: dict[Loc, list[ErrorDetails]] = {}
     for error in _strict_errors(model, table, context):
+        if "[key]" in error["loc"]:     # a table's key: always a string in TOML, never wrong
+            continue
         groups.setdefault(value_loc(table, error["loc"]), []).append(error)
     problems: dict[Loc, str] = {}
     for loc, errors in groups.items():

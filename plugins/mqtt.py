@@ -62,8 +62,10 @@ RECONNECT_MAX_S: Final = 30.0
 OFFLINE_AT_EXIT_S: Final = 2.0  # a stop while disconnected tries this long to say offline
 STABLE_S: Final = 10.0  # a connection up this long resets the reconnect backoff
 # connect errors that mean nothing took the TCP connection: the broker is down or restarting
-NOTHING_TOOK: Final = (*(f"[Errno {code}]" for code in (
-    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)), "timed out")
+# (not a timeout: aiomqtt words a TCP connect's and a silent broker's alike, and the second
+# takes the connection, so its port would be probed back into a tight loop)
+NOTHING_TOOK: Final = tuple(f"[Errno {code}]" for code in (
+    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH))
 
 
 class MqttSink:

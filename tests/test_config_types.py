@@ -214,3 +214,19 @@ def test_list_positions_count_from_one(tmp_path: Path) -> None:
         "(put it in quotes)",
         f"{path}: sinks.hook.secret: item #2: expected a string, found an integer "
         "(put it in quotes)"]
+
+
+def test_a_table_with_number_keys_is_not_refused() -> None:
+    """A third-party sink's ``dict[int, str]`` (channel -> label): TOML writes every table key
+    as a string, which lax validation converts; the strict check called each key a string
+    where an integer belongs ("write it without quotes"), which no config can do."""
+    from pydantic import BaseModel
+
+    from daemon.tomltypes import type_problems
+
+    class Labels(BaseModel):
+        labels: dict[int, str] = {}
+
+    assert type_problems(Labels, {"labels": {"1": "left", "2": "right"}}) == {}
+    assert type_problems(Labels, {"labels": {"1": 2}}) == {
+        ("labels", "1"): "expected a string, found an integer (put it in quotes)"}

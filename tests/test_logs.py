@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import structlog
 
 from daemon.logs import SecretMasker, configure
 from tests.audio_samples import write_pcm16
+from tests.conftest import REPO, TRANSCRIBED
 from tests.daemon_proc import cloud_config, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 
@@ -179,3 +181,20 @@ class TestForAPersonTailing:
             configure(fmt="json", stream=elsewhere)
             structlog.get_logger("t").error("sink.turn_lost")
         assert (tmp_path / "log").read_text().startswith('{"event": "sink.turn_lost"')
+
+
+def test_why_a_command_failed_carries_its_priority_to_the_journal(tmp_path: Path) -> None:
+    """A config error at start is said in plain lines, not through the loggers: under systemd
+    they were stored at info, and ``journalctl -p warning`` did not show why the daemon would
+    not start."""
+    config = tmp_path / "c.toml"
+    config.write_text("[audio]\nchunk_ms = 5\nbogus = 1\n")
+    with (tmp_path / "journal").open("w") as journal:
+        held = os.fstat(journal.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{held.st_dev}:{held.st_ino}"}
+        done = subprocess.run([*TRANSCRIBED, "check-config", "--config", str(config)],
+                              cwd=REPO, stderr=journal, env=env, timeout=60, check=False)
+    assert done.returncode == 78
+    lines = (tmp_path / "journal").read_text().splitlines()
+    assert len(lines) == 2 and all(line.startswith("<3>transcribed: config error: ")
+                                   for line in lines), lines

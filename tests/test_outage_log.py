@@ -256,3 +256,18 @@ async def test_still_down_sums_the_outage_up_while_it_lasts() -> None:
     names = [e["event"] for e in logs]
     assert names.index("stream.recovered") > max(i for i, n in enumerate(names)
                                                  if n == "stream.still_down")
+
+
+def test_reasons_past_the_cap_are_not_news_at_every_attempt() -> None:
+    """A service whose error text differs at each attempt (a request id in it): past the
+    reasons an outage remembers, each attempt warned again."""
+    from structlog.testing import capture_logs
+
+    from daemon.outcome import Outage
+
+    outage = Outage(lambda: {"backlog_s": 0.0, "dropped_s": 0.0})
+    with capture_logs() as logs:
+        for attempt in range(100):
+            outage.failed("stream.token_failed", f"HTTP 503 (request {attempt})")
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert 1 < len(warned) <= 33        # the start, then each new reason while it remembers

@@ -445,3 +445,27 @@ class TestDeletedWhileRunning:
                 Outbox(path)                    # the recreated lock is held again
         finally:
             again.close()
+
+
+class TestWaitingTurnsAndAFileGone:
+    """Turns waiting in memory (the disk refused them) when the outbox file was deleted: at
+    close they were written into the deleted file (``outbox.caught_up``) and lost with it."""
+
+    def test_they_are_dead_lettered_with_the_stranded_ones(self, tmp_path: Path) -> None:
+        box = Outbox(tmp_path / "outbox.sqlite3")
+        queue = box.queue("hook")
+        queue.put(make_turn(1))
+        pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+        box._db.execute(f"PRAGMA max_page_count = {pages}")    # SQLite's own SQLITE_FULL
+        queue.put(dataclasses.replace(make_turn(2), transcript="x" * 20_000))
+        assert box._first_after("hook", 1) is None               # it waits in memory
+        box._db.execute("PRAGMA max_page_count = 1000000")
+        box.path.unlink()
+        with capture_logs() as logs:
+            box.close()
+        lines = (tmp_path / "dead-letter" / "hook.jsonl").read_text().splitlines()
+        entries = [json.loads(line) for line in lines]      # the file's rows, then ours
+        ids = [e["record"]["id"] if "record" in e else json.loads(e["body"])["id"]
+               for e in entries]
+        assert ids == ["sess:1", "sess:2"]
+        assert "outbox.caught_up" not in [e["event"] for e in logs]
