@@ -323,10 +323,11 @@ class Outbox:
             self._next_seq = seqs
             return False
         log.info("outbox.caught_up", path=str(self.path), records=len(self._waiting))
-        queues = {entry.queue for entry in self._waiting}
+        sinks = {entry.queue.sink for entry in self._waiting}
         self._waiting.clear()
-        for queue in queues:
-            queue.wake()
+        for sink in sinks:          # the sink's queue now: a reload may have made a fresh one
+            if (queue := self._queues.get(sink)) is not None:
+                queue.wake()
         return True
 
     def _waits_for(self, sink: str) -> bool:
