@@ -46,6 +46,11 @@ _ABOUT: Final = {
     "tail": "Attach to the running daemon and show the live transcript (partials in place, "
             "finals committed), or every event as a JSON line. The daemon is found from the "
             "config's [http] listen and token.",
+    "resend": "Send a sink's dead-lettered turns (<state dir>/dead-letter/<SINK>.jsonl) again, "
+              "in order, once what refused them is fixed. A turn delivered leaves the file; one "
+              "refused again stays with its new reason; a sink that cannot be reached ends the "
+              "run, and the rest stays. Exit 0 when none is left, else 1. Safe while the daemon "
+              "runs.",
     "install-service": "Write the systemd unit (one that differs is kept as "
                        "transcribed.service.bak; and an example config if none) and print the "
                        "systemctl commands to run.",
@@ -84,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--retry", action="store_true",
                       help="when the daemon stops or cannot be reached, wait for it and "
                       "reconnect (turns already shown are not shown again)")
+    again = commands.add_parser(
+        "resend", help="send a sink's dead-lettered turns again, once what refused them is fixed")
+    again.add_argument("sink", metavar="SINK", help="the sink's name ([sinks.SINK])")
+    again.add_argument("--config", metavar="PATH", help=config_help)
     install = commands.add_parser(
         "install-service",
         help="write the systemd unit (and an example config if none) and print what to run",
@@ -141,6 +150,7 @@ def _run(argv: Sequence[str] | None) -> int:
         "devices": commands.devices,
         "test-sinks": commands.test_sinks,
         "tail": commands.tail,
+        "resend": commands.resend,
         "install-service": commands.install_service,
     }
     return handlers[args.command](args)

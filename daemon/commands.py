@@ -294,6 +294,38 @@ def test_sinks(args: argparse.Namespace) -> int:
     return EX_OK if failures == 0 else EX_FAILURE
 
 
+def resend(args: argparse.Namespace) -> int:
+    """``transcribed resend SINK``: the sink's dead-lettered turns, sent again (daemon.resend).
+
+    Exit 0 when none is left in the file, 1 when some are kept (or the sink is not configured).
+    """
+    from daemon import logs
+    from daemon.deadletter import FOLDER, dead_letter_file
+    from daemon.plugins import SinkContext
+    from daemon.resend import resend as resend_file
+
+    try:
+        settings, _path, validated = _validated(args)
+    except ConfigError as exc:
+        return _config_failed(exc)
+    level = "debug" if settings.log.level == "debug" else "error"
+    masker = logs.configure(level=level, fmt=settings.log.format,
+                            secrets=secret_values(settings,
+                                                  {n: c for n, (_t, c) in validated.items()}))
+    if args.sink not in validated:
+        named = ", ".join(sorted(validated)) or "none"
+        print(f"transcribed resend: no sink named {args.sink!r} in the config (its sinks: "
+              f"{named})", file=sys.stderr)
+        return EX_FAILURE
+    sink_type, config = validated[args.sink]
+    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
+    sink = sink_type.factory(args.sink, config, context)
+    path = dead_letter_file(settings.state_path() / FOLDER, args.sink)
+    result = resend_file(sink, path)
+    print(masker.mask(result.line(args.sink)))
+    return EX_FAILURE if result.kept else EX_OK
+
+
 async def _try_send(sink: Any, record: TurnRecord, limit_s: float = 15.0) -> str | None:
     try:
         async with asyncio.timeout(limit_s):
