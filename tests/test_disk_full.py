@@ -16,14 +16,12 @@ from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 import structlog
 
 from daemon.dispatch import Dispatcher
-from daemon.errors import SinkError
-from daemon.events import TurnRecord
 from daemon.outbox import WAITING_RETRY_S, Outbox
 from daemon.plugins import SinkContext
 from daemon.queues import MemoryQueue
@@ -37,6 +35,7 @@ from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.http_receiver import HttpReceiver, Reply
+from tests.sink_watch import Watched
 from tests.test_outbox import make_turn
 
 WITHIN_S = 8.0
@@ -278,39 +277,6 @@ async def test_a_stop_while_turns_wait_dead_letters_them(disk: Disk, tmp_path: P
     [said] = logs.named("sink.dead_lettered")
     assert said["sink"] == "hook" and said["record_id"] == "sess:1"
     assert not logs.named("sink.turn_lost")
-
-
-class Watched:
-    """A real sink that sets ``failed`` at its first failed send and counts its deliveries."""
-
-    def __init__(self, sink: FileSink) -> None:
-        self.sink = sink
-        self.failed = asyncio.Event()
-        self.sent = 0
-        self._sent = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        await self.sink.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.sink.__aexit__(*exc)
-
-    async def send(self, record: TurnRecord) -> None:
-        try:
-            await self.sink.send(record)
-        except SinkError:
-            self.failed.set()
-            raise
-        self.sent += 1
-        self._sent.set()
-
-    async def delivered(self, count: int) -> None:
-        """Once ``count`` records were delivered."""
-        async with asyncio.timeout(WITHIN_S):
-            while self.sent < count:
-                self._sent.clear()
-                await self._sent.wait()
 
 
 async def test_a_file_sink_on_a_full_disk_waits_and_loses_nothing(

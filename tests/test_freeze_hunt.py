@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
 
@@ -26,7 +26,6 @@ from daemon import capture
 from daemon.audio import MicrophoneSource
 from daemon.capture import CaptureBridge
 from daemon.dispatch import Dispatcher
-from daemon.events import TurnRecord
 from daemon.outbox import Outbox
 from daemon.pcm import PcmFormat
 from daemon.plugins import SinkContext
@@ -43,6 +42,7 @@ from tests.daemon_proc import Daemon, cloud_config, read_turns, run_daemon
 from tests.fake_assemblyai import FakeAssemblyAI, SessionRecord
 from tests.fake_assemblyai_speech import load_speech_references
 from tests.mosquitto import Mosquitto, Subscriber
+from tests.sink_watch import Watched
 from tests.test_lossless import _silence, _write, delivered, samples, words
 from tests.test_mqtt import LogWatch
 from tests.test_outbox import make_turn
@@ -89,36 +89,6 @@ def frozen(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
-class Counted:
-    """A real sink, its finished send attempts counted (to await, not sleep)."""
-
-    def __init__(self, sink: MqttSink | WebhookSink) -> None:
-        self.sink = sink
-        self.attempts = 0
-        self.tried = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        await self.sink.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.sink.__aexit__(*exc)
-
-    async def send(self, record: TurnRecord) -> None:
-        try:
-            await self.sink.send(record)
-        finally:
-            self.attempts += 1
-            self.tried.set()
-
-    async def until_attempts(self, count: int, within: float) -> None:
-        """Wait until ``count`` sends have finished (delivered or failed)."""
-        async with asyncio.timeout(within):
-            while self.attempts < count:
-                self.tried.clear()
-                await self.tried.wait()
-
-
 class TestFrozenBroker:
     async def test_an_unacknowledged_publish_ends_the_connection_not_one_copy_per_retry(
         self, tmp_path: Path
@@ -133,7 +103,7 @@ class TestFrozenBroker:
             cfg = MqttConfig.model_validate({"type": "mqtt", "host": broker.host,
                                              "port": broker.port, "timeout_s": 0.5,
                                              "keep_alive": 30})
-            sink = Counted(MqttSink("bus", cfg, "testhost"))
+            sink = Watched(MqttSink("bus", cfg, "testhost"))
             bus = SinkRunner("bus", mqtt_types()[0], cfg, sink, outbox.queue("bus"))
             journal = tmp_path / "turns.jsonl"
             file_cfg = FileSinkConfig(type="file", path=str(journal), fsync=False)
@@ -186,7 +156,7 @@ class TestFrozenReceiver:
                 port = int(await receiver.stdout.readline())
             cfg = WebhookConfig.model_validate({"type": "webhook", "timeout_s": 0.3,
                                                 "url": f"http://127.0.0.1:{port}/hook"})
-            sink = Counted(WebhookSink("hook", cfg))
+            sink = Watched(WebhookSink("hook", cfg))
             hook = SinkRunner("hook", webhook_types()[0], cfg, sink, outbox.queue("hook"))
             dispatcher = Dispatcher([hook], dead_letter_dir=tmp_path / "dead")
             ids: list[str] = []

@@ -212,34 +212,31 @@ class TestFileSink:
 
     async def test_full_disk_error_names_the_path(self, tmp_path: Path) -> None:
         """ENOSPC (a sink writing to /dev/full) is a one-line SinkError naming the path."""
-        if not os.path.exists("/dev/full"):
-            pytest.skip("no /dev/full")
-        config = FileSinkConfig(type="file", path="/dev/full", fsync=False)
-        sink = FileSink("j", config, CONTEXT)
-        sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
-        dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
-                                dead_letter_dir=tmp_path / "dead")
         with capture_logs() as logs:
-            await run_through(dispatcher, 1, flush_s=0.5)
+            await run_through(dev_full_dispatcher(tmp_path), 1, flush_s=0.5)
         expected = "cannot write /dev/full: No space left on device"
         assert [e["error"] for e in logs if e["event"] == "sink.send_failed"] == [expected]
         dead = json.loads((tmp_path / "dead" / "j.jsonl").read_text())
         assert dead["error"] == f"not delivered before exit ({expected})"
 
 
-async def test_what_a_sink_holds_at_exit_is_dead_lettered_in_one_line(tmp_path: Path) -> None:
-    """A day of turns a file sink could not write went to its dead-letter file at exit with
-    one ``sink.dead_lettered`` line each; it is one line with the count, and the flush's
-    timeout says where the turns go."""
+def dev_full_dispatcher(tmp_path: Path) -> Dispatcher:
+    """A dispatcher with one file sink "j" writing to /dev/full (every write: ENOSPC)."""
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
     config = FileSinkConfig(type="file", path="/dev/full", fsync=False)
     sink = FileSink("j", config, CONTEXT)
     sink_type = SinkType("file", FileSinkConfig, lambda *_: sink)
-    dispatcher = Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
-                            dead_letter_dir=tmp_path / "dead")
+    return Dispatcher([SinkRunner("j", sink_type, config, sink, MemoryQueue())],
+                      dead_letter_dir=tmp_path / "dead")
+
+
+async def test_what_a_sink_holds_at_exit_is_dead_lettered_in_one_line(tmp_path: Path) -> None:
+    """A day of turns a file sink could not write went to its dead-letter file at exit with
+    one ``sink.dead_lettered`` line each; it is one line with the count, and the flush's
+    timeout says where the turns go."""
     with capture_logs() as logs:
-        await run_through(dispatcher, 5, flush_s=0.5)
+        await run_through(dev_full_dispatcher(tmp_path), 5, flush_s=0.5)
     [timeout] = [e for e in logs if e["event"] == "sink.flush_timeout"]
     assert (timeout["queued"], timeout["effect"]) == (5, "dead-lettered")
     [said] = [e for e in logs if e["event"] == "sink.dead_lettered"]
