@@ -55,6 +55,11 @@ def _a(kind: str) -> str:
     return f"{_ARTICLE.get(kind, 'a')} {kind}"
 
 
+def type_name(value: Any) -> str:
+    """``an integer``, ``a table``: a value's TOML type, with its article (never the value)."""
+    return _a(toml_kind(value))
+
+
 def _lax(kind: str, value: Any) -> Any:
     """``value`` as lax validation reads it for ``kind`` (``None`` when it does not)."""
     adapter = _LAX.get(kind)

@@ -56,6 +56,7 @@ from daemon.envvars import json_error, json_problem
 from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc, json_line
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
+from daemon.tomltypes import type_name
 from plugins.tcp_probe import PROBE_EVERY_S, proxied, until_it_connects
 from plugins.webhook_answers import (
     REASON_MAX,
@@ -167,6 +168,9 @@ class WebhookConfig(SinkConfig):
     def _split(cls, value: Any) -> Any:
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, bool | int | float | dict):     # never shown: it may be the secret
+            raise ValueError("expected a string (whsec_…) or an array of them, found "
+                             f"{type_name(value)}")
         if not isinstance(value, str):
             return value
         if value.lstrip().startswith("[") and (error := json_error(value)) is not None:
@@ -203,8 +207,11 @@ class WebhookConfig(SinkConfig):
         try:
             headers = handler({k: v for k, v in value.items() if k not in problems})
         except ValidationError as exc:
+            # a value's type may be named (found an integer), a text never shown: it may be
+            # a credential
             errors += [{"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"],
-                        "input": None} for e in exc.errors(include_url=False)]
+                        "input": None if isinstance(e.get("input"), str) else e.get("input")}
+                       for e in exc.errors(include_url=False)]
         if errors:
             raise ValidationError.from_exception_data("headers", errors)
         return headers

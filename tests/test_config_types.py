@@ -230,3 +230,20 @@ def test_a_table_with_number_keys_is_not_refused() -> None:
     assert type_problems(Labels, {"labels": {"1": "left", "2": "right"}}) == {}
     assert type_problems(Labels, {"labels": {"1": 2}}) == {
         ("labels", "1"): "expected a string, found an integer (put it in quotes)"}
+
+
+def test_a_webhook_secret_or_header_of_the_wrong_type_is_named_never_shown(tmp_path: Path
+                                                                           ) -> None:
+    """``secret = 1234567`` said "expected an array" (a string is what most write), and a
+    header's value of the wrong type "found a value"; neither value may be shown."""
+    path = write(tmp_path / "c.toml", f'[state]\ndir = "{tmp_path / "state"}"\n'
+                 '[sinks.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/in"\n'
+                 'secret = 1234567\nheaders = {Authorization = 7654321}\n')
+    status, lines = check_config(path)
+    assert status == 78
+    assert lines == [
+        f"{path}: sinks.hook.secret: expected a string (whsec_…) or an array of them, found "
+        "an integer",
+        f"{path}: sinks.hook.headers.Authorization: expected a string, found an integer (put "
+        "it in quotes)"]
+    assert "1234567" not in "".join(lines) and "7654321" not in "".join(lines)
