@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from daemon.deadletter import append_lines
 from daemon.errors import PermanentSinkError
 from daemon.events import TurnRecord, json_line
-from daemon.fdio import append_whole
 from daemon.plugins import Sink
 from daemon.supervise import error_line
 
@@ -60,7 +59,8 @@ def resend(sink: Sink, path: Path) -> Resent:
     kept = asyncio.run(_through(sink, lines, result))
     extra = [line for line in aside.read_text("utf-8", "replace").splitlines()[len(lines):]
              if line]           # a daemon's append to the file as it was renamed
-    _append(path, kept + extra)
+    if kept or extra:
+        append_lines(path, kept + extra)
     aside.unlink()
     result.kept = len(kept) + len(extra)
     if result.kept and not result.reasons:
@@ -135,13 +135,3 @@ def _with_reason(line: str, reason: str) -> str:
     return json_line({**entry, "error": reason.removeprefix(_REFUSED)})
 
 
-def _append(path: Path, lines: list[str]) -> None:
-    """Put ``lines`` back at the end of the dead-letter file (0600, as the daemon makes it)."""
-    if not lines:
-        return
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        append_whole(fd, "".join(f"{line}\n" for line in lines).encode("utf-8", "replace"))
-    finally:
-        os.close(fd)
