@@ -97,7 +97,7 @@ def _run_logged(args: argparse.Namespace, settings: Settings, path: Path | None,
     log.info("config.loaded", path=str(path) if path else "built-in defaults")
     for exposed in exposed_files(settings, path, sinks):
         log.warning("config.secret_readable", file=str(exposed.file), mode=exposed.mode,
-                    holds=exposed.keys, fix=f"chmod o-rwx {shlex.quote(str(exposed.file))}")
+                    holds=exposed.keys, fix=exposed.fix)
     for plugin, why in plugins.failed.items():      # one no sink uses would go unnoticed
         log.warning("plugin.unavailable", plugin=plugin, error=why)
     try:

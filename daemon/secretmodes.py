@@ -15,17 +15,15 @@ from __future__ import annotations
 import contextlib
 import shlex
 import stat
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from daemon.config import Settings
-from daemon.errors import ConfigError
 from daemon.masking import table_secrets
-from daemon.paths import read_config_text
 from daemon.sinktables import ValidatedSinks
+from daemon.validate import file_table
 
 _INLINE = (("assemblyai", "api_key"), ("http", "token"))
 
@@ -37,19 +35,20 @@ class Exposed(NamedTuple):
     mode: str           # e.g. "0644"
     keys: list[str]     # the keys whose secret it holds
 
+    @property
+    def fix(self) -> str:
+        """The command that makes it private to its owner and group."""
+        return f"chmod o-rwx {shlex.quote(str(self.file))}"
+
     def line(self) -> str:
         """What ``check-config`` says of it: the file, its mode, the keys, the fix."""
         return (f"{self.file}: every user can read it (mode {self.mode}) and it holds "
-                f"{', '.join(self.keys)}: chmod o-rwx {shlex.quote(str(self.file))}")
+                f"{', '.join(self.keys)}: {self.fix}")
 
 
 def exposed_files(settings: Settings, path: Path | None, sinks: ValidatedSinks) -> list[Exposed]:
     """``exposed_secrets`` with the TOML of the config file at ``path`` (validated just before)."""
-    try:
-        table = tomllib.loads(read_config_text(path)) if path else {}
-    except (ConfigError, tomllib.TOMLDecodeError):  # changed since: its keys are not known
-        table = {}
-    return exposed_secrets(settings, path, sinks, table)
+    return exposed_secrets(settings, path, sinks, file_table(path))
 
 
 def exposed_secrets(settings: Settings, path: Path | None, sinks: ValidatedSinks,

@@ -54,7 +54,7 @@ def validate(config: str | None, plugins: PluginHost
         sink_lines = [(p, ()) for p in exc.problems]
     late += sink_lines
     if late:    # each names its environment variable, if one set the key (or the sink)
-        problems += _with_origins(late, where, _file_table(path))
+        problems += _with_origins(late, where, file_table(path))
     if problems:
         raise ConfigError(problems)
     return settings, path, sinks
@@ -69,7 +69,7 @@ def _with_origins(late: list[Problem], where: str, file_table: dict[str, Any]) -
             for line, keys in late]
 
 
-def _file_table(path: Path | None) -> dict[str, Any]:
+def file_table(path: Path | None) -> dict[str, Any]:
     """The config file's TOML (empty when no file is used)."""
     try:
         return tomllib.loads(read_config_text(path)) if path else {}
@@ -79,7 +79,7 @@ def _file_table(path: Path | None) -> dict[str, Any]:
 
 def _file_sinks(path: Path | None) -> dict[str, Any]:
     """The config file's ``[sinks]`` entries (none when it has none, or no file is used)."""
-    tables = _file_table(path).get("sinks")
+    tables = file_table(path).get("sinks")
     return tables if isinstance(tables, dict) else {}
 
 
