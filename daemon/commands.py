@@ -26,7 +26,7 @@ from daemon.notify import last_status
 
 if TYPE_CHECKING:
     from daemon.logs import SecretMasker
-    from daemon.plugins import PluginHost
+    from daemon.plugins import PluginHost, SinkContext
     from daemon.sinktables import ValidatedSinks
 
 log = structlog.get_logger("daemon.cli")
@@ -263,27 +263,23 @@ def test_sinks(args: argparse.Namespace) -> int:
     "debug"`` (errors always): their connects and retries are the daemon's, the report says
     each sink's outcome.
     """
-    from daemon import logs
-    from daemon.plugins import SinkContext
     from daemon.sinktables import enabled_sinks, none_enabled
 
     try:
         settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
-    level = "debug" if settings.log.level == "debug" else "error"
-    masker = logs.configure(level=level, fmt=settings.log.format,  # stderr, masked
-                            secrets=secret_values(settings,
-                                                  {n: c for n, (_t, c) in validated.items()}))
+    masker = _sink_logs(settings, validated)
     if disabled := none_enabled(validated):
         print(f"transcribed test-sinks: no sink is enabled ({', '.join(disabled)}: "
               "enabled = false)", file=sys.stderr)
         return EX_FAILURE
-    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
+    context = _sink_context(settings)
     record = synthetic_turn(context.host, settings.engine_name())
     failures = 0
+    enabled = enabled_sinks(validated)
     for name, (sink_type, config) in validated.items():
-        if name not in enabled_sinks(validated):
+        if name not in enabled:
             print(f"{name} ({sink_type.name}): skipped (enabled = false)")
             continue
         sink = sink_type.factory(name, config, context)
@@ -299,31 +295,49 @@ def resend(args: argparse.Namespace) -> int:
 
     Exit 0 when none is left in the file, 1 when some are kept (or the sink is not configured).
     """
-    from daemon import logs
     from daemon.deadletter import FOLDER, dead_letter_file
-    from daemon.plugins import SinkContext
     from daemon.resend import resend as resend_file
 
     try:
         settings, _path, validated = _validated(args)
     except ConfigError as exc:
         return _config_failed(exc)
-    level = "debug" if settings.log.level == "debug" else "error"
-    masker = logs.configure(level=level, fmt=settings.log.format,
-                            secrets=secret_values(settings,
-                                                  {n: c for n, (_t, c) in validated.items()}))
+    masker = _sink_logs(settings, validated)
     if args.sink not in validated:
         named = ", ".join(sorted(validated)) or "none"
         print(f"transcribed resend: no sink named {args.sink!r} in the config (its sinks: "
               f"{named})", file=sys.stderr)
         return EX_FAILURE
     sink_type, config = validated[args.sink]
-    context = SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
-    sink = sink_type.factory(args.sink, config, context)
+    sink = sink_type.factory(args.sink, config, _sink_context(settings))
     path = dead_letter_file(settings.state_path() / FOLDER, args.sink)
     result = resend_file(sink, path)
     print(masker.mask(result.line(args.sink)))
     return EX_FAILURE if result.kept else EX_OK
+
+
+def _sink_logs(settings: Settings, validated: ValidatedSinks) -> SecretMasker:
+    """Logs for a command that drives sinks itself (test-sinks, resend).
+
+    On stderr, masked, errors only unless ``log.level = "debug"``: its report says each sink's
+    outcome.
+    """
+    from daemon import logs
+
+    level = "debug" if settings.log.level == "debug" else "error"
+    return logs.configure(level=level, fmt=settings.log.format,
+                          secrets=secret_values(settings,
+                                                {n: c for n, (_t, c) in validated.items()}))
+
+
+def _sink_context(settings: Settings) -> SinkContext:
+    """The context of a sink a command builds beside a running daemon: test mode.
+
+    Nothing is said on an availability topic, nothing retained, no file rotated.
+    """
+    from daemon.plugins import SinkContext
+
+    return SinkContext(host=socket.gethostname(), state_dir=settings.state_path(), test=True)
 
 
 async def _try_send(sink: Any, record: TurnRecord, limit_s: float = 15.0) -> str | None:
