@@ -66,6 +66,7 @@ log = structlog.get_logger("daemon.outbox")
 
 WAITING_MAX: Final = 10_000      # turns held in memory while the disk refuses them
 WAITING_RETRY_S: Final = 5.0     # an idle sink tries to write them this often
+ENDED_BY_THE_DISK: Final = "the disk's error ended the transaction"  # SQLite's own rollback
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
@@ -140,26 +141,25 @@ class Outbox:
                 self._db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 self._refused(str(exc))
-        self._batched = batched = list[Waiting]()
+        self._batched = []
         try:
             yield
         finally:
-            self._batched = None
-            self._commit(batched)
+            try:
+                self._commit()
+            finally:
+                self._batched = None
 
-    def _commit(self, batched: list[Waiting]) -> None:
+    def _commit(self) -> None:
         """Commit the batch; appends the disk refuses wait in memory (module docstring)."""
         if not self._db.in_transaction:   # never begun, or ended by SQLite (full, I/O error)
-            if batched:
-                self._refused("the disk's error ended the transaction")
-                self._waiting.extend(batched)
+            self._undone(ENDED_BY_THE_DISK)
             return
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            self._refused(str(exc))
-            self._waiting.extend(batched)
+            self._undone(str(exc))
 
     def close(self) -> None:
         """Close the database and release the lock. Undelivered records stay for the next run.
@@ -255,7 +255,7 @@ class Outbox:
         entry = Waiting(queue, record)
         in_batch = self._batched is not None
         if in_batch and not self._db.in_transaction:     # SQLite ended it (full, I/O error)
-            self._undone("the disk's error ended the transaction")
+            self._undone(ENDED_BY_THE_DISK)
         if self._waiting or (in_batch and not self._db.in_transaction):
             self._hold(entry)
         else:
