@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from daemon.envvars import key_annotation, unparsed_container
-from daemon.tomltypes import EXPECTED, Loc, found_text, type_message
+from daemon.tomltypes import WANTED, Loc, found_text, type_message
 
 PLAIN_KEY: Final = re.compile(r"[^\s.:'\"]+")
 """A key part a problem line shows as it is: no space, dot, colon or quote (nor empty)."""
@@ -74,11 +74,6 @@ def located(prefix: str, loc: Sequence[str | int], message: str) -> str:
     return f"{key}: {items}: {message}" if items else f"{key}: {message}"
 
 
-_CONTAINERS: Final = {"dict_type": "table", "model_type": "table", "list_type": "array",
-                      "tuple_type": "array"}
-"""pydantic's error types that say a table or a list was wanted, and the TOML type wanted."""
-
-
 def validation_lines(exc: ValidationError, prefix: str = "", *, skip: Collection[str] = (),
                      sections: Collection[str] = (), env: Mapping[str, str] | None = None,
                      model: type[BaseModel] | None = None,
@@ -118,10 +113,8 @@ def _message(error: ErrorDetails, sections: Collection[str], env: Mapping[str, s
         message = unparsed
     elif kind == "dict_type" and sections and loc == ("sinks",):
         message = f"expected tables [sinks.<name>], one per sink, found {found_text(value)}"
-    elif kind in EXPECTED and toml is not None and toml(tuple(loc)):
-        message = type_message({EXPECTED[kind]}, value)
-    elif kind in _CONTAINERS and toml is not None and toml(tuple(loc)):
-        message = type_message({_CONTAINERS[kind]}, value)
+    elif kind in WANTED and toml is not None and toml(tuple(loc)):
+        message = type_message({WANTED[kind]}, value)
     elif kind == "missing":
         message = "required key is missing"
     elif kind in ("value_error", "assertion_error"):

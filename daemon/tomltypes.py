@@ -31,6 +31,12 @@ EXPECTED: Final[dict[str, str]] = {
 }
 """pydantic's error types that say a scalar has the wrong type, and the TOML type wanted."""
 
+WANTED: Final[dict[str, str]] = {
+    **EXPECTED, "dict_type": "table", "model_type": "table", "list_type": "array",
+    "tuple_type": "array"}
+"""Those, and the error types that say a table or a list was wanted (a file's value of the
+wrong type is worded as TOML's whatever pydantic validated it as)."""
+
 _BOUNDS: Final = frozenset({
     "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
     "too_short", "too_long", "string_too_short", "string_too_long"})
