@@ -46,7 +46,7 @@ from plugins.mqtt_client import (
 from plugins.mqtt_config import MqttConfig as MqttConfig  # re-exported: the type's table
 from plugins.mqtt_config import tls_context
 from plugins.mqtt_topics import topic_value
-from plugins.tcp_probe import PROBE_EVERY_S, until_it_connects
+from plugins.tcp_probe import until_it_connects
 
 if TYPE_CHECKING:  # aiomqtt (and paho) load only when an MQTT sink is built
     import aiomqtt
@@ -275,10 +275,10 @@ class MqttSink:
         if not probe:
             await asyncio.sleep(wait)
             return
-        within = min(self.config.timeout_s, PROBE_EVERY_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
-                await until_it_connects(self.config.host, self.config.port, within)
+                await until_it_connects(self.config.host, self.config.port,
+                                        self.config.timeout_s)
 
     def _note_end(self, reason: str, error: str, uptime: float, wait: float) -> None:
         """Log a connection's end, once per ``reason`` while connections keep ending early.

@@ -40,8 +40,12 @@ async def connects(host: str, port: int, within: float) -> bool:
     return True
 
 
-async def until_it_connects(host: str, port: int, within: float) -> None:
-    """Probe ``host:port`` every ``PROBE_EVERY_S`` until a connection is taken."""
+async def until_it_connects(host: str, port: int, timeout_s: float) -> None:
+    """Probe ``host:port`` every ``PROBE_EVERY_S`` until a connection is taken.
+
+    Each connect waits ``timeout_s`` (the sink's), never longer than the pace itself.
+    """
+    within = min(timeout_s, PROBE_EVERY_S)
     while True:
         if await connects(host, port, within):
             return

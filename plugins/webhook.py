@@ -57,7 +57,7 @@ from daemon.errors import PermanentSinkError, SinkError
 from daemon.events import TurnRecord, iso_utc, json_line
 from daemon.plugins import SinkConfig, SinkContext, SinkType, hookimpl
 from daemon.tomltypes import type_name
-from plugins.tcp_probe import PROBE_EVERY_S, proxied, until_it_connects
+from plugins.tcp_probe import proxied, until_it_connects
 from plugins.webhook_answers import (
     REASON_MAX,
     bad_location,
@@ -302,7 +302,7 @@ class WebhookSink:
         """
         if not (self._unreachable and self._probe):
             await asyncio.Event().wait()
-        await until_it_connects(self._host, self._port, min(self.config.timeout_s, PROBE_EVERY_S))
+        await until_it_connects(self._host, self._port, self.config.timeout_s)
 
     async def send(self, record: TurnRecord) -> None:
         """POST one turn; raise ``SinkError`` (transient) or ``PermanentSinkError``."""
