@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import pytest
 from structlog.testing import capture_logs
@@ -34,6 +34,7 @@ from plugins.webhook import WebhookConfig, WebhookSink
 from plugins.webhook import transcribed_sink_types as webhook_types
 from tests.http_receiver import HttpReceiver, Reply
 from tests.mosquitto import Mosquitto, Subscriber, free_port
+from tests.sink_watch import Watched
 from tests.test_outbox import make_turn
 
 LONG_WAIT_S = 60.0  # the backoff a retry would sit out without ready(): past every timeout here
@@ -47,19 +48,8 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     made.stop()
 
 
-class LongBackoff:
+class LongBackoff(Watched):
     """A real sink whose first failure asks for a minute's wait (a grown backoff)."""
-
-    def __init__(self, sink: MqttSink | WebhookSink) -> None:
-        self.sink = sink
-        self.failed = asyncio.Event()
-
-    async def __aenter__(self) -> Self:
-        await self.sink.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.sink.__aexit__(*exc)
 
     async def ready(self) -> None:
         await self.sink.ready()
