@@ -40,9 +40,10 @@ _ABOUT: Final = {
                     "masked. Exit 0, or 78 with one line per problem, all of them in one run.",
     "devices": "List audio input devices: index, name, default sample rate, channels, and which "
                "is the default. audio.device is an index or a case-insensitive part of a name.",
-    "test-sinks": "Send one synthetic turn through every enabled sink and report, per sink, "
-                  "delivered or the error; exit 0 when every sink delivered, else 1. The turn "
-                  "lands where real turns do, marked \"source\": \"test\".",
+    "test-sinks": "Send one synthetic turn through every enabled sink and report, one line per "
+                  "sink, delivered, the error, or skipped (a disabled sink); exit 0 when every "
+                  "sink delivered, else 1. The turn lands where real turns do, marked "
+                  "\"source\": \"test\".",
     "tail": "Attach to the running daemon and show the live transcript (partials in place, "
             "finals committed), or every event as a JSON line. The daemon is found from the "
             "config's [http] listen and token.",
